@@ -1,0 +1,20 @@
+"""Tensor-in, tensor-out solvers: steady states of ODEs and fixed points of maps.
+
+Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` build on it.
+"""
+
+from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from .stats import SolverStats
+from .steady_state import STEADY_STATE_METHODS, steady_state
+from .termination import SteadyStateCondition, sample_rms
+
+__all__ = [
+    "STEADY_STATE_METHODS",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "NonFiniteError",
+    "SolverStats",
+    "SteadyStateCondition",
+    "sample_rms",
+    "steady_state",
+]

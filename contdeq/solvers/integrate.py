@@ -1,0 +1,120 @@
+"""The lean steady-state loops: an embedded Runge-Kutta pair, and pseudo-transient continuation.
+
+Both stop at the first accepted step whose derivative, which the step computed anyway (FSAL),
+meets the steady-state condition: termination costs no extra function evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .counting import CountedODEFunc
+from .progress import Progress
+from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
+from .tableaux import Tableau
+from .termination import sample_rms
+from .validation import raise_nonfinite
+
+
+@dataclass(frozen=True)
+class StepControl:
+    """Integrator settings of a Runge-Kutta solve (see :func:`steady_state`)."""
+
+    atol: float
+    rtol: float
+    first_step: float | None
+    max_step: float
+    t_max: float
+
+
+def run_runge_kutta(
+    func: CountedODEFunc,
+    z: Tensor,
+    d: Tensor,
+    progress: Progress,
+    tableau: Tableau,
+    control: StepControl,
+) -> tuple[Tensor, str, int, int]:
+    """Integrate until steady state; returns ``(z, stop_reason, accepted, rejected)``.
+
+    Converged samples are frozen: their stage derivatives are multiplied by zero, so their
+    state stays exactly where it converged and their local error is zero.
+    """
+    stepper = RungeKuttaStepper(tableau)
+    cap = min(control.max_step, control.t_max)
+    h = control.first_step or initial_step(d, z, control.atol, control.rtol, tableau.order, cap)
+    t = 0.0
+    accepted = rejected = 0
+    mask = None
+    while (reason := progress.stop_reason(control.t_max)) is None:
+        if progress.n_active < z.shape[0]:
+            mask = progress.active.to(z.dtype).unsqueeze(1)
+            d = d * mask
+        h = min(h, control.max_step, control.t_max - t)
+        y1, f1, error = stepper.step(func, t, z, d, h, mask)
+        ratio = error_ratio(error, z, y1, control.atol, control.rtol)
+        progress.steps += 1
+        if ratio != ratio or ratio == float("inf"):
+            raise_nonfinite(func.name, progress.steps)
+        if ratio <= 1.0:
+            accepted += 1
+            t += h
+            z, d = y1, f1
+            dt = torch.full_like(progress.res, h)
+            progress.update(z, d, progress.active.clone(), dt)
+        else:
+            rejected += 1
+        h = next_step_size(h, ratio, tableau.order)
+        if t + h == t:
+            raise_nonfinite(func.name, progress.steps)
+    return z, reason, accepted, rejected
+
+
+def run_pseudo_transient(
+    func: CountedODEFunc,
+    z: Tensor,
+    d: Tensor,
+    progress: Progress,
+    max_step: float,
+    t_max: float,
+) -> tuple[Tensor, str, int, int]:
+    """Explicit pseudo-transient continuation: forward Euler with per-sample pseudo-time steps.
+
+    Each sample takes ``z <- z + h_b * dz/dt`` (with ``h_b = 1`` this is exactly the Picard step
+    ``z <- f(z)`` of a DEQ). Steps are chosen for reaching the steady state, not for accuracy,
+    by switched evolution relaxation (Mulder & Van Leer 1985): a step that shrinks the residual
+    is accepted and the next one grows by the shrink ratio (at most 2x, at most ``max_step``); a
+    step that grows the residual is rejected and halved. One function evaluation per step, and
+    samples do not slow each other: each has its own step size.
+
+    Returns ``(z, stop_reason, accepted, rejected)`` counted over (sample, step) pairs.
+    """
+    h = torch.full_like(progress.res, max_step)
+    accepted = torch.zeros((), dtype=torch.long, device=z.device)
+    rejected = torch.zeros_like(accepted)
+    finite_t_max = t_max < math.inf
+    while (reason := progress.stop_reason(t_max)) is None:
+        active = progress.active
+        step = torch.minimum(h, t_max - progress.t) if finite_t_max else h
+        step = step * active
+        z_new = torch.addcmul(z, step.unsqueeze(1), d)
+        d_new = func(0.0, z_new)
+        progress.steps += 1
+        res_new = sample_rms(d_new)
+        ok = res_new <= progress.res
+        if not bool(torch.isfinite(res_new).logical_or_(~active).all()):
+            raise_nonfinite(func.name, progress.steps)
+        ok &= active
+        accepted += ok.sum()
+        rejected += (active & ~ok).sum()
+        ratio = torch.nan_to_num(progress.res / res_new, nan=1.0, posinf=2.0).clamp_(1.0, 2.0)
+        h = torch.where(ok, (h * ratio).clamp_(max=max_step), torch.where(active, 0.5 * h, h))
+        keep = ok.unsqueeze(1)
+        z = torch.where(keep, z_new, z)
+        d = torch.where(keep, d_new, d)
+        progress.update(z, d, ok, step, residual_norm=res_new)
+    return z, reason, int(accepted), int(rejected)

@@ -1,0 +1,70 @@
+"""Statistics of one solve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SolverStats:
+    """What a solve did, per sample where it differs between samples.
+
+    Attributes:
+        method: name of the method that ran (e.g. ``"dopri5"``, ``"anderson"``).
+        nfe: number of evaluations of the user's function, counted exactly.
+        steps: solver iterations (for Runge-Kutta methods: accepted + rejected steps).
+        residual: ``(B,)`` norm of the residual (``dz/dt`` or ``g(z) - z``) at the returned z.
+        tolerance: ``(B,)`` the tolerance ``atol + rtol * ||z||`` each sample had to meet.
+        converged: ``(B,)`` bool, ``residual <= tolerance``.
+        wall_time: seconds spent in the solve.
+        stop_reason: ``"converged"``, ``"max_steps"``, ``"t_max"`` or ``"timeout"``.
+        accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
+        rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
+        t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).
+        residual_history: ``(K, B)`` residual after each accepted step, when recorded.
+        time_history: ``(K, B)`` pseudo-time after each accepted step (ODE), when recorded.
+    """
+
+    method: str
+    nfe: int
+    steps: int
+    residual: Tensor
+    tolerance: Tensor
+    converged: Tensor
+    wall_time: float
+    stop_reason: str
+    accepted: int | None = None
+    rejected: int | None = None
+    t_final: Tensor | None = None
+    residual_history: Tensor | None = None
+    time_history: Tensor | None = None
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every sample met its tolerance."""
+        return bool(self.converged.all())
+
+    @property
+    def max_residual(self) -> float:
+        """Largest per-sample residual."""
+        return float(self.residual.max())
+
+    def summary(self) -> str:
+        """One line: method, NFE, steps, how many samples converged, worst residual."""
+        n_conv = int(self.converged.sum())
+        worst = int(torch.argmax(self.residual - self.tolerance))
+        parts = [
+            f"method={self.method}",
+            f"nfe={self.nfe}",
+            f"steps={self.steps}",
+            f"converged={n_conv}/{self.converged.numel()}",
+            f"stop={self.stop_reason}",
+            f"worst sample {worst}: residual {float(self.residual[worst]):.3g}"
+            f" vs tolerance {float(self.tolerance[worst]):.3g}",
+        ]
+        if self.t_final is not None:
+            parts.append(f"t_final<={float(self.t_final.max()):.3g}")
+        return ", ".join(parts)

@@ -1,0 +1,175 @@
+"""``steady_state``: integrate ``dz/dt = func(t, z)`` until ``dz/dt`` vanishes, per sample."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+from torch import Tensor
+
+from .counting import CountedODEFunc
+from .errors import OnNonConvergence, report_nonconvergence
+from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
+from .progress import Progress
+from .stats import SolverStats
+from .tableaux import TABLEAUX
+from .termination import SteadyStateCondition
+from .torchdiffeq_backend import (
+    EVENT_METHODS,
+    TORCHDIFFEQ_FSAL_METHODS,
+    run_odeint_event,
+    run_torchdiffeq_loop,
+)
+from .validation import (
+    check_choice,
+    check_on_nonconvergence,
+    check_positive_float,
+    check_positive_int,
+    check_state,
+    check_tolerances,
+)
+
+#: Methods accepted by :func:`steady_state`.
+STEADY_STATE_METHODS = (*TABLEAUX, "ptc")
+#: Implementations of the Runge-Kutta solve.
+BACKENDS = ("lean", "torchdiffeq", "event")
+#: Integrator tolerances are the steady-state tolerances times this factor by default.
+ODE_TOLERANCE_FACTOR = 0.1
+
+Backend = Literal["lean", "torchdiffeq", "event"]
+
+
+def steady_state(
+    func: Callable[[Tensor, Tensor], Tensor],
+    z0: Tensor,
+    *,
+    method: str = "dopri5",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    ode_atol: float | None = None,
+    ode_rtol: float | None = None,
+    max_steps: int = 1000,
+    t_max: float = math.inf,
+    first_step: float | None = None,
+    max_step: float | None = None,
+    backend: Backend = "lean",
+    on_nonconvergence: OnNonConvergence = "warn",
+    record_trajectory: bool = False,
+    timeout: float | None = None,
+) -> tuple[Tensor, SolverStats]:
+    """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
+
+    For a deep equilibrium layer ``func(t, z) = f(z, x) - z``: the steady state is the fixed
+    point ``z* = f(z*, x)``. Sample ``b`` (first dimension) has converged when
+    ``rms(dz_b/dt) <= atol + rtol * rms(z_b)`` (RMS over all other dimensions); it is then
+    frozen (its derivative is masked to zero) while the others go on. The test uses the
+    derivative the last accepted step already computed (FSAL), so termination costs no extra
+    evaluation.
+
+    Args:
+        func: right-hand side ``func(t, z) -> dz/dt`` with ``t`` a 0-dim tensor and ``z`` of
+            ``z0``'s shape, dtype and device. Steady states need autonomous dynamics; ``t`` is
+            passed for compatibility with torchdiffeq-style functions.
+        z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite.
+        method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"dopri8"``,
+            ``"fehlberg2"``, ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
+            pseudo-transient continuation, forward Euler with per-sample steps chosen for
+            reaching the steady state (one evaluation per step; usually the fewest evaluations
+            for contractive layers, see ``docs``).
+        atol, rtol: steady-state tolerances (RMS norms).
+        ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
+            ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
+            lets the step sit at its stability limit where the residual chatters and never
+            meets the test; a looser pair is rejected, one less than 10x tighter is warned about.
+        max_steps: limit on solver steps (accepted + rejected).
+        t_max: limit on the pseudo-time.
+        first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
+            (see :func:`contdeq.solvers.rk.initial_step`).
+        max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
+            the Picard step).
+        backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
+            (torchdiffeq's stepping loop with our terminator; dopri5, bosh3, dopri8) or
+            ``"event"`` (torchdiffeq's public ``odeint_event``; no per-sample freezing).
+        on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``
+            (:class:`~contdeq.solvers.errors.ConvergenceError`) when a sample is unconverged.
+        record_trajectory: keep per-step residuals and times in the stats.
+        timeout: wall-clock limit in seconds.
+
+    Returns:
+        ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
+        residual, tolerance and convergence of each sample and the exact number of calls
+        of ``func``.
+
+    Raises:
+        NonFiniteError: ``func`` produced NaN/Inf (names the step).
+        ValueError, TypeError: bad arguments (the message names the argument).
+    """
+    z0 = check_state(z0)
+    check_choice(method, "method", STEADY_STATE_METHODS)
+    check_choice(backend, "backend", BACKENDS)
+    check_tolerances(atol, rtol)
+    check_positive_int(max_steps, "max_steps")
+    t_max = check_positive_float(t_max, "t_max", allow_inf=True)
+    check_on_nonconvergence(on_nonconvergence)
+    if timeout is not None:
+        check_positive_float(timeout, "timeout")
+    if first_step is not None:
+        check_positive_float(first_step, "first_step")
+    default_max_step = 1.0 if method == "ptc" else math.inf
+    max_step = check_positive_float(
+        default_max_step if max_step is None else max_step, "max_step", allow_inf=True
+    )
+    if backend != "lean":
+        allowed = TORCHDIFFEQ_FSAL_METHODS if backend == "torchdiffeq" else EVENT_METHODS
+        check_choice(method, f"method (with backend={backend!r})", allowed)
+    ode_atol, ode_rtol = _integrator_tolerances(atol, rtol, ode_atol, ode_rtol, method)
+
+    condition = SteadyStateCondition(float(atol), float(rtol))
+    counted = CountedODEFunc(func, z0, name="func")
+    z = z0.reshape(counted.flat_shape)
+    d = counted(0.0, z)
+    progress = Progress(
+        condition, z, d, max_steps=max_steps, timeout=timeout, record=record_trajectory,
+        name="func", track_time=True,
+    )
+    control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
+    if method == "ptc":
+        z, reason, acc, rej = run_pseudo_transient(counted, z, d, progress, max_step, t_max)
+    elif backend == "lean":
+        z, reason, acc, rej = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
+    elif backend == "torchdiffeq":
+        z, reason, acc, rej = run_torchdiffeq_loop(counted, z, d, progress, method, control)
+    else:
+        z, reason, acc, rej = run_odeint_event(counted, z, d, progress, method, control)
+    label = method if backend == "lean" else f"{method}[{backend}]"
+    stats = progress.finish(label, counted.calls, reason, acc, rej)
+    report_nonconvergence(stats, on_nonconvergence)
+    return z.reshape(z0.shape), stats
+
+
+def _integrator_tolerances(
+    atol: float, rtol: float, ode_atol: float | None, ode_rtol: float | None, method: str
+) -> tuple[float, float]:
+    ode_atol = ODE_TOLERANCE_FACTOR * atol if ode_atol is None else ode_atol
+    ode_rtol = ODE_TOLERANCE_FACTOR * rtol if ode_rtol is None else ode_rtol
+    check_tolerances(ode_atol, ode_rtol, prefix="ode_")
+    if method == "ptc":
+        return ode_atol, ode_rtol
+    if ode_atol > atol or ode_rtol > rtol:
+        raise ValueError(
+            f"ode_atol={ode_atol}, ode_rtol={ode_rtol} are looser than the steady-state "
+            f"atol={atol}, rtol={rtol}: the integrator would sit at its stability limit and the "
+            "residual would not fall below the steady-state tolerance; use integrator "
+            "tolerances at least 10x tighter (the default)"
+        )
+    if ode_atol > 0.1 * atol or ode_rtol > 0.1 * rtol:
+        warnings.warn(
+            f"ode_atol={ode_atol}, ode_rtol={ode_rtol} are less than 10x tighter than the "
+            f"steady-state atol={atol}, rtol={rtol}; the solve may chatter near steady state",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ode_atol, ode_rtol
+

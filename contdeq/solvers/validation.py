@@ -1,0 +1,96 @@
+"""Argument checks shared by the solvers; every message names the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ON_NONCONVERGENCE_CHOICES, NonFiniteError
+
+
+def check_state(z0: object, name: str = "z0") -> Tensor:
+    """``z0`` must be a finite floating-point tensor with a batch dimension."""
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z0).__name__}")
+    if not torch.is_floating_point(z0):
+        raise TypeError(f"{name} must have a floating-point dtype, got {z0.dtype}")
+    if z0.ndim == 0:
+        raise ValueError(
+            f"{name} must have a batch dimension first, shape (B, ...); got a 0-dim tensor "
+            f"(use {name}.reshape(1, 1) for a single scalar state)"
+        )
+    if z0.shape[0] == 0 or z0.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(z0.shape)}")
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return z0
+
+
+def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:
+    """Tolerances are finite, non-negative and not both zero."""
+    for name, value in ((f"{prefix}atol", atol), (f"{prefix}rtol", rtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    if atol == 0 and rtol == 0:
+        raise ValueError(f"{prefix}atol and {prefix}rtol must not both be zero")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_positive_float(value: object, name: str, allow_inf: bool = False) -> float:
+    """``value`` is a real number > 0 (``inf`` only when allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        expected = "> 0" if allow_inf else "finite and > 0"
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return float(value)
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_on_nonconvergence(value: object) -> str:
+    """``on_nonconvergence`` is ``"ignore"``, ``"warn"`` or ``"raise"``."""
+    return check_choice(value, "on_nonconvergence", ON_NONCONVERGENCE_CHOICES)
+
+
+def check_func_output(out: object, z: Tensor, name: str) -> Tensor:
+    """The user's function returned a tensor shaped, typed and placed like ``z``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != z.shape:
+        raise ValueError(
+            f"{name} must return a tensor shaped like the state {tuple(z.shape)}, "
+            f"got {tuple(out.shape)}"
+        )
+    if out.dtype != z.dtype:
+        raise TypeError(f"{name} must return dtype {z.dtype} like the state, got {out.dtype}")
+    if out.device != z.device:
+        raise ValueError(
+            f"{name} must return a tensor on the state's device {z.device}, got {out.device}"
+        )
+    return out
+
+
+def raise_nonfinite(name: str, step: int) -> None:
+    """Raise :class:`NonFiniteError` for a NaN/Inf that appeared at ``step``."""
+    raise NonFiniteError(
+        f"{name} produced NaN or Inf at solver step {step}; the solve was stopped", step
+    )
