@@ -4,17 +4,20 @@ Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` buil
 """
 
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from .fixed_point import FIXED_POINT_METHODS, fixed_point
 from .stats import SolverStats
 from .steady_state import STEADY_STATE_METHODS, steady_state
 from .termination import SteadyStateCondition, sample_rms
 
 __all__ = [
+    "FIXED_POINT_METHODS",
     "STEADY_STATE_METHODS",
     "ConvergenceError",
     "ConvergenceWarning",
     "NonFiniteError",
     "SolverStats",
     "SteadyStateCondition",
+    "fixed_point",
     "sample_rms",
     "steady_state",
 ]

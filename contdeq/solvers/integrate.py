@@ -88,7 +88,7 @@ def run_pseudo_transient(
     ``z <- f(z)`` of a DEQ). Steps are chosen for reaching the steady state, not for accuracy,
     by switched evolution relaxation (Mulder & Van Leer 1985): a step that shrinks the residual
     is accepted and the next one grows by the shrink ratio (at most 2x, at most ``max_step``); a
-    step that grows the residual is rejected and halved. One function evaluation per step, and
+    step that does not shrink it is rejected and halved. One function evaluation per step, and
     samples do not slow each other: each has its own step size.
 
     Returns ``(z, stop_reason, accepted, rejected)`` counted over (sample, step) pairs.
@@ -105,7 +105,7 @@ def run_pseudo_transient(
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        ok = res_new <= progress.res
+        ok = res_new < progress.res
         if not bool(torch.isfinite(res_new).logical_or_(~active).all()):
             raise_nonfinite(func.name, progress.steps)
         ok &= active

@@ -99,7 +99,7 @@ def next_step_size(
     h: float, ratio: float, order: int, safety: float = 0.9, ifactor: float = 10.0,
     dfactor: float = 0.2,
 ) -> float:
-    """Elementary step-size controller: ``h * clamp(safety * ratio^(-1/order), dfactor, ifactor)``."""
+    """Elementary controller: ``h * clamp(safety * ratio^(-1/order), dfactor, ifactor)``."""
     if ratio == 0.0:
         return h * ifactor
     return h * min(ifactor, max(dfactor, safety * ratio ** (-1.0 / order)))

@@ -72,9 +72,8 @@ def run_torchdiffeq_loop(
         func=perturbed, y0=z, rtol=control.rtol, atol=control.atol,
         first_step=first, max_step=control.max_step, norm=_max_sample_rms,
     )
-    func.calls -= 1  # _before_integrate re-evaluates f(z0), which the caller already counted
+    # _before_integrate evaluates f(z0) again (one real, counted call beyond ours).
     solver._before_integrate(torch.tensor([0.0, control.t_max], dtype=torch.float64))
-    func.calls += 1
     state = solver.rk_state
     accepted = rejected = 0
     while (reason := progress.stop_reason(control.t_max)) is None:
@@ -131,7 +130,6 @@ def run_odeint_event(
         "first_step": first, "max_step": control.max_step, "norm": _max_sample_rms,
         "max_num_steps": progress.max_steps,
     }
-    func.calls -= 1  # torchdiffeq re-evaluates f(z0), which the caller already counted
     reason = "converged"
     try:
         t_event, solution = odeint_event(

@@ -1,0 +1,104 @@
+"""``fixed_point``: solve ``z = g(z)`` per sample with Picard, Anderson or Broyden iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .anderson import Anderson
+from .broyden import Broyden
+from .counting import CountedMap
+from .errors import OnNonConvergence, report_nonconvergence
+from .picard import Picard
+from .progress import Progress
+from .stats import SolverStats
+from .termination import SteadyStateCondition, sample_rms
+from .validation import (
+    check_choice,
+    check_on_nonconvergence,
+    check_positive_float,
+    check_positive_int,
+    check_state,
+    check_tolerances,
+    raise_nonfinite,
+)
+
+#: The discrete solvers, by name.
+FIXED_POINT_METHODS = {"anderson": Anderson, "broyden": Broyden, "picard": Picard}
+
+
+def fixed_point(
+    g: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    method: str = "anderson",
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    max_steps: int = 100,
+    on_nonconvergence: OnNonConvergence = "warn",
+    record_trajectory: bool = False,
+    timeout: float | None = None,
+    **options: float | int,
+) -> tuple[Tensor, SolverStats]:
+    """Find ``z = g(z)`` for every sample of a batch.
+
+    Sample ``b`` (first dimension) has converged when
+    ``rms(g(z_b) - z_b) <= atol + rtol * rms(z_b)``; converged samples stay where they are
+    while the others iterate. The returned ``z`` of each sample is its iterate with the
+    smallest residual, and ``stats.residual`` is that residual.
+
+    Args:
+        g: the map, ``g(z) -> z``, shape, dtype and device preserved.
+        z0: ``(B, ...)`` initial guess, batch dimension first.
+        method: ``"anderson"`` (default), ``"broyden"`` or ``"picard"``.
+        atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test.
+        max_steps: iteration limit.
+        on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``.
+        record_trajectory: keep per-iteration residuals in the stats.
+        timeout: wall-clock limit in seconds.
+        **options: method options: anderson ``memory=5, damping=1.0, regularization=1e-4``;
+            broyden ``memory=30``; picard ``damping=1.0``. Unknown options raise ``TypeError``.
+
+    Returns:
+        ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
+        every call of ``g``; ``accepted``/``rejected``/``t_final`` are ``None``).
+    """
+    z0 = check_state(z0)
+    check_choice(method, "method", tuple(FIXED_POINT_METHODS))
+    check_tolerances(atol, rtol)
+    check_positive_int(max_steps, "max_steps")
+    check_on_nonconvergence(on_nonconvergence)
+    if timeout is not None:
+        check_positive_float(timeout, "timeout")
+
+    counted = CountedMap(g, z0, name="g")
+    z = z0.reshape(counted.flat_shape)
+    try:
+        solver = FIXED_POINT_METHODS[method](z, **options)
+    except TypeError as exc:
+        raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
+    gz = counted(z)
+    residual = gz - z
+    progress = Progress(
+        SteadyStateCondition(float(atol), float(rtol)), z, residual,
+        max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
+    )
+    best = z
+    while (reason := progress.stop_reason()) is None:
+        active = progress.active
+        proposal = solver.propose(z, gz, residual)
+        z = torch.where(active.unsqueeze(1), proposal, z)
+        gz = counted(z)
+        residual = gz - z
+        progress.steps += 1
+        res = sample_rms(residual)
+        if not bool(torch.isfinite(res).logical_or_(~active).all()):
+            raise_nonfinite("g", progress.steps)
+        improved = active & (res < progress.res)
+        best = torch.where(improved.unsqueeze(1), z, best)
+        progress.update(z, residual, improved, residual_norm=res)
+    stats = progress.finish(method, counted.calls, reason)
+    report_nonconvergence(stats, on_nonconvergence)
+    return best.reshape(z0.shape), stats
