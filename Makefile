@@ -1,0 +1,36 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine:
+# they create .venv, install the CPU build of torch first (a plain `torch` requirement
+# would pull a multi-GB CUDA build), then contdeq with the extras they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint bench-solvers clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+
+$(VENV)/.examples: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	touch $@
+
+$(VENV)/.test: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[test,examples]"
+	touch $@
+
+demo: $(VENV)/.examples
+	$(BIN)/python examples/demo.py
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench-solvers: $(VENV)/.examples
+	$(BIN)/python benchmarks/solvers.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
