@@ -96,9 +96,9 @@ def fixed_point(
         res = sample_rms(residual)
         if not bool(torch.isfinite(res).logical_or_(~active).all()):
             raise_nonfinite("g", progress.steps)
-        improved = active & (res < progress.res)
+        improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)
-        progress.update(z, residual, improved, residual_norm=res)
+        progress.update(z, res, improved)
     stats = progress.finish(method, counted.calls, reason)
     report_nonconvergence(stats, on_nonconvergence)
     return best.reshape(z0.shape), stats

@@ -64,8 +64,7 @@ def run_runge_kutta(
             accepted += 1
             t += h
             z, d = y1, f1
-            dt = torch.full_like(progress.res, h)
-            progress.update(z, d, progress.active.clone(), dt)
+            progress.update(z, sample_rms(d), progress.active, h)
         else:
             rejected += 1
         h = next_step_size(h, ratio, tableau.order)
@@ -105,10 +104,9 @@ def run_pseudo_transient(
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        ok = res_new < progress.res
         if not bool(torch.isfinite(res_new).logical_or_(~active).all()):
             raise_nonfinite(func.name, progress.steps)
-        ok &= active
+        ok = (res_new < progress.res).logical_and_(active)
         accepted += ok.sum()
         rejected += (active & ~ok).sum()
         ratio = torch.nan_to_num(progress.res / res_new, nan=1.0, posinf=2.0).clamp_(1.0, 2.0)
@@ -116,5 +114,5 @@ def run_pseudo_transient(
         keep = ok.unsqueeze(1)
         z = torch.where(keep, z_new, z)
         d = torch.where(keep, d_new, d)
-        progress.update(z, d, ok, step, residual_norm=res_new)
+        progress.update(z, res_new, ok, step)
     return z, reason, int(accepted), int(rejected)

@@ -1,4 +1,9 @@
-"""Per-sample bookkeeping shared by every solver loop: residuals, freezing, limits, stats."""
+"""Per-sample bookkeeping shared by every solver loop: residuals, freezing, limits, stats.
+
+Everything here works on ``(B,)`` vectors, so its cost is the number of tensor operations
+dispatched per iteration, not their size: the loops call :meth:`Progress.update` once per
+accepted step and keep that count small.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class Progress:
         timeout: wall-clock limit in seconds (``None``: none).
         record: keep a ``(K, B)`` history of residuals (and times, for ODE solves).
         name: the user's function's name in error messages.
+        track_time: keep the pseudo-time each sample has reached (ODE solves).
     """
 
     def __init__(
@@ -44,13 +50,15 @@ class Progress:
         self.timeout = timeout
         self.name = name
         self.steps = 0
-        self.res, self.tol, converged = condition.evaluate(z, residual)
-        self._check_finite(torch.ones_like(converged))
-        self.active = ~converged
+        self.res = sample_rms(residual)
+        self.tol = condition.tolerance(z)
+        if not bool(torch.isfinite(self.res + self.tol).all()):
+            raise_nonfinite(name, 0)
+        self.active = self.res > self.tol
         self.t = torch.zeros_like(self.res) if track_time else None
         self.res_history: list[Tensor] | None = [self.res.clone()] if record else None
         self.t_history: list[Tensor] | None = (
-            [self.t.clone()] if record and track_time else None
+            [self.t.clone()] if record and self.t is not None else None
         )
 
     @property
@@ -73,33 +81,29 @@ class Progress:
     def update(
         self,
         z: Tensor,
-        residual: Tensor,
+        residual_norm: Tensor,
         moved: Tensor,
         dt: Tensor | float | None = None,
-        residual_norm: Tensor | None = None,
     ) -> None:
-        """Record the new residuals of the samples in ``moved`` (``(B,)`` bool) and freeze the
-        ones that now meet their tolerance. Raises on NaN/Inf in a moved sample.
+        """Record the residual norms (``(B,)``) of the samples in ``moved`` (``(B,)`` bool, a
+        subset of the active ones) and freeze those that now meet their tolerance.
 
-        ``residual_norm`` (``(B,)``) may be passed when the caller already computed it.
+        Raises :class:`NonFiniteError` when a moved sample's residual or tolerance is NaN/Inf
+        (a non-finite or overflowing state makes one of them non-finite).
         """
-        res = sample_rms(residual) if residual_norm is None else residual_norm
         tol = self.condition.tolerance(z)
-        self.res = torch.where(moved, res, self.res)
+        # An overflowing state gives an infinite tolerance; that must not count as converged.
+        if not bool(torch.isfinite(residual_norm + tol).logical_or_(~moved).all()):
+            raise_nonfinite(self.name, self.steps)
+        self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)
-        self._check_finite(moved)
         if self.t is not None and dt is not None:
             self.t = torch.where(moved, self.t + dt, self.t)
-        self.active = self.active & ~(moved & (res <= tol))
+        self.active = self.active ^ (moved & (residual_norm <= tol))
         if self.res_history is not None:
             self.res_history.append(self.res.clone())
             if self.t_history is not None and self.t is not None:
                 self.t_history.append(self.t.clone())
-
-    def _check_finite(self, moved: Tensor) -> None:
-        bad = moved & ~(torch.isfinite(self.res) & torch.isfinite(self.tol))
-        if bool(bad.any()):
-            raise_nonfinite(self.name, self.steps)
 
     def finish(
         self,

@@ -25,6 +25,7 @@ from .integrate import StepControl
 from .progress import Progress
 from .rk import initial_step
 from .tableaux import TABLEAUX
+from .termination import sample_rms
 from .validation import raise_nonfinite
 
 #: Methods whose torchdiffeq loop returns the derivative at the new state (FSAL pairs).
@@ -86,8 +87,8 @@ def run_torchdiffeq_loop(
         progress.steps += 1
         if float(new_state.t1) > float(state.t1):
             accepted += 1
-            dt = torch.full_like(progress.res, float(new_state.t1 - state.t1))
-            progress.update(new_state.y1, new_state.f1, progress.active.clone(), dt)
+            dt = float(new_state.t1 - state.t1)
+            progress.update(new_state.y1, sample_rms(new_state.f1), progress.active, dt)
         else:
             rejected += 1
         state = new_state
@@ -144,8 +145,9 @@ def run_odeint_event(
         t_event = None
     d_final = func(0.0, z_final)
     every = torch.ones_like(progress.active)
-    dt = None if t_event is None else torch.full_like(progress.res, float(t_event))
-    progress.update(z_final, d_final, every, dt)
+    dt = None if t_event is None else float(t_event)
+    progress.active = every  # nothing was frozen: every sample is judged at the final state
+    progress.update(z_final, sample_rms(d_final), every, dt)
     if reason == "converged" and not bool((progress.res <= progress.tol).all()):
         reason = "t_max" if t_event is not None and float(t_event) >= control.t_max else reason
     return z_final, reason, None, None

@@ -92,5 +92,6 @@ def check_func_output(out: object, z: Tensor, name: str) -> Tensor:
 def raise_nonfinite(name: str, step: int) -> None:
     """Raise :class:`NonFiniteError` for a NaN/Inf that appeared at ``step``."""
     raise NonFiniteError(
-        f"{name} produced NaN or Inf at solver step {step}; the solve was stopped", step
+        f"{name} produced NaN or Inf (or a state whose norm overflows) at solver step {step}; "
+        "the solve was stopped", step
     )
