@@ -1,7 +1,36 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
 from . import solvers
+from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
+from .nn import (
+    DEQ,
+    NeuralODE,
+    SkipDEQ,
+    SkipRegDEQ,
+    SpectralNormCap,
+    spectral_norm_cap,
+    update_normalization,
+    weight_norm,
+)
+from .regularizers import aux_loss, jacobian_frobenius, skip_loss
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["solvers"]
+__all__ = [
+    "DEQ",
+    "BackwardConfig",
+    "DEQStats",
+    "ForwardSolver",
+    "NeuralODE",
+    "SkipDEQ",
+    "SkipRegDEQ",
+    "SpectralNormCap",
+    "aux_loss",
+    "equilibrium",
+    "jacobian_frobenius",
+    "skip_loss",
+    "solvers",
+    "spectral_norm_cap",
+    "update_normalization",
+    "weight_norm",
+]

@@ -1,0 +1,328 @@
+"""Equilibrium layers: :class:`DEQ`, :class:`SkipDEQ`, :class:`SkipRegDEQ`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium, first_call
+from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
+from .normalization import update_normalization, warn_unstable_normalization
+
+__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape"]
+
+
+def check_input(x: object, name: str = "x") -> Tensor:
+    """``x`` is a finite floating-point tensor with a batch dimension first."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension first, got shape "
+                         f"{tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return x
+
+
+def resolve_state_shape(state_shape: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """Normalise a per-sample state shape argument (``None``: inferred at the first call)."""
+    if state_shape is None:
+        return None
+    shape = (state_shape,) if isinstance(state_shape, int) else tuple(state_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                            for s in shape):
+        raise ValueError(f"state_shape must be a positive int or a tuple of them, got "
+                         f"{state_shape!r}")
+    return shape
+
+
+def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str) -> Tensor:
+    """``z0`` is a ``(B, *shape)`` tensor with ``x``'s batch size, dtype and device."""
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.ndim == 0 or z0.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have x's batch size {x.shape[0]} first, got shape "
+                         f"{tuple(z0.shape)}")
+    if shape is not None and tuple(z0.shape[1:]) != shape:
+        raise ValueError(f"{name} must have shape (B, *state_shape) = "
+                         f"{(x.shape[0], *shape)}, got {tuple(z0.shape)}")
+    if z0.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {z0.dtype}")
+    if z0.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {z0.device}")
+    if not bool(torch.isfinite(z0).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return z0
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: returns ``z*`` with ``z* = f(z*, x)``.
+
+    With ``solver="ode"`` (default) this is a *continuous* DEQ: ``z*`` is the steady state of
+    ``dz/dt = f(z, x) - z`` (Pal, Edelman & Rackauckas 2022). Gradients come from the implicit
+    function theorem (:mod:`contdeq.implicit`), so memory does not grow with solver steps.
+
+    Args:
+        f: ``nn.Module`` called as ``f(z, x)``, returning a tensor shaped like ``z``. It must be
+            deterministic between calls (no dropout resampling, no batch-norm statistics
+            updates); use :func:`contdeq.spectral_norm_cap` to keep it contractive.
+        solver: ``"ode"``, ``"anderson"``, ``"broyden"`` or ``"picard"``.
+        backward: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
+        state_shape: per-sample shape of ``z`` (without the batch dimension). Default: the
+            shape of ``x`` (as DeepEquilibriumNetworks.jl, whose default guess is
+            ``zero(x)``); the initial state is zeros of shape ``(B, *state_shape)`` with
+            ``x``'s dtype and device.
+        backward_method: ``"anderson"`` (default), ``"picard"``, ``"broyden"`` or ``"ode"``.
+        backward_tol: relative, scale-invariant tolerance of the backward linear solve.
+        backward_max_steps: iteration cap of the backward linear solve.
+        backward_options: extra options of the backward solver (e.g. ``{"memory": 8}``).
+        on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``, forward and
+            backward.
+        eval_options: solver options overriding ``solver_options`` in eval mode (e.g. looser
+            ``atol``/``rtol`` for inference).
+        jacobian_weight: weight of the Jacobian regularizer (0 = off, the default).
+        jacobian_probes: Hutchinson probes of the Jacobian regularizer.
+        **solver_options: options of the forward solver: for ``"ode"`` those of
+            :func:`contdeq.solvers.steady_state` (``method``, ``atol``, ``rtol``,
+            ``max_steps``, ...), otherwise of :func:`contdeq.solvers.fixed_point`.
+
+    Attributes:
+        stats: :class:`~contdeq.implicit.DEQStats` of the last call (``None`` before);
+            ``stats.backward`` is filled in when the backward pass runs.
+
+    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        *,
+        solver: str = "ode",
+        backward: str = "implicit",
+        state_shape: int | Sequence[int] | None = None,
+        backward_method: str = "anderson",
+        backward_tol: float = 1e-4,
+        backward_max_steps: int = 100,
+        backward_options: Mapping[str, Any] | None = None,
+        on_nonconvergence: str = "warn",
+        eval_options: Mapping[str, Any] | None = None,
+        jacobian_weight: float = 0.0,
+        jacobian_probes: int = 1,
+        **solver_options: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(f, nn.Module):
+            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+        self.f = f
+        self.solver = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
+        self.eval_solver = (
+            self.solver.with_options(**eval_options) if eval_options else self.solver
+        )
+        self.backward_config = BackwardConfig(
+            mode=backward, method=backward_method, tol=backward_tol,
+            max_steps=backward_max_steps, options=dict(backward_options or {}),
+            on_nonconvergence=on_nonconvergence,
+        )
+        if backward == "unrolled" and not self.solver.differentiable:
+            raise ValueError(
+                f"backward='unrolled' needs solver='ode' or 'picard'; solver={solver!r} is not "
+                "autograd-safe"
+            )
+        self.state_shape = resolve_state_shape(state_shape)
+        if isinstance(jacobian_weight, bool) or not isinstance(jacobian_weight, (int, float)) or (
+            not jacobian_weight >= 0
+        ):
+            raise ValueError(f"jacobian_weight must be a float >= 0, got {jacobian_weight!r}")
+        if isinstance(jacobian_probes, bool) or not isinstance(jacobian_probes, int) or (
+            jacobian_probes < 1
+        ):
+            raise ValueError(f"jacobian_probes must be an int >= 1, got {jacobian_probes!r}")
+        self.jacobian_weight = float(jacobian_weight)
+        self.jacobian_probes = jacobian_probes
+        self.stats: DEQStats | None = None
+        self._aux: dict[str, Tensor] = {}
+        warn_unstable_normalization(f, type(self).__name__)
+
+    # -- initial state -------------------------------------------------------------------
+    def _zeros(self, x: Tensor) -> Tensor:
+        shape = self.state_shape if self.state_shape is not None else tuple(x.shape[1:])
+        return x.new_zeros((x.shape[0], *shape))
+
+    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(z0 for the solver, explicit guess with its graph or None)``."""
+        if z0 is not None:
+            return check_state(z0, x, self.state_shape, "z0"), None
+        return self._zeros(x), None
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``; ``z0`` optional initial state."""
+        x = check_input(x)
+        train = self.training and torch.is_grad_enabled()
+        if self.training:
+            update_normalization(self.f)
+        solver = self.solver if self.training else self.eval_solver
+        aux: dict[str, Tensor] = {}
+        self._aux = aux
+        with parametrize.cached():
+            with torch.set_grad_enabled(train):
+                z_init, guess = self.initial_state(x, z0)
+            z, stats = equilibrium(self.f, x, z_init.detach(), solver=solver,
+                                   backward=self.backward_config)
+            if train:
+                if guess is not None:
+                    term = self._skip_term(guess, z)
+                    if term is not None:
+                        aux["skip"] = term
+                if self.jacobian_weight > 0:
+                    aux["jacobian"] = self.jacobian_weight * jacobian_frobenius(
+                        self.f, z, x, probes=self.jacobian_probes)
+        self.stats = stats
+        return z
+
+    def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
+        return None
+
+    # -- auxiliary losses ----------------------------------------------------------------
+    @property
+    def aux_terms(self) -> dict[str, Tensor]:
+        """Auxiliary loss terms of the last training forward, by name (weights applied)."""
+        return dict(self._aux)
+
+    def last_aux_loss(self) -> Tensor | None:
+        """Sum of :attr:`aux_terms` (``None`` when empty); collected by ``contdeq.aux_loss``."""
+        terms = list(self._aux.values())
+        if not terms:
+            return None
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    # -- housekeeping --------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_aux"] = {}  # tensors with graphs: neither picklable nor worth copying
+        state["stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        b = self.backward_config
+        parts = [f"solver={self.solver.solver!r}"]
+        parts += [f"{k}={v!r}" for k, v in self.solver.options.items()]
+        if b.mode == "implicit":
+            parts.append(f"backward='implicit'(method={b.method!r}, tol={b.tol:g}, "
+                         f"max_steps={b.max_steps})")
+        else:
+            parts.append(f"backward={b.mode!r}")
+        if self.state_shape is not None:
+            parts.append(f"state_shape={self.state_shape}")
+        if self.eval_solver is not self.solver:
+            parts.append(f"eval_options={self.eval_solver.options!r}")
+        if self.jacobian_weight:
+            parts.append(f"jacobian_weight={self.jacobian_weight:g}, "
+                         f"jacobian_probes={self.jacobian_probes}")
+        return ", ".join(parts)
+
+
+class _SkipBase(DEQ):
+    """Shared skip-loss options of :class:`SkipDEQ` and :class:`SkipRegDEQ`."""
+
+    def __init__(self, f: nn.Module, *, skip_weight: float = 1.0, skip_norm: str = "l2",
+                 **kwargs: Any) -> None:
+        super().__init__(f, **kwargs)
+        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) or (
+            not skip_weight >= 0
+        ):
+            raise ValueError(f"skip_weight must be a float >= 0, got {skip_weight!r}")
+        if skip_norm not in SKIP_NORMS:
+            raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {skip_norm!r}")
+        self.skip_weight = float(skip_weight)
+        self.skip_norm = skip_norm
+
+    def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
+        if self.skip_weight == 0:
+            return None
+        return self.skip_weight * skip_loss(guess, z, self.skip_norm)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, skip_weight={self.skip_weight:g}, " \
+               f"skip_norm={self.skip_norm!r}"
+
+
+class SkipDEQ(_SkipBase):
+    """DEQ whose initial state is an explicit prediction: ``z0 = predictor(x)``.
+
+    Training adds ``skip_weight * mean((predictor(x) - sg(z*))^2)`` (``skip_norm="l2"``) or
+    ``skip_weight * mean(|predictor(x) - sg(z*)|)`` (``"l1"``) to :func:`contdeq.aux_loss`;
+    ``sg`` is stop-gradient, so the term trains only the predictor, and ``z*`` (independent of
+    ``z0`` at convergence) gets no gradient from it. See ``docs/layers.md`` for the sources.
+
+    Args:
+        f: as for :class:`DEQ`.
+        predictor: ``nn.Module``, ``x -> (B, *state_shape)``; defines the state shape when
+            ``state_shape`` is not given.
+        skip_weight: the weight ``lambda`` of the skip term (default 1).
+        skip_norm: ``"l2"`` (default) or ``"l1"``.
+        **kwargs: the options of :class:`DEQ`.
+
+    Shapes: ``x`` ``(B, ...)`` -> ``z*`` shaped like ``predictor(x)``.
+    """
+
+    def __init__(self, f: nn.Module, predictor: nn.Module, *, skip_weight: float = 1.0,
+                 skip_norm: str = "l2", **kwargs: Any) -> None:
+        super().__init__(f, skip_weight=skip_weight, skip_norm=skip_norm, **kwargs)
+        if not isinstance(predictor, nn.Module):
+            raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
+                            f"{type(predictor).__name__}")
+        self.predictor = predictor
+
+    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``z0 = predictor(x)`` (a given ``z0`` takes precedence and adds no skip term)."""
+        if z0 is not None:
+            return check_state(z0, x, self.state_shape, "z0"), None
+        guess = self.predictor(x)
+        if not isinstance(guess, Tensor):
+            raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
+        if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
+            self.state_shape is not None and tuple(guess.shape[1:]) != self.state_shape
+        ):
+            expected = ("(B, ...) with B = " + str(x.shape[0]) if self.state_shape is None
+                        else str((x.shape[0], *self.state_shape)))
+            raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
+                             f"{tuple(guess.shape)}")
+        if guess.dtype != x.dtype:
+            raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
+        if not bool(torch.isfinite(guess).all()):
+            raise ValueError("predictor(x) returned NaN or Inf values")
+        return guess, guess if guess.requires_grad else None
+
+
+class SkipRegDEQ(_SkipBase):
+    """DEQ with the Skip-Reg initial state ``z0 = f(0, x)``: no extra network.
+
+    Training adds ``skip_weight * mean((f(0, x) - sg(z*))^2)`` (or the ``"l1"`` mean absolute
+    difference) to :func:`contdeq.aux_loss`; it trains ``f`` so that one application from zero
+    already lands near the equilibrium. DeepEquilibriumNetworks.jl builds this layer as
+    ``DEQ(model, solver; init=nothing)``, whose initial condition is ``model((zero(x), x))``.
+
+    Args:
+        f: as for :class:`DEQ`.
+        skip_weight: the weight ``lambda`` (default 1).
+        skip_norm: ``"l2"`` (default) or ``"l1"``.
+        **kwargs: the options of :class:`DEQ` (``state_shape`` sets the shape of the zero
+            state passed to ``f``; default ``x``'s shape).
+    """
+
+    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``z0 = f(0, x)`` (a given ``z0`` takes precedence and adds no skip term)."""
+        if z0 is not None:
+            return check_state(z0, x, self.state_shape, "z0"), None
+        guess = first_call(self.f, self._zeros(x), x)
+        return guess, guess if guess.requires_grad else None

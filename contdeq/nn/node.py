@@ -1,0 +1,224 @@
+"""A neural ODE baseline with the same ``f(z, x)`` signature as the equilibrium layers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torchdiffeq import odeint, odeint_adjoint
+
+from ..implicit import DEQStats, check_output
+from ..solvers import SolverStats
+from ..solvers.rk import initial_step
+from ..solvers.tableaux import TABLEAUX
+from .deq import check_input, check_state, resolve_state_shape
+from .normalization import update_normalization, warn_unstable_normalization
+
+__all__ = ["NeuralODE"]
+
+#: Adaptive torchdiffeq methods for which the steady-state solver's first-step rule is used.
+_FIRST_STEP_METHODS = ("dopri5", "bosh3", "dopri8", "adaptive_heun")
+
+
+class _Dynamics:
+    """``func(t, z)`` for torchdiffeq: ``f(z, x) - z`` (or ``f(z, x)``), counting calls.
+
+    One per forward call (it holds that call's ``x`` until the adjoint pass is done). The first
+    call of a solve at ``(t0, z0)`` returns the derivative the layer already computed for the
+    first-step rule, so that evaluation is counted once.
+    """
+
+    def __init__(self, f: nn.Module, residual: bool, x: Tensor) -> None:
+        self.f = f
+        self.residual = residual
+        self.x = x
+        self.calls = 0
+        self.backward_calls = 0
+        self.in_backward = False
+        self.record: DEQStats | None = None
+        self._first: tuple[Tensor, Tensor] | None = None
+
+    def rhs(self, z: Tensor) -> Tensor:
+        out = self.f(z, self.x)
+        if self.calls == 0:
+            check_output(out, z, "f")
+        self.calls += 1
+        if self.in_backward:
+            self.backward_calls += 1
+            if self.record is not None and self.record.backward is not None:
+                self.record.backward.nfe += 1
+        return out - z if self.residual else out
+
+    def __call__(self, t: Tensor, z: Tensor) -> Tensor:
+        if self._first is not None:
+            z0, d0 = self._first
+            self._first = None
+            if z is z0 or (z.shape == z0.shape and torch.equal(z, z0)):
+                return d0
+        return self.rhs(z)
+
+
+class _BackwardStart(torch.autograd.Function):
+    """Identity whose backward marks the start of the adjoint pass (to count its NFE)."""
+
+    @staticmethod
+    def forward(ctx: Any, dynamics: _Dynamics, z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.dynamics = dynamics
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        dyn: _Dynamics = ctx.dynamics
+        dyn.in_backward = True
+        if dyn.record is not None:
+            b = grad.shape[0]
+            nan = grad.new_full((b,), math.nan)
+            dyn.record.backward = SolverStats(
+                method="adjoint", nfe=0, steps=0, residual=nan, tolerance=nan.clone(),
+                converged=torch.ones(b, dtype=torch.bool, device=grad.device), wall_time=0.0,
+                stop_reason="t_end",
+            )
+        return None, grad
+
+
+class NeuralODE(nn.Module):
+    """Neural ODE baseline: ``z(t_end)`` of ``dz/dt = f(z, x) - z`` from ``z(0) = z0``.
+
+    It integrates the *same* vector field as a continuous :class:`~contdeq.DEQ` with the same
+    ``f``, but to a fixed time instead of to steady state (``residual=False`` integrates
+    ``dz/dt = f(z, x)`` instead). The step-size rule for the first step is the steady-state
+    solver's (:func:`contdeq.solvers.rk.initial_step`, from the derivative at ``z0``, which
+    torchdiffeq then reuses as its first stage), so benchmarks compare like with like.
+
+    Args:
+        f: ``nn.Module`` called as ``f(z, x)``.
+        t_end: integration time (> 0).
+        method: torchdiffeq method (``"dopri5"`` default; also ``"bosh3"``, ``"dopri8"``,
+            ``"adaptive_heun"``, fixed-grid ``"rk4"``, ...).
+        adjoint: backpropagate with torchdiffeq's ``odeint_adjoint`` (memory independent of
+            steps; the adjoint ODE is integrated backward over the whole trajectory) instead of
+            through the solver's operations.
+        rtol, atol: integrator tolerances (default 1e-5: the integrator tolerances a
+            continuous DEQ uses with its default steady-state tolerance 1e-4).
+        residual: integrate ``f - z`` (default) or ``f``.
+        state_shape: per-sample state shape (default: ``x``'s); ``z0`` defaults to zeros.
+        options: extra torchdiffeq options (``max_num_steps``, ``step_size``, ...).
+        adjoint_options: extra keyword arguments of ``odeint_adjoint`` (``adjoint_rtol``, ...).
+
+    Attributes:
+        stats: :class:`~contdeq.implicit.DEQStats`: ``forward.nfe`` counts every ``f`` call
+            (exactly, as the equilibrium layers do; ``steps`` is inferred from it for the
+            Runge-Kutta pairs, residuals are NaN); ``backward`` counts the adjoint pass's
+            ``f`` calls (``adjoint=True`` only).
+
+    Shapes: ``x`` ``(B, ...)`` -> ``(B, *state_shape)``.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        t_end: float = 1.0,
+        *,
+        method: str = "dopri5",
+        adjoint: bool = False,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        residual: bool = True,
+        state_shape: int | Sequence[int] | None = None,
+        options: Mapping[str, Any] | None = None,
+        adjoint_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(f, nn.Module):
+            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+        if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or not (
+            math.isfinite(t_end) and t_end > 0
+        ):
+            raise ValueError(f"t_end must be a finite float > 0, got {t_end!r}")
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        if method not in SOLVERS:
+            raise ValueError(f"method must be one of {tuple(SOLVERS)}, got {method!r}")
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+                raise ValueError(f"{name} must be a float > 0, got {tol!r}")
+        self.f = f
+        self.residual = bool(residual)
+        self.t_end = float(t_end)
+        self.method = method
+        self.adjoint = bool(adjoint)
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self.state_shape = resolve_state_shape(state_shape)
+        self.options = dict(options or {})
+        self.adjoint_options = dict(adjoint_options or {})
+        self.stats: DEQStats | None = None
+        warn_unstable_normalization(f, "NeuralODE")
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)``."""
+        x = check_input(x)
+        if z0 is None:
+            shape = self.state_shape if self.state_shape is not None else tuple(x.shape[1:])
+            z0 = x.new_zeros((x.shape[0], *shape))
+        else:
+            z0 = check_state(z0, x, self.state_shape, "z0")
+        if self.training:
+            update_normalization(self.f)
+        dyn = _Dynamics(self.f, self.residual, x)
+        t = torch.tensor([0.0, self.t_end], dtype=x.dtype, device=x.device)
+        options = dict(self.options)
+        grad = torch.is_grad_enabled()
+        use_adjoint = self.adjoint and grad
+        start = time.perf_counter()
+        with parametrize.cached():
+            if self.method in _FIRST_STEP_METHODS and "first_step" not in options:
+                with torch.set_grad_enabled(grad and not use_adjoint):
+                    d0 = dyn.rhs(z0)
+                flat_d, flat_z = d0.reshape(d0.shape[0], -1), z0.reshape(z0.shape[0], -1)
+                order = TABLEAUX[self.method].order
+                options["first_step"] = initial_step(
+                    flat_d.detach(), flat_z, self.atol, self.rtol, order, self.t_end)
+                dyn._first = (z0, d0)
+            if use_adjoint:
+                params = [p for p in self.f.parameters() if p.requires_grad]
+                if x.requires_grad:
+                    params.append(x)
+                out = odeint_adjoint(dyn, z0, t, rtol=self.rtol, atol=self.atol,
+                                     method=self.method, options=options,
+                                     adjoint_params=tuple(params), **self.adjoint_options)
+            else:
+                out = odeint(dyn, z0, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                             options=options)
+        dyn._first = None
+        z = out[-1]
+        nfe = dyn.calls
+        b = x.shape[0]
+        nan = x.new_full((b,), math.nan)
+        per_step = len(TABLEAUX[self.method].alpha) if self.method in TABLEAUX else 1
+        record = DEQStats(SolverStats(
+            method=self.method, nfe=nfe, steps=max(nfe - 1, 0) // per_step, residual=nan,
+            tolerance=nan.clone(), converged=torch.ones(b, dtype=torch.bool, device=x.device),
+            wall_time=time.perf_counter() - start, stop_reason="t_end",
+            t_final=x.new_full((b,), self.t_end),
+        ))
+        self.stats = record
+        if use_adjoint and z.requires_grad:
+            dyn.record = record
+            z = _BackwardStart.apply(dyn, z)
+        return z
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        kind = "f(z, x) - z" if self.residual else "f(z, x)"
+        return (f"dz/dt = {kind}, t_end={self.t_end:g}, method={self.method!r}, "
+                f"adjoint={self.adjoint}, rtol={self.rtol:g}, atol={self.atol:g}")

@@ -1,0 +1,93 @@
+"""Weight normalizations that stay fixed during a solve: spectral_norm_cap, weight_norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import contdeq
+
+from .layer_models import TanhCell
+
+
+def spectral_norm(weight: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(weight.detach().reshape(weight.shape[0], -1), ord=2))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48)])
+def test_cap_holds_at_initialization_after_warmup(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(shape[1], shape[0])
+    with torch.no_grad():
+        linear.weight.mul_(3.0 / spectral_norm(linear.weight))
+    contdeq.spectral_norm_cap(linear, cap=0.9)
+    assert spectral_norm(linear.weight) == pytest.approx(0.9, rel=1e-3)
+
+
+def test_one_power_iteration_underestimates_without_warmup() -> None:
+    """Why the warm-up exists: a single iteration from a random vector leaves the cap loose."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64)
+    with torch.no_grad():
+        linear.weight.mul_(3.0 / spectral_norm(linear.weight))
+    contdeq.spectral_norm_cap(linear, cap=0.9, warmup_iterations=1)
+    assert spectral_norm(linear.weight) > 0.95
+
+
+def test_conv_kernel_is_capped() -> None:
+    conv = nn.Conv2d(4, 6, 3)
+    with torch.no_grad():
+        conv.weight.mul_(5.0)
+    contdeq.spectral_norm_cap(conv, cap=0.5)
+    assert spectral_norm(conv.weight) == pytest.approx(0.5, rel=1e-3)
+
+
+def test_weight_is_fixed_between_calls_until_update() -> None:
+    """f is one function during a solve, unlike torch's spectral_norm in training mode."""
+    linear = contdeq.spectral_norm_cap(nn.Linear(8, 8), cap=0.5, warmup_iterations=0)
+    linear.train()
+    first, second = linear.weight.detach().clone(), linear.weight.detach().clone()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert contdeq.update_normalization(linear) == 1
+    assert not torch.equal(linear.weight.detach(), first)  # the estimate moved on update
+
+    torch_sn = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
+    torch_sn.train()
+    a, b = torch_sn.weight.detach().clone(), torch_sn.weight.detach().clone()
+    assert not torch.equal(a, b)  # torch's version changes on every access
+
+
+def test_layer_advances_the_power_iteration_once_per_training_forward() -> None:
+    f = TanhCell(6, 4, lipschitz=2.0, dtype=torch.float32, cap=0.8)
+    layer = contdeq.DEQ(f, state_shape=6)
+    cap = f.W.parametrizations.weight[0]
+    u = cap.u.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 4))
+    assert torch.equal(cap.u, u)
+    layer.train()
+    layer(torch.randn(3, 4))
+    assert not torch.equal(cap.u, u)
+
+
+def test_gradient_flows_through_the_cap() -> None:
+    linear = contdeq.spectral_norm_cap(nn.Linear(5, 5), cap=0.1)
+    linear(torch.randn(2, 5)).square().sum().backward()
+    assert linear.parametrizations.weight.original.grad is not None
+
+
+def test_weight_norm_is_deterministic() -> None:
+    linear = contdeq.weight_norm(nn.Linear(5, 5))
+    torch.testing.assert_close(linear.weight, linear.weight, rtol=0, atol=0)
+    assert hasattr(linear.parametrizations.weight, "original0")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="cap must be a float > 0"):
+        contdeq.spectral_norm_cap(nn.Linear(3, 3), cap=0.0)
+    with pytest.raises(ValueError, match="no tensor attribute 'kernel'"):
+        contdeq.spectral_norm_cap(nn.Linear(3, 3), name="kernel")
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        contdeq.spectral_norm_cap(nn.Linear(3, 3), name="bias")
