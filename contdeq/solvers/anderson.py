@@ -54,21 +54,38 @@ class Anderson:
         if n == 1:
             return z.add(residual, alpha=self.damping)
         xs, gs = self.xs[:, :n], self.gs[:, :n]
-        diffs = gs - xs  # (B, n, D) residuals
-        gram = torch.bmm(diffs, diffs.transpose(1, 2))  # (B, n, n)
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        eye = torch.eye(n, dtype=z.dtype, device=z.device)
-        gram = gram / scale[:, None, None] + self.regularization * eye
-        # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0].
-        system = z.new_zeros(z.shape[0], n + 1, n + 1)
-        system[:, 0, 1:] = 1.0
-        system[:, 1:, 0] = 1.0
-        system[:, 1:, 1:] = gram
-        rhs = z.new_zeros(z.shape[0], n + 1, 1)
-        rhs[:, 0] = 1.0
-        alpha = torch.linalg.solve(system, rhs)[:, 1:]  # (B, n, 1)
+        alpha = _mixing_weights(gs - xs, self.regularization, slot)  # (B, n, 1)
         mixed_g = torch.bmm(alpha.transpose(1, 2), gs).squeeze(1)
         if self.damping == 1.0:
             return mixed_g
         mixed_x = torch.bmm(alpha.transpose(1, 2), xs).squeeze(1)
         return mixed_x.lerp_(mixed_g, self.damping)
+
+
+def _mixing_weights(diffs: Tensor, regularization: float, newest: int) -> Tensor:
+    """``(B, n, 1)`` weights minimising ``||sum_i alpha_i diffs_i||`` with ``sum_i alpha_i = 1``.
+
+    ``diffs``: ``(B, n, D)`` residuals of the stored iterates. Half precision is worked in
+    float32 (its Gram matrix overflows, and ``torch.linalg.solve`` has no CPU kernel for it). A
+    sample whose system is singular or non-finite (residuals near overflow) takes the plain
+    step from its ``newest`` iterate instead of crashing the solve.
+    """
+    work = diffs.float() if diffs.dtype in (torch.float16, torch.bfloat16) else diffs
+    b, n, _ = work.shape
+    gram = torch.bmm(work, work.transpose(1, 2))  # (B, n, n)
+    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work.dtype).tiny)
+    eye = torch.eye(n, dtype=work.dtype, device=work.device)
+    gram = gram / scale[:, None, None] + regularization * eye
+    # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0].
+    system = work.new_zeros(b, n + 1, n + 1)
+    system[:, 0, 1:] = 1.0
+    system[:, 1:, 0] = 1.0
+    system[:, 1:, 1:] = gram
+    rhs = work.new_zeros(b, n + 1, 1)
+    rhs[:, 0] = 1.0
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    alpha = solution[:, 1:]
+    failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1).squeeze(1)
+    plain = torch.zeros_like(alpha)
+    plain[:, newest] = 1.0
+    return torch.where(failed[:, None, None], plain, alpha).to(diffs.dtype)

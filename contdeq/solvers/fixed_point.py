@@ -16,6 +16,7 @@ from .progress import Progress
 from .stats import SolverStats
 from .termination import SteadyStateCondition, sample_rms
 from .validation import (
+    check_callable,
     check_choice,
     check_on_nonconvergence,
     check_positive_float,
@@ -65,6 +66,7 @@ def fixed_point(
         ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
         every call of ``g``; ``accepted``/``rejected``/``t_final`` are ``None``).
     """
+    check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     check_choice(method, "method", tuple(FIXED_POINT_METHODS))
     check_tolerances(atol, rtol)

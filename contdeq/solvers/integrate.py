@@ -98,8 +98,10 @@ def run_pseudo_transient(
     finite_t_max = t_max < math.inf
     while (reason := progress.stop_reason(t_max)) is None:
         active = progress.active
-        step = torch.minimum(h, t_max - progress.t) if finite_t_max else h
-        step = step * active
+        # The pseudo-time is float64; the step taken is cast to the state's dtype.
+        dt = (torch.minimum(h.to(progress.t.dtype), t_max - progress.t) if finite_t_max
+              else h) * active
+        step = dt.to(h.dtype)
         z_new = torch.addcmul(z, step.unsqueeze(1), d)
         d_new = func(0.0, z_new)
         progress.steps += 1
@@ -114,5 +116,5 @@ def run_pseudo_transient(
         keep = ok.unsqueeze(1)
         z = torch.where(keep, z_new, z)
         d = torch.where(keep, d_new, d)
-        progress.update(z, res_new, ok, step)
+        progress.update(z, res_new, ok, dt)
     return z, reason, int(accepted), int(rejected)

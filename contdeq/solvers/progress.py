@@ -55,7 +55,9 @@ class Progress:
         if not bool(torch.isfinite(self.res + self.tol).all()):
             raise_nonfinite(name, 0)
         self.active = self.res > self.tol
-        self.t = torch.zeros_like(self.res) if track_time else None
+        # Pseudo-time is accumulated in float64 (float32 on MPS): in the state's dtype a
+        # float32/bfloat16 sum stalls or stops just short of ``t_max`` and the solve never ends.
+        self.t = torch.zeros_like(self.res, dtype=_time_dtype(z)) if track_time else None
         self.res_history: list[Tensor] | None = [self.res.clone()] if record else None
         self.t_history: list[Tensor] | None = (
             [self.t.clone()] if record and self.t is not None else None
@@ -125,7 +127,14 @@ class Progress:
             stop_reason=stop_reason,
             accepted=accepted,
             rejected=rejected,
-            t_final=self.t,
+            t_final=None if self.t is None else self.t.to(self.res.dtype),
             residual_history=None if self.res_history is None else torch.stack(self.res_history),
-            time_history=None if self.t_history is None else torch.stack(self.t_history),
+            time_history=(
+                None if self.t_history is None else torch.stack(self.t_history).to(self.res.dtype)
+            ),
         )
+
+
+def _time_dtype(z: Tensor) -> torch.dtype:
+    """Accumulation dtype of the pseudo-time: float64 where the device supports it."""
+    return torch.float32 if z.device.type == "mps" else torch.float64

@@ -18,6 +18,9 @@ from torch import Tensor
 
 from .tableaux import Tableau
 
+#: Dtypes whose step-size control is computed in float32.
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def _combine(
     base: Tensor | None, scale: float, coefs: Sequence[float], ks: Sequence[Tensor]
@@ -90,6 +93,8 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float)
     dilute the norm.
     """
     with torch.no_grad():
+        if error.dtype in _HALF:  # atol / error would underflow / overflow in half precision
+            error, y0, y1 = error.float(), y0.float(), y1.float()
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
         per_sample = torch.linalg.vector_norm(error / scale, dim=1)
         return float(per_sample.max()) / (error.shape[1] ** 0.5)
@@ -117,6 +122,8 @@ def initial_step(
     with ``z0 = 0``, starts from ``1e-6``, wasting about 20 evaluations per solve.
     """
     with torch.no_grad():
+        if f0.dtype in _HALF:
+            f0, z0 = f0.float(), z0.float()
         scale = atol + rtol * torch.linalg.vector_norm(z0, dim=1) / (z0.shape[1] ** 0.5)
         d = float((torch.linalg.vector_norm(f0, dim=1) / (f0.shape[1] ** 0.5) / scale).max())
     if d == 0.0 or d != d:

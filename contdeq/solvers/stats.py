@@ -20,7 +20,9 @@ class SolverStats:
         tolerance: ``(B,)`` the tolerance ``atol + rtol * ||z||`` each sample had to meet.
         converged: ``(B,)`` bool, ``residual <= tolerance``.
         wall_time: seconds spent in the solve.
-        stop_reason: ``"converged"``, ``"max_steps"``, ``"t_max"`` or ``"timeout"``.
+        stop_reason: ``"converged"``, ``"max_steps"``, ``"t_max"`` or ``"timeout"`` (and
+            ``"event"`` for ``backend="event"``: the crossing located on the interpolant
+            missed the tolerance at the returned state).
         accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
         rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).

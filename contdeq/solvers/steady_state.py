@@ -23,6 +23,7 @@ from .torchdiffeq_backend import (
     run_torchdiffeq_loop,
 )
 from .validation import (
+    check_callable,
     check_choice,
     check_on_nonconvergence,
     check_positive_float,
@@ -74,10 +75,10 @@ def steady_state(
             passed for compatibility with torchdiffeq-style functions.
         z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite.
         method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"dopri8"``,
-            ``"fehlberg2"``, ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
+            ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
             pseudo-transient continuation, forward Euler with per-sample steps chosen for
             reaching the steady state (one evaluation per step; usually the fewest evaluations
-            for contractive layers, see ``docs``).
+            for contractive layers, see ``docs/solvers.md``).
         atol, rtol: steady-state tolerances (RMS norms).
         ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
             ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
@@ -106,6 +107,7 @@ def steady_state(
         NonFiniteError: ``func`` produced NaN/Inf (names the step).
         ValueError, TypeError: bad arguments (the message names the argument).
     """
+    check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
     check_choice(method, "method", STEADY_STATE_METHODS)
     check_choice(backend, "backend", BACKENDS)

@@ -18,6 +18,9 @@ from torch import Tensor
 def sample_rms(x: Tensor) -> Tensor:
     """Root-mean-square of each sample: ``(B, ...) -> (B,)``."""
     flat = x.reshape(x.shape[0], -1)
+    if flat.dtype == torch.float16:  # the norm of a float16 state overflows before the division
+        rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) / (flat.shape[1] ** 0.5)
+        return rms.to(torch.float16)
     return torch.linalg.vector_norm(flat, dim=1) / (flat.shape[1] ** 0.5)
 
 

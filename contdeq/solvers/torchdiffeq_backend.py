@@ -78,8 +78,13 @@ def run_torchdiffeq_loop(
     state = solver.rk_state
     accepted = rejected = 0
     while (reason := progress.stop_reason(control.t_max)) is None:
+        if float(state.t1) >= control.t_max:  # progress.t, a sum of steps, may lag t1 by an ulp
+            reason = "t_max"
+            break
         mask.copy_(progress.active.unsqueeze(1))
-        state = state._replace(f1=state.f1 * mask)  # k_0 of a just-frozen sample must be 0 too
+        # k_0 of a just-frozen sample must be 0 too; torchdiffeq's step does not stop at t_max.
+        dt = state.dt.clamp(max=control.t_max - float(state.t1))
+        state = state._replace(f1=state.f1 * mask, dt=dt)
         try:
             new_state = solver._adaptive_step(state)
         except AssertionError as exc:  # underflow in dt, or non-finite state
@@ -148,6 +153,9 @@ def run_odeint_event(
     dt = None if t_event is None else float(t_event)
     progress.active = every  # nothing was frozen: every sample is judged at the final state
     progress.update(z_final, sample_rms(d_final), every, dt)
-    if reason == "converged" and not bool((progress.res <= progress.tol).all()):
-        reason = "t_max" if t_event is not None and float(t_event) >= control.t_max else reason
+    if bool((progress.res <= progress.tol).all()):  # judged at the returned state
+        reason = "converged"
+    elif reason == "converged":
+        # The crossing bisected on the interpolant can land just short of the tolerance.
+        reason = "t_max" if t_event is not None and float(t_event) >= control.t_max else "event"
     return z_final, reason, None, None

@@ -29,6 +29,12 @@ def check_state(z0: object, name: str = "z0") -> Tensor:
     return z0
 
 
+def check_callable(value: object, name: str, signature: str) -> None:
+    """``value`` can be called (``signature`` shows how, for the message)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {signature}, got {type(value).__name__}")
+
+
 def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:
     """Tolerances are finite, non-negative and not both zero."""
     for name, value in ((f"{prefix}atol", atol), (f"{prefix}rtol", rtol)):
