@@ -1,6 +1,7 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
 from . import solvers
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
 from .nn import (
     DEQ,
@@ -19,6 +20,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DEQ",
     "BackwardConfig",
+    "Checkpoint",
     "DEQStats",
     "ForwardSolver",
     "NeuralODE",
@@ -28,6 +30,8 @@ __all__ = [
     "aux_loss",
     "equilibrium",
     "jacobian_frobenius",
+    "load_checkpoint",
+    "save_checkpoint",
     "skip_loss",
     "solvers",
     "spectral_norm_cap",
