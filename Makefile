@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench-solvers clean
+.PHONY: demo test lint bench-solvers docs docs-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(BIN)/python:
 
 $(VENV)/.examples: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	touch $@
+
+$(VENV)/.docs: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[docs,examples]"
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
@@ -29,8 +33,21 @@ lint: $(VENV)/.test
 test: lint
 	$(BIN)/python -m pytest
 
+# The documentation site, tutorials executed, warnings as errors: docs/_build/html/index.html.
+# docs-quick runs the tutorials on their tiny settings (CONTDEQ_TUTORIAL_QUICK=1).
+SPHINX := $(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+docs: $(VENV)/.docs
+	rm -rf docs/auto_examples
+	$(SPHINX)
+
+docs-quick: $(VENV)/.docs
+	rm -rf docs/auto_examples
+	CONTDEQ_TUTORIAL_QUICK=1 $(SPHINX)
+
 bench-solvers: $(VENV)/.examples
 	$(BIN)/python benchmarks/solvers.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis docs/_build \
+		docs/auto_examples docs/sg_execution_times.rst
