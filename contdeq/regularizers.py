@@ -84,6 +84,9 @@ def skip_loss(z0: Tensor, z_star: Tensor, norm: str = "l2") -> Tensor:
     """
     if norm not in SKIP_NORMS:
         raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {norm!r}")
+    if z0.shape != z_star.shape:  # broadcasting would silently compare the wrong pairs
+        raise ValueError(f"z0 and z_star must have the same shape, got {tuple(z0.shape)} and "
+                         f"{tuple(z_star.shape)}")
     diff = z0 - z_star.detach()
     return diff.pow(2).mean() if norm == "l2" else diff.abs().mean()
 

@@ -318,6 +318,8 @@ class SkipRegDEQ(_SkipBase):
         skip_norm: ``"l2"`` (default) or ``"l1"``.
         **kwargs: the options of :class:`DEQ` (``state_shape`` sets the shape of the zero
             state passed to ``f``; default ``x``'s shape).
+
+    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
     """
 
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchdiffeq import odeint, odeint_adjoint
 
-from ..implicit import DEQStats, check_output
+from ..implicit import DEQStats, first_call
 from ..solvers import SolverStats
 from ..solvers.rk import initial_step
 from ..solvers.tableaux import TABLEAUX
@@ -44,9 +44,7 @@ class _Dynamics:
         self._first: tuple[Tensor, Tensor] | None = None
 
     def rhs(self, z: Tensor) -> Tensor:
-        out = self.f(z, self.x)
-        if self.calls == 0:
-            check_output(out, z, "f")
+        out = first_call(self.f, z, self.x) if self.calls == 0 else self.f(z, self.x)
         self.calls += 1
         if self.in_backward:
             self.backward_calls += 1
