@@ -8,6 +8,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 import contdeq
+from contdeq.solvers import ConvergenceError, NonFiniteError
 
 from .layer_models import TanhCell
 
@@ -102,3 +103,21 @@ def test_bad_arguments() -> None:
         contdeq.NeuralODE(f, method="ptc")
     with pytest.raises(ValueError, match="rtol must be a float > 0"):
         contdeq.NeuralODE(f, rtol=-1.0)
+
+
+def test_step_limit_raises_instead_of_running_on() -> None:
+    """A stiff field that needs more steps than allowed ends with ConvergenceError."""
+
+    class Stiff(nn.Module):
+        def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return -1e4 * z + x
+
+    node = contdeq.NeuralODE(Stiff(), t_end=10.0, max_num_steps=20)
+    with pytest.raises(ConvergenceError, match="did not reach t_end=10") as info:
+        node(torch.randn(3, 2, dtype=torch.float64))
+    assert not info.value.stats.converged.any() and info.value.stats.nfe > 20
+    with pytest.raises(ValueError, match="max_num_steps must be an int >= 1"):
+        contdeq.NeuralODE(Stiff(), max_num_steps=0)
+    unstable = contdeq.NeuralODE(Stiff(), 10.0, method="rk4", options={"step_size": 0.5})
+    with pytest.raises(NonFiniteError, match="contains NaN or Inf"):  # fixed steps: no limit
+        unstable(torch.ones(1, 2))

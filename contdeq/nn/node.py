@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from torchdiffeq import odeint, odeint_adjoint
 
 from ..implicit import DEQStats, first_call
-from ..solvers import SolverStats
+from ..solvers import ConvergenceError, NonFiniteError, SolverStats
 from ..solvers.rk import initial_step
 from ..solvers.tableaux import TABLEAUX
 from .deq import check_input, check_state, resolve_state_shape
@@ -107,6 +107,9 @@ class NeuralODE(nn.Module):
         state_shape: per-sample state shape (default: ``x``'s); ``z0`` defaults to zeros.
         options: extra torchdiffeq options (``max_num_steps``, ``step_size``, ...).
         adjoint_options: extra keyword arguments of ``odeint_adjoint`` (``adjoint_rtol``, ...).
+        max_num_steps: step limit of the adaptive methods (torchdiffeq's own default is
+            unlimited); a solve that hits it raises :class:`~contdeq.solvers.ConvergenceError`
+            instead of running on.
 
     Attributes:
         stats: :class:`~contdeq.implicit.DEQStats`: ``forward.nfe`` counts every ``f`` call
@@ -130,6 +133,7 @@ class NeuralODE(nn.Module):
         state_shape: int | Sequence[int] | None = None,
         options: Mapping[str, Any] | None = None,
         adjoint_options: Mapping[str, Any] | None = None,
+        max_num_steps: int = 10_000,
     ) -> None:
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -139,9 +143,16 @@ class NeuralODE(nn.Module):
         ):
             raise ValueError(f"t_end must be a finite float > 0, got {t_end!r}")
         from torchdiffeq._impl.odeint import SOLVERS
+        from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
         if method not in SOLVERS:
             raise ValueError(f"method must be one of {tuple(SOLVERS)}, got {method!r}")
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or (
+            max_num_steps < 1
+        ):
+            raise ValueError(f"max_num_steps must be an int >= 1, got {max_num_steps!r}")
+        self._adaptive = issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
+        self.max_num_steps = max_num_steps
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
                 raise ValueError(f"{name} must be a float > 0, got {tol!r}")
@@ -183,18 +194,27 @@ class NeuralODE(nn.Module):
                 options["first_step"] = initial_step(
                     flat_d.detach(), flat_z, self.atol, self.rtol, order, self.t_end)
                 dyn._first = (z0, d0)
-            if use_adjoint:
-                params = [p for p in self.f.parameters() if p.requires_grad]
-                if x.requires_grad:
-                    params.append(x)
-                out = odeint_adjoint(dyn, z0, t, rtol=self.rtol, atol=self.atol,
-                                     method=self.method, options=options,
-                                     adjoint_params=tuple(params), **self.adjoint_options)
-            else:
-                out = odeint(dyn, z0, t, rtol=self.rtol, atol=self.atol, method=self.method,
-                             options=options)
+            if self._adaptive:
+                options.setdefault("max_num_steps", self.max_num_steps)
+            try:
+                out = self._odeint(dyn, z0, t, options, x, use_adjoint)
+            except AssertionError as exc:  # torchdiffeq's step limit or step-size underflow
+                nan = x.new_full((x.shape[0],), math.nan)
+                stats = SolverStats(
+                    method=self.method, nfe=dyn.calls, steps=0, residual=nan,
+                    tolerance=nan.clone(), converged=torch.zeros_like(nan, dtype=torch.bool),
+                    wall_time=time.perf_counter() - start, stop_reason="max_steps",
+                )
+                raise ConvergenceError(
+                    f"NeuralODE did not reach t_end={self.t_end:g} ({exc}; {dyn.calls} f "
+                    "calls): raise options['max_num_steps'], loosen rtol/atol, or keep f "
+                    "better conditioned", stats) from exc
         dyn._first = None
         z = out[-1]
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(
+                f"NeuralODE: the state at t_end={self.t_end:g} contains NaN or Inf after "
+                f"{dyn.calls} f calls (unstable step size or diverging dynamics)", dyn.calls)
         nfe = dyn.calls
         b = x.shape[0]
         nan = x.new_full((b,), math.nan)
@@ -210,6 +230,19 @@ class NeuralODE(nn.Module):
             dyn.record = record
             z = _BackwardStart.apply(dyn, z)
         return z
+
+    def _odeint(self, dyn: _Dynamics, z0: Tensor, t: Tensor, options: dict[str, Any], x: Tensor,
+                use_adjoint: bool) -> Tensor:
+        """torchdiffeq's ``odeint`` (or ``odeint_adjoint``) on the layer's settings."""
+        if use_adjoint:
+            params = [p for p in self.f.parameters() if p.requires_grad]
+            if x.requires_grad:
+                params.append(x)
+            return odeint_adjoint(dyn, z0, t, rtol=self.rtol, atol=self.atol,
+                                  method=self.method, options=options,
+                                  adjoint_params=tuple(params), **self.adjoint_options)
+        return odeint(dyn, z0, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                      options=options)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
