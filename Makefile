@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench-solvers docs docs-quick clean
+.PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(BIN)/python:
 
 $(VENV)/.examples: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	touch $@
+
+$(VENV)/.bench: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[bench,examples]"
 	touch $@
 
 $(VENV)/.docs: $(BIN)/python pyproject.toml
@@ -47,6 +51,13 @@ docs-quick: $(VENV)/.docs
 
 bench-solvers: $(VENV)/.examples
 	$(BIN)/python benchmarks/solvers.py
+
+# Every layer kind trained on the same tasks, torchdeq included (benchmarks/README.md).
+bench-paper: $(VENV)/.bench
+	$(BIN)/python benchmarks/paper.py
+
+bench-paper-quick: $(VENV)/.bench
+	$(BIN)/python benchmarks/paper.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis docs/_build \

@@ -95,7 +95,8 @@ class Progress:
         """
         tol = self.condition.tolerance(z)
         # An overflowing state gives an infinite tolerance; that must not count as converged.
-        if not bool(torch.isfinite(residual_norm + tol).logical_or_(~moved).all()):
+        finite = torch.isfinite(residual_norm + tol)
+        if not bool(finite.all()) and not bool(finite.logical_or_(~moved).all()):
             raise_nonfinite(self.name, self.steps)
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)

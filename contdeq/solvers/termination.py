@@ -35,7 +35,7 @@ class SteadyStateCondition:
         """``(B,)`` tolerance of each sample at state ``z``."""
         if self.rtol == 0.0:
             return torch.full((z.shape[0],), self.atol, dtype=z.dtype, device=z.device)
-        return self.atol + self.rtol * sample_rms(z)
+        return sample_rms(z).mul_(self.rtol).add_(self.atol)  # in place: called every step
 
     def evaluate(self, z: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(residual_norm, tolerance, converged)``, each ``(B,)``."""
