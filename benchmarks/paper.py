@@ -1,0 +1,439 @@
+"""Paper benchmark: train every layer kind on the same tasks, in one process, and compare.
+
+For each task (:mod:`paper_tasks`: digits MLP, procedural spirals, digits conv) and each model
+(:mod:`paper_models`: NeuralODE backprop/adjoint, DEQ(ode) dopri5/ptc, DEQ(anderson, broyden,
+picard) implicit/jfb, SkipDEQ, SkipRegDEQ, torchdeq default/IFT), with the same ``f``, data,
+Adam optimizer, epochs and seeds: train, evaluating test accuracy after every epoch (not
+counted in training time). Reported per cell (means over seeds):
+
+* training wall time per epoch; time to the target accuracy (the NeuralODE's final accuracy
+  minus 0.5 point; cumulative training time at the first epoch reaching it);
+* mean forward NFE and backward iterations per batch; final test accuracy;
+* inference time (whole test set) and NFE per batch; peak memory (bytes held by the autograd
+  graph on CPU, ``torch.cuda.max_memory_allocated`` on GPU);
+* overhead = training time per batch / ((forward NFE + backward iterations) x time of one
+  ``f`` call at the training batch size);
+* ratios of epoch time and time to target against the NeuralODE and against torchdeq's best
+  configuration (the one with the shortest time to target, else the fastest epoch).
+
+Outputs ``benchmarks/results/<name>.md`` / ``.json`` and figures ``<name>_accuracy.png``
+(accuracy vs training wall time) and ``<name>_nfe.png`` (forward NFE per epoch).
+
+Usage: ``python benchmarks/paper.py [--quick | --smoke] [--seeds 0 1] [--tasks ...]
+[--models ...] [--checkpoint-dir DIR [--resume]] [--out DIR] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import contdeq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, SavedTensors, machine_header, time_min, write_results
+from paper_models import MODELS, TOL, build_model, has_torchdeq, layer_counts
+from paper_tasks import TASKS, Task, load_task
+
+TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
+REFERENCE = "NeuralODE"
+
+
+@dataclass
+class Config:
+    """Training settings shared by every model."""
+
+    name: str = "paper"
+    epochs: int = 20
+    batch: int = 64
+    lr: float = 2e-3
+    width: dict[str, int] = field(
+        default_factory=lambda: {"digits-mlp": 64, "spirals": 64, "digits-conv": 8})
+    n_train: int | None = None
+    n_test: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    tasks: tuple[str, ...] = TASKS
+    models: tuple[str, ...] = tuple(MODELS)
+    threads: int | None = None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": {"name": "paper_quick", "epochs": 5, "batch": 64, "n_train": 768, "n_test": 256,
+              "threads": 1, "width": {"digits-mlp": 32, "spirals": 32, "digits-conv": 4}},
+    "smoke": {"name": "paper_smoke", "epochs": 2, "batch": 32, "n_train": 64, "n_test": 32,
+              "threads": 1, "width": {"digits-mlp": 8, "spirals": 8, "digits-conv": 2}},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def f_call_time(task: Task, batch: int, seed: int) -> float:
+    """Seconds of one ``f(z, x)`` call at the training batch size (weights cached, no grad)."""
+    torch.manual_seed(seed)
+    encoder, f = task.encoder().to(task.x_train.device), task.f().to(task.x_train.device)
+    with torch.no_grad(), parametrize.cached():
+        x = encoder(task.x_train[:batch])
+        z = torch.tanh(x)
+        t = time_min(lambda: f(z, x), repeats=20)
+    return t
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def evaluate(model: nn.Module, task: Task, batch: int) -> tuple[float, float, float]:
+    """Test accuracy (%), inference seconds over the test set, mean forward NFE per batch."""
+    model.eval()
+    device = task.x_test.device
+    correct, seconds, nfes = 0, 0.0, []
+    with torch.no_grad():
+        for i in range(0, len(task.x_test), batch):
+            xb, yb = task.x_test[i:i + batch], task.y_test[i:i + batch]
+            _sync(device)
+            start = time.perf_counter()
+            logits = model(xb)
+            _sync(device)
+            seconds += time.perf_counter() - start
+            correct += int((logits.argmax(1) == yb).sum())
+            nfes.append(layer_counts(model.layer)[0])
+    return 100.0 * correct / len(task.x_test), seconds, sum(nfes) / len(nfes)
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
+                seed: int, epoch: int) -> dict[str, float]:
+    """One epoch; training time excludes batch selection and memory bookkeeping only."""
+    model.train()
+    device = task.x_train.device
+    g = torch.Generator().manual_seed(100_003 * seed + epoch)
+    perm = torch.randperm(len(task.x_train), generator=g).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds, fwd, bwd, graph_mb = 0.0, [], [], 0.0
+    for i in range(0, len(perm), batch):
+        idx = perm[i:i + batch]
+        xb, yb = task.x_train[idx], task.y_train[idx]
+        saved = SavedTensors()
+        _sync(device)
+        start = time.perf_counter()
+        with saved.record():
+            loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _sync(device)
+        seconds += time.perf_counter() - start
+        f_nfe, b_it = layer_counts(model.layer)
+        fwd.append(f_nfe)
+        bwd.append(math.nan if b_it is None else b_it)
+        graph_mb = max(graph_mb, saved.megabytes)
+    return {
+        "train_s": seconds, "batches": len(fwd), "forward_nfe": sum(fwd) / len(fwd),
+        "backward_iterations": sum(bwd) / len(bwd), "graph_mb": graph_mb,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan,
+    }
+
+
+def run_cell(task: Task, name: str, cfg: Config, seed: int, checkpoint_dir: Path | None,
+             resume: bool) -> list[dict[str, float]]:
+    """Train model ``name`` on ``task``: per-epoch history (resumable per epoch)."""
+    model = build_model(name, task, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history: list[dict[str, float]] = []
+    path = None
+    if checkpoint_dir is not None:
+        path = checkpoint_dir / task.name / f"{_slug(name)}_s{seed}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and path.is_file():
+            history = list(contdeq.load_checkpoint(path, model, opt).extra["history"])
+    for epoch in range(len(history), cfg.epochs):
+        record = train_epoch(model, opt, task, cfg.batch, seed, epoch)
+        acc, infer_s, infer_nfe = evaluate(model, task, cfg.batch)
+        record.update(epoch=epoch, test_acc=acc, infer_s=infer_s, infer_nfe=infer_nfe)
+        history.append(record)
+        if path is not None:
+            contdeq.save_checkpoint(path, model, opt, epoch=epoch, extra={"history": history})
+    return history
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def aggregate(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per-epoch means over seeds (maxima for memory)."""
+    out = []
+    for epoch_records in zip(*histories, strict=True):
+        rec = {k: _mean([r[k] for r in epoch_records]) for k in epoch_records[0]}
+        rec["graph_mb"] = max(r["graph_mb"] for r in epoch_records)
+        out.append(rec)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
+        return None
+    return a / b
+
+
+def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: float,
+              cfg: Config) -> list[dict[str, Any]]:
+    """One row per model, with the target accuracy, time to it, overhead and the ratios."""
+    target = histories[REFERENCE][-1]["test_acc"] - 0.5 if REFERENCE in histories else None
+    rows = []
+    for name, hist in histories.items():
+        elapsed, ttt = 0.0, None
+        for rec in hist:
+            elapsed += rec["train_s"]
+            if target is not None and ttt is None and rec["test_acc"] >= target:
+                ttt = elapsed
+        per_epoch = _mean([r["train_s"] for r in hist])
+        fwd = _mean([r["forward_nfe"] for r in hist])
+        bwd = _mean([r["backward_iterations"] for r in hist])
+        per_batch = per_epoch / hist[0]["batches"]
+        calls = fwd + (0.0 if math.isnan(bwd) else bwd)
+        rows.append({
+            "task": task.name, "model": name, "target_acc": target,
+            "s_per_epoch": per_epoch, "time_to_target_s": ttt, "forward_nfe": fwd,
+            "backward_iterations": None if math.isnan(bwd) else bwd,
+            "final_acc": hist[-1]["test_acc"], "infer_ms": 1e3 * hist[-1]["infer_s"],
+            "infer_nfe": hist[-1]["infer_nfe"], "graph_mb": max(r["graph_mb"] for r in hist),
+            "peak_cuda_mb": _nan_none(max(r["peak_cuda_mb"] for r in hist)),
+            "f_call_ms": 1e3 * t_f, "overhead": per_batch / (calls * t_f) if calls else None,
+            "history": hist,
+        })
+    by_name = {r["model"]: r for r in rows}
+    node = by_name.get(REFERENCE)
+    tdeq = [by_name[m] for m in TORCHDEQ_MODELS if m in by_name]
+    reached = [r for r in tdeq if r["time_to_target_s"] is not None]
+    best = (min(reached, key=lambda r: r["time_to_target_s"]) if reached
+            else min(tdeq, key=lambda r: r["s_per_epoch"]) if tdeq else None)
+    for r in rows:
+        for key, ref in (("node", node), ("torchdeq", best)):
+            r[f"ratio_{key}_epoch"] = _ratio(r["s_per_epoch"], ref and ref["s_per_epoch"])
+            r[f"ratio_{key}_target"] = _ratio(r["time_to_target_s"],
+                                              ref and ref["time_to_target_s"])
+        r["torchdeq_best"] = None if best is None else best["model"]
+    return rows
+
+
+def _nan_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def _fmt(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
+
+
+def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
+                notes: list[str]) -> str:
+    """One table per task."""
+    lines = [header, ""] + [f"* {n}" for n in notes] + [""]
+    for task in tasks:
+        trows = [r for r in rows if r["task"] == task.name]
+        if not trows:
+            continue
+        r0 = trows[0]
+        lines += [f"### {task.name}: {task.description}; {len(task.x_train)} train / "
+                  f"{len(task.x_test)} test; target {_fmt(r0['target_acc'], '.1f', '%')}; "
+                  f"one f call {r0['f_call_ms']:.3f} ms; torchdeq best: "
+                  f"{r0['torchdeq_best'] or '-'}", "",
+                  "| model | s/epoch | time to target s | fwd NFE | bwd iters | final acc % "
+                  "| infer ms | infer NFE | graph MB | peak CUDA MB | overhead "
+                  "| epoch ×NODE | target ×NODE | epoch ×tdeq | target ×tdeq |",
+                  "|---|" + "---:|" * 14]
+        for r in trows:
+            lines.append(
+                f"| {r['model']} | {r['s_per_epoch']:.3f} | {_fmt(r['time_to_target_s'])} "
+                f"| {r['forward_nfe']:.1f} | {_fmt(r['backward_iterations'], '.1f')} "
+                f"| {r['final_acc']:.1f} | {r['infer_ms']:.1f} | {r['infer_nfe']:.1f} "
+                f"| {r['graph_mb']:.2f} | {_fmt(r['peak_cuda_mb'], '.1f')} "
+                f"| {_fmt(r['overhead'], '.1f')} | {_fmt(r['ratio_node_epoch'])} "
+                f"| {_fmt(r['ratio_node_target'])} | {_fmt(r['ratio_torchdeq_epoch'])} "
+                f"| {_fmt(r['ratio_torchdeq_target'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) -> list[Path]:
+    """Accuracy vs cumulative training time, and forward NFE per epoch, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    style = {n: {"color": cmap(i % 20), "ls": "--" if n.startswith(("torchdeq", "NeuralODE"))
+                 else "-", "marker": "."} for i, n in enumerate(names)}
+    for kind in ("accuracy", "nfe"):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 2.5, 4.2),
+                                 squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            for r in (r for r in rows if r["task"] == task.name):
+                hist = r["history"]
+                epochs = [h["epoch"] + 1 for h in hist]
+                kw = {**style[r["model"]], "label": r["model"]}
+                if kind == "accuracy":
+                    wall, t = [], 0.0
+                    for h in hist:
+                        t += h["train_s"]
+                        wall.append(t)
+                    ax.plot(wall, [h["test_acc"] for h in hist], **kw)
+                else:
+                    ax.plot(epochs, [h["forward_nfe"] for h in hist], **kw)
+            target = next((r["target_acc"] for r in rows if r["task"] == task.name), None)
+            if kind == "accuracy" and target is not None:
+                ax.axhline(target, color="k", ls=":", lw=1)
+            ax.set_title(task.name)
+            ax.set_xlabel("training wall time (s)" if kind == "accuracy" else "epoch")
+            ax.set_ylabel("test accuracy (%)" if kind == "accuracy" else "forward NFE / batch")
+            if kind == "nfe":
+                ax.set_yscale("log")
+        handles, labels = [], []
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+        path = out / f"{name}_{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
+        checkpoint_dir: Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Run the whole suite; write Markdown, JSON and figures under ``out``; return the rows."""
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out, device, checkpoint_dir, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
+         resume: bool) -> list[dict[str, Any]]:
+    notes = []
+    models = list(cfg.models)
+    skipped = [m for m in models if m in TORCHDEQ_MODELS]
+    if skipped and not has_torchdeq():
+        models = [m for m in models if m not in TORCHDEQ_MODELS]
+        notes.append(f"torchdeq rows skipped (torchdeq not installed): {', '.join(skipped)}; "
+                     "install with `pip install -e .[bench]`")
+        print(notes[-1], flush=True)
+    tasks, rows = [], []
+    for tname in cfg.tasks:
+        task = load_task(tname, cfg.width[tname], cfg.n_train, cfg.n_test, device)
+        tasks.append(task)
+        t_f = f_call_time(task, cfg.batch, cfg.seeds[0])
+        histories = {}
+        for name in models:
+            start = time.perf_counter()
+            try:
+                histories[name] = aggregate([
+                    run_cell(task, name, cfg, seed, checkpoint_dir, resume)
+                    for seed in cfg.seeds])
+            except Exception as exc:  # a diverging cell must not stop the suite
+                notes.append(f"FAILED {tname} / {name}: {type(exc).__name__}: {exc}")
+                print(notes[-1], flush=True)
+                continue
+            h = histories[name][-1]
+            print(f"{tname:12s} {name:20s} acc={h['test_acc']:5.1f}% "
+                  f"nfe={h['forward_nfe']:6.1f} ({time.perf_counter() - start:.1f} s)",
+                  flush=True)
+        rows += summarize(task, histories, t_f, cfg)
+    notes += [
+        "Shared settings: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()
+                                        if k not in ("name", "models", "tasks")) + ".",
+        f"Shared tolerances: forward atol = rtol = {TOL['tol']:g} (ODE integrator "
+        f"{TOL['ode_tol']:g}; NeuralODE rtol = atol = {TOL['ode_tol']:g}, t_end = 1), backward "
+        f"tol {TOL['backward_tol']:g}; max steps {TOL['ode_max_steps']} (ODE) / "
+        f"{TOL['fp_max_steps']} (fixed point) / {TOL['backward_max_steps']} (backward). "
+        "torchdeq default keeps its own (fixed-point iteration, 40 iterations, abs tol 1e-3, "
+        "1-step gradient); torchdeq IFT uses the shared relative tolerances.",
+        "f is the same module class and initial weights for every model, its z-weight's "
+        "spectral norm capped at 0.9 (conv: reshaped kernel at 0.3, operator norm <= 0.9); "
+        "Adam; cross-entropy + contdeq.aux_loss (skip terms).",
+        "Target = NeuralODE (backprop) final accuracy - 0.5 point; time to target = cumulative "
+        "training time (evaluation excluded) at the first epoch reaching it; '-' = not reached.",
+        "bwd iters: VJPs of the implicit linear solve (0 for jfb and torchdeq's 1-step "
+        "gradient), f calls of the adjoint ODE; '-' for backprop through the solver. "
+        "overhead = training time per batch / ((fwd NFE + bwd iters) × one f call).",
+        "graph MB: bytes held by the autograd graph during a training step (max over batches).",
+        "Timings on a shared machine are noisy.",
+    ]
+    header = (f"## Paper benchmark `{cfg.name}` ({machine_header()}, device {device}; "
+              f"means over seeds {list(cfg.seeds)})")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(cfg.name, to_markdown(rows, header, tasks, notes), rows, out=out)
+    for path in plot(rows, tasks, out, cfg.name):
+        print(f"written {path}")
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced run (< 2 minutes)")
+    size.add_argument("--smoke", action="store_true", help="tiny run for the tests")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 for --quick/--smoke)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="save a checkpoint per model and epoch here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoints in --checkpoint-dir")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        raise SystemExit("--resume needs --checkpoint-dir")
+    preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    cfg = replace(Config(), **PRESETS[preset])
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.seeds is not None:
+        cfg.seeds = tuple(args.seeds)
+    if args.threads is not None:
+        cfg.threads = args.threads
+    if args.tasks is not None:
+        cfg.tasks = tuple(args.tasks)
+    if args.models is not None:
+        cfg.models = tuple(args.models)
+    return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("once")
+    main()

@@ -1,0 +1,190 @@
+"""Models of the paper benchmark: every layer kind around the same ``f``, with NFE counters.
+
+Shared settings (:data:`TOL`): steady-state / fixed-point tolerance ``atol = rtol = 1e-4``
+(the ODE integrator runs 10x tighter, 1e-5, which is also the NeuralODE's tolerance),
+backward tolerance 1e-4, at most 1000 ODE steps / 100 fixed-point iterations / 100 backward
+iterations. torchdeq's *default* configuration keeps its own defaults (fixed-point iteration,
+40 iterations, absolute tolerance 1e-3, 1-step gradient); its IFT configuration uses the shared
+relative tolerances and iteration caps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+import contdeq
+
+__all__ = ["MODELS", "TOL", "Net", "TorchDEQLayer", "build_model", "has_torchdeq",
+           "layer_counts"]
+
+TOL: dict[str, float] = {"tol": 1e-4, "ode_tol": 1e-5, "backward_tol": 1e-4,
+                         "ode_max_steps": 1000, "fp_max_steps": 100, "backward_max_steps": 100}
+
+
+def has_torchdeq() -> bool:
+    """Whether the benchmark-only extra ``torchdeq`` can be imported."""
+    try:
+        import torchdeq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TorchDEQLayer(nn.Module):
+    """torchdeq's DEQ around ``f(z, x)``, counting forward f calls and backward VJPs.
+
+    Advances ``f``'s spectral-norm cap once per training forward and caches the capped weight
+    over the solve, as the contdeq layers do (the cache is filled with autograd on, so the
+    1-step / IFT gradient reaches the weight).
+    """
+
+    def __init__(self, f: nn.Module, **config: Any) -> None:
+        super().__init__()
+        from torchdeq import get_deq
+
+        self.f = f
+        self.deq = get_deq(**config)
+        self.ift = bool(config.get("ift", False))
+        self.forward_nfe = 0
+        self.backward_vjps = 0
+
+    def _count_vjp(self, grad: Tensor) -> None:
+        self.backward_vjps += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            contdeq.update_normalization(self.f)
+        self.forward_nfe = 0
+        self.backward_vjps = 0
+
+        def func(z: Tensor) -> Tensor:
+            out = self.f(z, x)
+            if torch.is_grad_enabled() and out.requires_grad:
+                out.register_hook(self._count_vjp)
+            else:
+                self.forward_nfe += 1
+            return out
+
+        with parametrize.cached():
+            _touch_parametrized(self.f)
+            z_out, _ = self.deq(func, torch.zeros_like(x))
+        if self.training:
+            self.forward_nfe += 1  # the graph-building call of the gradient
+        return z_out[-1]
+
+    def counts(self) -> tuple[int, int | None]:
+        """Forward NFE and backward linear-solve VJPs of the last step (IFT), else ``None``."""
+        if not self.ift:
+            return self.forward_nfe, 0
+        return self.forward_nfe, max(self.backward_vjps - 1, 0)
+
+
+def _touch_parametrized(module: nn.Module) -> None:
+    """Read every parametrized tensor once, so ``parametrize.cached()`` keeps its graph."""
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in sub.parametrizations:
+                getattr(sub, name)
+
+
+class Net(nn.Module):
+    """``encoder -> layer -> head``."""
+
+    def __init__(self, encoder: nn.Module, layer: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.layer, self.head = encoder, layer, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.encoder(x)))
+
+
+def _deq(solver: str, backward: str = "implicit", **kw: Any) -> Callable[..., nn.Module]:
+    tol = {"atol": TOL["tol"], "rtol": TOL["tol"]}
+    if solver == "ode":
+        tol["max_steps"] = TOL["ode_max_steps"]
+    else:
+        tol["max_steps"] = TOL["fp_max_steps"]
+
+    def make(f: nn.Module, predictor: Callable[[], nn.Module], kind: type = contdeq.DEQ
+             ) -> nn.Module:
+        extra = {"predictor": predictor()} if kind is contdeq.SkipDEQ else {}
+        args = (f, extra.pop("predictor")) if extra else (f,)
+        return kind(*args, solver=solver, backward=backward, backward_tol=TOL["backward_tol"],
+                    backward_max_steps=TOL["backward_max_steps"], on_nonconvergence="ignore",
+                    **tol, **kw)
+    return make
+
+
+def _node(adjoint: bool) -> Callable[..., nn.Module]:
+    def make(f: nn.Module, predictor: Callable[[], nn.Module]) -> nn.Module:
+        return contdeq.NeuralODE(f, adjoint=adjoint, rtol=TOL["ode_tol"], atol=TOL["ode_tol"])
+    return make
+
+
+def _torchdeq(ift: bool) -> Callable[..., nn.Module]:
+    def make(f: nn.Module, predictor: Callable[[], nn.Module]) -> nn.Module:
+        if not ift:
+            return TorchDEQLayer(f)
+        return TorchDEQLayer(f, ift=True, f_stop_mode="rel", b_stop_mode="rel",
+                             f_tol=TOL["tol"], b_tol=TOL["backward_tol"],
+                             f_max_iter=TOL["fp_max_steps"], b_max_iter=TOL["backward_max_steps"])
+    return make
+
+
+def _skip(kind: type) -> Callable[..., nn.Module]:
+    base = _deq("ode")
+    return lambda f, predictor: base(f, predictor, kind=kind)
+
+
+#: Model name -> factory ``(f, predictor_factory) -> layer``. NeuralODE (backprop) comes first:
+#: it defines the target accuracy.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "NeuralODE": _node(adjoint=False),
+    "NeuralODE adjoint": _node(adjoint=True),
+    "DEQ(ode, dopri5)": _deq("ode"),
+    "DEQ(ode, ptc)": _deq("ode", method="ptc"),
+    "DEQ(anderson)": _deq("anderson"),
+    "DEQ(anderson) jfb": _deq("anderson", "jfb"),
+    "DEQ(broyden)": _deq("broyden"),
+    "DEQ(broyden) jfb": _deq("broyden", "jfb"),
+    "DEQ(picard)": _deq("picard"),
+    "DEQ(picard) jfb": _deq("picard", "jfb"),
+    "SkipDEQ(ode)": _skip(contdeq.SkipDEQ),
+    "SkipRegDEQ(ode)": _skip(contdeq.SkipRegDEQ),
+    "torchdeq default": _torchdeq(ift=False),
+    "torchdeq IFT": _torchdeq(ift=True),
+}
+
+
+def build_model(name: str, task: Any, seed: int) -> Net:
+    """Model ``name`` for ``task``; encoder, ``f`` and head get the same weights for every name
+    (seeded before they are built; a SkipDEQ predictor is built after them)."""
+    torch.manual_seed(seed)
+    encoder, f, head = task.encoder(), task.f(), task.head()
+    torch.manual_seed(seed + 1)
+    layer = MODELS[name](f, task.predictor)
+    return Net(encoder, layer, head).to(task.x_train.device)
+
+
+def layer_counts(layer: nn.Module) -> tuple[int, int | None]:
+    """Forward NFE and backward iterations of the layer's last training step.
+
+    Backward iterations: VJPs of the implicit linear solve (0 for jfb / torchdeq's 1-step
+    gradient), f calls of the adjoint ODE (NeuralODE adjoint), ``None`` for backprop through
+    the solver (NeuralODE).
+    """
+    if isinstance(layer, TorchDEQLayer):
+        return layer.counts()
+    stats = layer.stats
+    if stats is None:
+        return 0, None
+    if stats.backward is not None:
+        return stats.forward.nfe, stats.backward.nfe
+    if isinstance(layer, contdeq.DEQ) and layer.backward_config.mode == "jfb":
+        return stats.forward.nfe, 0
+    return stats.forward.nfe, None

@@ -1,0 +1,93 @@
+"""Smoke test of benchmarks/paper.py: tiny setting, outputs written, ratios consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import paper
+
+MODELS = ["NeuralODE", "NeuralODE adjoint", "DEQ(ode, ptc)", "DEQ(anderson)",
+          "DEQ(picard) jfb", "SkipDEQ(ode)", "SkipRegDEQ(ode)", "torchdeq default",
+          "torchdeq IFT"]
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _check_ratios(rows: list[dict]) -> None:
+    for task in {r["task"] for r in rows}:
+        trows = {r["model"]: r for r in rows if r["task"] == task}
+        node = trows["NeuralODE"]
+        assert node["target_acc"] == pytest.approx(node["final_acc"] - 0.5)
+        assert node["ratio_node_epoch"] == pytest.approx(1.0)
+        best = trows.get(node["torchdeq_best"]) if node["torchdeq_best"] else None
+        for r in trows.values():
+            assert _close(r["ratio_node_epoch"], r["s_per_epoch"] / node["s_per_epoch"])
+            if r["time_to_target_s"] is not None and node["time_to_target_s"] is not None:
+                assert _close(r["ratio_node_target"],
+                              r["time_to_target_s"] / node["time_to_target_s"])
+            else:
+                assert r["ratio_node_target"] is None
+            if best is None:
+                assert r["ratio_torchdeq_epoch"] is None
+            else:
+                assert _close(r["ratio_torchdeq_epoch"], r["s_per_epoch"] / best["s_per_epoch"])
+            assert r["forward_nfe"] > 0
+            assert len(r["history"]) == 2
+            assert all(0 <= h["test_acc"] <= 100 for h in r["history"])
+
+
+def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
+    rows = paper.main(["--smoke", "--out", str(tmp_path), "--tasks", "digits-mlp", "spirals",
+                       "--models", *MODELS])
+    md = (tmp_path / "paper_smoke.md").read_text()
+    data = json.loads((tmp_path / "paper_smoke.json").read_text())
+    assert (tmp_path / "paper_smoke_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "paper_smoke_nfe.png").stat().st_size > 0
+    assert len(data) == len(rows)
+    contdeq_models = [m for m in MODELS if not m.startswith("torchdeq")]
+    for task in ("digits-mlp", "spirals"):
+        names = [r["model"] for r in rows if r["task"] == task]
+        assert names[:len(contdeq_models)] == contdeq_models
+    for name in contdeq_models:
+        assert f"| {name} |" in md
+    assert "atol = rtol = 0.0001" in md
+    _check_ratios(data)
+    by = {(r["task"], r["model"]): r for r in rows}
+    assert by["digits-mlp", "NeuralODE"]["backward_iterations"] is None
+    assert by["digits-mlp", "NeuralODE adjoint"]["backward_iterations"] > 0
+    assert by["digits-mlp", "DEQ(anderson)"]["backward_iterations"] > 0
+    assert by["digits-mlp", "DEQ(picard) jfb"]["backward_iterations"] == 0
+
+
+def test_paper_without_torchdeq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paper, "has_torchdeq", lambda: False)
+    rows = paper.main(["--smoke", "--out", str(tmp_path), "--tasks", "digits-mlp",
+                       "--models", "NeuralODE", "DEQ(anderson)", "torchdeq default"])
+    assert [r["model"] for r in rows] == ["NeuralODE", "DEQ(anderson)"]
+    assert "torchdeq rows skipped" in (tmp_path / "paper_smoke.md").read_text()
+    assert all(r["ratio_torchdeq_epoch"] is None for r in rows)
+
+
+def test_paper_resume(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = ["--smoke", "--out", str(tmp_path), "--tasks", "digits-mlp", "--models",
+            "NeuralODE", "DEQ(anderson)", "--checkpoint-dir", str(ckpt)]
+    first = paper.main([*args, "--epochs", "1"])
+    assert (ckpt / "digits-mlp" / "DEQ_anderson_s0.pt").is_file()
+    resumed = paper.main([*args, "--epochs", "2", "--resume"])
+    for a, b in zip(first, resumed, strict=True):
+        assert len(b["history"]) == 2
+        assert b["history"][0] == a["history"][0]  # the first epoch was loaded, not re-run
