@@ -91,3 +91,19 @@ def test_bad_arguments() -> None:
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="kernel")
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="bias")
+
+
+def test_conv_operator_norm_bounded_by_the_documented_cap() -> None:
+    """cap = c / sqrt(k_h k_w) on a 3x3 kernel bounds the convolution operator's norm by c."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(10.0)
+    contdeq.spectral_norm_cap(conv, cap=0.9 / 3.0)
+    v = torch.randn(1, 4, 12, 12)
+    with torch.no_grad():
+        for _ in range(200):  # power iteration on the operator
+            v = nn.functional.conv_transpose2d(conv(v), conv.weight, padding=1)
+            v = v / v.norm()
+        operator_norm = float(conv(v).norm())
+    assert 0.3 < operator_norm <= 0.9 + 1e-4

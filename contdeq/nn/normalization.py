@@ -122,6 +122,11 @@ def spectral_norm_cap(
     The power iteration is warmed up here and advanced once per forward of the enclosing contdeq
     layer (training mode). Example: ``spectral_norm_cap(nn.Linear(128, 128), cap=0.9)``.
 
+    For a convolution the cap applies to the kernel reshaped to ``(C_out, C_in * k_h * k_w)``,
+    not to the convolution operator, whose norm can be up to ``sqrt(k_h * k_w)`` times larger
+    (3x for a 3x3 kernel). To bound the operator norm by ``c``, pass
+    ``cap=c / sqrt(k_h * k_w)``.
+
     Args:
         module: the module holding the weight (e.g. ``nn.Linear``, ``nn.Conv2d``).
         name: the weight's attribute name.
