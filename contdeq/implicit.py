@@ -25,9 +25,8 @@ Backward modes (:class:`BackwardConfig`):
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,13 @@ from .solvers import (
     sample_rms,
     steady_state,
 )
-from .solvers.errors import ON_NONCONVERGENCE_CHOICES
+from .solvers.errors import report_nonconvergence
+from .solvers.validation import (
+    check_choice,
+    check_on_nonconvergence,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "BACKWARD_METHODS",
@@ -74,20 +79,6 @@ UNROLLABLE_SOLVERS = ("ode", "picard")
 #: the steady-state test gets this absolute floor times ``tol``: the integrator's elementwise
 #: error scale ``atol + rtol * |w|`` must not be zero where ``w`` has exact zeros.
 _ODE_ATOL_FLOOR = 1e-3
-
-
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)
 
 
 @dataclass
@@ -124,10 +115,8 @@ class ForwardSolver:
     """
 
     def __init__(self, solver: str = "ode", *, on_nonconvergence: str = "warn", **options: Any):
-        self.solver = _check_choice(solver, "solver", FORWARD_SOLVERS)
-        self.on_nonconvergence = _check_choice(
-            on_nonconvergence, "on_nonconvergence", ON_NONCONVERGENCE_CHOICES
-        )
+        self.solver = check_choice(solver, "solver", FORWARD_SOLVERS)
+        self.on_nonconvergence = check_on_nonconvergence(on_nonconvergence)
         if "on_nonconvergence" in options:  # pragma: no cover - caught by the signature
             raise TypeError("pass on_nonconvergence once")
         _check_solver_options(solver, options)
@@ -177,7 +166,7 @@ def _check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
                 f"{sorted(_STEADY_STATE_KEYS)}"
             )
         if "method" in options:
-            _check_choice(options["method"], "method", STEADY_STATE_METHODS)
+            check_choice(options["method"], "method", STEADY_STATE_METHODS)
         return
     method_options = {k: v for k, v in options.items() if k not in _FIXED_POINT_KEYS}
     try:  # the solver class validates its own option names and values
@@ -211,26 +200,18 @@ class BackwardConfig:
     on_nonconvergence: str = "warn"
 
     def __post_init__(self) -> None:
-        _check_choice(self.mode, "backward", BACKWARD_MODES)
-        _check_choice(self.method, "backward_method", BACKWARD_METHODS)
-        _check_positive(self.tol, "backward_tol")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
-            raise TypeError(
-                f"backward_max_steps must be an int, got {type(self.max_steps).__name__}"
-            )
-        if self.max_steps < 1:
-            raise ValueError(f"backward_max_steps must be >= 1, got {self.max_steps}")
-        _check_choice(self.on_nonconvergence, "on_nonconvergence", ON_NONCONVERGENCE_CHOICES)
+        check_choice(self.mode, "backward", BACKWARD_MODES)
+        check_choice(self.method, "backward_method", BACKWARD_METHODS)
+        check_positive_float(self.tol, "backward_tol")
+        check_positive_int(self.max_steps, "backward_max_steps")
+        check_on_nonconvergence(self.on_nonconvergence)
         reserved = {"atol", "rtol", "max_steps", "on_nonconvergence"} & set(self.options)
         if reserved:
             raise TypeError(
                 f"backward_options must not set {sorted(reserved)}; use backward_tol / "
                 "backward_max_steps / on_nonconvergence"
             )
-        if self.method == "ode":
-            _check_solver_options("ode", self.options)
-        else:
-            _check_solver_options(self.method, self.options)
+        _check_solver_options(self.method, self.options)
         object.__setattr__(self, "options", dict(self.options))
 
 
@@ -428,8 +409,6 @@ class ImplicitFunction(torch.autograd.Function):
 
 def _report(stats: SolverStats, on_nonconvergence: str, what: str) -> None:
     """Warn or raise for an unconverged solve, naming it."""
-    from .solvers.errors import report_nonconvergence
-
     if on_nonconvergence == "ignore" or stats.all_converged:
         return
     stats_named = SolverStats(**{**stats.__dict__, "method": f"{what} ({stats.method})"})

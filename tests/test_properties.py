@@ -24,6 +24,15 @@ maps = st.tuples(
 )
 
 
+def assert_within_contraction_bound(z: torch.Tensor, stats, z_star: torch.Tensor,
+                                    radius: float) -> None:
+    """Every sample converged, consistently, and ``rms(z - z*) <= residual / (1 - radius)``."""
+    assert stats.all_converged
+    assert torch.equal(stats.converged, stats.residual <= stats.tolerance)
+    bound = stats.residual / (1.0 - radius) * 1.01 + 1e-12
+    assert bool(((z - z_star).pow(2).mean(1).sqrt() <= bound).all())
+
+
 @settings(max_examples=40, deadline=None)
 @given(maps, st.sampled_from(["anderson", "broyden", "picard"]))
 def test_fixed_point_solves_random_contractions(problem: tuple, method: str) -> None:
@@ -31,11 +40,7 @@ def test_fixed_point_solves_random_contractions(problem: tuple, method: str) -> 
     z, stats = fixed_point(lambda z: torch.bmm(m, z.unsqueeze(2)).squeeze(2) + c,
                            torch.zeros_like(c), method=method, atol=1e-9, rtol=0.0,
                            max_steps=2000)
-    radius = problem[3]
-    assert stats.all_converged
-    assert torch.equal(stats.converged, stats.residual <= stats.tolerance)
-    bound = stats.residual / (1.0 - radius) * 1.01 + 1e-12
-    assert bool(((z - z_star).pow(2).mean(1).sqrt() <= bound).all())
+    assert_within_contraction_bound(z, stats, z_star, radius=problem[3])
 
 
 @settings(max_examples=30, deadline=None)
@@ -45,8 +50,4 @@ def test_steady_state_solves_random_contractions(problem: tuple, method: str) ->
     z, stats = steady_state(lambda t, z: torch.bmm(m, z.unsqueeze(2)).squeeze(2) + c - z,
                             torch.zeros_like(c), method=method, atol=1e-8, rtol=0.0,
                             max_steps=5000)
-    radius = problem[3]
-    assert stats.all_converged
-    assert torch.equal(stats.converged, stats.residual <= stats.tolerance)
-    bound = stats.residual / (1.0 - radius) * 1.01 + 1e-12
-    assert bool(((z - z_star).pow(2).mean(1).sqrt() <= bound).all())
+    assert_within_contraction_bound(z, stats, z_star, radius=problem[3])

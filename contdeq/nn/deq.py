@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from ..implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium, first_call
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
+from .checks import check_number
 from .normalization import update_normalization, warn_unstable_normalization
 
 __all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape"]
@@ -135,16 +136,9 @@ class DEQ(nn.Module):
                 "autograd-safe"
             )
         self.state_shape = resolve_state_shape(state_shape)
-        if isinstance(jacobian_weight, bool) or not isinstance(jacobian_weight, (int, float)) or (
-            not jacobian_weight >= 0
-        ):
-            raise ValueError(f"jacobian_weight must be a float >= 0, got {jacobian_weight!r}")
-        if isinstance(jacobian_probes, bool) or not isinstance(jacobian_probes, int) or (
-            jacobian_probes < 1
-        ):
-            raise ValueError(f"jacobian_probes must be an int >= 1, got {jacobian_probes!r}")
-        self.jacobian_weight = float(jacobian_weight)
-        self.jacobian_probes = jacobian_probes
+        self.jacobian_weight = float(check_number(jacobian_weight, "jacobian_weight", 0))
+        self.jacobian_probes = int(check_number(jacobian_probes, "jacobian_probes", 1,
+                                                integer=True))
         self.stats: DEQStats | None = None
         self._aux: dict[str, Tensor] = {}
         warn_unstable_normalization(f, type(self).__name__)
@@ -237,10 +231,7 @@ class _SkipBase(DEQ):
     def __init__(self, f: nn.Module, *, skip_weight: float = 1.0, skip_norm: str = "l2",
                  **kwargs: Any) -> None:
         super().__init__(f, **kwargs)
-        if isinstance(skip_weight, bool) or not isinstance(skip_weight, (int, float)) or (
-            not skip_weight >= 0
-        ):
-            raise ValueError(f"skip_weight must be a float >= 0, got {skip_weight!r}")
+        check_number(skip_weight, "skip_weight", 0)
         if skip_norm not in SKIP_NORMS:
             raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {skip_norm!r}")
         self.skip_weight = float(skip_weight)

@@ -11,11 +11,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ..implicit import DEQStats, first_call
 from ..solvers import ConvergenceError, NonFiniteError, SolverStats
 from ..solvers.rk import initial_step
 from ..solvers.tableaux import TABLEAUX
+from .checks import check_number
 from .deq import check_input, check_state, resolve_state_shape
 from .normalization import update_normalization, warn_unstable_normalization
 
@@ -138,24 +141,14 @@ class NeuralODE(nn.Module):
         super().__init__()
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
-        if isinstance(t_end, bool) or not isinstance(t_end, (int, float)) or not (
-            math.isfinite(t_end) and t_end > 0
-        ):
-            raise ValueError(f"t_end must be a finite float > 0, got {t_end!r}")
-        from torchdiffeq._impl.odeint import SOLVERS
-        from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-
+        check_number(t_end, "t_end", 0, strict=True, finite=True)
         if method not in SOLVERS:
             raise ValueError(f"method must be one of {tuple(SOLVERS)}, got {method!r}")
-        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or (
-            max_num_steps < 1
-        ):
-            raise ValueError(f"max_num_steps must be an int >= 1, got {max_num_steps!r}")
+        check_number(max_num_steps, "max_num_steps", 1, integer=True)
         self._adaptive = issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
         self.max_num_steps = max_num_steps
-        for name, tol in (("rtol", rtol), ("atol", atol)):
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-                raise ValueError(f"{name} must be a float > 0, got {tol!r}")
+        check_number(rtol, "rtol", 0, strict=True)
+        check_number(atol, "atol", 0, strict=True)
         self.f = f
         self.residual = bool(residual)
         self.t_end = float(t_end)

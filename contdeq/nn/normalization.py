@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .checks import check_number
+
 __all__ = ["SpectralNormCap", "spectral_norm_cap", "update_normalization", "weight_norm"]
 
 
@@ -63,12 +65,9 @@ class SpectralNormCap(nn.Module):
             raise ValueError(
                 f"weight must have at least 2 dimensions, got shape {tuple(weight.shape)}"
             )
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-            raise ValueError(f"cap must be a float > 0, got {cap!r}")
-        for name, value, low in (("n_power_iterations", n_power_iterations, 1),
-                                 ("warmup_iterations", warmup_iterations, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_number(cap, "cap", 0, strict=True)
+        check_number(n_power_iterations, "n_power_iterations", 1, integer=True)
+        check_number(warmup_iterations, "warmup_iterations", 0, integer=True)
         self.cap = float(cap)
         self.dim = dim
         self.n_power_iterations = n_power_iterations
