@@ -27,17 +27,7 @@ import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SavedTensors, machine_header, write_results
-
-
-class TanhCell(nn.Module):
-    """``f(z, x) = tanh(W z + x)`` with ``||W||_2 <= 0.9``, fixed during each solve."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.linear = contdeq.spectral_norm_cap(nn.Linear(width, width), cap=0.9)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.linear(z) + x)
+from paper_tasks import TanhCell
 
 
 def layer_factories(width: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
