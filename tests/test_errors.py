@@ -147,3 +147,20 @@ def test_integrator_tolerances_barely_tighter_warn() -> None:
 def test_backend_method_combinations_are_checked(backend: str, method: str) -> None:
     with pytest.raises(ValueError, match="backend"):
         steady_state(lambda t, z: -z, torch.ones(1, 2), method=method, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite_fast_path_agrees_with_the_exact_test(dtype: torch.dtype) -> None:
+    from contdeq.solvers.validation import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.ones(5, dtype=dtype),
+        torch.full((5,), big, dtype=dtype),  # finite entries whose sum overflows
+        torch.tensor([big, -big, 1.0], dtype=dtype),
+        torch.tensor([1.0, math.nan], dtype=dtype),
+        torch.tensor([math.inf, -math.inf], dtype=dtype),  # the sum is NaN
+        torch.tensor([1.0, math.inf], dtype=dtype),
+    ]
+    for x in cases:
+        assert all_finite(x) == bool(torch.isfinite(x).all()), x

@@ -40,52 +40,54 @@ class Anderson:
             raise ValueError(f"regularization must be a float >= 0, got {regularization!r}")
         self.regularization = float(regularization)
         b, d = like.shape
-        self.xs = like.new_zeros(b, self.memory, d)
+        # Images g(z_i) and residuals g(z_i) - z_i; the iterates are their difference.
         self.gs = like.new_zeros(b, self.memory, d)
+        self.rs = like.new_zeros(b, self.memory, d)
         self.count = 0
 
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z``."""
         slot = self.count % self.memory
-        self.xs[:, slot] = z
         self.gs[:, slot] = gz
+        self.rs[:, slot] = residual
         self.count += 1
         n = min(self.count, self.memory)
         if n == 1:
             return z.add(residual, alpha=self.damping)
-        xs, gs = self.xs[:, :n], self.gs[:, :n]
-        alpha = _mixing_weights(gs - xs, self.regularization, slot)  # (B, n, 1)
-        mixed_g = torch.bmm(alpha.transpose(1, 2), gs).squeeze(1)
+        gs, rs = self.gs[:, :n], self.rs[:, :n]
+        alpha = _mixing_weights(rs, self.regularization, slot).transpose(1, 2)  # (B, 1, n)
+        mixed_g = torch.bmm(alpha, gs).squeeze(1)
         if self.damping == 1.0:
             return mixed_g
-        mixed_x = torch.bmm(alpha.transpose(1, 2), xs).squeeze(1)
+        # sum_i alpha_i z_i = sum_i alpha_i (g(z_i) - r_i)
+        mixed_x = mixed_g - torch.bmm(alpha, rs).squeeze(1)
         return mixed_x.lerp_(mixed_g, self.damping)
 
 
-def _mixing_weights(diffs: Tensor, regularization: float, newest: int) -> Tensor:
-    """``(B, n, 1)`` weights minimising ``||sum_i alpha_i diffs_i||`` with ``sum_i alpha_i = 1``.
+def _mixing_weights(residuals: Tensor, regularization: float, newest: int) -> Tensor:
+    """``(B, n, 1)`` weights minimising ``||sum_i alpha_i r_i||`` with ``sum_i alpha_i = 1``.
 
-    ``diffs``: ``(B, n, D)`` residuals of the stored iterates. Half precision is worked in
-    float32 (its Gram matrix overflows, and ``torch.linalg.solve`` has no CPU kernel for it). A
-    sample whose system is singular or non-finite (residuals near overflow) takes the plain
+    ``residuals``: ``(B, n, D)`` residuals ``r_i`` of the stored iterates. With the Gram matrix
+    ``G`` (scaled, plus the ridge), the weights are ``G^-1 1 / (1^T G^-1 1)``: one small batched
+    solve, a handful of tensor operations in all (this runs every iteration, and on small
+    states its cost is the number of operations, not their size). Half precision is worked in
+    float32 (its Gram matrix overflows, and ``torch.linalg.solve`` has no CPU kernel for it).
+    A sample whose system is singular or non-finite (residuals near overflow) takes the plain
     step from its ``newest`` iterate instead of crashing the solve.
     """
-    work = diffs.float() if diffs.dtype in (torch.float16, torch.bfloat16) else diffs
-    b, n, _ = work.shape
+    work = (residuals.float() if residuals.dtype in (torch.float16, torch.bfloat16)
+            else residuals)
     gram = torch.bmm(work, work.transpose(1, 2))  # (B, n, n)
-    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work.dtype).tiny)
-    eye = torch.eye(n, dtype=work.dtype, device=work.device)
-    gram = gram / scale[:, None, None] + regularization * eye
-    # Bordered system [[0, 1^T], [1, G]] [nu; alpha] = [1; 0].
-    system = work.new_zeros(b, n + 1, n + 1)
-    system[:, 0, 1:] = 1.0
-    system[:, 1:, 0] = 1.0
-    system[:, 1:, 1:] = gram
-    rhs = work.new_zeros(b, n + 1, 1)
-    rhs[:, 0] = 1.0
-    solution, info = torch.linalg.solve_ex(system, rhs)
-    alpha = solution[:, 1:]
-    failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1).squeeze(1)
-    plain = torch.zeros_like(alpha)
-    plain[:, newest] = 1.0
-    return torch.where(failed[:, None, None], plain, alpha).to(diffs.dtype)
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    scale = diagonal.amax(dim=1).clamp_min_(torch.finfo(work.dtype).tiny)
+    gram.div_(scale[:, None, None])
+    diagonal.add_(regularization)  # a view: adds the ridge to the diagonal in place
+    ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
+    y, info = torch.linalg.solve_ex(gram, ones)
+    alpha = y.div_(y.sum(dim=1, keepdim=True))
+    if bool(info.any()) or not bool(alpha.sum().isfinite()):  # NaN/Inf propagate into the sum
+        failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1).squeeze(1)
+        plain = torch.zeros_like(alpha)
+        plain[:, newest] = 1.0
+        alpha = torch.where(failed[:, None, None], plain, alpha)
+    return alpha.to(residuals.dtype)

@@ -24,10 +24,13 @@ class CountedODEFunc:
         self.device = z0.device
         self.name = name
         self.calls = 0
+        self._time: tuple[float, Tensor] | None = None  # the last float time and its tensor
 
     def __call__(self, t: Tensor | float, z_flat: Tensor) -> Tensor:
         if not isinstance(t, Tensor):
-            t = torch.scalar_tensor(t, dtype=self.dtype, device=self.device)
+            if self._time is None or self._time[0] != t:
+                self._time = (t, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
+            t = self._time[1]
         z = z_flat if self.shape == self.flat_shape else z_flat.reshape(self.shape)
         out = self.func(t, z)
         if self.calls == 0 or not isinstance(out, Tensor) or out.shape != self.shape:

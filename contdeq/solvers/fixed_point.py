@@ -16,6 +16,7 @@ from .progress import Progress
 from .stats import SolverStats
 from .termination import SteadyStateCondition, sample_rms
 from .validation import (
+    all_finite,
     check_callable,
     check_choice,
     check_on_nonconvergence,
@@ -96,7 +97,7 @@ def fixed_point(
         residual = gz - z
         progress.steps += 1
         res = sample_rms(residual)
-        if not bool(torch.isfinite(res).logical_or_(~active).all()):
+        if not (all_finite(res) or bool(torch.isfinite(res).logical_or_(~active).all())):
             raise_nonfinite("g", progress.steps)
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)

@@ -17,7 +17,7 @@ from .progress import Progress
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
 from .tableaux import Tableau
 from .termination import sample_rms
-from .validation import raise_nonfinite
+from .validation import all_finite, raise_nonfinite
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,9 @@ def run_pseudo_transient(
     Returns ``(z, stop_reason, accepted, rejected)`` counted over (sample, step) pairs.
     """
     h = torch.full_like(progress.res, max_step)
-    accepted = torch.zeros((), dtype=torch.long, device=z.device)
-    rejected = torch.zeros_like(accepted)
+    # Per-sample counts, summed once at the end (fewer tensor operations per step).
+    accepted = torch.zeros_like(progress.res, dtype=torch.long)
+    attempted = torch.zeros_like(accepted)
     finite_t_max = t_max < math.inf
     while (reason := progress.stop_reason(t_max)) is None:
         active = progress.active
@@ -106,15 +107,19 @@ def run_pseudo_transient(
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        if not bool(torch.isfinite(res_new).logical_or_(~active).all()):
+        if not (all_finite(res_new)
+                or bool(torch.isfinite(res_new).logical_or_(~active).all())):
             raise_nonfinite(func.name, progress.steps)
         ok = (res_new < progress.res).logical_and_(active)
-        accepted += ok.sum()
-        rejected += (active & ~ok).sum()
-        ratio = torch.nan_to_num(progress.res / res_new, nan=1.0, posinf=2.0).clamp_(1.0, 2.0)
-        h = torch.where(ok, (h * ratio).clamp_(max=max_step), torch.where(active, 0.5 * h, h))
+        accepted += ok
+        attempted += active
+        # Accepted: grow by the shrink ratio (in [1, 2]; NaN only where both residuals are 0,
+        # which is never accepted). Rejected: halve. Converged samples' h no longer matters.
+        grown = (progress.res / res_new).clamp_(1.0, 2.0).mul_(h).clamp_(max=max_step)
+        h = torch.where(ok, grown, h.mul_(0.5))
         keep = ok.unsqueeze(1)
         z = torch.where(keep, z_new, z)
         d = torch.where(keep, d_new, d)
         progress.update(z, res_new, ok, dt)
-    return z, reason, int(accepted), int(rejected)
+    n_accepted = int(accepted.sum())
+    return z, reason, n_accepted, int(attempted.sum()) - n_accepted

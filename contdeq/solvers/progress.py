@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .stats import SolverStats
 from .termination import SteadyStateCondition, sample_rms
-from .validation import raise_nonfinite
+from .validation import all_finite, raise_nonfinite
 
 
 class Progress:
@@ -52,7 +52,7 @@ class Progress:
         self.steps = 0
         self.res = sample_rms(residual)
         self.tol = condition.tolerance(z)
-        if not bool(torch.isfinite(self.res + self.tol).all()):
+        if not all_finite(self.res + self.tol):
             raise_nonfinite(name, 0)
         self.active = self.res > self.tol
         # Pseudo-time is accumulated in float64 (float32 on MPS): in the state's dtype a
@@ -95,8 +95,8 @@ class Progress:
         """
         tol = self.condition.tolerance(z)
         # An overflowing state gives an infinite tolerance; that must not count as converged.
-        finite = torch.isfinite(residual_norm + tol)
-        if not bool(finite.all()) and not bool(finite.logical_or_(~moved).all()):
+        both = residual_norm + tol
+        if not all_finite(both) and not bool(torch.isfinite(both).logical_or_(~moved).all()):
             raise_nonfinite(self.name, self.steps)
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)
