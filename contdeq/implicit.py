@@ -47,6 +47,7 @@ from .solvers import (
 from .solvers.errors import report_nonconvergence
 from .solvers.validation import (
     check_choice,
+    check_func_output,
     check_on_nonconvergence,
     check_positive_float,
     check_positive_int,
@@ -312,25 +313,14 @@ def _dtype_device_hint(f: object, z: Tensor, x: Tensor) -> str:
 
 
 def check_output(out: object, z: Tensor, name: str = "f") -> Tensor:
-    """``out`` must be a tensor shaped, typed and placed like the state ``z``."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name}(z, x) must return a torch.Tensor, got {type(out).__name__}")
-    if out.shape != z.shape:
-        raise ValueError(
-            f"{name}(z, x) must return a tensor shaped like the state z {tuple(z.shape)}, got "
-            f"{tuple(out.shape)} (set state_shape=... on the layer, or pass z0, if the state is "
-            "not shaped like x)"
-        )
-    if out.dtype != z.dtype:
-        raise TypeError(
-            f"{name}(z, x) returned dtype {out.dtype} but the state has dtype {z.dtype} "
-            "(the state takes x's dtype: convert the module or the input)"
-        )
-    if out.device != z.device:
-        raise ValueError(
-            f"{name}(z, x) returned a tensor on {out.device} but the state is on {z.device}"
-        )
-    return out
+    """``out`` must be a tensor shaped, typed and placed like the state ``z`` (the solvers'
+    check, with hints on how a layer chooses its state)."""
+    return check_func_output(
+        out, z, f"{name}(z, x)", state="the state z",
+        shape_hint=" (set state_shape=... on the layer, or pass z0, if the state is not shaped "
+                   "like x)",
+        dtype_hint=" (the state takes x's dtype: convert the module or the input)",
+    )
 
 
 @dataclass
