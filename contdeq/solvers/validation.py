@@ -36,7 +36,7 @@ def all_finite(x: Tensor) -> bool:
     ``isfinite(x).all()``; NaN and Inf propagate into the sum). Only a non-finite sum, which a
     sum of large finite values can also give, pays for the exact test.
     """
-    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
 def check_callable(value: object, name: str, signature: str) -> None:
@@ -87,17 +87,23 @@ def check_on_nonconvergence(value: object) -> str:
     return check_choice(value, "on_nonconvergence", ON_NONCONVERGENCE_CHOICES)
 
 
-def check_func_output(out: object, z: Tensor, name: str) -> Tensor:
-    """The user's function returned a tensor shaped, typed and placed like ``z``."""
+def check_func_output(out: object, z: Tensor, name: str, state: str = "the state",
+                      shape_hint: str = "", dtype_hint: str = "") -> Tensor:
+    """The user's function returned a tensor shaped, typed and placed like ``z``.
+
+    ``state`` names ``z`` in the messages; the hints are appended to the shape and dtype
+    messages (the layers explain there how their state shape and dtype are chosen).
+    """
     if not isinstance(out, Tensor):
         raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != z.shape:
         raise ValueError(
-            f"{name} must return a tensor shaped like the state {tuple(z.shape)}, "
-            f"got {tuple(out.shape)}"
+            f"{name} must return a tensor shaped like {state} {tuple(z.shape)}, "
+            f"got {tuple(out.shape)}{shape_hint}"
         )
     if out.dtype != z.dtype:
-        raise TypeError(f"{name} must return dtype {z.dtype} like the state, got {out.dtype}")
+        raise TypeError(f"{name} must return dtype {z.dtype} like {state}, got "
+                        f"{out.dtype}{dtype_hint}")
     if out.device != z.device:
         raise ValueError(
             f"{name} must return a tensor on the state's device {z.device}, got {out.device}"
