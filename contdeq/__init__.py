@@ -2,10 +2,18 @@
 
 from . import solvers
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
 from .nn import (
     DEQ,
+    MultiScaleCell,
+    MultiScaleDEQ,
+    MultiScaleFusion,
+    MultiScaleNeuralODE,
+    MultiScaleSkipDEQ,
+    MultiScaleSkipRegDEQ,
     NeuralODE,
+    ResidualBlock,
     SkipDEQ,
     SkipRegDEQ,
     SpectralNormCap,
@@ -19,11 +27,19 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEQ",
+    "PROCEDURAL_CLASSES",
     "BackwardConfig",
     "Checkpoint",
     "DEQStats",
     "ForwardSolver",
+    "MultiScaleCell",
+    "MultiScaleDEQ",
+    "MultiScaleFusion",
+    "MultiScaleNeuralODE",
+    "MultiScaleSkipDEQ",
+    "MultiScaleSkipRegDEQ",
     "NeuralODE",
+    "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
     "SpectralNormCap",
@@ -31,6 +47,7 @@ __all__ = [
     "equilibrium",
     "jacobian_frobenius",
     "load_checkpoint",
+    "procedural_images",
     "save_checkpoint",
     "skip_loss",
     "solvers",

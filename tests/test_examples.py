@@ -26,6 +26,7 @@ FIGURES = {
     "tutorial_3_skip_deq.py": "skip_deq/nfe_vs_epoch.png",
     "tutorial_4_solvers.py": "solvers/solvers_and_backward.png",
     "tutorial_5_real_data.py": "real_data/training.png",
+    "tutorial_6_multiscale.py": "multiscale/comparison.png",
 }
 
 sys.path.insert(0, str(EXAMPLES))

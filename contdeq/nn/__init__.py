@@ -1,12 +1,22 @@
-"""``nn.Module`` layers: equilibrium layers, a neural ODE baseline, weight normalizations."""
+"""``nn.Module`` layers: equilibrium layers (single- and multi-scale), a neural ODE baseline,
+building blocks of multi-scale cells, weight normalizations."""
 
+from .blocks import MultiScaleCell, MultiScaleFusion, ResidualBlock
 from .deq import DEQ, SkipDEQ, SkipRegDEQ
+from .multiscale import MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, MultiScaleSkipRegDEQ
 from .node import NeuralODE
 from .normalization import SpectralNormCap, spectral_norm_cap, update_normalization, weight_norm
 
 __all__ = [
     "DEQ",
+    "MultiScaleCell",
+    "MultiScaleDEQ",
+    "MultiScaleFusion",
+    "MultiScaleNeuralODE",
+    "MultiScaleSkipDEQ",
+    "MultiScaleSkipRegDEQ",
     "NeuralODE",
+    "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
     "SpectralNormCap",

@@ -7,6 +7,7 @@ from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .fixed_point import FIXED_POINT_METHODS, fixed_point
 from .stats import SolverStats
 from .steady_state import STEADY_STATE_METHODS, steady_state
+from .structure import flatten_states, unflatten_states
 from .termination import SteadyStateCondition, sample_rms
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "SolverStats",
     "SteadyStateCondition",
     "fixed_point",
+    "flatten_states",
     "sample_rms",
     "steady_state",
+    "unflatten_states",
 ]

@@ -14,6 +14,7 @@ from .errors import OnNonConvergence, report_nonconvergence
 from .picard import Picard
 from .progress import Progress
 from .stats import SolverStats
+from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .validation import (
     all_finite,
@@ -33,7 +34,7 @@ FIXED_POINT_METHODS = {"anderson": Anderson, "broyden": Broyden, "picard": Picar
 
 def fixed_point(
     g: Callable[[Tensor], Tensor],
-    z0: Tensor,
+    z0: Tensor | tuple[Tensor, ...],
     *,
     method: str = "anderson",
     atol: float = 1e-4,
@@ -53,7 +54,10 @@ def fixed_point(
 
     Args:
         g: the map, ``g(z) -> z``, shape, dtype and device preserved.
-        z0: ``(B, ...)`` initial guess, batch dimension first.
+        z0: ``(B, ...)`` initial guess, batch dimension first. Or a tuple of per-scale
+            states ``(B, *shape_s)``: then ``g(zs)`` takes and returns such tuples, the solve
+            runs on them flattened (one residual norm per sample over all scales;
+            :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
         method: ``"anderson"`` (default), ``"broyden"`` or ``"picard"``.
         atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test.
         max_steps: iteration limit.
@@ -67,6 +71,8 @@ def fixed_point(
         ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
         every call of ``g``; ``accepted``/``rejected``/``t_final`` are ``None``).
     """
+    if isinstance(z0, tuple):  # per-scale states: solve on them flattened
+        return solve_flattened(fixed_point, locals())
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     check_choice(method, "method", tuple(FIXED_POINT_METHODS))

@@ -14,6 +14,7 @@ from .errors import OnNonConvergence, report_nonconvergence
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
 from .stats import SolverStats
+from .structure import solve_flattened
 from .tableaux import TABLEAUX
 from .termination import SteadyStateCondition
 from .torchdiffeq_backend import (
@@ -44,7 +45,7 @@ Backend = Literal["lean", "torchdiffeq", "event"]
 
 def steady_state(
     func: Callable[[Tensor, Tensor], Tensor],
-    z0: Tensor,
+    z0: Tensor | tuple[Tensor, ...],
     *,
     method: str = "dopri5",
     atol: float = 1e-4,
@@ -73,7 +74,10 @@ def steady_state(
         func: right-hand side ``func(t, z) -> dz/dt`` with ``t`` a 0-dim tensor and ``z`` of
             ``z0``'s shape, dtype and device. Steady states need autonomous dynamics; ``t`` is
             passed for compatibility with torchdiffeq-style functions.
-        z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite.
+        z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite. Or a
+            tuple of per-scale states ``(B, *shape_s)``: then ``func(t, zs)`` takes and returns
+            such tuples, the solve runs on them flattened (one residual norm per sample over
+            all scales; :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
         method: ``"dopri5"`` (default), ``"tsit5"``, ``"bosh3"``, ``"dopri8"``,
             ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
             pseudo-transient continuation, forward Euler with per-sample steps chosen for
@@ -107,6 +111,8 @@ def steady_state(
         NonFiniteError: ``func`` produced NaN/Inf (names the step).
         ValueError, TypeError: bad arguments (the message names the argument).
     """
+    if isinstance(z0, tuple):  # per-scale states: solve on them flattened
+        return solve_flattened(steady_state, locals())
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
     check_choice(method, "method", STEADY_STATE_METHODS)

@@ -1,0 +1,159 @@
+"""Tuple-valued states: one tensor per scale, flattened into the solvers' ``(B, N)`` state.
+
+A multi-scale model's state is a tuple ``(z_1, ..., z_S)`` of tensors ``(B, *shape_s)``
+sharing the batch size, dtype and device. :func:`flatten_states` concatenates their per-sample
+values into one ``(B, N)`` tensor (``N = sum_s prod(shape_s)``) and :func:`unflatten_states`
+splits it back into views, so every solver, its per-sample convergence test (one residual norm
+per sample, over all scales together) and the backward work on tuples unchanged.
+:func:`solve_flattened` lets :func:`~contdeq.solvers.steady_state` and
+:func:`~contdeq.solvers.fixed_point` take a tuple ``z0`` and a function of tuples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_state_shapes", "flatten_states", "solve_flattened", "unflatten_states"]
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def check_state_shapes(shapes: object, name: str = "shapes") -> Shapes:
+    """``shapes`` is a non-empty sequence of per-sample shapes (each a positive int or a
+    non-empty sequence of them); returns it as a tuple of tuples."""
+    valid = isinstance(shapes, Sequence) and not isinstance(shapes, str) and len(shapes) > 0
+    result = []
+    for shape in shapes if valid else ():  # type: ignore[union-attr]
+        shape = (shape,) if isinstance(shape, int) else shape
+        ok = isinstance(shape, Sequence) and len(shape) > 0 and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        if not ok:
+            valid = False
+            break
+        result.append(tuple(shape))
+    if not valid:
+        raise ValueError(f"{name} must be a non-empty sequence of per-sample shapes, one per "
+                         f"scale, each a tuple of positive ints (e.g. [(16, 8, 8), (32, 4, 4)]); "
+                         f"got {shapes!r}")
+    return tuple(result)
+
+
+def flatten_states(
+    zs: Sequence[Tensor], *, shapes: Sequence[Sequence[int]] | None = None, name: str = "zs"
+) -> tuple[Tensor, Shapes]:
+    """Concatenate per-scale states ``(B, *shape_s)`` into one ``(B, N)`` tensor.
+
+    Args:
+        zs: a non-empty tuple (or list) of tensors ``(B, *shape_s)`` with one batch size, dtype
+            and device.
+        shapes: if given, the per-sample shapes ``zs`` must have (one per scale).
+        name: how error messages call ``zs``.
+
+    Returns:
+        ``(flat, shapes)``: ``flat`` ``(B, N)`` with ``N = sum_s prod(shape_s)``, and the
+        per-sample shapes for :func:`unflatten_states`.
+
+    Raises:
+        TypeError: ``zs`` is not a tuple/list of tensors, or the dtypes differ.
+        ValueError: wrong number of scales or shapes, batch sizes or devices differ.
+    """
+    if not isinstance(zs, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple of tensors, one per scale, got "
+                        f"{type(zs).__name__}")
+    expected = None if shapes is None else check_state_shapes(shapes)
+    if expected is not None and len(zs) != len(expected):
+        raise ValueError(f"{name} must have {len(expected)} tensors (one per scale), got "
+                         f"{len(zs)}")
+    if not zs:
+        raise ValueError(f"{name} must hold at least one tensor")
+    first = zs[0]
+    for i, z in enumerate(zs):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{name}[{i}] (scale {i}) must be a torch.Tensor, got "
+                            f"{type(z).__name__}")
+        if z.ndim < 2:
+            raise ValueError(f"{name}[{i}] (scale {i}) must have shape (B, ...) with a "
+                             f"per-sample shape, got {tuple(z.shape)}")
+        if z.shape[0] != first.shape[0]:
+            raise ValueError(f"{name}[{i}] (scale {i}) has batch size {z.shape[0]}, but "
+                             f"{name}[0] has {first.shape[0]}")
+        if z.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] (scale {i}) has dtype {z.dtype}, but {name}[0] has "
+                            f"{first.dtype}")
+        if z.device != first.device:
+            raise ValueError(f"{name}[{i}] (scale {i}) is on {z.device}, but {name}[0] is on "
+                             f"{first.device}")
+        if expected is not None and tuple(z.shape[1:]) != expected[i]:
+            raise ValueError(f"{name}[{i}] (scale {i}) must have shape "
+                             f"{(z.shape[0], *expected[i])} (per-sample shape {expected[i]}), "
+                             f"got {tuple(z.shape)}")
+    flat = torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+    return flat, tuple(tuple(z.shape[1:]) for z in zs)
+
+
+def unflatten_states(
+    flat: Tensor, shapes: Sequence[Sequence[int]], *, name: str = "flat"
+) -> tuple[Tensor, ...]:
+    """Split a ``(B, N)`` tensor into per-scale views ``(B, *shape_s)``.
+
+    The inverse of :func:`flatten_states`: ``N`` must equal ``sum_s prod(shape_s)``.
+
+    Args:
+        flat: ``(B, N)`` flattened states.
+        shapes: the per-sample shapes, one per scale.
+        name: how error messages call ``flat``.
+
+    Returns:
+        A tuple of tensors ``(B, *shape_s)`` (views of ``flat`` where its layout allows).
+    """
+    shapes = check_state_shapes(shapes)
+    if not isinstance(flat, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(flat).__name__}")
+    sizes = [math.prod(shape) for shape in shapes]
+    if flat.ndim != 2 or flat.shape[1] != sum(sizes):
+        raise ValueError(f"{name} must have shape (B, {sum(sizes)}) for the per-sample shapes "
+                         f"{shapes}, got {tuple(flat.shape)}")
+    parts = flat.split(sizes, dim=1)
+    return tuple(p.reshape(flat.shape[0], *shape) for p, shape in zip(parts, shapes, strict=True))
+
+
+class _FlatFunction:
+    """``fn(*args, flat) = flatten(fn_user(*args, unflatten(flat)))`` for the solvers."""
+
+    def __init__(self, fn: Callable[..., Any], shapes: Shapes, name: str) -> None:
+        self.fn = fn
+        self.shapes = shapes
+        self.name = name
+
+    def __call__(self, *args: Any) -> Tensor:
+        *leading, flat = args
+        out = self.fn(*leading, unflatten_states(flat, self.shapes))
+        return flatten_states(out, shapes=self.shapes, name=f"{self.name}'s output")[0]
+
+
+def solve_flattened(solve: Callable[..., tuple[Tensor, Any]], arguments: dict[str, Any]
+                    ) -> tuple[tuple[Tensor, ...], Any]:
+    """Run ``solve(fn, z0, ...)`` on a tuple ``z0`` of per-scale states ``(B, *shape_s)``.
+
+    ``arguments`` are ``solve``'s own arguments by name (its ``locals()`` on entry). ``fn`` is
+    called with a tuple of such tensors as its last argument and must return one; the solve
+    runs on the flattened ``(B, N)`` state, and ``(z, stats)`` comes back with ``z`` a tuple.
+    """
+    parameters = inspect.signature(solve).parameters
+    fn_name, state_name = list(parameters)[:2]
+    kwargs = dict(arguments)
+    for name, p in parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(kwargs.pop(name))
+    flat, shapes = flatten_states(kwargs[state_name], name=state_name)
+    if callable(kwargs[fn_name]):
+        kwargs[fn_name] = _FlatFunction(kwargs[fn_name], shapes, fn_name)
+    kwargs[state_name] = flat
+    z, stats = solve(**kwargs)
+    return unflatten_states(z, shapes), stats
