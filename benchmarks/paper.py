@@ -43,11 +43,19 @@ import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, SavedTensors, machine_header, time_min, write_results
-from paper_models import MODELS, TOL, build_model, has_torchdeq, layer_counts
+from paper_models import (
+    MODELS,
+    MULTISCALE_MODELS,
+    TOL,
+    build_model,
+    has_torchdeq,
+    layer_counts,
+    models_for,
+)
 from paper_tasks import TASKS, Task, load_task
 
 TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
-REFERENCE = "NeuralODE"
+ALL_MODELS = (*MODELS, *MULTISCALE_MODELS)
 
 
 @dataclass
@@ -59,21 +67,24 @@ class Config:
     batch: int = 64
     lr: float = 2e-3
     width: dict[str, int] = field(
-        default_factory=lambda: {"digits-mlp": 64, "spirals": 64, "digits-conv": 8})
+        default_factory=lambda: {"digits-mlp": 64, "spirals": 64, "digits-conv": 8,
+                                 "images-multiscale": 8})
     n_train: int | None = None
     n_test: int | None = None
     seeds: tuple[int, ...] = (0,)
     tasks: tuple[str, ...] = TASKS
-    models: tuple[str, ...] = tuple(MODELS)
+    models: tuple[str, ...] = ALL_MODELS
     threads: int | None = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {"name": "paper_quick", "epochs": 5, "batch": 64, "n_train": 768, "n_test": 256,
-              "threads": 1, "width": {"digits-mlp": 32, "spirals": 32, "digits-conv": 4}},
+              "threads": 1, "width": {"digits-mlp": 32, "spirals": 32, "digits-conv": 4,
+                                                  "images-multiscale": 4}},
     "smoke": {"name": "paper_smoke", "epochs": 2, "batch": 32, "n_train": 64, "n_test": 32,
-              "threads": 1, "width": {"digits-mlp": 8, "spirals": 8, "digits-conv": 2}},
+              "threads": 1, "width": {"digits-mlp": 8, "spirals": 8, "digits-conv": 2,
+                                                  "images-multiscale": 2}},
 }
 
 
@@ -88,7 +99,8 @@ def f_call_time(task: Task, batch: int, seed: int) -> float:
     encoder, f = task.encoder().to(task.x_train.device), task.f().to(task.x_train.device)
     with torch.no_grad(), parametrize.cached():
         x = encoder(task.x_train[:batch])
-        z = torch.tanh(x)
+        z = (torch.tanh(x) if task.state_shapes is None
+             else tuple(x.new_zeros(len(x), *s) for s in task.state_shapes))
         t = time_min(lambda: f(z, x), repeats=20)
     return t
 
@@ -196,7 +208,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: float,
               cfg: Config) -> list[dict[str, Any]]:
     """One row per model, with the target accuracy, time to it, overhead and the ratios."""
-    target = histories[REFERENCE][-1]["test_acc"] - 0.5 if REFERENCE in histories else None
+    ref = task.reference
+    target = histories[ref][-1]["test_acc"] - 0.5 if ref in histories else None
     rows = []
     for name, hist in histories.items():
         elapsed, ttt = 0.0, None
@@ -220,7 +233,7 @@ def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: flo
             "history": hist,
         })
     by_name = {r["model"]: r for r in rows}
-    node = by_name.get(REFERENCE)
+    node = by_name.get(ref)
     tdeq = [by_name[m] for m in TORCHDEQ_MODELS if m in by_name]
     reached = [r for r in tdeq if r["time_to_target_s"] is not None]
     best = (min(reached, key=lambda r: r["time_to_target_s"]) if reached
@@ -351,7 +364,7 @@ def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
         tasks.append(task)
         t_f = f_call_time(task, cfg.batch, cfg.seeds[0])
         histories = {}
-        for name in models:
+        for name in models_for(task, models):
             start = time.perf_counter()
             try:
                 histories[name] = aggregate([
@@ -376,9 +389,11 @@ def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
         "torchdeq default keeps its own (fixed-point iteration, 40 iterations, abs tol 1e-3, "
         "1-step gradient); torchdeq IFT uses the shared relative tolerances.",
         "f is the same module class and initial weights for every model, its z-weight's "
-        "spectral norm capped at 0.9 (conv: reshaped kernel at 0.3, operator norm <= 0.9); "
+        "spectral norm capped at 0.9 (conv: reshaped kernel at 0.3, operator norm <= 0.9; "
+        "multi-scale: each of the four scale-to-scale maps at operator norm 0.45, joint <= 0.9); "
         "Adam; cross-entropy + contdeq.aux_loss (skip terms).",
-        "Target = NeuralODE (backprop) final accuracy - 0.5 point; time to target = cumulative "
+        "Target = NeuralODE (backprop; MS NeuralODE on images-multiscale, where ×NODE is against "
+        "it) final accuracy - 0.5 point; time to target = cumulative "
         "training time (evaluation excluded) at the first epoch reaching it; '-' = not reached.",
         "bwd iters: VJPs of the implicit linear solve (0 for jfb and torchdeq's 1-step "
         "gradient), f calls of the adjoint ODE; '-' for backprop through the solver. "
@@ -403,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
-    parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None)
+    parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 for --quick/--smoke)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

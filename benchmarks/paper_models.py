@@ -136,8 +136,8 @@ def _torchdeq(ift: bool) -> Callable[..., nn.Module]:
     return make
 
 
-def _skip(kind: type) -> Callable[..., nn.Module]:
-    base = _deq("ode")
+def _skip(kind: type, **kw: Any) -> Callable[..., nn.Module]:
+    base = _deq("ode", **kw)
     return lambda f, predictor: base(f, predictor, kind=kind)
 
 
@@ -154,11 +154,46 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "DEQ(broyden) jfb": _deq("broyden", "jfb"),
     "DEQ(picard)": _deq("picard"),
     "DEQ(picard) jfb": _deq("picard", "jfb"),
-    "SkipDEQ(ode)": _skip(contdeq.SkipDEQ),
-    "SkipRegDEQ(ode)": _skip(contdeq.SkipRegDEQ),
+    "SkipDEQ(ode, dopri5)": _skip(contdeq.SkipDEQ),
+    "SkipRegDEQ(ode, dopri5)": _skip(contdeq.SkipRegDEQ),
+    "SkipDEQ(ode, ptc)": _skip(contdeq.SkipDEQ, method="ptc"),
+    "SkipRegDEQ(ode, ptc)": _skip(contdeq.SkipRegDEQ, method="ptc"),
     "torchdeq default": _torchdeq(ift=False),
     "torchdeq IFT": _torchdeq(ift=True),
 }
+
+
+def _multiscale(kind: type, solver: str = "ode", **kw: Any) -> Callable[..., nn.Module]:
+    """A multi-scale layer factory ``(f, predictor, state_shapes) -> layer``."""
+    if kind is contdeq.MultiScaleNeuralODE:
+        return lambda f, predictor, shapes: kind(f, state_shapes=shapes, rtol=TOL["ode_tol"],
+                                                 atol=TOL["ode_tol"])
+    max_steps = TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"]
+
+    def make(f: nn.Module, predictor: Callable[[], nn.Module], shapes: Any) -> nn.Module:
+        args = (f, predictor()) if kind is contdeq.MultiScaleSkipDEQ else (f,)
+        return kind(*args, state_shapes=shapes, solver=solver, atol=TOL["tol"],
+                    rtol=TOL["tol"], max_steps=max_steps, backward_tol=TOL["backward_tol"],
+                    backward_max_steps=TOL["backward_max_steps"], on_nonconvergence="ignore",
+                    **kw)
+    return make
+
+
+#: Multi-scale models (tasks with ``state_shapes``); "MS NeuralODE" is their reference.
+MULTISCALE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "MS NeuralODE": _multiscale(contdeq.MultiScaleNeuralODE),
+    "MS DEQ(ode, dopri5)": _multiscale(contdeq.MultiScaleDEQ),
+    "MS DEQ(ode, ptc)": _multiscale(contdeq.MultiScaleDEQ, method="ptc"),
+    "MS DEQ(anderson)": _multiscale(contdeq.MultiScaleDEQ, solver="anderson"),
+    "MS SkipDEQ(ode, ptc)": _multiscale(contdeq.MultiScaleSkipDEQ, method="ptc"),
+    "MS SkipRegDEQ(ode, ptc)": _multiscale(contdeq.MultiScaleSkipRegDEQ, method="ptc"),
+}
+
+
+def models_for(task: Any, names: Any) -> list[str]:
+    """The names among ``names`` that apply to ``task`` (multi-scale or not)."""
+    registry = MULTISCALE_MODELS if task.state_shapes is not None else MODELS
+    return [n for n in names if n in registry]
 
 
 def build_model(name: str, task: Any, seed: int) -> Net:
@@ -167,7 +202,10 @@ def build_model(name: str, task: Any, seed: int) -> Net:
     torch.manual_seed(seed)
     encoder, f, head = task.encoder(), task.f(), task.head()
     torch.manual_seed(seed + 1)
-    layer = MODELS[name](f, task.predictor)
+    if task.state_shapes is not None:
+        layer = MULTISCALE_MODELS[name](f, task.predictor, task.state_shapes)
+    else:
+        layer = MODELS[name](f, task.predictor)
     return Net(encoder, layer, head).to(task.x_train.device)
 
 

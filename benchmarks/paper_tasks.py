@@ -10,6 +10,9 @@ Three tasks, each a :class:`Task`:
   capped ``f`` this shows in the DEQs' NFE; the NeuralODE's ``t_end = 1`` solve stays cheap).
 * ``digits-conv``: the digits as ``1x8x8`` images, ``Conv2d(1, C) -> layer -> Linear(64C,
   10)`` with ``f(z, x) = tanh(conv(z) + x)``.
+* ``images-multiscale``: :func:`contdeq.data.procedural_images` (4 classes, 16x16), a
+  two-scale state ``(C x 16 x 16, 2C x 8 x 8)`` with :class:`MultiScaleConvCell` and the
+  multi-scale layers (``MS ...`` models), pooled per scale into a linear head.
 
 Every ``f`` caps its ``z``-weight at spectral norm 0.9 (:func:`contdeq.spectral_norm_cap`; for
 the conv, the operator norm: see :class:`ConvCell`).
@@ -22,12 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 import contdeq
+from contdeq.data import procedural_images
 
-__all__ = ["TASKS", "ConvCell", "TanhCell", "Task", "load_task", "make_spirals"]
+__all__ = ["TASKS", "ConvCell", "MultiScaleConvCell", "PoolHead", "ScalePredictor", "TanhCell",
+           "Task", "load_task", "make_spirals"]
 
 CAP = 0.9
 
@@ -60,6 +66,68 @@ class ConvCell(nn.Module):
         return torch.tanh(self.conv(z) + x)
 
 
+class MultiScaleConvCell(nn.Module):
+    """Two-scale ``f((z0, z1), x)``, a contraction of the joint state (Lipschitz ``<= 0.9``).
+
+    ``z0' = tanh(conv(z0) + up(z1) + inj0(x))``, ``z1' = tanh(conv(z1) + down(z0) + inj1(x))``
+    with ``up`` a 1x1 conv, nearest upsampling by 2 and a factor 1/2 (upsampling alone has
+    operator norm 2) and ``down`` a strided 3x3 conv. Each of the four state-to-state maps is
+    capped at operator norm ``0.45`` (reshaped kernels at ``0.45 / 3`` for the 3x3 convs,
+    ``0.45 / 2`` for the strided one: each input pixel meets at most 4 of its windows), so the
+    2x2 block operator has norm ``<= 0.9``. contdeq's :class:`~contdeq.MultiScaleCell` (MDEQ's
+    GroupNorm block) is not a contraction; the ODE solves of this benchmark need one.
+    """
+
+    def __init__(self, channels: int, injection_channels: int) -> None:
+        super().__init__()
+        c0, c1 = channels, 2 * channels
+        part = CAP / 2
+
+        def capped(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
+            return contdeq.spectral_norm_cap(conv, cap=part / factor)
+
+        self.same0 = capped(nn.Conv2d(c0, c0, 3, padding=1), 3)
+        self.same1 = capped(nn.Conv2d(c1, c1, 3, padding=1), 3)
+        self.down = capped(nn.Conv2d(c0, c1, 3, stride=2, padding=1), 2)
+        self.up = capped(nn.Conv2d(c1, c0, 1), 1)
+        self.inject0 = nn.Conv2d(injection_channels, c0, 3, padding=1)
+        self.inject1 = nn.Conv2d(injection_channels, c1, 3, stride=2, padding=1)
+
+    def state_shapes(self, size: int) -> tuple[tuple[int, int, int], ...]:
+        """Per-sample shapes of the two scales for ``size x size`` inputs."""
+        return ((self.same0.in_channels, size, size),
+                (self.same1.in_channels, size // 2, size // 2))
+
+    def forward(self, zs: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, Tensor]:
+        z0, z1 = zs
+        up = 0.5 * F.interpolate(self.up(z1), scale_factor=2, mode="nearest")
+        return (torch.tanh(self.same0(z0) + up + self.inject0(x)),
+                torch.tanh(self.same1(z1) + self.down(z0) + self.inject1(x)))
+
+
+class PoolHead(nn.Module):
+    """Global average pool of each scale, concatenated, then a linear classifier."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * channels, classes)
+
+    def forward(self, zs: tuple[Tensor, ...]) -> Tensor:
+        return self.linear(torch.cat([z.mean(dim=(2, 3)) for z in zs], dim=1))
+
+
+class ScalePredictor(nn.Module):
+    """SkipDEQ predictor of the two-scale state: ``(tanh(conv(x)), tanh(strided conv(x)))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fine = nn.Conv2d(channels, channels, 3, padding=1)
+        self.coarse = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(self.fine(x)), torch.tanh(self.coarse(x))
+
+
 @dataclass
 class Task:
     """A data set and the modules around the equilibrium layer.
@@ -78,6 +146,10 @@ class Task:
     head: Callable[[], nn.Module]
     predictor: Callable[[], nn.Module]
     description: str
+    #: Per-sample shapes of a multi-scale state (``None``: a single tensor state).
+    state_shapes: tuple[tuple[int, ...], ...] | None = None
+    #: The model whose final accuracy sets the target.
+    reference: str = "NeuralODE"
 
 
 def make_spirals(n: int, arms: int = 3, turns: float = 1.0, dim: int = 16, scale: float = 4.0,
@@ -123,12 +195,27 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
     elif name == "spirals":
         x, y = make_spirals(3000)
         xtr, ytr, xte, yte = _split(x, y, 0.3, seed=0)
+    elif name == "images-multiscale":
+        x, y = procedural_images(3000, 16, classes=4, seed=0)
+        xtr, ytr, xte, yte = _split(x, y, 0.3, seed=0)
     else:
         raise ValueError(f"task must be one of {TASKS}, got {name!r}")
     xtr, ytr = xtr[:n_train], ytr[:n_train]
     xte, yte = xte[:n_test], yte[:n_test]
     xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
     w = width
+    if name == "images-multiscale":
+        return Task(
+            name, xtr, ytr, xte, yte,
+            encoder=lambda: nn.Conv2d(1, w, 3, padding=1),
+            f=lambda: MultiScaleConvCell(w, w),
+            head=lambda: PoolHead(w, 4),
+            predictor=lambda: ScalePredictor(w),
+            description=f"procedural 16x16 images, 4 classes, two scales ({w}x16x16, "
+                        f"{2 * w}x8x8)",
+            state_shapes=((w, 16, 16), (2 * w, 8, 8)),
+            reference="MS NeuralODE",
+        )
     if name == "digits-conv":
         return Task(
             name, xtr, ytr, xte, yte,
@@ -152,4 +239,4 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
     )
 
 
-TASKS = ("digits-mlp", "spirals", "digits-conv")
+TASKS = ("digits-mlp", "spirals", "digits-conv", "images-multiscale")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper
 
 MODELS = ["NeuralODE", "NeuralODE adjoint", "DEQ(ode, ptc)", "DEQ(anderson)",
-          "DEQ(picard) jfb", "SkipDEQ(ode)", "SkipRegDEQ(ode)", "torchdeq default",
+          "DEQ(picard) jfb", "SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, ptc)", "torchdeq default",
           "torchdeq IFT"]
 
 
@@ -91,3 +91,16 @@ def test_paper_resume(tmp_path: Path) -> None:
     for a, b in zip(first, resumed, strict=True):
         assert len(b["history"]) == 2
         assert b["history"][0] == a["history"][0]  # the first epoch was loaded, not re-run
+
+
+def test_paper_multiscale_task(tmp_path: Path) -> None:
+    names = ["MS NeuralODE", "MS DEQ(ode, ptc)", "MS SkipDEQ(ode, ptc)", "DEQ(anderson)"]
+    rows = paper.main(["--smoke", "--out", str(tmp_path), "--tasks", "images-multiscale",
+                       "--models", *names])
+    assert [r["model"] for r in rows] == names[:3]  # single-scale models do not apply
+    node = rows[0]
+    assert node["target_acc"] == pytest.approx(node["final_acc"] - 0.5)
+    for r in rows:
+        assert _close(r["ratio_node_epoch"], r["s_per_epoch"] / node["s_per_epoch"])
+        assert r["forward_nfe"] > 0 and r["ratio_torchdeq_epoch"] is None
+    assert rows[1]["backward_iterations"] > 0
