@@ -241,6 +241,7 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
 
 TASKS = ("digits-mlp", "spirals", "digits-conv", "images-multiscale")
 #: Tasks of a default run. ``images-multiscale`` runs only when asked for (``--tasks``): its
-#: full-size run exhausted the machine's memory (24 GB, in ``MS NeuralODE``; under
-#: investigation), while its reduced settings (``--quick``, ``--smoke``) run.
+#: full-size run, after the other three tasks in one process, grew to 24 GB while training
+#: ``MS NeuralODE`` (one epoch of that model alone stays at 1.7 GB; cause not yet found).
+#: Its reduced settings (``--quick``, ``--smoke``) run.
 DEFAULT_TASKS = ("digits-mlp", "spirals", "digits-conv")
