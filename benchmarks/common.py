@@ -45,7 +45,10 @@ class SavedTensors:
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
             self.storages[storage.data_ptr()] = storage.nbytes()
-            return t
+            # Not ``t`` itself: a saved output that holds itself (through its grad_fn) makes
+            # a reference cycle that only the garbage collector frees, and the graph of a
+            # NeuralODE solve then piles up between collections (35 MB per step measured).
+            return t.detach()
 
         with saved_tensors_hooks(pack, lambda t: t):
             yield self

@@ -52,7 +52,7 @@ from paper_models import (
     layer_counts,
     models_for,
 )
-from paper_tasks import DEFAULT_TASKS, TASKS, Task, load_task
+from paper_tasks import TASKS, Task, load_task
 
 TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
 ALL_MODELS = (*MODELS, *MULTISCALE_MODELS)
@@ -72,7 +72,7 @@ class Config:
     n_train: int | None = None
     n_test: int | None = None
     seeds: tuple[int, ...] = (0,)
-    tasks: tuple[str, ...] = DEFAULT_TASKS
+    tasks: tuple[str, ...] = TASKS
     models: tuple[str, ...] = ALL_MODELS
     threads: int | None = None
 

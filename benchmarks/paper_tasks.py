@@ -32,8 +32,8 @@ from torch import Tensor, nn
 import contdeq
 from contdeq.data import procedural_images
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "ConvCell", "MultiScaleConvCell", "PoolHead",
-           "ScalePredictor", "TanhCell", "Task", "load_task", "make_spirals"]
+__all__ = ["TASKS", "ConvCell", "MultiScaleConvCell", "PoolHead", "ScalePredictor", "TanhCell",
+           "Task", "load_task", "make_spirals"]
 
 CAP = 0.9
 
@@ -240,8 +240,3 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
 
 
 TASKS = ("digits-mlp", "spirals", "digits-conv", "images-multiscale")
-#: Tasks of a default run. ``images-multiscale`` runs only when asked for (``--tasks``): its
-#: full-size run, after the other three tasks in one process, grew to 24 GB while training
-#: ``MS NeuralODE`` (one epoch of that model alone stays at 1.7 GB; cause not yet found).
-#: Its reduced settings (``--quick``, ``--smoke``) run.
-DEFAULT_TASKS = ("digits-mlp", "spirals", "digits-conv")
