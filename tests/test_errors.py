@@ -164,3 +164,13 @@ def test_all_finite_fast_path_agrees_with_the_exact_test(dtype: torch.dtype) -> 
     ]
     for x in cases:
         assert all_finite(x) == bool(torch.isfinite(x).all()), x
+
+
+def test_finite_where_ignores_masked_out_entries() -> None:
+    from contdeq.solvers.validation import finite_where
+
+    x = torch.tensor([1.0, math.nan, math.inf])
+    assert finite_where(x, torch.tensor([True, False, False]))
+    assert not finite_where(x, torch.tensor([False, True, False]))
+    assert not finite_where(x, torch.tensor([False, False, True]))
+    assert finite_where(torch.ones(3), torch.ones(3, dtype=torch.bool))

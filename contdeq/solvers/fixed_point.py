@@ -17,7 +17,6 @@ from .stats import SolverStats
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .validation import (
-    all_finite,
     check_callable,
     check_choice,
     check_on_nonconvergence,
@@ -25,6 +24,7 @@ from .validation import (
     check_positive_int,
     check_state,
     check_tolerances,
+    finite_where,
     raise_nonfinite,
 )
 
@@ -103,7 +103,7 @@ def fixed_point(
         residual = gz - z
         progress.steps += 1
         res = sample_rms(residual)
-        if not (all_finite(res) or bool(torch.isfinite(res).logical_or_(~active).all())):
+        if not finite_where(res, active):
             raise_nonfinite("g", progress.steps)
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)

@@ -17,7 +17,7 @@ from .progress import Progress
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
 from .tableaux import Tableau
 from .termination import sample_rms
-from .validation import all_finite, raise_nonfinite
+from .validation import finite_where, raise_nonfinite
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ def run_pseudo_transient(
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        if not (all_finite(res_new)
-                or bool(torch.isfinite(res_new).logical_or_(~active).all())):
+        if not finite_where(res_new, active):
             raise_nonfinite(func.name, progress.steps)
         ok = (res_new < progress.res).logical_and_(active)
         accepted += ok

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .stats import SolverStats
 from .termination import SteadyStateCondition, sample_rms
-from .validation import all_finite, raise_nonfinite
+from .validation import all_finite, finite_where, raise_nonfinite
 
 
 class Progress:
@@ -95,8 +95,7 @@ class Progress:
         """
         tol = self.condition.tolerance(z)
         # An overflowing state gives an infinite tolerance; that must not count as converged.
-        both = residual_norm + tol
-        if not all_finite(both) and not bool(torch.isfinite(both).logical_or_(~moved).all()):
+        if not finite_where(residual_norm + tol, moved):
             raise_nonfinite(self.name, self.steps)
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)

@@ -39,6 +39,12 @@ def all_finite(x: Tensor) -> bool:
     return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
+def finite_where(x: Tensor, mask: Tensor) -> bool:
+    """Whether ``x`` (``(B,)``) is finite wherever ``mask`` (``(B,)`` bool) is set; the
+    :func:`all_finite` fast path first."""
+    return all_finite(x) or bool(torch.isfinite(x).logical_or_(~mask).all())
+
+
 def check_callable(value: object, name: str, signature: str) -> None:
     """``value`` can be called (``signature`` shows how, for the message)."""
     if not callable(value):
