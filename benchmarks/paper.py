@@ -46,16 +46,19 @@ from common import RESULTS, SavedTensors, machine_header, time_min, write_result
 from paper_models import (
     MODELS,
     MULTISCALE_MODELS,
+    OPTIONAL_MODELS,
     TOL,
     build_model,
     has_torchdeq,
     layer_counts,
     models_for,
+    set_tolerance,
 )
 from paper_tasks import TASKS, Task, load_task
 
 TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
 ALL_MODELS = (*MODELS, *MULTISCALE_MODELS)
+DEFAULT_MODELS = tuple(m for m in ALL_MODELS if m not in OPTIONAL_MODELS)
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Config:
     n_test: int | None = None
     seeds: tuple[int, ...] = (0,)
     tasks: tuple[str, ...] = TASKS
-    models: tuple[str, ...] = ALL_MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
     threads: int | None = None
 
 
@@ -244,7 +247,20 @@ def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: flo
             r[f"ratio_{key}_target"] = _ratio(r["time_to_target_s"],
                                               ref and ref["time_to_target_s"])
         r["torchdeq_best"] = None if best is None else best["model"]
+        base = by_name.get(skip_baseline(r["model"]) or "")
+        r["ratio_deq_target"] = _ratio(r["time_to_target_s"], base and base["time_to_target_s"])
+        r["ratio_deq_infer_nfe"] = _ratio(r["infer_nfe"], base and base["infer_nfe"])
     return rows
+
+
+def skip_baseline(model: str) -> str | None:
+    """The DEQ(ode) row a skip row is compared with (same ODE method, same multi-scale-ness):
+    ``"MS SkipRegDEQ(ode, ptc) paper loss"`` -> ``"MS DEQ(ode, ptc)"``; ``None`` if not a skip
+    row."""
+    match = re.match(r"(MS )?Skip(?:Reg)?DEQ\(ode, (\w+)\)", model)
+    if match is None:
+        return None
+    return f"{match.group(1) or ''}DEQ(ode, {match.group(2)})"
 
 
 def _nan_none(v: float) -> float | None:
@@ -270,8 +286,9 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
                   f"{r0['torchdeq_best'] or '-'}", "",
                   "| model | s/epoch | time to target s | fwd NFE | bwd iters | final acc % "
                   "| infer ms | infer NFE | graph MB | peak CUDA MB | overhead "
-                  "| epoch ×NODE | target ×NODE | epoch ×tdeq | target ×tdeq |",
-                  "|---|" + "---:|" * 14]
+                  "| epoch ×NODE | target ×NODE | epoch ×tdeq | target ×tdeq "
+                  "| target ×DEQ(ode) | infer NFE ×DEQ(ode) |",
+                  "|---|" + "---:|" * 16]
         for r in trows:
             lines.append(
                 f"| {r['model']} | {r['s_per_epoch']:.3f} | {_fmt(r['time_to_target_s'])} "
@@ -280,7 +297,8 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
                 f"| {r['graph_mb']:.2f} | {_fmt(r['peak_cuda_mb'], '.1f')} "
                 f"| {_fmt(r['overhead'], '.1f')} | {_fmt(r['ratio_node_epoch'])} "
                 f"| {_fmt(r['ratio_node_target'])} | {_fmt(r['ratio_torchdeq_epoch'])} "
-                f"| {_fmt(r['ratio_torchdeq_target'])} |")
+                f"| {_fmt(r['ratio_torchdeq_target'])} | {_fmt(r['ratio_deq_target'])} "
+                f"| {_fmt(r['ratio_deq_infer_nfe'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -399,6 +417,9 @@ def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
         "gradient), f calls of the adjoint ODE; '-' for backprop through the solver. "
         "overhead = training time per batch / ((fwd NFE + bwd iters) × one f call).",
         "graph MB: bytes held by the autograd graph during a training step (max over batches).",
+        "Skip rows: the library's skip term (skip_weight 1, L2, stop-gradient at z*); 'paper "
+        "loss' rows: the paper's (5 · mean|z0 − z*|, gradient reaching z*). ×DEQ(ode): time "
+        "to target and inference NFE against the DEQ(ode) row of the same method.",
         "Timings on a shared machine are noisy.",
     ]
     header = (f"## Paper benchmark `{cfg.name}` ({machine_header()}, device {device}; "
@@ -419,6 +440,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
+    parser.add_argument("--tol", type=float, default=None,
+                        help=f"shared forward/backward tolerance (default {TOL['tol']:g}; "
+                             "ODE integrators 10x tighter)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 for --quick/--smoke)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -446,7 +470,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         cfg.tasks = tuple(args.tasks)
     if args.models is not None:
         cfg.models = tuple(args.models)
-    return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume)
+    saved = dict(TOL)
+    if args.tol is not None:
+        set_tolerance(args.tol)
+    try:
+        return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume)
+    finally:
+        TOL.update(saved)
 
 
 if __name__ == "__main__":

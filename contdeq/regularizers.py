@@ -71,23 +71,29 @@ def jacobian_frobenius(
     return total / (probes * z.numel())
 
 
-def skip_loss(z0: Tensor, z_star: Tensor, norm: str = "l2") -> Tensor:
+def skip_loss(z0: Tensor, z_star: Tensor, norm: str = "l2", detach: bool = True) -> Tensor:
     """``mean((z0 - sg(z*))^2)`` (``"l2"``) or ``mean(|z0 - sg(z*)|)`` (``"l1"``).
 
-    The equilibrium is detached (stop-gradient): the term trains the initial guess ``z0`` to
-    predict ``z*``; it must not pull ``z*`` (and so the task output) toward the guess.
+    With ``detach=True`` (default) the equilibrium is detached (stop-gradient): the term trains
+    the initial guess ``z0`` to predict ``z*`` and never pulls ``z*`` (the task output) toward
+    the guess. ``detach=False`` is the formulation of Pal et al. (2022) and
+    DeepEquilibriumNetworks.jl: the gradient also reaches ``z*``, which regularizes ``f``
+    toward equilibria the guess can reach (fewer solver steps, at some cost in accuracy).
 
     Args:
         z0: ``(B, ...)`` the explicit prediction, with its graph.
         z_star: ``(B, ...)`` the equilibrium.
         norm: ``"l2"`` (mean squared) or ``"l1"`` (mean absolute).
+        detach: stop the gradient at ``z_star``.
     """
     if norm not in SKIP_NORMS:
         raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {norm!r}")
+    if not isinstance(detach, bool):
+        raise TypeError(f"skip_detach must be a bool, got {type(detach).__name__}")
     if z0.shape != z_star.shape:  # broadcasting would silently compare the wrong pairs
         raise ValueError(f"z0 and z_star must have the same shape, got {tuple(z0.shape)} and "
                          f"{tuple(z_star.shape)}")
-    diff = z0 - z_star.detach()
+    diff = z0 - (z_star.detach() if detach else z_star)
     return diff.pow(2).mean() if norm == "l2" else diff.abs().mean()
 
 
@@ -103,8 +109,11 @@ def aux_loss(model: nn.Module) -> Tensor:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     total: Tensor | None = None
     for module in model.modules():
-        if isinstance(module, AuxLossProvider):
-            term = module.last_aux_loss()
+        # Duck-typed as AuxLossProvider: a runtime Protocol isinstance check costs ~10 us per
+        # module, and this runs every training step.
+        last_aux_loss = getattr(module, "last_aux_loss", None)
+        if callable(last_aux_loss):
+            term = last_aux_loss()
             if term is not None:
                 total = term if total is None else total + term
     if total is not None:

@@ -101,6 +101,33 @@ def test_skip_term_trains_only_the_guess(digits) -> None:
 
 
 @pytest.mark.parametrize("kind", ["SkipDEQ", "SkipRegDEQ"])
+def test_joint_skip_term_gradient_matches_unrolled(kind: str) -> None:
+    """skip_detach=False (the paper's term): the skip term's gradient reaches f's parameters
+    through z*, and equals backprop through a long unrolled solve (float64)."""
+    grads = {}
+    for backward in ("implicit", "unrolled"):
+        torch.manual_seed(0)
+        f = TanhCell(6, 4)
+        extra = (nn.Linear(4, 6, dtype=torch.float64),) if kind == "SkipDEQ" else ()
+        layer = getattr(contdeq, kind)(f, *extra, state_shape=6, skip_detach=False,
+                                       skip_norm="l1", skip_weight=5.0, solver="picard",
+                                       backward=backward, atol=1e-12, rtol=1e-12,
+                                       max_steps=300, backward_tol=1e-12,
+                                       backward_max_steps=300)
+        layer(torch.randn(5, 4, dtype=torch.float64))
+        contdeq.aux_loss(layer).backward()
+        grads[backward] = [p.grad.clone() for p in f.parameters()]
+    for gi, gu in zip(grads["implicit"], grads["unrolled"], strict=True):
+        assert float(gi.abs().max()) > 0
+        torch.testing.assert_close(gi, gu, rtol=1e-6, atol=1e-9)
+
+
+def test_skip_detach_must_be_bool() -> None:
+    with pytest.raises(TypeError, match="skip_detach must be a bool"):
+        contdeq.SkipRegDEQ(TanhCell(3, 3), skip_detach=1)
+
+
+@pytest.mark.parametrize("kind", ["SkipDEQ", "SkipRegDEQ"])
 def test_skip_guess_reduces_forward_nfe_after_training(kind: str, digits) -> None:
     """Training pulls the explicit guess toward z*, so the solve from it needs fewer f calls
     than the solve from zeros (same layer, same f)."""

@@ -51,7 +51,7 @@ def _check_ratios(rows: list[dict]) -> None:
 
 def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
     rows = paper.main(["--smoke", "--out", str(tmp_path), "--tasks", "digits-mlp", "spirals",
-                       "--models", *MODELS])
+                       "--models", *MODELS, "--tol", "1e-4"])
     md = (tmp_path / "paper_smoke.md").read_text()
     data = json.loads((tmp_path / "paper_smoke.json").read_text())
     assert (tmp_path / "paper_smoke_accuracy.png").stat().st_size > 0
@@ -70,6 +70,34 @@ def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
     assert by["digits-mlp", "NeuralODE adjoint"]["backward_iterations"] > 0
     assert by["digits-mlp", "DEQ(anderson)"]["backward_iterations"] > 0
     assert by["digits-mlp", "DEQ(picard) jfb"]["backward_iterations"] == 0
+    for task in ("digits-mlp", "spirals"):
+        skip, base = by[task, "SkipRegDEQ(ode, ptc)"], by[task, "DEQ(ode, ptc)"]
+        assert _close(skip["ratio_deq_infer_nfe"], skip["infer_nfe"] / base["infer_nfe"])
+        assert by[task, "SkipDEQ(ode, dopri5)"]["ratio_deq_infer_nfe"] is None  # no base row
+        assert base["ratio_deq_target"] is None and base["ratio_deq_infer_nfe"] is None
+    assert paper.TOL["tol"] == 5e-3  # --tol applies to its run only
+
+
+def test_tolerance_reaches_every_model() -> None:
+    """set_tolerance changes the tolerances of models built afterwards (every kind)."""
+    task = paper.load_task("digits-mlp", 4, 16, 8)
+    saved = dict(paper.TOL)
+    try:
+        paper.set_tolerance(1e-3)
+        deq = paper.build_model("SkipRegDEQ(ode, ptc) paper loss", task, 0).layer
+        node = paper.build_model("NeuralODE", task, 0).layer
+    finally:
+        paper.TOL.update(saved)
+    assert deq.solver.options["atol"] == deq.solver.options["rtol"] == 1e-3
+    assert deq.backward_config.tol == 1e-3
+    assert (deq.skip_weight, deq.skip_norm, deq.skip_detach) == (5.0, "l1", False)
+    assert node.rtol == node.atol == pytest.approx(1e-4)
+
+
+def test_skip_baseline_names() -> None:
+    assert paper.skip_baseline("MS SkipRegDEQ(ode, ptc) paper loss") == "MS DEQ(ode, ptc)"
+    assert paper.skip_baseline("SkipDEQ(ode, dopri5)") == "DEQ(ode, dopri5)"
+    assert paper.skip_baseline("DEQ(ode, ptc)") is None
 
 
 def test_paper_without_torchdeq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

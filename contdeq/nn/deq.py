@@ -229,22 +229,25 @@ class _SkipBase(DEQ):
     """Shared skip-loss options of :class:`SkipDEQ` and :class:`SkipRegDEQ`."""
 
     def __init__(self, f: nn.Module, *, skip_weight: float = 1.0, skip_norm: str = "l2",
-                 **kwargs: Any) -> None:
+                 skip_detach: bool = True, **kwargs: Any) -> None:
         super().__init__(f, **kwargs)
         check_number(skip_weight, "skip_weight", 0)
         if skip_norm not in SKIP_NORMS:
             raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {skip_norm!r}")
+        if not isinstance(skip_detach, bool):
+            raise TypeError(f"skip_detach must be a bool, got {type(skip_detach).__name__}")
         self.skip_weight = float(skip_weight)
         self.skip_norm = skip_norm
+        self.skip_detach = skip_detach
 
     def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
         if self.skip_weight == 0:
             return None
-        return self.skip_weight * skip_loss(guess, z, self.skip_norm)
+        return self.skip_weight * skip_loss(guess, z, self.skip_norm, self.skip_detach)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, skip_weight={self.skip_weight:g}, " \
-               f"skip_norm={self.skip_norm!r}"
+               f"skip_norm={self.skip_norm!r}, skip_detach={self.skip_detach}"
 
 
 class SkipDEQ(_SkipBase):
@@ -253,7 +256,11 @@ class SkipDEQ(_SkipBase):
     Training adds ``skip_weight * mean((predictor(x) - sg(z*))^2)`` (``skip_norm="l2"``) or
     ``skip_weight * mean(|predictor(x) - sg(z*)|)`` (``"l1"``) to :func:`contdeq.aux_loss`;
     ``sg`` is stop-gradient, so the term trains only the predictor, and ``z*`` (independent of
-    ``z0`` at convergence) gets no gradient from it. See ``docs/layers.md`` for the sources.
+    ``z0`` at convergence) gets no gradient from it. ``skip_detach=False`` lets the gradient
+    reach ``z*`` too, as in Pal et al. (2022) / DeepEquilibriumNetworks.jl (which use
+    ``skip_norm="l1"`` and ``skip_weight`` 5 on MNIST): ``f`` is then also pulled toward
+    equilibria the predictor reaches, which cuts solver steps at some cost in accuracy. See
+    ``docs/layers.md`` for the sources.
 
     Args:
         f: as for :class:`DEQ`.
@@ -261,14 +268,16 @@ class SkipDEQ(_SkipBase):
             ``state_shape`` is not given.
         skip_weight: the weight ``lambda`` of the skip term (default 1).
         skip_norm: ``"l2"`` (default) or ``"l1"``.
+        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
         **kwargs: the options of :class:`DEQ`.
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` shaped like ``predictor(x)``.
     """
 
     def __init__(self, f: nn.Module, predictor: nn.Module, *, skip_weight: float = 1.0,
-                 skip_norm: str = "l2", **kwargs: Any) -> None:
-        super().__init__(f, skip_weight=skip_weight, skip_norm=skip_norm, **kwargs)
+                 skip_norm: str = "l2", skip_detach: bool = True, **kwargs: Any) -> None:
+        super().__init__(f, skip_weight=skip_weight, skip_norm=skip_norm,
+                         skip_detach=skip_detach, **kwargs)
         if not isinstance(predictor, nn.Module):
             raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
                             f"{type(predictor).__name__}")
@@ -300,13 +309,15 @@ class SkipRegDEQ(_SkipBase):
 
     Training adds ``skip_weight * mean((f(0, x) - sg(z*))^2)`` (or the ``"l1"`` mean absolute
     difference) to :func:`contdeq.aux_loss`; it trains ``f`` so that one application from zero
-    already lands near the equilibrium. DeepEquilibriumNetworks.jl builds this layer as
+    already lands near the equilibrium (``skip_detach=False``: and the equilibrium near that
+    first application, as in :class:`SkipDEQ`). DeepEquilibriumNetworks.jl builds this layer as
     ``DEQ(model, solver; init=nothing)``, whose initial condition is ``model((zero(x), x))``.
 
     Args:
         f: as for :class:`DEQ`.
         skip_weight: the weight ``lambda`` (default 1).
         skip_norm: ``"l2"`` (default) or ``"l1"``.
+        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
         **kwargs: the options of :class:`DEQ` (``state_shape`` sets the shape of the zero
             state passed to ``f``; default ``x``'s shape).
 

@@ -126,6 +126,8 @@ class MultiScaleSkipDEQ(_MultiScale, SkipDEQ):
         state_shapes: per-sample shape of each scale.
         skip_weight: the weight of the skip term (default 1).
         skip_norm: ``"l2"`` (default) or ``"l1"``.
+        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``; see
+            :class:`~contdeq.SkipDEQ`).
         **kwargs: the options of :class:`~contdeq.DEQ`.
 
     Shapes: ``x`` ``(B, ...)`` -> tuple of ``(B, *state_shapes[s])``.
@@ -133,9 +135,9 @@ class MultiScaleSkipDEQ(_MultiScale, SkipDEQ):
 
     def __init__(self, f: nn.Module, predictor: nn.Module, *,
                  state_shapes: Sequence[Sequence[int]], skip_weight: float = 1.0,
-                 skip_norm: str = "l2", **kwargs: Any) -> None:
+                 skip_norm: str = "l2", skip_detach: bool = True, **kwargs: Any) -> None:
         super().__init__(f, predictor, state_shapes=state_shapes, skip_weight=skip_weight,
-                         skip_norm=skip_norm, **kwargs)
+                         skip_norm=skip_norm, skip_detach=skip_detach, **kwargs)
 
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Flat ``(B, N)`` ``predictor(x)`` (checked scale by scale) and its graph; a given flat
@@ -157,15 +159,18 @@ class MultiScaleSkipRegDEQ(_MultiScale, SkipRegDEQ):
         state_shapes: per-sample shape of each scale.
         skip_weight: the weight of the skip term (default 1).
         skip_norm: ``"l2"`` (default) or ``"l1"``.
+        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``; see
+            :class:`~contdeq.SkipDEQ`).
         **kwargs: the options of :class:`~contdeq.DEQ`.
 
     Shapes: ``x`` ``(B, ...)`` -> tuple of ``(B, *state_shapes[s])``.
     """
 
     def __init__(self, f: nn.Module, *, state_shapes: Sequence[Sequence[int]],
-                 skip_weight: float = 1.0, skip_norm: str = "l2", **kwargs: Any) -> None:
+                 skip_weight: float = 1.0, skip_norm: str = "l2", skip_detach: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(f, state_shapes=state_shapes, skip_weight=skip_weight,
-                         skip_norm=skip_norm, **kwargs)
+                         skip_norm=skip_norm, skip_detach=skip_detach, **kwargs)
 
 
 class MultiScaleNeuralODE(_MultiScale, NeuralODE):
