@@ -43,6 +43,7 @@ import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, SavedTensors, machine_header, time_min, write_results
+from paper_headline import headline
 from paper_models import (
     MODELS,
     MULTISCALE_MODELS,
@@ -274,7 +275,8 @@ def _fmt(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
                 notes: list[str]) -> str:
     """One table per task."""
-    lines = [header, ""] + [f"* {n}" for n in notes] + [""]
+    lines = [header, ""] + [f"* {n}" for n in notes] + ["", "### Headline", "",
+                                                        headline(rows)]
     for task in tasks:
         trows = [r for r in rows if r["task"] == task.name]
         if not trows:

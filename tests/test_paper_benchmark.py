@@ -14,6 +14,7 @@ pytest.importorskip("matplotlib")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper
+import paper_headline
 
 MODELS = ["NeuralODE", "NeuralODE adjoint", "DEQ(ode, ptc)", "DEQ(anderson)",
           "DEQ(picard) jfb", "SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, ptc)", "torchdeq default",
@@ -76,6 +77,28 @@ def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
         assert by[task, "SkipDEQ(ode, dopri5)"]["ratio_deq_infer_nfe"] is None  # no base row
         assert base["ratio_deq_target"] is None and base["ratio_deq_infer_nfe"] is None
     assert paper.TOL["tol"] == 5e-3  # --tol applies to its run only
+    assert "### Headline" in md
+
+
+def _row(model: str, epoch: float, target: float | None, **extra: float) -> dict:
+    return {"task": "t", "model": model, "s_per_epoch": epoch, "time_to_target_s": target,
+            **extra}
+
+
+def test_headline_speedups() -> None:
+    rows = [_row("NeuralODE", 1.0, 6.0), _row("DEQ(ode, ptc)", 0.5, 2.0),
+            _row("SkipRegDEQ(ode, ptc)", 0.4, 1.0, ratio_deq_target=0.5),
+            _row("SkipDEQ(ode, ptc)", 0.4, None, ratio_deq_infer_nfe=0.25),
+            _row("DEQ(picard) jfb", 0.2, 0.8), _row("DEQ(picard)", 0.5, 3.0),
+            _row("torchdeq default", 0.4, 1.6), _row("torchdeq IFT", 1.0, 2.0)]
+    cells = paper_headline.task_headline(rows)
+    assert cells["DEQ(ode) vs NODE"] == "ptc 3.00×"
+    assert cells["best skip vs DEQ(ode)"] == "SkipRegDEQ(ode, ptc) 2.00×"
+    assert cells["SkipDEQ infer NFE ×DEQ(ode)"] == "0.25"
+    assert cells["picard jfb vs torchdeq default (epoch / target)"] == "2.00× / 2.00×"
+    assert cells["picard IFT vs torchdeq IFT (epoch / target)"] == "2.00× / 0.67×"
+    assert cells["contdeq best vs torchdeq best"] == "DEQ(picard) jfb 2.00×"
+    assert paper_headline.headline(rows).count("\n") == 3
 
 
 def test_tolerance_reaches_every_model() -> None:
