@@ -267,6 +267,28 @@ def test_layer_errors() -> None:
         layer(x, z0=(torch.zeros(3, *SHAPES[0]), torch.zeros(3, *SHAPES[1])))
 
 
+class LateWrongOutput(nn.Module):
+    """Correct on its first call, then returns the scales in the wrong shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, zs: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, ...]:
+        self.calls += 1
+        z0, z1 = (0.5 * z + 1.0 for z in zs)
+        return (z0, z1) if self.calls == 1 else (z0, z1.reshape(len(z1), 1, -1))
+
+
+def test_checked_layout_is_trusted_only_while_it_holds() -> None:
+    """After its first call the adapter skips the per-scale checks, but an output whose layout
+    changes later still gets the per-scale error (not a silent reshape)."""
+    layer = contdeq.MultiScaleDEQ(LateWrongOutput(), state_shapes=SHAPES, solver="picard")
+    with pytest.raises(ValueError, match=r"f\(zs, x\)\[1\] \(scale 1\) must have shape"):
+        layer(x_batch())
+    assert layer.f.f.calls == 2
+
+
 class BadPredictor(nn.Module):
     def __init__(self, out: object) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..solvers.structure import Shapes, check_state_shapes, flatten_states, unflatten_states
@@ -34,9 +35,23 @@ class _FlatCell(nn.Module):
         super().__init__()
         self.f = f
         self.shapes = shapes
+        self.sizes = [math.prod(s) for s in shapes]
+        # The (batch, dtype, device) whose input and output layout has been checked: the
+        # solvers call f dozens of times per solve, so later calls only split and concatenate.
+        self._checked: tuple[Any, ...] | None = None
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         """``z`` ``(B, N)``, ``x`` ``(B, ...)`` -> ``(B, N)``: ``f`` applied to the split state."""
+        key = (tuple(z.shape), z.dtype, z.device, tuple(x.shape), x.dtype)
+        if key == self._checked:
+            zs = tuple(p.reshape(z.shape[0], *s)
+                       for p, s in zip(z.split(self.sizes, dim=1), self.shapes, strict=True))
+            out = self.f(zs, x)
+            if isinstance(out, tuple) and len(out) == len(self.shapes) and all(
+                    isinstance(t, Tensor) and t.shape[1:] == s
+                    for t, s in zip(out, self.shapes, strict=True)):
+                return torch.cat([t.reshape(z.shape[0], -1) for t in out], dim=1)
+            return flatten_states(out, shapes=self.shapes, name="f(zs, x)")[0]  # raises
         zs = unflatten_states(z, self.shapes, name="z")
         try:
             out = self.f(zs, x)
@@ -47,7 +62,9 @@ class _FlatCell(nn.Module):
                 f"{tuple(x.shape)} (do state_shapes match f's channels and resolutions?). "
                 f"The error was: {exc}"
             ) from exc
-        return flatten_states(out, shapes=self.shapes, name="f(zs, x)")[0]
+        flat = flatten_states(out, shapes=self.shapes, name="f(zs, x)")[0]
+        self._checked = key
+        return flat
 
     def extra_repr(self) -> str:
         return f"f(zs, x) on the per-sample shapes {self.shapes}"
