@@ -2,7 +2,8 @@
 
 Per task, from the rows :func:`paper.summarize` produced (or ``<name>.json``):
 
-* DEQ(ode) against the NeuralODE: time to target accuracy, as a speed-up (goal >= 3x);
+* DEQ(ode) (ptc and dopri5 with the implicit gradient; ptc with JFB) against the NeuralODE:
+  time to target accuracy, as a speed-up (goal >= 3x);
 * the best skip row against the DEQ(ode) row of its method (goal >= 2x), and the lowest
   inference-NFE ratio of a SkipDEQ row (goal <= 1/3);
 * like for like against torchdeq: DEQ(picard) jfb against torchdeq's default (fixed-point
@@ -59,8 +60,9 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
     ms = "MS " if any(m.startswith("MS ") for m in by) else ""
     node = by.get(f"{ms}NeuralODE")
     node_t = node and node["time_to_target_s"]
-    deq = {m: _speedup(node_t, by[m]["time_to_target_s"])
-           for m in (f"{ms}DEQ(ode, ptc)", f"{ms}DEQ(ode, dopri5)") if m in by}
+    deq = {label: _speedup(node_t, by[f"{ms}{m}"]["time_to_target_s"])
+           for label, m in (("ptc", "DEQ(ode, ptc)"), ("dopri5", "DEQ(ode, dopri5)"),
+                            ("ptc jfb", "DEQ(ode, ptc) jfb")) if f"{ms}{m}" in by}
     skips = [r for r in rows if r.get("ratio_deq_target") is not None]
     best_skip = min(skips, key=lambda r: r["ratio_deq_target"]) if skips else None
     skip_nfe = [r for r in rows if r["model"].startswith(f"{ms}SkipDEQ")
@@ -71,8 +73,7 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
     best_ours, best_tdeq = _best(ours), _best(tdeq)
     return {
         "task": rows[0]["task"],
-        "DEQ(ode) vs NODE": ", ".join(f"{m.removeprefix(ms)[9:-1]} {_x(v)}"
-                                      for m, v in deq.items()) or "-",
+        "DEQ(ode) vs NODE": ", ".join(f"{label} {_x(v)}" for label, v in deq.items()) or "-",
         "best skip vs DEQ(ode)": (f"{best_skip['model'].removeprefix(ms)} "
                                   f"{_x(1 / best_skip['ratio_deq_target'])}" if best_skip
                                   else "-"),

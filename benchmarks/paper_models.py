@@ -161,6 +161,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "NeuralODE adjoint": _node(adjoint=True),
     "DEQ(ode, dopri5)": _deq("ode"),
     "DEQ(ode, ptc)": _deq("ode", method="ptc"),
+    "DEQ(ode, ptc) jfb": _deq("ode", "jfb", method="ptc"),
     "DEQ(anderson)": _deq("anderson"),
     "DEQ(anderson) jfb": _deq("anderson", "jfb"),
     "DEQ(broyden)": _deq("broyden"),
@@ -184,6 +185,7 @@ def _multiscale(kind: type, solver: str = "ode", **kw: Any) -> Callable[..., nn.
     if kind is contdeq.MultiScaleNeuralODE:
         return lambda f, predictor, shapes: kind(f, state_shapes=shapes, rtol=TOL["ode_tol"],
                                                  atol=TOL["ode_tol"])
+
     def make(f: nn.Module, predictor: Callable[[], nn.Module], shapes: Any) -> nn.Module:
         max_steps = TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"]
         args = (f, predictor()) if kind is contdeq.MultiScaleSkipDEQ else (f,)
@@ -199,6 +201,7 @@ MULTISCALE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "MS NeuralODE": _multiscale(contdeq.MultiScaleNeuralODE),
     "MS DEQ(ode, dopri5)": _multiscale(contdeq.MultiScaleDEQ),
     "MS DEQ(ode, ptc)": _multiscale(contdeq.MultiScaleDEQ, method="ptc"),
+    "MS DEQ(ode, ptc) jfb": _multiscale(contdeq.MultiScaleDEQ, method="ptc", backward="jfb"),
     "MS DEQ(anderson)": _multiscale(contdeq.MultiScaleDEQ, solver="anderson"),
     "MS SkipDEQ(ode, ptc)": _multiscale(contdeq.MultiScaleSkipDEQ, method="ptc"),
     "MS SkipRegDEQ(ode, ptc)": _multiscale(contdeq.MultiScaleSkipRegDEQ, method="ptc"),
