@@ -154,7 +154,8 @@ _STEADY_STATE_KEYS = frozenset(
     {"method", "atol", "rtol", "ode_atol", "ode_rtol", "max_steps", "t_max", "first_step",
      "max_step", "backend", "record_trajectory", "timeout"}
 )
-_FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout"})
+_FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout",
+                               "freeze_converged"})
 
 
 def _check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
@@ -243,7 +244,9 @@ def solve_adjoint(
         ``(w, stats)``: ``w`` shaped like ``v``; ``stats.nfe`` counts the VJPs.
 
     The solve starts from ``w0 = v`` (the Jacobian-free answer), and ``v`` is divided by its
-    largest per-sample RMS first (the problem is linear, so ``w`` is scaled back exactly).
+    largest per-sample RMS first (the problem is linear, so ``w`` is scaled back exactly). The
+    discrete methods iterate all samples together (``freeze_converged=False`` unless
+    ``options`` says otherwise).
     """
     if not bool(torch.isfinite(v).all()):
         raise NonFiniteError(
@@ -261,9 +264,12 @@ def solve_adjoint(
                 on_nonconvergence=on_nonconvergence, **options,
             )
         else:
+            # Linear and contractive where it converges: iterating a converged sample further
+            # cannot hurt it, so all samples iterate together (half the bookkeeping).
             w, stats = fixed_point(
                 lambda w: vjp(w).add_(vn), vn, method=method, atol=0.0, rtol=tol,
-                max_steps=max_steps, on_nonconvergence=on_nonconvergence, **options,
+                max_steps=max_steps, on_nonconvergence=on_nonconvergence,
+                **{"freeze_converged": False, **options},
             )
     return w.mul_(scale), stats
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contdeq.solvers import fixed_point
+from contdeq.solvers import ConvergenceError, NonFiniteError, fixed_point
 
 from .problems import CallCounter, spd_batch, tanh_layer
 
@@ -122,3 +122,39 @@ def test_damped_variants_converge(method: str) -> None:
                            max_steps=500, **options)
     assert stats.all_converged
     assert float((z - z_star).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_iterating_together_matches_per_sample_freezing(method: str) -> None:
+    """freeze_converged=False: every sample iterates until all have converged; same fixed
+    point, exact NFE, the stats of the last iterate, residual history per step."""
+    f, z_star = tanh_layer(32, 8, torch.float64, lipschitz=0.95)
+    z0 = torch.zeros_like(z_star)
+    z0[0] = z_star[0]  # converged from the start: iterating it further must not hurt it
+    counter = CallCounter(f)
+    z, stats = fixed_point(counter, z0, method=method, atol=1e-9, rtol=0.0, max_steps=1000,
+                           freeze_converged=False, record_trajectory=True)
+    assert stats.all_converged and stats.stop_reason == "converged"
+    assert stats.nfe == counter.calls == stats.steps + 1
+    assert stats.residual_history.shape == (stats.steps + 1, 8)
+    torch.testing.assert_close(stats.residual, (f(z) - z).pow(2).mean(1).sqrt())
+    assert float((z - z_star).abs().max()) < 1e-7
+    z_frozen, _ = fixed_point(f, z0, method=method, atol=1e-9, rtol=0.0, max_steps=1000)
+    assert float((z - z_frozen).abs().max()) < 1e-7
+
+
+def test_iterating_together_reports_nonconvergence_and_non_finite_values() -> None:
+    f, z_star = tanh_layer(16, 4, torch.float64, lipschitz=0.95)
+    with pytest.raises(ConvergenceError):
+        fixed_point(f, torch.zeros_like(z_star), method="picard", atol=1e-12, rtol=0.0,
+                    max_steps=3, freeze_converged=False, on_nonconvergence="raise")
+    calls = CallCounter(lambda z: z * 2.0 + 1e308)  # overflows to inf on the second step
+    with pytest.raises(NonFiniteError):
+        fixed_point(calls, torch.zeros(3, 2, dtype=torch.float64), method="picard",
+                    freeze_converged=False)
+    with pytest.raises(NonFiniteError):  # NaN in one sample only
+        fixed_point(lambda z: torch.where(z > 0.5, torch.nan, 0.9 * z + 0.1),
+                    torch.tensor([[0.0], [0.45]], dtype=torch.float64), method="picard",
+                    atol=1e-12, rtol=0.0, freeze_converged=False)
+    with pytest.raises(TypeError, match="freeze_converged must be a bool"):
+        fixed_point(f, torch.zeros_like(z_star), freeze_converged=1)

@@ -107,6 +107,22 @@ class Progress:
             if self.t_history is not None and self.t is not None:
                 self.t_history.append(self.t.clone())
 
+    def update_all(self, z: Tensor, residual_norm: Tensor) -> None:
+        """Record the residual norms (``(B,)``) of every sample (all moved together, none frozen)
+        and mark which have converged; a handful of tensor operations.
+
+        Raises :class:`NonFiniteError` when a residual or tolerance is NaN/Inf.
+        """
+        tol = self.condition.tolerance(z)
+        gap = residual_norm - tol
+        lowest, highest = torch.aminmax(gap)  # NaN/Inf in a residual or tolerance shows here
+        if not (math.isfinite(float(lowest)) and math.isfinite(float(highest))):
+            raise_nonfinite(self.name, self.steps)
+        self.res, self.tol = residual_norm, tol
+        self.active = gap > 0
+        if self.res_history is not None:
+            self.res_history.append(self.res.clone())
+
     def finish(
         self,
         method: str,
