@@ -54,7 +54,7 @@ bench-solvers: $(VENV)/.examples
 
 # Every layer kind trained on the same tasks, torchdeq included (benchmarks/README.md).
 bench-paper: $(VENV)/.bench
-	$(BIN)/python benchmarks/paper.py
+	$(BIN)/python benchmarks/paper.py --threads 1
 
 bench-paper-quick: $(VENV)/.bench
 	$(BIN)/python benchmarks/paper.py --quick
