@@ -305,52 +305,63 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
     return "\n".join(lines)
 
 
+#: The rows of the ``<name>_key.png`` figure (multi-scale tasks: their ``MS`` versions).
+KEY_MODELS = ("NeuralODE", "DEQ(ode, dopri5)", "DEQ(ode, ptc)", "DEQ(ode, ptc) jfb",
+              "SkipDEQ(ode, ptc)", "SkipRegDEQ(ode, ptc) paper loss", "DEQ(picard) jfb",
+              "torchdeq default", "torchdeq IFT")
+
+
 def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) -> list[Path]:
-    """Accuracy vs cumulative training time, and forward NFE per epoch, one panel per task."""
+    """Accuracy vs cumulative training time (every model; and the :data:`KEY_MODELS` alone),
+    and forward NFE per epoch, one panel per task; a model and its multi-scale version share a
+    line style."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    roles = list(dict.fromkeys(r["model"].removeprefix("MS ") for r in rows))
+    colors = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    style = {n: {"color": colors[i % len(colors)], "marker": ".",
+                 "ls": "--" if n.startswith(("torchdeq", "NeuralODE")) else
+                 (0, (5, 1, 1, 1)) if i >= 10 else "-"} for i, n in enumerate(roles)}
     paths = []
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    cmap = plt.get_cmap("tab20")
-    style = {n: {"color": cmap(i % 20), "ls": "--" if n.startswith(("torchdeq", "NeuralODE"))
-                 else "-", "marker": "."} for i, n in enumerate(names)}
-    for kind in ("accuracy", "nfe"):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 2.5, 4.2),
-                                 squeeze=False)
-        for ax, task in zip(axes[0], tasks, strict=True):
+    for kind, keep in (("accuracy", None), ("key", KEY_MODELS), ("nfe", None)):
+        cols = min(len(tasks), 2)
+        nrows = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.0 * nrows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks, strict=False):
             for r in (r for r in rows if r["task"] == task.name):
+                role = r["model"].removeprefix("MS ")
+                if keep is not None and role not in keep:
+                    continue
                 hist = r["history"]
-                epochs = [h["epoch"] + 1 for h in hist]
-                kw = {**style[r["model"]], "label": r["model"]}
-                if kind == "accuracy":
-                    wall, t = [], 0.0
-                    for h in hist:
-                        t += h["train_s"]
-                        wall.append(t)
-                    ax.plot(wall, [h["test_acc"] for h in hist], **kw)
+                if kind == "nfe":
+                    xs = [h["epoch"] + 1 for h in hist]
+                    ys = [h["forward_nfe"] for h in hist]
                 else:
-                    ax.plot(epochs, [h["forward_nfe"] for h in hist], **kw)
+                    xs = [sum(h["train_s"] for h in hist[:i + 1]) for i in range(len(hist))]
+                    ys = [h["test_acc"] for h in hist]
+                ax.plot(xs, ys, label=role, lw=1.3, ms=3, **style[role])
             target = next((r["target_acc"] for r in rows if r["task"] == task.name), None)
-            if kind == "accuracy" and target is not None:
+            if kind != "nfe" and target is not None:
                 ax.axhline(target, color="k", ls=":", lw=1)
+                ax.set_ylim(max(ax.get_ylim()[0], target - 25), None)
             ax.set_title(task.name)
-            ax.set_xlabel("training wall time (s)" if kind == "accuracy" else "epoch")
-            ax.set_ylabel("test accuracy (%)" if kind == "accuracy" else "forward NFE / batch")
+            ax.set_xlabel("epoch" if kind == "nfe" else "training wall time (s)")
+            ax.set_ylabel("forward NFE / batch" if kind == "nfe" else "test accuracy (%)")
             if kind == "nfe":
                 ax.set_yscale("log")
-        handles, labels = [], []
-        for ax in axes[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="center right", fontsize=8)
-        fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.set_visible(False)
+        labels = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(),
+                                                                strict=True)}
+        fig.legend(list(labels.values()), list(labels), loc="lower center", fontsize=8,
+                   ncol=min(len(labels), 4), bbox_to_anchor=(0.5, 0.0))
+        legend_rows = -(-len(labels) // 4)
+        fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / fig.get_figheight(), 1, 1))
         path = out / f"{name}_{kind}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

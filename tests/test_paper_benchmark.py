@@ -57,6 +57,7 @@ def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "paper_smoke.json").read_text())
     assert (tmp_path / "paper_smoke_accuracy.png").stat().st_size > 0
     assert (tmp_path / "paper_smoke_nfe.png").stat().st_size > 0
+    assert (tmp_path / "paper_smoke_key.png").stat().st_size > 0
     assert len(data) == len(rows)
     contdeq_models = [m for m in MODELS if not m.startswith("torchdeq")]
     for task in ("digits-mlp", "spirals"):
