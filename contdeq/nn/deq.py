@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from ..implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium, first_call
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
+from ..solvers.structure import as_shape
 from .checks import check_number
 from .normalization import update_normalization, warn_unstable_normalization
 
@@ -35,9 +36,8 @@ def resolve_state_shape(state_shape: int | Sequence[int] | None) -> tuple[int, .
     """Normalise a per-sample state shape argument (``None``: inferred at the first call)."""
     if state_shape is None:
         return None
-    shape = (state_shape,) if isinstance(state_shape, int) else tuple(state_shape)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                            for s in shape):
+    shape = as_shape(state_shape)
+    if shape is None:
         raise ValueError(f"state_shape must be a positive int or a tuple of them, got "
                          f"{state_shape!r}")
     return shape
