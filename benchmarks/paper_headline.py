@@ -4,7 +4,7 @@ Per task, from the rows :func:`paper.summarize` produced (or ``<name>.json``):
 
 * DEQ(ode) (ptc and dopri5 with the implicit gradient; ptc with JFB) against the NeuralODE:
   time to target accuracy, as a speed-up (goal >= 3x);
-* the best skip row against the DEQ(ode) row of its method (goal >= 2x), and the lowest
+* the best skip row against the DEQ(ode) row of its ODE method (goal >= 2x), and the lowest
   inference-NFE ratio of a SkipDEQ row (goal <= 1/3);
 * like for like against torchdeq: DEQ(picard) jfb against torchdeq's default (fixed-point
   iteration + 1-step gradient) and DEQ(picard) against torchdeq IFT (fixed-point forward,
