@@ -116,16 +116,20 @@ class Net(nn.Module):
         return self.head(self.layer(self.encoder(x)))
 
 
+def _shared_options(solver: str) -> dict[str, Any]:
+    """The shared tolerances and caps of a contdeq equilibrium layer, read from :data:`TOL` when
+    the model is built."""
+    return {"solver": solver, "atol": TOL["tol"], "rtol": TOL["tol"],
+            "max_steps": TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"],
+            "backward_tol": TOL["backward_tol"], "backward_max_steps": TOL["backward_max_steps"],
+            "on_nonconvergence": "ignore"}
+
+
 def _deq(solver: str, backward: str = "implicit", **kw: Any) -> Callable[..., nn.Module]:
     def make(f: nn.Module, predictor: Callable[[], nn.Module], kind: type = contdeq.DEQ
              ) -> nn.Module:
-        tol = {"atol": TOL["tol"], "rtol": TOL["tol"], "max_steps":
-               TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"]}
-        extra = {"predictor": predictor()} if kind is contdeq.SkipDEQ else {}
-        args = (f, extra.pop("predictor")) if extra else (f,)
-        return kind(*args, solver=solver, backward=backward, backward_tol=TOL["backward_tol"],
-                    backward_max_steps=TOL["backward_max_steps"], on_nonconvergence="ignore",
-                    **tol, **kw)
+        args = (f, predictor()) if kind is contdeq.SkipDEQ else (f,)
+        return kind(*args, backward=backward, **_shared_options(solver), **kw)
     return make
 
 
@@ -189,12 +193,8 @@ def _multiscale(kind: type, solver: str = "ode", **kw: Any) -> Callable[..., nn.
                                                  atol=TOL["ode_tol"])
 
     def make(f: nn.Module, predictor: Callable[[], nn.Module], shapes: Any) -> nn.Module:
-        max_steps = TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"]
         args = (f, predictor()) if kind is contdeq.MultiScaleSkipDEQ else (f,)
-        return kind(*args, state_shapes=shapes, solver=solver, atol=TOL["tol"],
-                    rtol=TOL["tol"], max_steps=max_steps, backward_tol=TOL["backward_tol"],
-                    backward_max_steps=TOL["backward_max_steps"], on_nonconvergence="ignore",
-                    **kw)
+        return kind(*args, state_shapes=shapes, **_shared_options(solver), **kw)
     return make
 
 
