@@ -103,17 +103,25 @@ def fixed_point(
         SteadyStateCondition(float(atol), float(rtol)), z, residual,
         max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
     )
-    if not freeze_converged:
-        z, reason = _iterate_together(solver, counted, progress, z, gz, residual)
-        stats = progress.finish(method, counted.calls, reason)
-        report_nonconvergence(stats, on_nonconvergence)
-        return z.reshape(z0.shape), stats
+    iterate = _iterate_freezing if freeze_converged else _iterate_together
+    z, reason = iterate(solver, counted, progress, z, gz, residual)
+    stats = progress.finish(method, counted.calls, reason)
+    report_nonconvergence(stats, on_nonconvergence)
+    return z.reshape(z0.shape), stats
+
+
+def _iterate_freezing(
+    solver: Anderson | Broyden | Picard, g: CountedMap, progress: Progress, z: Tensor,
+    gz: Tensor, residual: Tensor,
+) -> tuple[Tensor, str]:
+    """Iterate the samples that have not converged (the others stay put) until none is left or
+    a limit is hit; returns each sample's best iterate and the stop reason."""
     best = z
     while (reason := progress.stop_reason()) is None:
         active = progress.active
         proposal = solver.propose(z, gz, residual)
         z = torch.where(active.unsqueeze(1), proposal, z)
-        gz = counted(z)
+        gz = g(z)
         residual = gz - z
         progress.steps += 1
         res = sample_rms(residual)
@@ -122,9 +130,7 @@ def fixed_point(
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)
         progress.update(z, res, improved)
-    stats = progress.finish(method, counted.calls, reason)
-    report_nonconvergence(stats, on_nonconvergence)
-    return best.reshape(z0.shape), stats
+    return best, reason
 
 
 def _iterate_together(
