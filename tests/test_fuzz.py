@@ -69,6 +69,16 @@ def test_poisoned_solves_raise() -> None:
         assert run_case(case) == "raised_nonfinite", solver
 
 
+def test_poison_in_a_rejected_last_step_is_not_silent() -> None:
+    """NaN from the second call with one step allowed: a rejected step must still raise (found
+    by hypothesis for the torchdiffeq-loop backend, whose NaN step size only failed one step
+    later)."""
+    for solver in SOLVERS:
+        case = Case(seed=0, family="nan_midway", solver=solver, shape=(3,), dtype="float64",
+                    max_steps=1, policy="ignore", strength=0.0, finite_t_max=False)
+        assert run_case(case) in OUTCOMES, solver
+
+
 class _Cell(nn.Module):
     """``f(z, x) = tanh(W z + U x)`` with ``||W||_2 = radius``."""
 

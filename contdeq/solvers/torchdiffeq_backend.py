@@ -14,6 +14,8 @@ loop can be checked and measured against them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchdiffeq import odeint_event
@@ -96,6 +98,10 @@ def run_torchdiffeq_loop(
             progress.update(new_state.y1, sample_rms(new_state.f1), progress.active, dt)
         else:
             rejected += 1
+            # A non-finite stage rejects the step with a NaN next step size; torchdiffeq only
+            # notices at the next step, which max_steps may never allow.
+            if not math.isfinite(float(new_state.dt)):
+                raise_nonfinite(func.name, progress.steps)
         state = new_state
     return state.y1, reason, accepted, rejected
 
