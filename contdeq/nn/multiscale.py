@@ -14,10 +14,16 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ..solvers.structure import Shapes, check_state_shapes, flatten_states, unflatten_states
+from ..solvers.structure import (
+    Shapes,
+    check_state_shapes,
+    concat_states,
+    flatten_states,
+    split_states,
+    unflatten_states,
+)
 from .deq import DEQ, SkipDEQ, SkipRegDEQ, check_state
 from .node import NeuralODE
 
@@ -35,22 +41,19 @@ class _FlatCell(nn.Module):
         super().__init__()
         self.f = f
         self.shapes = shapes
-        self.sizes = [math.prod(s) for s in shapes]
-        # The (batch, dtype, device) whose input and output layout has been checked: the
-        # solvers call f dozens of times per solve, so later calls only split and concatenate.
+        # The shapes, dtypes and device of the last checked call's z and x: the solvers call f
+        # dozens of times per solve with the same ones, so later calls skip the checks.
         self._checked: tuple[Any, ...] | None = None
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         """``z`` ``(B, N)``, ``x`` ``(B, ...)`` -> ``(B, N)``: ``f`` applied to the split state."""
         key = (tuple(z.shape), z.dtype, z.device, tuple(x.shape), x.dtype)
         if key == self._checked:
-            zs = tuple(p.reshape(z.shape[0], *s)
-                       for p, s in zip(z.split(self.sizes, dim=1), self.shapes, strict=True))
-            out = self.f(zs, x)
+            out = self.f(split_states(z, self.shapes), x)
             if isinstance(out, tuple) and len(out) == len(self.shapes) and all(
                     isinstance(t, Tensor) and t.shape[1:] == s
                     for t, s in zip(out, self.shapes, strict=True)):
-                return torch.cat([t.reshape(z.shape[0], -1) for t in out], dim=1)
+                return concat_states(out)
             return flatten_states(out, shapes=self.shapes, name="f(zs, x)")[0]  # raises
         zs = unflatten_states(z, self.shapes, name="z")
         try:

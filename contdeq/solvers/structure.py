@@ -96,8 +96,18 @@ def flatten_states(
             raise ValueError(f"{name}[{i}] (scale {i}) must have shape "
                              f"{(z.shape[0], *expected[i])} (per-sample shape {expected[i]}), "
                              f"got {tuple(z.shape)}")
-    flat = torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
-    return flat, tuple(tuple(z.shape[1:]) for z in zs)
+    return concat_states(zs), tuple(tuple(z.shape[1:]) for z in zs)
+
+
+def concat_states(zs: Sequence[Tensor]) -> Tensor:
+    """:func:`flatten_states` without its checks: ``(B, *shape_s)`` tensors -> ``(B, N)``."""
+    return torch.cat([z.reshape(z.shape[0], -1) for z in zs], dim=1)
+
+
+def split_states(flat: Tensor, shapes: Shapes) -> tuple[Tensor, ...]:
+    """:func:`unflatten_states` without its checks: ``(B, N)`` -> ``(B, *shape_s)`` views."""
+    parts = flat.split([math.prod(shape) for shape in shapes], dim=1)
+    return tuple(p.reshape(flat.shape[0], *shape) for p, shape in zip(parts, shapes, strict=True))
 
 
 def unflatten_states(
@@ -122,8 +132,7 @@ def unflatten_states(
     if flat.ndim != 2 or flat.shape[1] != sum(sizes):
         raise ValueError(f"{name} must have shape (B, {sum(sizes)}) for the per-sample shapes "
                          f"{shapes}, got {tuple(flat.shape)}")
-    parts = flat.split(sizes, dim=1)
-    return tuple(p.reshape(flat.shape[0], *shape) for p, shape in zip(parts, shapes, strict=True))
+    return split_states(flat, shapes)
 
 
 class _FlatFunction:
