@@ -36,6 +36,11 @@ def _speedup(reference: float | None, model: float | None) -> float | None:
     return reference / model
 
 
+def _to_target(reference: Row, row: Row) -> float | None:
+    """Speed-up of ``row`` over ``reference`` in time to the target accuracy."""
+    return _speedup(reference["time_to_target_s"], row["time_to_target_s"])
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}×"
 
@@ -50,8 +55,7 @@ def _pair(by: dict[str, Row], ours: str, theirs: str) -> str:
     a, b = by.get(ours), by.get(theirs)
     if a is None or b is None:
         return "-"
-    return (f"{_x(_speedup(b['s_per_epoch'], a['s_per_epoch']))} / "
-            f"{_x(_speedup(b['time_to_target_s'], a['time_to_target_s']))}")
+    return f"{_x(_speedup(b['s_per_epoch'], a['s_per_epoch']))} / {_x(_to_target(b, a))}"
 
 
 def task_headline(rows: list[Row]) -> dict[str, str]:
@@ -83,7 +87,7 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
                                                                  "torchdeq default"),
         "picard IFT vs torchdeq IFT (epoch / target)": _pair(by, "DEQ(picard)", "torchdeq IFT"),
         "contdeq best vs torchdeq best": (
-            f"{best_ours['model']} {_x(_speedup(best_tdeq['time_to_target_s'], best_ours['time_to_target_s']))}"  # noqa: E501
+            f"{best_ours['model']} {_x(_to_target(best_tdeq, best_ours))}"
             if best_ours and best_tdeq else "-"),
     }
 
