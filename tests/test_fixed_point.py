@@ -158,3 +158,20 @@ def test_iterating_together_reports_nonconvergence_and_non_finite_values() -> No
                     atol=1e-12, rtol=0.0, freeze_converged=False)
     with pytest.raises(TypeError, match="freeze_converged must be a bool"):
         fixed_point(f, torch.zeros_like(z_star), freeze_converged=1)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+def test_anderson_mixing_paths_agree(damping: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broadcast and the batched-matmul weighted sums give the same iterates."""
+    from contdeq.solvers import anderson
+
+    f, z_star = tanh_layer(300, 3, torch.float64)
+    runs = []
+    for limit in (0, 10_000):  # every state on the bmm path, then every one broadcast
+        monkeypatch.setattr(anderson, "_BROADCAST_MIX_MAX_FEATURES", limit)
+        runs.append(fixed_point(f, torch.zeros_like(z_star), method="anderson", atol=1e-10,
+                                rtol=0.0, damping=damping, record_trajectory=True))
+    (z_bmm, s_bmm), (z_bc, s_bc) = runs
+    assert s_bmm.all_converged and s_bmm.nfe == s_bc.nfe
+    assert torch.allclose(z_bmm, z_bc, rtol=0.0, atol=1e-12)
+    assert torch.allclose(s_bmm.residual_history, s_bc.residual_history, rtol=1e-9, atol=1e-14)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -55,13 +57,27 @@ class Anderson:
         if n == 1:
             return z.add(residual, alpha=self.damping)
         gs, rs = self.gs[:, :n], self.rs[:, :n]
-        alpha = _mixing_weights(rs, self.regularization, slot).transpose(1, 2)  # (B, 1, n)
-        mixed_g = torch.bmm(alpha, gs).squeeze(1)
+        alpha = _mixing_weights(rs, self.regularization, slot)  # (B, n, 1)
+        mixed_g = _combine(alpha, gs)
         if self.damping == 1.0:
             return mixed_g
         # sum_i alpha_i z_i = sum_i alpha_i (g(z_i) - r_i)
-        mixed_x = mixed_g - torch.bmm(alpha, rs).squeeze(1)
+        mixed_x = mixed_g - _combine(alpha, rs)
         return mixed_x.lerp_(mixed_g, self.damping)
+
+
+#: Up to this state size a weighted sum of the stored iterates is one broadcast multiply and a
+#: sum; above it, a batched matrix product. Measured on a 2-core CPU at batch 64, memory 5:
+#: 11 against 44 us at 64 features, 45 against 27 us at 384.
+_BROADCAST_MIX_MAX_FEATURES = 256
+
+
+def _combine(alpha: Tensor, xs: Tensor) -> Tensor:
+    """``sum_i alpha_i x_i`` per sample: ``alpha`` ``(B, n, 1)``, ``xs`` ``(B, n, D)`` ->
+    ``(B, D)``."""
+    if xs.shape[2] <= _BROADCAST_MIX_MAX_FEATURES:
+        return (alpha * xs).sum(dim=1)
+    return torch.bmm(alpha.transpose(1, 2), xs).squeeze(1)
 
 
 def _mixing_weights(residuals: Tensor, regularization: float, newest: int) -> Tensor:
@@ -85,7 +101,9 @@ def _mixing_weights(residuals: Tensor, regularization: float, newest: int) -> Te
     ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
     y, info = torch.linalg.solve_ex(gram, ones)
     alpha = y.div_(y.sum(dim=1, keepdim=True))
-    if bool(info.any()) or not bool(alpha.sum().isfinite()):  # NaN/Inf propagate into the sum
+    # NaN/Inf propagate into the sum. With a ridge the scaled Gram matrix is positive definite,
+    # so only a non-finite one can be singular: the factorization status needs no extra check.
+    if not math.isfinite(float(alpha.sum())) or (regularization == 0 and bool(info.any())):
         failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1).squeeze(1)
         plain = torch.zeros_like(alpha)
         plain[:, newest] = 1.0

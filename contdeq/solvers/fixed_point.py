@@ -125,11 +125,13 @@ def _iterate_freezing(
         residual = gz - z
         progress.steps += 1
         res = sample_rms(residual)
-        if not finite_where(res, active):
+        tol = progress.condition.tolerance(z)
+        # An overflowing state gives an infinite tolerance; that must not count as converged.
+        if not finite_where(res + tol, active):
             raise_nonfinite("g", progress.steps)
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)
-        progress.update(z, res, improved)
+        progress.accept(improved, res, tol)
     return best, reason
 
 

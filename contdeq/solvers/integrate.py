@@ -97,28 +97,32 @@ def run_pseudo_transient(
     accepted = torch.zeros_like(progress.res, dtype=torch.long)
     attempted = torch.zeros_like(accepted)
     finite_t_max = t_max < math.inf
+    assert progress.t is not None
+    # The bookkeeping of Progress.update is done here, fused with the step control: the loop's
+    # cost on small states is its number of tensor operations.
     while (reason := progress.stop_reason(t_max)) is None:
-        active = progress.active
+        active, res = progress.active, progress.res
         # The pseudo-time is float64; the step taken is cast to the state's dtype.
         dt = (torch.minimum(h.to(progress.t.dtype), t_max - progress.t) if finite_t_max
               else h) * active
-        step = dt.to(h.dtype)
-        z_new = torch.addcmul(z, step.unsqueeze(1), d)
+        z_new = torch.addcmul(z, dt.to(h.dtype).unsqueeze(1), d)
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        if not finite_where(res_new, active):
+        tol_new = progress.condition.tolerance(z_new)
+        # An overflowing state gives an infinite tolerance; that must not count as converged.
+        if not finite_where(res_new + tol_new, active):
             raise_nonfinite(func.name, progress.steps)
-        ok = (res_new < progress.res).logical_and_(active)
+        ok = (res_new < res).logical_and_(active)
         accepted += ok
         attempted += active
         # Accepted: grow by the shrink ratio (in [1, 2]; NaN only where both residuals are 0,
         # which is never accepted). Rejected: halve. Converged samples' h no longer matters.
-        grown = (progress.res / res_new).clamp_(1.0, 2.0).mul_(h).clamp_(max=max_step)
-        h = torch.where(ok, grown, h.mul_(0.5))
+        factor = torch.where(ok, (res / res_new).clamp_(1.0, 2.0), 0.5)
+        h = factor.mul_(h).clamp_(max=max_step)
         keep = ok.unsqueeze(1)
         z = torch.where(keep, z_new, z)
         d = torch.where(keep, d_new, d)
-        progress.update(z, res_new, ok, dt)
+        progress.accept(ok, res_new, tol_new, dt)
     n_accepted = int(accepted.sum())
     return z, reason, n_accepted, int(attempted.sum()) - n_accepted

@@ -55,6 +55,8 @@ class Progress:
         if not all_finite(self.res + self.tol):
             raise_nonfinite(name, 0)
         self.active = self.res > self.tol
+        # Whether any sample is active, when the last update already knew it (saves a sync).
+        self._any_active: bool | None = None
         # Pseudo-time is accumulated in float64 (float32 on MPS): in the state's dtype a
         # float32/bfloat16 sum stalls or stops just short of ``t_max`` and the solve never ends.
         self.t = torch.zeros_like(self.res, dtype=_time_dtype(z)) if track_time else None
@@ -70,7 +72,10 @@ class Progress:
 
     def stop_reason(self, t_max: float = math.inf) -> str | None:
         """Why the loop must stop now, or ``None`` to go on."""
-        if not bool(self.active.any()):
+        any_active = self._any_active
+        if any_active is None:
+            any_active = bool(self.active.any())
+        if not any_active:
             return "converged"
         if self.steps >= self.max_steps:
             return "max_steps"
@@ -97,11 +102,24 @@ class Progress:
         # An overflowing state gives an infinite tolerance; that must not count as converged.
         if not finite_where(residual_norm + tol, moved):
             raise_nonfinite(self.name, self.steps)
+        self.accept(moved, residual_norm, tol, dt)
+
+    def accept(
+        self, moved: Tensor, residual_norm: Tensor, tol: Tensor, dt: Tensor | float | None = None
+    ) -> None:
+        """Record the residual norms and tolerances (``(B,)``, checked finite by the caller) of
+        the samples in ``moved``, advance their pseudo-time by ``dt`` and freeze those that now
+        meet their tolerance: :meth:`update` for a loop that computed the tolerances itself."""
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)
-        if self.t is not None and dt is not None:
+        if self.t is not None and isinstance(dt, Tensor):
+            self.t.addcmul_(dt, moved)
+        elif self.t is not None and dt is not None:
             self.t = torch.where(moved, self.t + dt, self.t)
-        self.active = self.active ^ (moved & (residual_norm <= tol))
+        # Equal to clearing the moved samples that meet their tolerance: the others keep their
+        # residual and tolerance.
+        self.active = self.res > self.tol
+        self._any_active = None
         if self.res_history is not None:
             self.res_history.append(self.res.clone())
             if self.t_history is not None and self.t is not None:
@@ -115,11 +133,12 @@ class Progress:
         """
         tol = self.condition.tolerance(z)
         gap = residual_norm - tol
-        lowest, highest = torch.aminmax(gap)  # NaN/Inf in a residual or tolerance shows here
-        if not (math.isfinite(float(lowest)) and math.isfinite(float(highest))):
+        lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf in either shows here
+        if not (math.isfinite(lowest) and math.isfinite(highest)):
             raise_nonfinite(self.name, self.steps)
         self.res, self.tol = residual_norm, tol
         self.active = gap > 0
+        self._any_active = highest > 0
         if self.res_history is not None:
             self.res_history.append(self.res.clone())
 

@@ -15,13 +15,17 @@ import torch
 from torch import Tensor
 
 
-def sample_rms(x: Tensor) -> Tensor:
-    """Root-mean-square of each sample: ``(B, ...) -> (B,)``."""
-    flat = x.reshape(x.shape[0], -1)
+def sample_rms(x: Tensor, factor: float = 1.0) -> Tensor:
+    """Root-mean-square of each sample, times ``factor``: ``(B, ...) -> (B,)``.
+
+    Two tensor operations on a ``(B, D)`` state (the solver loops call this every iteration).
+    """
+    flat = x if x.ndim == 2 else x.reshape(x.shape[0], -1)
+    scale = factor / flat.shape[1] ** 0.5
     if flat.dtype == torch.float16:  # the norm of a float16 state overflows before the division
-        rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) / (flat.shape[1] ** 0.5)
+        rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) * scale
         return rms.to(torch.float16)
-    return torch.linalg.vector_norm(flat, dim=1) / (flat.shape[1] ** 0.5)
+    return torch.linalg.vector_norm(flat, dim=1) * scale
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class SteadyStateCondition:
         """``(B,)`` tolerance of each sample at state ``z``."""
         if self.rtol == 0.0:
             return torch.full((z.shape[0],), self.atol, dtype=z.dtype, device=z.device)
-        return sample_rms(z).mul_(self.rtol).add_(self.atol)  # in place: called every step
+        tol = sample_rms(z, self.rtol)
+        return tol if self.atol == 0.0 else tol.add_(self.atol)  # in place: called every step
 
     def evaluate(self, z: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(residual_norm, tolerance, converged)``, each ``(B,)``."""
