@@ -4,7 +4,9 @@ For each task (:mod:`paper_tasks`: digits MLP, procedural spirals, digits conv) 
 (:mod:`paper_models`: NeuralODE backprop/adjoint, DEQ(ode) dopri5/ptc, DEQ(anderson, broyden,
 picard) implicit/jfb, SkipDEQ, SkipRegDEQ, torchdeq default/IFT), with the same ``f``, data,
 Adam optimizer, epochs and seeds: train, evaluating test accuracy after every epoch (not
-counted in training time). Reported per cell (means over seeds):
+counted in training time). The models of a task train interleaved, epoch by epoch (epoch 0 of
+each, then epoch 1 of each, ...), so a drift in the machine's speed during the run reaches every
+model alike. Reported per cell (means over seeds):
 
 * training wall time per epoch; time to the target accuracy (the NeuralODE's final accuracy
   minus 0.5 point; cumulative training time at the first epoch reaching it);
@@ -178,26 +180,65 @@ def graph_megabytes(model: nn.Module, xb: Tensor) -> float:
     return saved.megabytes
 
 
-def run_cell(task: Task, name: str, cfg: Config, seed: int, checkpoint_dir: Path | None,
-             resume: bool) -> list[dict[str, float]]:
-    """Train model ``name`` on ``task``: per-epoch history (resumable per epoch)."""
-    model = build_model(name, task, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    history: list[dict[str, float]] = []
-    path = None
-    if checkpoint_dir is not None:
-        path = checkpoint_dir / task.name / f"{_slug(name)}_s{seed}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and path.is_file():
-            history = list(contdeq.load_checkpoint(path, model, opt).extra["history"])
-    for epoch in range(len(history), cfg.epochs):
-        record = train_epoch(model, opt, task, cfg.batch, seed, epoch)
-        acc, infer_s, infer_nfe = evaluate(model, task, cfg.batch)
+class Cell:
+    """One model of one task and seed in training: model, optimizer, per-epoch history
+    (resumable per epoch from ``checkpoint_dir``)."""
+
+    def __init__(self, task: Task, name: str, cfg: Config, seed: int,
+                 checkpoint_dir: Path | None, resume: bool) -> None:
+        self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
+        self.model = build_model(name, task, seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.history: list[dict[str, float]] = []
+        self.path = None
+        if checkpoint_dir is not None:
+            self.path = checkpoint_dir / task.name / f"{_slug(name)}_s{seed}.pt"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and self.path.is_file():
+                self.history = list(
+                    contdeq.load_checkpoint(self.path, self.model, self.opt).extra["history"])
+
+    def train_epoch(self) -> None:
+        """Train and evaluate the next epoch (nothing once ``cfg.epochs`` are done)."""
+        epoch = len(self.history)
+        if epoch >= self.cfg.epochs:
+            return
+        record = train_epoch(self.model, self.opt, self.task, self.cfg.batch, self.seed, epoch)
+        acc, infer_s, infer_nfe = evaluate(self.model, self.task, self.cfg.batch)
         record.update(epoch=epoch, test_acc=acc, infer_s=infer_s, infer_nfe=infer_nfe)
-        history.append(record)
-        if path is not None:
-            contdeq.save_checkpoint(path, model, opt, epoch=epoch, extra={"history": history})
-    return history
+        self.history.append(record)
+        if self.path is not None:
+            contdeq.save_checkpoint(self.path, self.model, self.opt, epoch=epoch,
+                                    extra={"history": self.history})
+
+
+def train_interleaved(task: Task, names: list[str], cfg: Config, seed: int,
+                      checkpoint_dir: Path | None, resume: bool, notes: list[str]
+                      ) -> dict[str, list[dict[str, float]]]:
+    """Train every model of ``names`` on ``task`` epoch by epoch in turn (epoch 0 of each, then
+    epoch 1 of each, ...), so a drift in the machine's speed over the run reaches every model
+    alike. A model that fails is noted and dropped; the others go on. Returns the histories."""
+    cells: dict[str, Cell] = {}
+    for name in names:
+        try:
+            cells[name] = Cell(task, name, cfg, seed, checkpoint_dir, resume)
+        except Exception as exc:  # a model that cannot be built must not stop the suite
+            notes.append(f"FAILED {task.name} / {name}: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
+    for _ in range(cfg.epochs):
+        for name, cell in list(cells.items()):
+            try:
+                cell.train_epoch()
+            except Exception as exc:  # a diverging model must not stop the suite
+                notes.append(f"FAILED {task.name} / {name}: {type(exc).__name__}: {exc}")
+                print(notes[-1], flush=True)
+                del cells[name]
+    for name, cell in cells.items():
+        h = cell.history[-1]
+        seconds = sum(r["train_s"] for r in cell.history)
+        print(f"{task.name:12s} seed {seed} {name:20s} acc={h['test_acc']:5.1f}% "
+              f"nfe={h['forward_nfe']:6.1f} (trained {seconds:.1f} s)", flush=True)
+    return {name: cell.history for name, cell in cells.items()}
 
 
 def _mean(values: list[float]) -> float:
@@ -406,21 +447,11 @@ def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
         task = load_task(tname, cfg.width[tname], cfg.n_train, cfg.n_test, device)
         tasks.append(task)
         t_f = f_call_time(task, cfg.batch, cfg.seeds[0])
-        histories = {}
-        for name in models_for(task, models):
-            start = time.perf_counter()
-            try:
-                histories[name] = aggregate([
-                    run_cell(task, name, cfg, seed, checkpoint_dir, resume)
-                    for seed in cfg.seeds])
-            except Exception as exc:  # a diverging cell must not stop the suite
-                notes.append(f"FAILED {tname} / {name}: {type(exc).__name__}: {exc}")
-                print(notes[-1], flush=True)
-                continue
-            h = histories[name][-1]
-            print(f"{tname:12s} {name:20s} acc={h['test_acc']:5.1f}% "
-                  f"nfe={h['forward_nfe']:6.1f} ({time.perf_counter() - start:.1f} s)",
-                  flush=True)
+        names = models_for(task, models)
+        per_seed = [train_interleaved(task, names, cfg, seed, checkpoint_dir, resume, notes)
+                    for seed in cfg.seeds]
+        histories = {name: aggregate([runs[name] for runs in per_seed]) for name in names
+                     if all(name in runs for runs in per_seed)}
         rows += summarize(task, histories, t_f, cfg)
     notes += [
         "Shared settings: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()
@@ -446,7 +477,8 @@ def _run(cfg: Config, out: Path, device: str, checkpoint_dir: Path | None,
         "Skip rows: the library's skip term (skip_weight 1, L2, stop-gradient at z*); 'paper "
         "loss' rows: the paper's (5 · mean|z0 − z*|, gradient reaching z*). ×DEQ(ode): time "
         "to target and inference NFE against the DEQ(ode) row of the same method.",
-        "Timings on a shared machine are noisy.",
+        "Models train interleaved epoch by epoch (a drift in machine speed reaches all alike); "
+        "timings on a shared machine are still noisy.",
     ]
     header = (f"## Paper benchmark `{cfg.name}` ({machine_header()}, device {device}; "
               f"means over seeds {list(cfg.seeds)})")

@@ -157,3 +157,34 @@ def test_paper_multiscale_task(tmp_path: Path) -> None:
         assert _close(r["ratio_node_epoch"], r["s_per_epoch"] / node["s_per_epoch"])
         assert r["forward_nfe"] > 0 and r["ratio_torchdeq_epoch"] is None
     assert rows[1]["backward_iterations"] > 0
+
+
+def _accuracies(histories: dict[str, list[dict]]) -> dict[str, list[float]]:
+    return {name: [h["test_acc"] for h in hist] for name, hist in histories.items()}
+
+
+def test_interleaved_training_matches_training_alone() -> None:
+    """Epoch-by-epoch interleaving shares nothing between models: each learns as it would
+    alone; a model that fails is noted and dropped while the others finish."""
+    cfg = paper.replace(paper.Config(), **paper.PRESETS["smoke"])
+    task = paper.load_task("digits-mlp", cfg.width["digits-mlp"], cfg.n_train, cfg.n_test)
+    names = ["NeuralODE", "DEQ(ode, ptc)", "SkipDEQ(ode, ptc)"]
+    together = paper.train_interleaved(task, names, cfg, 0, None, False, [])
+    alone = {}
+    for name in names:
+        alone.update(paper.train_interleaved(task, [name], cfg, 0, None, False, []))
+    assert _accuracies(together) == _accuracies(alone)
+    assert all(len(h) == cfg.epochs for h in together.values())
+
+    def broken(self: paper.Cell) -> None:
+        raise FloatingPointError("diverged")
+
+    notes: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        original = paper.Cell.train_epoch
+        mp.setattr(paper.Cell, "train_epoch",
+                   lambda self: broken(self) if self.name == "DEQ(ode, ptc)" else original(self))
+        survived = paper.train_interleaved(task, names, cfg, 0, None, False, notes)
+    assert list(survived) == ["NeuralODE", "SkipDEQ(ode, ptc)"]
+    assert _accuracies(survived) == {n: _accuracies(alone)[n] for n in survived}
+    assert notes == ["FAILED digits-mlp / DEQ(ode, ptc): FloatingPointError: diverged"]
