@@ -77,7 +77,7 @@ class Config:
                                  "images-multiscale": 8})
     n_train: int | None = None
     n_test: int | None = None
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = TASKS
     models: tuple[str, ...] = DEFAULT_MODELS
     threads: int | None = None
@@ -86,9 +86,11 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {"name": "paper_quick", "epochs": 5, "batch": 64, "n_train": 768, "n_test": 256,
+              "seeds": (0,),
               "threads": 1, "width": {"digits-mlp": 32, "spirals": 32, "digits-conv": 4,
                                                   "images-multiscale": 4}},
     "smoke": {"name": "paper_smoke", "epochs": 2, "batch": 32, "n_train": 64, "n_test": 32,
+              "seeds": (0,),
               "threads": 1, "width": {"digits-mlp": 8, "spirals": 8, "digits-conv": 2,
                                                   "images-multiscale": 2}},
 }
