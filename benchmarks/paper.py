@@ -376,7 +376,9 @@ def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) ->
     import matplotlib.pyplot as plt
 
     roles = list(dict.fromkeys(r["model"].removeprefix("MS ") for r in rows))
-    colors = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    # 27 colors: every model of a full run gets its own.
+    colors = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors,
+              *plt.get_cmap("Set1").colors]
     style = {n: {"color": colors[i % len(colors)], "marker": ".",
                  "ls": "--" if n.startswith(("torchdeq", "NeuralODE")) else
                  (0, (5, 1, 1, 1)) if i >= 10 else "-"} for i, n in enumerate(roles)}
