@@ -85,7 +85,7 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    "quick": {"name": "paper_quick", "epochs": 5, "batch": 64, "n_train": 768, "n_test": 256,
+    "quick": {"name": "paper_quick", "epochs": 4, "batch": 64, "n_train": 768, "n_test": 256,
               "seeds": (0,),
               "threads": 1, "width": {"digits-mlp": 32, "spirals": 32, "digits-conv": 4,
                                                   "images-multiscale": 4}},
