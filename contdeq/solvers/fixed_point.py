@@ -24,8 +24,6 @@ from .validation import (
     check_positive_int,
     check_state,
     check_tolerances,
-    finite_where,
-    raise_nonfinite,
 )
 
 #: The discrete solvers, by name.
@@ -125,10 +123,7 @@ def _iterate_freezing(
         residual = gz - z
         progress.steps += 1
         res = sample_rms(residual)
-        tol = progress.condition.tolerance(z)
-        # An overflowing state gives an infinite tolerance; that must not count as converged.
-        if not finite_where(res + tol, active):
-            raise_nonfinite("g", progress.steps)
+        tol = progress.checked_tolerance(z, res, active)
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)
         progress.accept(improved, res, tol)

@@ -17,7 +17,7 @@ from .progress import Progress
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
 from .tableaux import Tableau
 from .termination import sample_rms
-from .validation import finite_where, raise_nonfinite
+from .validation import raise_nonfinite
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,7 @@ def run_pseudo_transient(
         d_new = func(0.0, z_new)
         progress.steps += 1
         res_new = sample_rms(d_new)
-        tol_new = progress.condition.tolerance(z_new)
-        # An overflowing state gives an infinite tolerance; that must not count as converged.
-        if not finite_where(res_new + tol_new, active):
-            raise_nonfinite(func.name, progress.steps)
+        tol_new = progress.checked_tolerance(z_new, res_new, active)
         ok = (res_new < res).logical_and_(active)
         accepted += ok
         attempted += active

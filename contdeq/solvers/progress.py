@@ -98,18 +98,27 @@ class Progress:
         Raises :class:`NonFiniteError` when a moved sample's residual or tolerance is NaN/Inf
         (a non-finite or overflowing state makes one of them non-finite).
         """
+        self.accept(moved, residual_norm, self.checked_tolerance(z, residual_norm, moved), dt)
+
+    def checked_tolerance(self, z: Tensor, residual_norm: Tensor, where: Tensor) -> Tensor:
+        """``(B,)`` tolerance at state ``z``.
+
+        Raises :class:`NonFiniteError` when, for a sample in ``where`` (``(B,)`` bool), the
+        residual norm or the tolerance is NaN/Inf: an overflowing state gives an infinite
+        tolerance, which must not count as converged.
+        """
         tol = self.condition.tolerance(z)
-        # An overflowing state gives an infinite tolerance; that must not count as converged.
-        if not finite_where(residual_norm + tol, moved):
+        if not finite_where(residual_norm + tol, where):
             raise_nonfinite(self.name, self.steps)
-        self.accept(moved, residual_norm, tol, dt)
+        return tol
 
     def accept(
         self, moved: Tensor, residual_norm: Tensor, tol: Tensor, dt: Tensor | float | None = None
     ) -> None:
-        """Record the residual norms and tolerances (``(B,)``, checked finite by the caller) of
-        the samples in ``moved``, advance their pseudo-time by ``dt`` and freeze those that now
-        meet their tolerance: :meth:`update` for a loop that computed the tolerances itself."""
+        """Record the residual norms and tolerances (``(B,)``, checked finite by the caller, e.g.
+        with :meth:`checked_tolerance`) of the samples in ``moved``, advance their pseudo-time by
+        ``dt`` and freeze those that now meet their tolerance: :meth:`update` for a loop that
+        computed the tolerances itself."""
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)
         if self.t is not None and isinstance(dt, Tensor):
