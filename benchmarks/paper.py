@@ -28,6 +28,7 @@ Usage: ``python benchmarks/paper.py [--quick | --smoke] [--seeds 0 1] [--tasks .
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import re
 import sys
@@ -45,7 +46,7 @@ import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, SavedTensors, machine_header, time_min, write_results
-from paper_headline import headline
+from paper_headline import headline, ratio
 from paper_models import (
     MODELS,
     MULTISCALE_MODELS,
@@ -220,20 +221,22 @@ def train_interleaved(task: Task, names: list[str], cfg: Config, seed: int,
     """Train every model of ``names`` on ``task`` epoch by epoch in turn (epoch 0 of each, then
     epoch 1 of each, ...), so a drift in the machine's speed over the run reaches every model
     alike. A model that fails is noted and dropped; the others go on. Returns the histories."""
+    def failed(name: str, exc: Exception) -> None:
+        notes.append(f"FAILED {task.name} / {name}: {type(exc).__name__}: {exc}")
+        print(notes[-1], flush=True)
+
     cells: dict[str, Cell] = {}
     for name in names:
         try:
             cells[name] = Cell(task, name, cfg, seed, checkpoint_dir, resume)
         except Exception as exc:  # a model that cannot be built must not stop the suite
-            notes.append(f"FAILED {task.name} / {name}: {type(exc).__name__}: {exc}")
-            print(notes[-1], flush=True)
+            failed(name, exc)
     for _ in range(cfg.epochs):
         for name, cell in list(cells.items()):
             try:
                 cell.train_epoch()
             except Exception as exc:  # a diverging model must not stop the suite
-                notes.append(f"FAILED {task.name} / {name}: {type(exc).__name__}: {exc}")
-                print(notes[-1], flush=True)
+                failed(name, exc)
                 del cells[name]
     for name, cell in cells.items():
         h = cell.history[-1]
@@ -256,12 +259,6 @@ def aggregate(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]
         rec["graph_mb"] = max(r["graph_mb"] for r in epoch_records)
         out.append(rec)
     return out
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
-        return None
-    return a / b
 
 
 def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: float,
@@ -299,13 +296,13 @@ def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: flo
             else min(tdeq, key=lambda r: r["s_per_epoch"]) if tdeq else None)
     for r in rows:
         for key, ref in (("node", node), ("torchdeq", best)):
-            r[f"ratio_{key}_epoch"] = _ratio(r["s_per_epoch"], ref and ref["s_per_epoch"])
-            r[f"ratio_{key}_target"] = _ratio(r["time_to_target_s"],
+            r[f"ratio_{key}_epoch"] = ratio(r["s_per_epoch"], ref and ref["s_per_epoch"])
+            r[f"ratio_{key}_target"] = ratio(r["time_to_target_s"],
                                               ref and ref["time_to_target_s"])
         r["torchdeq_best"] = None if best is None else best["model"]
         base = by_name.get(skip_baseline(r["model"]) or "")
-        r["ratio_deq_target"] = _ratio(r["time_to_target_s"], base and base["time_to_target_s"])
-        r["ratio_deq_infer_nfe"] = _ratio(r["infer_nfe"], base and base["infer_nfe"])
+        r["ratio_deq_target"] = ratio(r["time_to_target_s"], base and base["time_to_target_s"])
+        r["ratio_deq_infer_nfe"] = ratio(r["infer_nfe"], base and base["infer_nfe"])
     return rows
 
 
@@ -397,7 +394,7 @@ def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) ->
                     xs = [h["epoch"] + 1 for h in hist]
                     ys = [h["forward_nfe"] for h in hist]
                 else:
-                    xs = [sum(h["train_s"] for h in hist[:i + 1]) for i in range(len(hist))]
+                    xs = list(itertools.accumulate(h["train_s"] for h in hist))
                     ys = [h["test_acc"] for h in hist]
                 ax.plot(xs, ys, label=role, lw=1.3, ms=3, **style[role])
             target = next((r["target_acc"] for r in rows if r["task"] == task.name), None)

@@ -21,24 +21,27 @@ Usage: ``python benchmarks/paper_headline.py benchmarks/results/paper.json`` wri
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["headline", "main"]
+__all__ = ["headline", "main", "ratio"]
 
 Row = dict[str, Any]
 
 
-def _speedup(reference: float | None, model: float | None) -> float | None:
-    if reference is None or model is None or model <= 0:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``; ``None`` where either is missing or NaN, or ``b <= 0``. A speed-up is
+    ``ratio(reference time, model time)``."""
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
         return None
-    return reference / model
+    return a / b
 
 
 def _to_target(reference: Row, row: Row) -> float | None:
     """Speed-up of ``row`` over ``reference`` in time to the target accuracy."""
-    return _speedup(reference["time_to_target_s"], row["time_to_target_s"])
+    return ratio(reference["time_to_target_s"], row["time_to_target_s"])
 
 
 def _x(v: float | None) -> str:
@@ -55,7 +58,7 @@ def _pair(by: dict[str, Row], ours: str, theirs: str) -> str:
     a, b = by.get(ours), by.get(theirs)
     if a is None or b is None:
         return "-"
-    return f"{_x(_speedup(b['s_per_epoch'], a['s_per_epoch']))} / {_x(_to_target(b, a))}"
+    return f"{_x(ratio(b['s_per_epoch'], a['s_per_epoch']))} / {_x(_to_target(b, a))}"
 
 
 def task_headline(rows: list[Row]) -> dict[str, str]:
@@ -64,7 +67,7 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
     ms = "MS " if any(m.startswith("MS ") for m in by) else ""
     node = by.get(f"{ms}NeuralODE")
     node_t = node and node["time_to_target_s"]
-    deq = {label: _speedup(node_t, by[f"{ms}{m}"]["time_to_target_s"])
+    deq = {label: ratio(node_t, by[f"{ms}{m}"]["time_to_target_s"])
            for label, m in (("ptc", "DEQ(ode, ptc)"), ("dopri5", "DEQ(ode, dopri5)"),
                             ("ptc jfb", "DEQ(ode, ptc) jfb")) if f"{ms}{m}" in by}
     skips = [r for r in rows if r.get("ratio_deq_target") is not None]
