@@ -1,0 +1,156 @@
+"""Where a training step's time goes: forward solve, backward linear solve, and the rest.
+
+Trains the paper benchmark's models (same tasks, ``f``, tolerances and training settings:
+:mod:`paper_models`, :mod:`paper_tasks`, :class:`paper.Config`) for ``--epochs`` epochs, the
+models' steps interleaved batch by batch (every model sees the same batches, and a drift in
+the machine's speed reaches all alike), and splits each step of the last epoch into:
+
+* the forward solve (the layer's ``stats.forward.wall_time``) and the rest of the forward
+  (encoder, predictor, head, loss, the layer's own bookkeeping);
+* the backward linear solve (``stats.backward.wall_time``; none for jfb or backprop through
+  the solver) and the rest of the backward (the VJP for the parameters, encoder and head);
+* the optimizer step.
+
+Medians over the epoch's steps. ``perfect guess``: the step time the row would have if its
+forward solve needed a single ``f`` call (an initial guess exactly at ``z*`` with the same
+``f``, as a flawless skip predictor would give), ``step - solve + solve / NFE``; ``bound`` is
+the row's step time over that: the most an initial guess can speed up its step.
+
+Usage: ``python benchmarks/step_profile.py [--tasks digits-mlp ...] [--models ...]
+[--epochs 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import contdeq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine_header, write_results
+from paper import Config
+from paper_headline import ratio
+from paper_models import MODELS, TOL, build_model, layer_counts
+from paper_tasks import load_task
+
+DEFAULT_MODELS = ("NeuralODE", "DEQ(ode, ptc)", "DEQ(ode, ptc) jfb", "SkipDEQ(ode, ptc)",
+                  "SkipRegDEQ(ode, ptc)", "SkipRegDEQ(ode, ptc) paper loss", "DEQ(ode, dopri5)",
+                  "SkipRegDEQ(ode, dopri5) paper loss")
+PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_rest", "optimizer")
+
+
+def timed_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
+               yb: torch.Tensor) -> dict[str, float]:
+    """One training step, its parts in seconds, and the layer's forward NFE / backward
+    iterations."""
+    start = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
+    forward = time.perf_counter()
+    opt.zero_grad()
+    loss.backward()
+    backward = time.perf_counter()
+    opt.step()
+    end = time.perf_counter()
+    stats = model.layer.stats
+    fwd_solve = stats.forward.wall_time
+    bwd_solve = stats.backward.wall_time if stats.backward is not None else 0.0
+    nfe, iters = layer_counts(model.layer)
+    return {"step": end - start, "forward_solve": fwd_solve,
+            "forward_rest": forward - start - fwd_solve, "backward_solve": bwd_solve,
+            "backward_rest": backward - forward - bwd_solve, "optimizer": end - backward,
+            "forward_nfe": nfe, "backward_iterations": iters or 0}
+
+
+def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, seed: int
+                 ) -> list[dict[str, Any]]:
+    """Train ``models`` on the task for ``epochs`` epochs, steps interleaved; one row per model
+    with the medians of the last epoch's step parts (milliseconds)."""
+    task = load_task(task_name, cfg.width[task_name], cfg.n_train, cfg.n_test)
+    nets = {name: build_model(name, task, seed) for name in models}
+    opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr) for name, net in nets.items()}
+    records: dict[str, list[dict[str, float]]] = {}
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(100_003 * seed + epoch)
+        perm = torch.randperm(len(task.x_train), generator=g)
+        records = {name: [] for name in models}
+        for i in range(0, len(perm), cfg.batch):
+            idx = perm[i:i + cfg.batch]
+            for name in models:
+                nets[name].train()
+                records[name].append(timed_step(nets[name], opts[name], task.x_train[idx],
+                                                task.y_train[idx]))
+    rows = []
+    for name in models:
+        row: dict[str, Any] = {"task": task_name, "model": name}
+        for key in (*PARTS, "forward_nfe", "backward_iterations"):
+            values = [r[key] for r in records[name]]
+            row[key] = statistics.median(values) * (1e3 if key in PARTS else 1)
+        nfe = row["forward_nfe"]
+        if isinstance(nets[name].layer, contdeq.DEQ) and nfe >= 1:
+            row["perfect_guess"] = row["step"] - row["forward_solve"] * (1 - 1 / nfe)
+            row["bound"] = row["step"] / row["perfect_guess"]
+        else:  # a NeuralODE integrates to t_end: an initial guess does not shorten it
+            row["perfect_guess"] = row["bound"] = None
+        rows.append(row)
+    base = next((r for r in rows if r["model"] == "DEQ(ode, ptc)"), None)
+    for row in rows:
+        row["step_vs_deq"] = ratio(base and base["step"], row["step"])
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "",
+             "| task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
+             "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
+             "bound |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = "-" if r["step_vs_deq"] is None else f"{r['step_vs_deq']:.2f}"
+        guess = "- | -" if r["bound"] is None else f"{r['perfect_guess']:.2f} | {r['bound']:.2f}×"
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['step']:.2f} | {r['forward_solve']:.2f} "
+            f"({r['forward_nfe']:.0f}) | {r['forward_rest']:.2f} | {r['backward_solve']:.2f} "
+            f"({r['backward_iterations']:.0f}) | {r['backward_rest']:.2f} | "
+            f"{r['optimizer']:.2f} | {vs} | {guess} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "spirals", "digits-conv"],
+                        choices=["digits-mlp", "spirals", "digits-conv"])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="epochs trained; the last one is profiled (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=None, help="truncate the training set")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    cfg = Config(n_train=args.n_train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = [row for task in args.tasks
+                for row in profile_task(task, args.models, cfg, args.epochs, args.seed)]
+        header = (f"## Training-step profile ({machine_header()}; epoch {args.epochs} of "
+                  f"training, seed {args.seed}, batch {cfg.batch}, medians over its steps; "
+                  f"forward tol {TOL['tol']:g}, backward tol {TOL['backward_tol']:g})")
+        write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
