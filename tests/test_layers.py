@@ -90,14 +90,17 @@ def test_aux_loss_zero_for_plain_deq_positive_for_skip(digits) -> None:
 
 
 def test_skip_term_trains_only_the_guess(digits) -> None:
-    """The skip term sees sg(z*): its gradient reaches the predictor, not f through z*."""
+    """The skip term sees sg(z*): its gradient reaches the predictor and, through
+    predictor(x), the encoder before the layer; not f through z*, nor the read-out."""
     x, _ = digits
     model = make_classifier("SkipDEQ")
     model(x[:16])
     contdeq.aux_loss(model).backward()
-    layer = model[1]
+    encoder, layer, head = model
     assert all(p.grad is not None for p in layer.predictor.parameters())
-    assert all(p.grad is None for p in layer.f.parameters())
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0
+               for p in encoder.parameters())
+    assert all(p.grad is None for p in (*layer.f.parameters(), *head.parameters()))
 
 
 @pytest.mark.parametrize("kind", ["SkipDEQ", "SkipRegDEQ"])
