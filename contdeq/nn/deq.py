@@ -259,10 +259,9 @@ class SkipDEQ(_SkipBase):
     whatever computes ``x``, e.g. an encoder before the layer), and ``z*`` (independent of
     ``z0`` at convergence) gets no gradient from it: ``f`` is not trained by the term.
     ``skip_detach=False`` lets the gradient reach ``z*`` too, as in Pal et al. (2022) /
-    DeepEquilibriumNetworks.jl (which use
-    ``skip_norm="l1"`` and ``skip_weight`` 5 on MNIST): ``f`` is then also pulled toward
-    equilibria the predictor reaches, which cuts solver steps at some cost in accuracy. See
-    ``docs/layers.md`` for the sources.
+    DeepEquilibriumNetworks.jl (which use ``skip_norm="l1"`` and ``skip_weight`` 5 on MNIST):
+    ``f`` is then also pulled toward equilibria the predictor reaches, which cuts solver steps
+    at some cost in accuracy. See ``docs/layers.md`` for the sources.
 
     Args:
         f: as for :class:`DEQ`.
