@@ -54,6 +54,12 @@ class SavedTensors:
             yield self
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def machine_header() -> str:
     """torch version, thread count and CPU, for table headers."""
     cpu = platform.processor() or platform.machine()

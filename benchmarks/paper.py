@@ -45,7 +45,14 @@ from torch.nn.utils import parametrize
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, SavedTensors, machine_header, time_min, write_results
+from common import (
+    RESULTS,
+    SavedTensors,
+    machine_header,
+    synchronize,
+    time_min,
+    write_results,
+)
 from paper_headline import headline, ratio
 from paper_models import (
     MODELS,
@@ -97,11 +104,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def f_call_time(task: Task, batch: int, seed: int) -> float:
     """Seconds of one ``f(z, x)`` call at the training batch size (weights cached, no grad)."""
     torch.manual_seed(seed)
@@ -126,10 +128,10 @@ def evaluate(model: nn.Module, task: Task, batch: int) -> tuple[float, float, fl
     with torch.no_grad():
         for i in range(0, len(task.x_test), batch):
             xb, yb = task.x_test[i:i + batch], task.y_test[i:i + batch]
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             logits = model(xb)
-            _sync(device)
+            synchronize(device)
             seconds += time.perf_counter() - start
             correct += int((logits.argmax(1) == yb).sum())
             nfes.append(layer_counts(model.layer)[0])
@@ -155,13 +157,13 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     for i in range(0, len(perm), batch):
         idx = perm[i:i + batch]
         xb, yb = task.x_train[idx], task.y_train[idx]
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _sync(device)
+        synchronize(device)
         seconds += time.perf_counter() - start
         f_nfe, b_it = layer_counts(model.layer)
         fwd.append(f_nfe)

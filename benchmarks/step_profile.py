@@ -17,7 +17,7 @@ forward solve needed a single ``f`` call (an initial guess exactly at ``z*`` wit
 the row's step time over that: the most an initial guess can speed up its step.
 
 Usage: ``python benchmarks/step_profile.py [--tasks digits-mlp ...] [--models ...]
-[--epochs 10]``.
+[--epochs 10] [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, machine_header, synchronize, write_results
 from paper import Config
 from paper_headline import ratio
 from paper_models import MODELS, TOL, build_model, layer_counts
@@ -50,14 +50,20 @@ PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_re
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
                yb: torch.Tensor) -> dict[str, float]:
     """One training step, its parts in seconds, and the layer's forward NFE / backward
-    iterations."""
+    iterations (on a GPU, synchronized at the parts' boundaries; the solvers synchronize at
+    every convergence test, so their own wall times hold too)."""
+    device = xb.device
+    synchronize(device)
     start = time.perf_counter()
     loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
+    synchronize(device)
     forward = time.perf_counter()
     opt.zero_grad()
     loss.backward()
+    synchronize(device)
     backward = time.perf_counter()
     opt.step()
+    synchronize(device)
     end = time.perf_counter()
     stats = model.layer.stats
     fwd_solve = stats.forward.wall_time
@@ -69,17 +75,17 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
             "forward_nfe": nfe, "backward_iterations": iters or 0}
 
 
-def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, seed: int
-                 ) -> list[dict[str, Any]]:
+def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, seed: int,
+                 device: str = "cpu") -> list[dict[str, Any]]:
     """Train ``models`` on the task for ``epochs`` epochs, steps interleaved; one row per model
     with the medians of the last epoch's step parts (milliseconds)."""
-    task = load_task(task_name, cfg.width[task_name], cfg.n_train, cfg.n_test)
+    task = load_task(task_name, cfg.width[task_name], cfg.n_train, cfg.n_test, device)
     nets = {name: build_model(name, task, seed) for name in models}
     opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr) for name, net in nets.items()}
     records: dict[str, list[dict[str, float]]] = {}
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(100_003 * seed + epoch)
-        perm = torch.randperm(len(task.x_train), generator=g)
+        perm = torch.randperm(len(task.x_train), generator=g).to(task.x_train.device)
         records = {name: [] for name in models}
         for i in range(0, len(perm), cfg.batch):
             idx = perm[i:i + cfg.batch]
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=None, help="truncate the training set")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -142,8 +149,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     try:
         rows = [row for task in args.tasks
-                for row in profile_task(task, args.models, cfg, args.epochs, args.seed)]
-        header = (f"## Training-step profile ({machine_header()}; epoch {args.epochs} of "
+                for row in profile_task(task, args.models, cfg, args.epochs, args.seed,
+                                        args.device)]
+        header = (f"## Training-step profile ({machine_header()}, device {args.device}; epoch "
+                  f"{args.epochs} of "
                   f"training, seed {args.seed}, batch {cfg.batch}, medians over its steps; "
                   f"forward tol {TOL['tol']:g}, backward tol {TOL['backward_tol']:g})")
         write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
