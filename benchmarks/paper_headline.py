@@ -5,7 +5,8 @@ Per task, from the rows :func:`paper.summarize` produced (or ``<name>.json``):
 * DEQ(ode) (ptc and dopri5 with the implicit gradient; ptc with JFB) against the NeuralODE:
   time to target accuracy, as a speed-up (goal >= 3x);
 * the best skip row against the DEQ(ode) row of its ODE method (goal >= 2x), and the lowest
-  inference-NFE ratio of a SkipDEQ row (goal <= 1/3);
+  inference-NFE ratio of a SkipDEQ row that reached the target accuracy (goal <= 1/3; a row
+  that fails the task does not count);
 * like for like against torchdeq: DEQ(picard) jfb against torchdeq's default (fixed-point
   iteration + 1-step gradient) and DEQ(picard) against torchdeq IFT (fixed-point forward,
   implicit backward), per epoch and to target; contdeq's best model against torchdeq's best
@@ -73,7 +74,8 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
     skips = [r for r in rows if r.get("ratio_deq_target") is not None]
     best_skip = min(skips, key=lambda r: r["ratio_deq_target"]) if skips else None
     skip_nfe = [r for r in rows if r["model"].startswith(f"{ms}SkipDEQ")
-                and r.get("ratio_deq_infer_nfe") is not None]
+                and r.get("ratio_deq_infer_nfe") is not None
+                and r.get("time_to_target_s") is not None]
     best_nfe = min(skip_nfe, key=lambda r: r["ratio_deq_infer_nfe"]) if skip_nfe else None
     tdeq = [r for r in rows if r["model"].startswith("torchdeq")]
     ours = [r for r in rows if not r["model"].startswith(("torchdeq", "NeuralODE", "MS Neural"))]
@@ -84,8 +86,9 @@ def task_headline(rows: list[Row]) -> dict[str, str]:
         "best skip vs DEQ(ode)": (f"{best_skip['model'].removeprefix(ms)} "
                                   f"{_x(1 / best_skip['ratio_deq_target'])}" if best_skip
                                   else "-"),
-        "SkipDEQ infer NFE ×DEQ(ode)": (f"{best_nfe['ratio_deq_infer_nfe']:.2f}" if best_nfe
-                                        else "-"),
+        "SkipDEQ infer NFE ×DEQ(ode)": (
+            f"{best_nfe['ratio_deq_infer_nfe']:.2f} {best_nfe['model'].removeprefix(ms)}"
+            if best_nfe else "-"),
         "picard jfb vs torchdeq default (epoch / target)": _pair(by, "DEQ(picard) jfb",
                                                                  "torchdeq default"),
         "picard IFT vs torchdeq IFT (epoch / target)": _pair(by, "DEQ(picard)", "torchdeq IFT"),
