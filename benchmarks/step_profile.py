@@ -82,7 +82,7 @@ def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, se
     task = load_task(task_name, cfg.width[task_name], cfg.n_train, cfg.n_test, device)
     nets = {name: build_model(name, task, seed) for name in models}
     opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr) for name, net in nets.items()}
-    records: dict[str, list[dict[str, float]]] = {}
+    records: dict[str, list[dict[str, float]]] = {}  # the steps of the latest epoch
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(100_003 * seed + epoch)
         perm = torch.randperm(len(task.x_train), generator=g).to(task.x_train.device)
@@ -113,6 +113,7 @@ def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, se
 
 
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """The rows as a Markdown table under ``header``."""
     lines = [header, "",
              "| task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
              "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = [row for task in args.tasks
                 for row in profile_task(task, args.models, cfg, args.epochs, args.seed,
                                         args.device)]
-        header = (f"## Training-step profile ({machine_header()}, device {args.device}; epoch "
-                  f"{args.epochs} of "
-                  f"training, seed {args.seed}, batch {cfg.batch}, medians over its steps; "
-                  f"forward tol {TOL['tol']:g}, backward tol {TOL['backward_tol']:g})")
+        header = (f"## Training-step profile ({machine_header()}, device {args.device}; "
+                  f"epoch {args.epochs} of training, seed {args.seed}, batch {cfg.batch}, "
+                  f"medians over its steps; forward tol {TOL['tol']:g}, backward tol "
+                  f"{TOL['backward_tol']:g})")
         write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
     finally:
         torch.set_num_threads(threads)
