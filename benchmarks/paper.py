@@ -138,6 +138,13 @@ def evaluate(model: nn.Module, task: Task, batch: int) -> tuple[float, float, fl
     return 100.0 * correct / len(task.x_test), seconds, sum(nfes) / len(nfes)
 
 
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """The shuffled order of ``n`` training samples in ``epoch`` of ``seed``: the same for
+    every model, so all see the same batches."""
+    g = torch.Generator().manual_seed(100_003 * seed + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
                 seed: int, epoch: int) -> dict[str, float]:
     """One epoch; training time excludes batch selection and memory bookkeeping only.
@@ -148,8 +155,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     """
     model.train()
     device = task.x_train.device
-    g = torch.Generator().manual_seed(100_003 * seed + epoch)
-    perm = torch.randperm(len(task.x_train), generator=g).to(device)
+    perm = epoch_order(len(task.x_train), seed, epoch, device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -300,7 +306,7 @@ def summarize(task: Task, histories: dict[str, list[dict[str, float]]], t_f: flo
         for key, ref in (("node", node), ("torchdeq", best)):
             r[f"ratio_{key}_epoch"] = ratio(r["s_per_epoch"], ref and ref["s_per_epoch"])
             r[f"ratio_{key}_target"] = ratio(r["time_to_target_s"],
-                                              ref and ref["time_to_target_s"])
+                                             ref and ref["time_to_target_s"])
         r["torchdeq_best"] = None if best is None else best["model"]
         base = by_name.get(skip_baseline(r["model"]) or "")
         r["ratio_deq_target"] = ratio(r["time_to_target_s"], base and base["time_to_target_s"])

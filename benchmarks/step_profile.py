@@ -36,7 +36,7 @@ import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine_header, synchronize, write_results
-from paper import Config
+from paper import Config, epoch_order
 from paper_headline import ratio
 from paper_models import MODELS, TOL, build_model, layer_counts
 from paper_tasks import load_task
@@ -82,15 +82,15 @@ def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, se
     task = load_task(task_name, cfg.width[task_name], cfg.n_train, cfg.n_test, device)
     nets = {name: build_model(name, task, seed) for name in models}
     opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr) for name, net in nets.items()}
+    for net in nets.values():
+        net.train()
     records: dict[str, list[dict[str, float]]] = {}  # the steps of the latest epoch
     for epoch in range(epochs):
-        g = torch.Generator().manual_seed(100_003 * seed + epoch)
-        perm = torch.randperm(len(task.x_train), generator=g).to(task.x_train.device)
+        perm = epoch_order(len(task.x_train), seed, epoch, task.x_train.device)
         records = {name: [] for name in models}
         for i in range(0, len(perm), cfg.batch):
             idx = perm[i:i + cfg.batch]
             for name in models:
-                nets[name].train()
                 records[name].append(timed_step(nets[name], opts[name], task.x_train[idx],
                                                 task.y_train[idx]))
     rows = []
