@@ -4,22 +4,31 @@ Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` buil
 """
 
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
-from .fixed_point import FIXED_POINT_METHODS, fixed_point
-from .stats import SolverStats
-from .steady_state import STEADY_STATE_METHODS, steady_state
+from .fixed_point import fixed_point
+from .protocol import FixedPointSolver
+from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
+from .stats import SolverStats, StopReason
+from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
+from .tableaux import Tableau
 from .termination import SteadyStateCondition, sample_rms
 
 __all__ = [
     "FIXED_POINT_METHODS",
     "STEADY_STATE_METHODS",
+    "TABLEAUX",
     "ConvergenceError",
     "ConvergenceWarning",
+    "FixedPointSolver",
     "NonFiniteError",
+    "Registry",
     "SolverStats",
     "SteadyStateCondition",
+    "StopReason",
+    "Tableau",
     "fixed_point",
     "flatten_states",
+    "registries",
     "sample_rms",
     "steady_state",
     "unflatten_states",

@@ -7,9 +7,11 @@ import math
 import torch
 from torch import Tensor
 
+from .registry import FIXED_POINT_METHODS
 from .validation import check_positive_float, check_positive_int
 
 
+@FIXED_POINT_METHODS.register("anderson")
 class Anderson:
     """Anderson mixing of the last ``memory`` iterates of ``g`` on flat ``(B, D)`` states.
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .registry import FIXED_POINT_METHODS
 from .validation import check_positive_int
 
 
+@FIXED_POINT_METHODS.register("broyden")
 class Broyden:
     """Quasi-Newton iteration with a low-rank inverse Jacobian, on flat ``(B, D)`` states.
 

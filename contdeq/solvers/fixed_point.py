@@ -7,18 +7,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .anderson import Anderson
-from .broyden import Broyden
+from . import anderson, broyden, picard  # noqa: F401  (each registers its method)
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
-from .picard import Picard
 from .progress import Progress
-from .stats import SolverStats
+from .protocol import FixedPointSolver
+from .registry import FIXED_POINT_METHODS
+from .stats import LoopResult, SolverStats
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .validation import (
     check_callable,
-    check_choice,
     check_on_nonconvergence,
     check_positive_float,
     check_positive_int,
@@ -26,8 +25,7 @@ from .validation import (
     check_tolerances,
 )
 
-#: The discrete solvers, by name.
-FIXED_POINT_METHODS = {"anderson": Anderson, "broyden": Broyden, "picard": Picard}
+__all__ = ["FIXED_POINT_METHODS", "fixed_point"]
 
 
 def fixed_point(
@@ -80,7 +78,7 @@ def fixed_point(
         return solve_flattened(fixed_point, locals())
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
-    check_choice(method, "method", tuple(FIXED_POINT_METHODS))
+    FIXED_POINT_METHODS.check(method)
     check_tolerances(atol, rtol)
     check_positive_int(max_steps, "max_steps")
     check_on_nonconvergence(on_nonconvergence)
@@ -91,8 +89,10 @@ def fixed_point(
 
     counted = CountedMap(g, z0, name="g")
     z = z0.reshape(counted.flat_shape)
+    solver_class = FIXED_POINT_METHODS[method]
     try:
-        solver = FIXED_POINT_METHODS[method](z, **options)
+        solver = (solver_class(z, g=counted, **options)
+                  if getattr(solver_class, "needs_map", False) else solver_class(z, **options))
     except TypeError as exc:
         raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
     gz = counted(z)
@@ -102,16 +102,16 @@ def fixed_point(
         max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
     )
     iterate = _iterate_freezing if freeze_converged else _iterate_together
-    z, reason = iterate(solver, counted, progress, z, gz, residual)
-    stats = progress.finish(method, counted.calls, reason)
+    result = iterate(solver, counted, progress, z, gz, residual)
+    stats = progress.finish(method, counted.calls, result.stop_reason)
     report_nonconvergence(stats, on_nonconvergence)
-    return z.reshape(z0.shape), stats
+    return result.z.reshape(z0.shape), stats
 
 
 def _iterate_freezing(
-    solver: Anderson | Broyden | Picard, g: CountedMap, progress: Progress, z: Tensor,
-    gz: Tensor, residual: Tensor,
-) -> tuple[Tensor, str]:
+    solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
+    residual: Tensor,
+) -> LoopResult:
     """Iterate the samples that have not converged (the others stay put) until none is left or
     a limit is hit; returns each sample's best iterate and the stop reason."""
     best = z
@@ -127,13 +127,13 @@ def _iterate_freezing(
         improved = (res < progress.res).logical_and_(active)
         best = torch.where(improved.unsqueeze(1), z, best)
         progress.accept(improved, res, tol)
-    return best, reason
+    return LoopResult(best, reason)
 
 
 def _iterate_together(
-    solver: Anderson | Broyden | Picard, g: CountedMap, progress: Progress, z: Tensor,
-    gz: Tensor, residual: Tensor,
-) -> tuple[Tensor, str]:
+    solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
+    residual: Tensor,
+) -> LoopResult:
     """Iterate every sample (none frozen) until all have converged or a limit is hit; returns
     the last iterate and the stop reason."""
     while (reason := progress.stop_reason()) is None:
@@ -142,4 +142,4 @@ def _iterate_together(
         residual = gz - z
         progress.steps += 1
         progress.update_all(z, sample_rms(residual))
-    return z, reason
+    return LoopResult(z, reason)

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from .counting import CountedODEFunc
 from .progress import Progress
+from .registry import STEADY_STATE_METHODS
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
+from .stats import LoopResult
 from .tableaux import Tableau
 from .termination import sample_rms
 from .validation import raise_nonfinite
@@ -38,8 +40,8 @@ def run_runge_kutta(
     progress: Progress,
     tableau: Tableau,
     control: StepControl,
-) -> tuple[Tensor, str, int, int]:
-    """Integrate until steady state; returns ``(z, stop_reason, accepted, rejected)``.
+) -> LoopResult:
+    """Integrate until steady state; returns ``LoopResult(z, stop_reason, accepted, rejected)``.
 
     Converged samples are frozen: their stage derivatives are multiplied by zero, so their
     state stays exactly where it converged and their local error is zero.
@@ -70,9 +72,10 @@ def run_runge_kutta(
         h = next_step_size(h, ratio, tableau.order)
         if t + h == t:
             raise_nonfinite(func.name, progress.steps)
-    return z, reason, accepted, rejected
+    return LoopResult(z, reason, accepted, rejected)
 
 
+@STEADY_STATE_METHODS.register("ptc")
 def run_pseudo_transient(
     func: CountedODEFunc,
     z: Tensor,
@@ -80,7 +83,7 @@ def run_pseudo_transient(
     progress: Progress,
     max_step: float,
     t_max: float,
-) -> tuple[Tensor, str, int, int]:
+) -> LoopResult:
     """Explicit pseudo-transient continuation: forward Euler with per-sample pseudo-time steps.
 
     Each sample takes ``z <- z + h_b * dz/dt`` (with ``h_b = 1`` this is exactly the Picard step
@@ -90,7 +93,8 @@ def run_pseudo_transient(
     step that does not shrink it is rejected and halved. One function evaluation per step, and
     samples do not slow each other: each has its own step size.
 
-    Returns ``(z, stop_reason, accepted, rejected)`` counted over (sample, step) pairs.
+    Returns ``LoopResult(z, stop_reason, accepted, rejected)``, the steps counted over
+    (sample, step) pairs.
     """
     h = torch.full_like(progress.res, max_step)
     # Per-sample counts, summed once at the end (fewer tensor operations per step).
@@ -122,4 +126,4 @@ def run_pseudo_transient(
         d = torch.where(keep, d_new, d)
         progress.accept(ok, res_new, tol_new, dt)
     n_accepted = int(accepted.sum())
-    return z, reason, n_accepted, int(attempted.sum()) - n_accepted
+    return LoopResult(z, reason, n_accepted, int(attempted.sum()) - n_accepted)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .registry import FIXED_POINT_METHODS
 from .validation import check_positive_float
 
 
+@FIXED_POINT_METHODS.register("picard")
 class Picard:
     """Damped Picard iteration on flat ``(B, D)`` states.
 

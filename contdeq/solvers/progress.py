@@ -13,7 +13,7 @@ import time
 import torch
 from torch import Tensor
 
-from .stats import SolverStats
+from .stats import SolverStats, StopReason
 from .termination import SteadyStateCondition, sample_rms
 from .validation import all_finite, finite_where, raise_nonfinite
 
@@ -155,11 +155,12 @@ class Progress:
         self,
         method: str,
         nfe: int,
-        stop_reason: str,
+        stop_reason: StopReason | str,
         accepted: int | None = None,
         rejected: int | None = None,
     ) -> SolverStats:
-        """The :class:`SolverStats` of the finished solve."""
+        """The :class:`SolverStats` of the finished solve (``stop_reason`` becomes a
+        :class:`StopReason`)."""
         return SolverStats(
             method=method,
             nfe=nfe,

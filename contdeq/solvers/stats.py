@@ -1,11 +1,52 @@
-"""Statistics of one solve."""
+"""Statistics of one solve: why it stopped (:class:`StopReason`), what a loop returns
+(:class:`LoopResult`) and the :class:`SolverStats` assembled from it."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class StopReason(str, enum.Enum):
+    """Why a solve stopped. A ``str`` subclass: each member equals its old string value
+    (``StopReason.CONVERGED == "converged"``) and prints as it."""
+
+    #: Every sample met its tolerance.
+    CONVERGED = "converged"
+    #: The step or iteration limit ``max_steps`` was hit.
+    MAX_STEPS = "max_steps"
+    #: Every unconverged sample reached the pseudo-time limit ``t_max``.
+    T_MAX = "t_max"
+    #: The wall-clock limit ``timeout`` was hit.
+    TIMEOUT = "timeout"
+    #: ``backend="event"``: the crossing located on the interpolant missed the tolerance at
+    #: the returned state.
+    EVENT = "event"
+    #: A :class:`~contdeq.nn.NeuralODE` integrated to its end time (no steady-state test).
+    T_END = "t_end"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LoopResult(NamedTuple):
+    """What a solver loop returns: the final flat ``(B, D)`` state and how the loop ended.
+
+    Attributes:
+        z: ``(B, D)`` the returned state.
+        stop_reason: why the loop stopped.
+        accepted: accepted Runge-Kutta steps (``None`` where not observable or not applicable).
+        rejected: rejected Runge-Kutta steps (``None`` likewise).
+    """
+
+    z: Tensor
+    stop_reason: StopReason | str
+    accepted: int | None = None
+    rejected: int | None = None
 
 
 @dataclass
@@ -20,9 +61,9 @@ class SolverStats:
         tolerance: ``(B,)`` the tolerance ``atol + rtol * ||z||`` each sample had to meet.
         converged: ``(B,)`` bool, ``residual <= tolerance``.
         wall_time: seconds spent in the solve.
-        stop_reason: ``"converged"``, ``"max_steps"``, ``"t_max"`` or ``"timeout"`` (and
-            ``"event"`` for ``backend="event"``: the crossing located on the interpolant
-            missed the tolerance at the returned state).
+        stop_reason: a :class:`StopReason` (equal to its string: ``"converged"``,
+            ``"max_steps"``, ``"t_max"``, ``"timeout"``, ``"event"``, ``"t_end"``); a string
+            given here is converted.
         accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
         rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).
@@ -37,12 +78,15 @@ class SolverStats:
     tolerance: Tensor
     converged: Tensor
     wall_time: float
-    stop_reason: str
+    stop_reason: StopReason
     accepted: int | None = None
     rejected: int | None = None
     t_final: Tensor | None = None
     residual_history: Tensor | None = None
     time_history: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_reason = StopReason(self.stop_reason)
 
     @property
     def all_converged(self) -> bool:

@@ -13,6 +13,7 @@ from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
+from .registry import STEADY_STATE_METHODS
 from .stats import SolverStats
 from .structure import solve_flattened
 from .tableaux import TABLEAUX
@@ -33,8 +34,6 @@ from .validation import (
     check_tolerances,
 )
 
-#: Methods accepted by :func:`steady_state`.
-STEADY_STATE_METHODS = (*TABLEAUX, "ptc")
 #: Implementations of the Runge-Kutta solve.
 BACKENDS = ("lean", "torchdiffeq", "event")
 #: Integrator tolerances are the steady-state tolerances times this factor by default.
@@ -115,7 +114,7 @@ def steady_state(
         return solve_flattened(steady_state, locals())
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
-    check_choice(method, "method", STEADY_STATE_METHODS)
+    STEADY_STATE_METHODS.check(method)
     check_choice(backend, "backend", BACKENDS)
     check_tolerances(atol, rtol)
     check_positive_int(max_steps, "max_steps")
@@ -144,17 +143,18 @@ def steady_state(
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
     if method == "ptc":
-        z, reason, acc, rej = run_pseudo_transient(counted, z, d, progress, max_step, t_max)
+        result = run_pseudo_transient(counted, z, d, progress, max_step, t_max)
     elif backend == "lean":
-        z, reason, acc, rej = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
+        result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
     elif backend == "torchdiffeq":
-        z, reason, acc, rej = run_torchdiffeq_loop(counted, z, d, progress, method, control)
+        result = run_torchdiffeq_loop(counted, z, d, progress, method, control)
     else:
-        z, reason, acc, rej = run_odeint_event(counted, z, d, progress, method, control)
+        result = run_odeint_event(counted, z, d, progress, method, control)
     label = method if backend == "lean" else f"{method}[{backend}]"
-    stats = progress.finish(label, counted.calls, reason, acc, rej)
+    stats = progress.finish(label, counted.calls, result.stop_reason, result.accepted,
+                            result.rejected)
     report_nonconvergence(stats, on_nonconvergence)
-    return z.reshape(z0.shape), stats
+    return result.z.reshape(z0.shape), stats
 
 
 def _integrator_tolerances(

@@ -26,6 +26,7 @@ from .counting import CountedODEFunc
 from .integrate import StepControl
 from .progress import Progress
 from .rk import initial_step
+from .stats import LoopResult
 from .tableaux import TABLEAUX
 from .termination import sample_rms
 from .validation import raise_nonfinite
@@ -60,7 +61,7 @@ def run_torchdiffeq_loop(
     progress: Progress,
     method: str,
     control: StepControl,
-) -> tuple[Tensor, str, int, int]:
+) -> LoopResult:
     """torchdiffeq's adaptive step, our FSAL terminator; returns like ``run_runge_kutta``."""
     mask = progress.active.to(z.dtype).unsqueeze(1)
     masked = _MaskedFunc(func, mask)
@@ -103,7 +104,7 @@ def run_torchdiffeq_loop(
             if not math.isfinite(float(new_state.dt)):
                 raise_nonfinite(func.name, progress.steps)
         state = new_state
-    return state.y1, reason, accepted, rejected
+    return LoopResult(state.y1, reason, accepted, rejected)
 
 
 def run_odeint_event(
@@ -113,7 +114,7 @@ def run_odeint_event(
     progress: Progress,
     method: str,
     control: StepControl,
-) -> tuple[Tensor, str, int | None, int | None]:
+) -> LoopResult:
     """``torchdiffeq.odeint_event`` with a steady-state event function.
 
     Step counts are not observable through the public API: ``accepted``/``rejected`` are
@@ -164,4 +165,4 @@ def run_odeint_event(
     elif reason == "converged":
         # The crossing bisected on the interpolant can land just short of the tolerance.
         reason = "t_max" if t_event is not None and float(t_event) >= control.t_max else "event"
-    return z_final, reason, None, None
+    return LoopResult(z_final, reason)

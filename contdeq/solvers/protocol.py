@@ -1,0 +1,38 @@
+"""The contract every fixed-point solver of :func:`~contdeq.solvers.fixed_point` implements."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+from torch import Tensor
+
+__all__ = ["FixedPointSolver"]
+
+
+class FixedPointSolver(Protocol):
+    """A fixed-point method: proposes the next iterate of ``z = g(z)`` on flat ``(B, D)`` states.
+
+    :func:`~contdeq.solvers.fixed_point` constructs one per solve as
+    ``Solver(like, **options)`` (``like``: ``(B, D)`` the initial state, for buffer shapes,
+    dtype and device; ``options``: the method's keyword-only options, each validated in
+    ``__init__`` with a message naming it; an unknown one raises ``TypeError``). A solver whose
+    class sets ``needs_map = True`` is also given ``g=``, the counted map ``(B, D) -> (B, D)``,
+    for the extra evaluations it makes (they count in ``stats.nfe``). Each iteration then calls
+    :meth:`propose`; convergence testing, freezing of converged samples, limits and statistics
+    are :func:`~contdeq.solvers.fixed_point`'s job, not the solver's.
+
+    To add a method: write the class in its own module, decorate it with
+    ``@FIXED_POINT_METHODS.register("name")`` (:mod:`contdeq.solvers.registry`) and import
+    that module in ``fixed_point.py``. Validation, the layers' ``solver=`` and
+    ``backward_method=`` choices and the tests' parametrizations pick the name up.
+    """
+
+    #: Whether the constructor takes ``g=`` (the counted map); optional, default ``False``.
+    needs_map: ClassVar[bool] = False
+
+    def __init__(self, like: Tensor, **options: object) -> None: ...
+
+    def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
+        """The next iterate ``(B, D)`` from ``z``, ``g(z)`` and ``residual = g(z) - z``
+        (each ``(B, D)``). Must not modify its arguments in place."""
+        ...
