@@ -253,6 +253,6 @@ def layer_counts(layer: nn.Module) -> tuple[int, int | None]:
         return 0, None
     if stats.backward is not None:
         return stats.forward.nfe, stats.backward.nfe
-    if isinstance(layer, contdeq.DEQ) and layer.backward_config.mode == "jfb":
+    if isinstance(layer, contdeq.DEQ) and isinstance(layer.backward_mode, contdeq.JFB):
         return stats.forward.nfe, 0
     return stats.forward.nfe, None

@@ -3,7 +3,16 @@
 from . import solvers
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
-from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
+from .implicit import (
+    JFB,
+    BackwardConfig,
+    BackwardMode,
+    DEQStats,
+    ForwardSolver,
+    Implicit,
+    Unrolled,
+    equilibrium,
+)
 from .nn import (
     DEQ,
     MultiScaleCell,
@@ -27,11 +36,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEQ",
+    "JFB",
     "PROCEDURAL_CLASSES",
     "BackwardConfig",
+    "BackwardMode",
     "Checkpoint",
     "DEQStats",
     "ForwardSolver",
+    "Implicit",
     "MultiScaleCell",
     "MultiScaleDEQ",
     "MultiScaleFusion",
@@ -43,6 +55,7 @@ __all__ = [
     "SkipDEQ",
     "SkipRegDEQ",
     "SpectralNormCap",
+    "Unrolled",
     "aux_loss",
     "equilibrium",
     "jacobian_frobenius",

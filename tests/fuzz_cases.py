@@ -32,10 +32,13 @@ import torch
 from torch import Tensor
 
 from contdeq.solvers import (
+    FIXED_POINT_METHODS,
+    STEADY_STATE_METHODS,
     ConvergenceError,
     ConvergenceWarning,
     NonFiniteError,
     SolverStats,
+    StopReason,
     fixed_point,
     sample_rms,
     steady_state,
@@ -43,15 +46,14 @@ from contdeq.solvers import (
 
 FAMILIES = ("contractive", "expansive", "expansive_tanh", "oscillating", "near_singular",
             "stiff", "nan_midway", "inf_midway")
-ODE_SOLVERS = ("dopri5", "tsit5", "bosh3", "adaptive_heun", "dopri8", "ptc",
-               "dopri5[torchdiffeq]", "bosh3[event]")
-MAP_SOLVERS = ("anderson", "broyden", "picard")
+ODE_SOLVERS = (*STEADY_STATE_METHODS, "dopri5[torchdiffeq]", "bosh3[event]")
+MAP_SOLVERS = tuple(FIXED_POINT_METHODS)
 SOLVERS = ODE_SOLVERS + MAP_SOLVERS
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 SHAPES = ((3,), (2, 5), (4, 1), (1, 16), (3, 2, 3), (2, 2, 2, 2))
 POLICIES = ("ignore", "warn", "raise")
-STOP_REASONS = {"converged", "max_steps", "t_max", "timeout", "event"}
+STOP_REASONS = {reason.value for reason in StopReason if reason is not StopReason.T_END}
 #: Event-function calls ``odeint_event`` may add to ``steps`` while bisecting the crossing.
 BISECTION_CALLS = 100
 #: Function calls per solver step, at most (Runge-Kutta stages; 1 for the discrete solvers).

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contdeq.solvers import ConvergenceError, NonFiniteError, fixed_point
+from contdeq.solvers import FIXED_POINT_METHODS, ConvergenceError, NonFiniteError, fixed_point
 
 from .problems import CallCounter, spd_batch, tanh_layer
 
-METHODS = ["anderson", "broyden", "picard"]
+METHODS = list(FIXED_POINT_METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import contdeq
+from contdeq.implicit import BACKWARD_METHODS, FORWARD_SOLVERS
 from contdeq.solvers import (
     ConvergenceError,
     ConvergenceWarning,
@@ -104,8 +105,8 @@ def _layer(kind: str, cell: _Cell, width: int, options: dict) -> nn.Module:
 @given(
     seed=st.integers(0, 2**16),
     kind=st.sampled_from(["DEQ", "SkipDEQ", "SkipRegDEQ"]),
-    solver=st.sampled_from(["ode", "anderson", "broyden", "picard"]),
-    backward_method=st.sampled_from(["anderson", "picard", "broyden", "ode"]),
+    solver=st.sampled_from(list(FORWARD_SOLVERS)),
+    backward_method=st.sampled_from(list(BACKWARD_METHODS)),
     radius=st.floats(0.1, 3.0),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     policy=st.sampled_from(POLICIES),

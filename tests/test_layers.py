@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import contdeq
-from contdeq.solvers import ConvergenceWarning
+from contdeq.solvers import FIXED_POINT_METHODS, ConvergenceWarning
 
 from .layer_models import TanhCell
 
@@ -67,7 +67,7 @@ def test_training_in_sequential_reduces_loss(kind: str, digits) -> None:
         assert p.grad is not None and bool(torch.isfinite(p.grad).all())
 
 
-@pytest.mark.parametrize("solver", ["anderson", "broyden", "picard"])
+@pytest.mark.parametrize("solver", list(FIXED_POINT_METHODS))
 def test_discrete_solvers_train(solver: str, digits) -> None:
     x, y = digits
     model = make_classifier("DEQ", solver=solver)

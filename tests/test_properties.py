@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contdeq.solvers import fixed_point, steady_state
+from contdeq.solvers import FIXED_POINT_METHODS, fixed_point, steady_state
 
 
 def _contraction(seed: int, batch: int, dim: int, radius: float) -> tuple[torch.Tensor, ...]:
@@ -34,7 +34,7 @@ def assert_within_contraction_bound(z: torch.Tensor, stats, z_star: torch.Tensor
 
 
 @settings(max_examples=40, deadline=None)
-@given(maps, st.sampled_from(["anderson", "broyden", "picard"]))
+@given(maps, st.sampled_from(list(FIXED_POINT_METHODS)))
 def test_fixed_point_solves_random_contractions(problem: tuple, method: str) -> None:
     m, c, z_star = _contraction(*problem)
     z, stats = fixed_point(lambda z: torch.bmm(m, z.unsqueeze(2)).squeeze(2) + c,

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from contdeq.solvers import steady_state
-from contdeq.solvers.steady_state import STEADY_STATE_METHODS
+from contdeq.solvers import STEADY_STATE_METHODS, steady_state
+from contdeq.solvers.torchdiffeq_backend import TORCHDIFFEQ_FSAL_METHODS
 
 from .problems import CallCounter, linear_ode, spd_batch, tanh_layer
 
 LEAN = [(m, "lean") for m in STEADY_STATE_METHODS]
-TORCHDIFFEQ = [(m, "torchdiffeq") for m in ("dopri5", "bosh3", "dopri8")]
+TORCHDIFFEQ = [(m, "torchdiffeq") for m in TORCHDIFFEQ_FSAL_METHODS]
 EVENT = [(m, "event") for m in ("dopri5", "bosh3")]
 ALL = LEAN + TORCHDIFFEQ + EVENT
 

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium, first_call
+from ..implicit import (
+    BackwardConfig,
+    BackwardMode,
+    DEQStats,
+    ForwardSolver,
+    equilibrium,
+    first_call,
+)
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
 from ..solvers.structure import as_shape
 from .checks import check_number
@@ -74,17 +81,26 @@ class DEQ(nn.Module):
             deterministic between calls (no dropout resampling, no batch-norm statistics
             updates); use :func:`contdeq.spectral_norm_cap` to keep it contractive.
         solver: ``"ode"``, ``"anderson"``, ``"broyden"`` or ``"picard"``.
-        backward: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
+        backward: how gradients are computed: a backward mode object,
+            :class:`~contdeq.Implicit` (``Implicit("broyden", tol=1e-6)``),
+            :class:`~contdeq.JFB` or :class:`~contdeq.Unrolled`, or the name of a registered
+            mode as a shorthand: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
         state_shape: per-sample shape of ``z`` (without the batch dimension). Default: the
             shape of ``x`` (as DeepEquilibriumNetworks.jl, whose default guess is
             ``zero(x)``); the initial state is zeros of shape ``(B, *state_shape)`` with
             ``x``'s dtype and device.
-        backward_method: ``"anderson"`` (default), ``"picard"``, ``"broyden"`` or ``"ode"``.
-        backward_tol: relative, scale-invariant tolerance of the backward linear solve.
-        backward_max_steps: iteration cap of the backward linear solve.
-        backward_options: extra options of the backward solver (e.g. ``{"memory": 8}``).
+        backward_method: shorthand for ``Implicit(method=...)``: ``"anderson"`` (default),
+            ``"picard"``, ``"broyden"`` or ``"ode"``. The four ``backward_*`` keywords apply
+            to ``backward="implicit"`` (other names ignore them); with a backward mode object
+            they raise ``TypeError`` (set them on the object).
+        backward_tol: ``Implicit(tol=...)``, relative, scale-invariant tolerance of the
+            backward linear solve (default ``1e-4``).
+        backward_max_steps: ``Implicit(max_steps=...)``, iteration cap of the backward linear
+            solve (default 100).
+        backward_options: ``Implicit(options=...)``, extra options of the backward solver
+            (e.g. ``{"memory": 8}``).
         on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``, forward and
-            backward.
+            backward (a backward mode object's own ``on_nonconvergence``, when set, wins).
         eval_options: solver options overriding ``solver_options`` in eval mode (e.g. looser
             ``atol``/``rtol`` for inference).
         jacobian_weight: weight of the Jacobian regularizer (0 = off, the default).
@@ -96,6 +112,7 @@ class DEQ(nn.Module):
     Attributes:
         stats: :class:`~contdeq.implicit.DEQStats` of the last call (``None`` before);
             ``stats.backward`` is filled in when the backward pass runs.
+        backward_mode: the backward mode object in use (the shorthands resolved).
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
     """
@@ -105,11 +122,11 @@ class DEQ(nn.Module):
         f: nn.Module,
         *,
         solver: str = "ode",
-        backward: str = "implicit",
+        backward: str | BackwardMode = "implicit",
         state_shape: int | Sequence[int] | None = None,
-        backward_method: str = "anderson",
-        backward_tol: float = 1e-4,
-        backward_max_steps: int = 100,
+        backward_method: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_steps: int | None = None,
         backward_options: Mapping[str, Any] | None = None,
         on_nonconvergence: str = "warn",
         eval_options: Mapping[str, Any] | None = None,
@@ -125,15 +142,14 @@ class DEQ(nn.Module):
         self.eval_solver = (
             self.solver.with_options(**eval_options) if eval_options else self.solver
         )
-        self.backward_config = BackwardConfig(
-            mode=backward, method=backward_method, tol=backward_tol,
-            max_steps=backward_max_steps, options=dict(backward_options or {}),
-            on_nonconvergence=on_nonconvergence,
+        self.backward_mode = BackwardConfig(
+            backward, backward_method, backward_tol, backward_max_steps, backward_options,
+            on_nonconvergence,
         )
-        if backward == "unrolled" and not self.solver.differentiable:
+        if self.backward_mode.differentiates_solver and not self.solver.differentiable:
             raise ValueError(
-                f"backward='unrolled' needs solver='ode' or 'picard'; solver={solver!r} is not "
-                "autograd-safe"
+                f"backward={self.backward_mode!r} (unrolled through the solver's steps) needs "
+                f"solver='ode' or 'picard'; solver={solver!r} is not autograd-safe"
             )
         self.state_shape = resolve_state_shape(state_shape)
         self.jacobian_weight = float(check_number(jacobian_weight, "jacobian_weight", 0))
@@ -168,7 +184,7 @@ class DEQ(nn.Module):
             with torch.set_grad_enabled(train):
                 z_init, guess = self.initial_state(x, z0)
             z, stats = equilibrium(self.f, x, z_init.detach(), solver=solver,
-                                   backward=self.backward_config)
+                                   backward=self.backward_mode)
             if train:
                 if guess is not None:
                     term = self._skip_term(guess, z)
@@ -207,14 +223,9 @@ class DEQ(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        b = self.backward_config
         parts = [f"solver={self.solver.solver!r}"]
         parts += [f"{k}={v!r}" for k, v in self.solver.options.items()]
-        if b.mode == "implicit":
-            parts.append(f"backward='implicit'(method={b.method!r}, tol={b.tol:g}, "
-                         f"max_steps={b.max_steps})")
-        else:
-            parts.append(f"backward={b.mode!r}")
+        parts.append(f"backward={self.backward_mode!r}")
         if self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
         if self.eval_solver is not self.solver:

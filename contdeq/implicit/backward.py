@@ -1,0 +1,292 @@
+"""Backward modes: how an equilibrium layer turns ``v = dL/dz*`` into gradients.
+
+By the implicit function theorem the gradients of ``x`` and of ``f``'s parameters are
+``w^T df/d(x, theta)`` at ``z*`` with ``w = (I - J)^-T v``, ``J = df/dz``. A
+:class:`BackwardMode` either supplies the weights ``w`` (:meth:`BackwardMode.gradient_weights`:
+:class:`Implicit` solves for them, :class:`JFB` takes ``w = v``) or has autograd differentiate
+the solver's steps (:class:`Unrolled`). Each mode is registered by name in ``BACKWARD_MODES``,
+so a layer's ``backward="name"`` shorthand finds it; a new mode is one class here (or in the
+user's code) and one ``@BACKWARD_MODES.register("name")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..solvers import (
+    FIXED_POINT_METHODS,
+    NonFiniteError,
+    Registry,
+    SolverStats,
+    fixed_point,
+    sample_rms,
+    steady_state,
+)
+from ..solvers.errors import report_nonconvergence
+from ..solvers.validation import check_on_nonconvergence, check_positive_float, check_positive_int
+from .options import check_solver_options
+from .stats import DEQStats
+
+__all__ = [
+    "BACKWARD_METHODS",
+    "BACKWARD_MODES",
+    "JFB",
+    "BackwardConfig",
+    "BackwardMode",
+    "Implicit",
+    "Unrolled",
+    "solve_adjoint",
+]
+
+#: Backward modes by name: the layers' ``backward="implicit"|"jfb"|"unrolled"`` shorthands.
+BACKWARD_MODES: Registry[type[BackwardMode]] = Registry("backward mode", "backward")
+#: Methods of the implicit backward's linear solve ``w = J^T w + v``: every fixed-point
+#: method and ``"ode"`` (the continuous adjoint).
+BACKWARD_METHODS: Registry[Any] = Registry("backward method", "backward_method",
+                                           includes=(FIXED_POINT_METHODS,))
+BACKWARD_METHODS.register("ode", steady_state)
+#: In the ``"ode"`` backward the right-hand side is scaled to a largest per-sample RMS of 1 and
+#: the steady-state test gets this absolute floor times ``tol``: the integrator's elementwise
+#: error scale ``atol + rtol * |w|`` must not be zero where ``w`` has exact zeros.
+_ODE_ATOL_FLOOR = 1e-3
+
+
+class BackwardMode:
+    """The contract of a backward mode (subclass it, frozen dataclasses preferred).
+
+    A mode with ``differentiates_solver = True`` has autograd record the forward solver's
+    steps (no implicit-function node). Any other mode implements :meth:`gradient_weights`;
+    ``uses_jacobian = False`` tells the backward that it never calls ``vjp`` (the graph of
+    ``f(z*, x)`` then does not track ``z``).
+    """
+
+    #: Autograd records the forward solver's steps instead of calling gradient_weights.
+    differentiates_solver: ClassVar[bool] = False
+    #: gradient_weights calls vjp (products with ``J^T``).
+    uses_jacobian: ClassVar[bool] = True
+
+    def gradient_weights(self, vjp: Callable[[Tensor], Tensor], v: Tensor,
+                         record: DEQStats | None) -> Tensor:
+        """The weights ``w`` ``(B, ...)`` (shaped like ``v``) of the final VJP
+        ``w^T df/d(x, theta)``.
+
+        Args:
+            vjp: ``w -> J^T w`` at ``z*`` on ``(B, ...)`` tensors shaped like ``v``.
+            v: ``(B, ...)`` the gradient of the loss with respect to ``z*``.
+            record: the layer's stats of this call, where a mode records its solve
+                (``record.backward``); ``None`` outside a layer.
+        """
+        raise TypeError(f"{type(self).__name__} differentiates the solver's steps; it has no "
+                        "gradient weights")
+
+
+@BACKWARD_MODES.register("implicit")
+@dataclass(frozen=True)
+class Implicit(BackwardMode):
+    """Implicit-function-theorem gradients: solve ``w = J^T w + v`` (the default mode).
+
+    Args:
+        method: the linear solver, a name in ``BACKWARD_METHODS``: ``"anderson"`` (default),
+            ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of ``dw/dt = J^T w + v - w``).
+        tol: relative tolerance of the linear solve. The test is scale-invariant:
+            ``rms(J^T w + v - w)_b <= tol * rms(w_b)`` for each sample ``b`` (``atol = 0``), so
+            the tiny right-hand sides of a batch-mean loss do not inflate iterations.
+        max_steps: iteration cap of the linear solve.
+        options: extra options of the linear solver (``memory``, ``damping``, ...; for
+            ``"ode"`` the keywords of :func:`~contdeq.solvers.steady_state`, e.g. ``method``).
+        on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``; ``None`` (default): the
+            layer's ``on_nonconvergence`` (``"warn"`` outside a layer).
+
+    Example: ``DEQ(f, backward=Implicit("broyden", tol=1e-6))``.
+    """
+
+    method: str = "anderson"
+    tol: float = 1e-4
+    max_steps: int = 100
+    options: Mapping[str, Any] = field(default_factory=dict)
+    on_nonconvergence: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_implicit(self.method, self.tol, self.max_steps, self.options,
+                        self.on_nonconvergence, prefix="")
+        object.__setattr__(self, "options", dict(self.options))
+
+    def gradient_weights(self, vjp: Callable[[Tensor], Tensor], v: Tensor,
+                         record: DEQStats | None) -> Tensor:
+        """``w`` ``(B, ...)`` solving ``w = J^T w + v`` by :func:`solve_adjoint`; its stats go
+        to ``record.backward``, and an unconverged solve warns or raises as configured."""
+        start = time.perf_counter()
+        w, stats = solve_adjoint(
+            vjp, v, method=self.method, tol=self.tol, max_steps=self.max_steps,
+            on_nonconvergence="ignore", **self.options,
+        )
+        stats.wall_time = time.perf_counter() - start
+        if record is not None:
+            record.backward = stats
+        _report(stats, self.on_nonconvergence or "warn", "backward linear solve")
+        return w
+
+
+@BACKWARD_MODES.register("jfb")
+@dataclass(frozen=True)
+class JFB(BackwardMode):
+    """Jacobian-free backpropagation (Fung et al. 2022): ``w = v``, one VJP of ``f`` at ``z*``;
+    no linear solve. An approximate gradient that trains well when ``f`` is contractive."""
+
+    uses_jacobian: ClassVar[bool] = False
+
+    def gradient_weights(self, vjp: Callable[[Tensor], Tensor], v: Tensor,
+                         record: DEQStats | None) -> Tensor:
+        """``w = v`` (``(B, ...)``)."""
+        return v
+
+
+@BACKWARD_MODES.register("unrolled")
+@dataclass(frozen=True)
+class Unrolled(BackwardMode):
+    """Backpropagation through the forward solver's steps (the solver runs with grad enabled;
+    memory grows with the steps): the gradients of ``x`` ``(B, ...)`` and of ``f``'s
+    parameters are those of the unrolled computation. Needs an autograd-safe solver
+    (``"ode"`` or ``"picard"``). For testing and comparison."""
+
+    differentiates_solver: ClassVar[bool] = True
+
+
+def _check_implicit(method: object, tol: object, max_steps: object, options: Mapping[str, Any],
+                    on_nonconvergence: object, prefix: str) -> None:
+    """Validate :class:`Implicit`'s fields; messages name them with ``prefix`` (the layers'
+    keywords are ``backward_method``, ``backward_tol``, ...)."""
+    BACKWARD_METHODS.check(method, f"{prefix}method")
+    check_positive_float(tol, f"{prefix}tol")
+    check_positive_int(max_steps, f"{prefix}max_steps")
+    if on_nonconvergence is not None:
+        check_on_nonconvergence(on_nonconvergence)
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{prefix}options must be a mapping of option names to values, got "
+                        f"{type(options).__name__}")
+    reserved = {"atol", "rtol", "max_steps", "on_nonconvergence"} & set(options)
+    if reserved:
+        raise TypeError(
+            f"{prefix}options must not set {sorted(reserved)}; use {prefix}tol / "
+            f"{prefix}max_steps / on_nonconvergence"
+        )
+    check_solver_options(method, options)  # type: ignore[arg-type]
+
+
+def BackwardConfig(
+    mode: str | BackwardMode = "implicit",
+    method: str | None = None,
+    tol: float | None = None,
+    max_steps: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    on_nonconvergence: str | None = None,
+) -> BackwardMode:
+    """The backward mode object for the layers' keyword form of the backward arguments.
+
+    ``mode`` is a name in ``BACKWARD_MODES`` or a :class:`BackwardMode` object. For
+    ``"implicit"``, ``method``/``tol``/``max_steps``/``options`` (the layers'
+    ``backward_method``, ``backward_tol``, ...) fill :class:`Implicit`'s fields (unset ones
+    keep its defaults); other names are constructed with their defaults and ignore them.
+    ``on_nonconvergence`` fills an ``on_nonconvergence`` field left at ``None``.
+
+    Raises:
+        TypeError: ``mode`` is an object and one of the keywords is also given (set it on the
+            object), or ``mode`` is neither a name nor a :class:`BackwardMode`.
+        ValueError: an unknown name or a bad value (the message names the keyword).
+    """
+    keywords = {name: value for name, value in (("method", method), ("tol", tol),
+                                                ("max_steps", max_steps), ("options", options))
+                if value is not None}
+    if isinstance(mode, BackwardMode):
+        if keywords:
+            given = ", ".join(f"backward_{name}" for name in keywords)
+            raise TypeError(f"backward={mode!r} is a backward mode object; set its options on "
+                            f"the object, not with {given}")
+        resolved = mode
+    elif isinstance(mode, str):
+        BACKWARD_MODES.check(mode, "backward")
+        if mode == "implicit":
+            _check_implicit(keywords.get("method", "anderson"), keywords.get("tol", 1e-4),
+                            keywords.get("max_steps", 100), keywords.get("options", {}),
+                            on_nonconvergence, prefix="backward_")
+            resolved = Implicit(**keywords)
+        else:
+            resolved = BACKWARD_MODES[mode]()
+    else:
+        raise TypeError(f"backward must be a backward mode name {tuple(BACKWARD_MODES)} or a "
+                        f"contdeq.BackwardMode object, got {type(mode).__name__}")
+    if on_nonconvergence is not None and getattr(resolved, "on_nonconvergence", "") is None:
+        resolved = dataclasses.replace(resolved, on_nonconvergence=on_nonconvergence)
+    return resolved
+
+
+def solve_adjoint(
+    vjp: Callable[[Tensor], Tensor],
+    v: Tensor,
+    *,
+    method: str = "anderson",
+    tol: float = 1e-4,
+    max_steps: int = 100,
+    on_nonconvergence: str = "warn",
+    **options: Any,
+) -> tuple[Tensor, SolverStats]:
+    """Solve ``w = vjp(w) + v``, i.e. ``(I - J)^T w = v`` with ``vjp(w) = J^T w``.
+
+    Args:
+        vjp: ``w -> J^T w`` on ``(B, ...)`` tensors shaped like ``v``.
+        v: ``(B, ...)`` right-hand side (the gradient of the loss w.r.t. ``z*``).
+        method: ``"anderson"``, ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of
+            ``dw/dt = J^T w + v - w``, integrated by ``options.get("method", "dopri5")``).
+        tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``.
+        max_steps: iteration cap.
+        on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
+        **options: passed to :func:`~contdeq.solvers.fixed_point` or
+            :func:`~contdeq.solvers.steady_state`.
+
+    Returns:
+        ``(w, stats)``: ``w`` shaped like ``v``; ``stats.nfe`` counts the VJPs.
+
+    The solve starts from ``w0 = v`` (the Jacobian-free answer), and ``v`` is divided by its
+    largest per-sample RMS first (the problem is linear, so ``w`` is scaled back exactly). The
+    discrete methods iterate all samples together (``freeze_converged=False`` unless
+    ``options`` says otherwise).
+    """
+    if not bool(torch.isfinite(v).all()):
+        raise NonFiniteError(
+            "the gradient arriving at the equilibrium layer's output contains NaN or Inf", 0
+        )
+    scale = float(sample_rms(v).max())
+    if scale == 0.0:
+        scale = 1.0
+    vn = v / scale
+    with torch.no_grad():
+        if method == "ode":
+            w, stats = steady_state(
+                lambda t, w: vjp(w).add_(vn).sub_(w), vn,
+                atol=_ODE_ATOL_FLOOR * tol, rtol=tol, max_steps=max_steps,
+                on_nonconvergence=on_nonconvergence, **options,
+            )
+        else:
+            # Linear and contractive where it converges: iterating a converged sample further
+            # cannot hurt it, so all samples iterate together (half the bookkeeping).
+            w, stats = fixed_point(
+                lambda w: vjp(w).add_(vn), vn, method=method, atol=0.0, rtol=tol,
+                max_steps=max_steps, on_nonconvergence=on_nonconvergence,
+                **{"freeze_converged": False, **options},
+            )
+    return w.mul_(scale), stats
+
+
+def _report(stats: SolverStats, on_nonconvergence: str, what: str) -> None:
+    """Warn or raise for an unconverged solve, naming it."""
+    if on_nonconvergence == "ignore" or stats.all_converged:
+        return
+    stats_named = SolverStats(**{**stats.__dict__, "method": f"{what} ({stats.method})"})
+    report_nonconvergence(stats_named, on_nonconvergence)  # type: ignore[arg-type]

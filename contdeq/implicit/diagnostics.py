@@ -1,0 +1,74 @@
+"""Checks of the user's ``f(z, x)``: its first call and its output, with hints on the usual
+causes (a state not shaped like ``x``, dtypes or devices that differ)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ..solvers.validation import check_func_output
+
+__all__ = ["CheckedCall", "check_output", "first_call"]
+
+
+class CheckedCall:
+    """``fx(z) = f(z, x)`` whose first output is checked with a message naming ``f``.
+
+    Args:
+        f: called as ``f(z, x)``.
+        x: ``(B, ...)`` the input passed to every call.
+        name: ``f``'s name in messages.
+    """
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], x: Tensor, name: str = "f"):
+        self.f = f
+        self.x = x
+        self.name = name
+        self.checked = False
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """``f(z, x)`` for a ``(B, ...)`` state ``z``, shaped like ``z``."""
+        if self.checked:
+            return self.f(z, self.x)
+        out = first_call(self.f, z, self.x, self.name)
+        self.checked = True
+        return out
+
+
+def first_call(f: Callable[[Tensor, Tensor], Tensor], z: Tensor, x: Tensor, name: str = "f"
+               ) -> Tensor:
+    """``f(z, x)``, with shape errors inside ``f`` and a badly shaped output explained in
+    terms of the state shape (the usual cause: ``state_shape`` left to default to ``x``'s)."""
+    try:
+        out = f(z, x)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{name}(z, x) failed with the state z of shape {tuple(z.shape)} and x of shape "
+            f"{tuple(x.shape)}; if f's state is not shaped like x, set state_shape=... on the "
+            f"layer or pass z0.{_dtype_device_hint(f, z, x)} The error was: {exc}"
+        ) from exc
+    return check_output(out, z, name)
+
+
+def _dtype_device_hint(f: object, z: Tensor, x: Tensor) -> str:
+    """Where ``z``, ``x`` and ``f``'s parameters disagree in dtype or device, say so."""
+    params = [p for p in f.parameters() if p.is_floating_point()] if isinstance(
+        f, nn.Module) else []
+    kinds = {(t.dtype, t.device) for t in (z, x, *params)}
+    if len(kinds) == 1:
+        return ""
+    held = f", f's parameters {params[0].dtype} on {params[0].device}" if params else ""
+    return (f" Dtypes/devices differ: z {z.dtype} on {z.device}, x {x.dtype} on {x.device}"
+            f"{held} (convert the module or the input).")
+
+
+def check_output(out: object, z: Tensor, name: str = "f") -> Tensor:
+    """``out`` must be a tensor shaped, typed and placed like the state ``z`` (the solvers'
+    check, with hints on how a layer chooses its state)."""
+    return check_func_output(
+        out, z, f"{name}(z, x)", state="the state z",
+        shape_hint=" (set state_shape=... on the layer, or pass z0, if the state is not shaped "
+                   "like x)",
+        dtype_hint=" (the state takes x's dtype: convert the module or the input)",
+    )

@@ -1,0 +1,111 @@
+"""The forward solver of a layer (:class:`ForwardSolver`) and the validation of solver options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..solvers import (
+    FIXED_POINT_METHODS,
+    STEADY_STATE_METHODS,
+    Registry,
+    SolverStats,
+    fixed_point,
+    steady_state,
+)
+from ..solvers.validation import check_on_nonconvergence
+
+__all__ = ["FORWARD_SOLVERS", "UNROLLABLE_SOLVERS", "ForwardSolver", "check_solver_options"]
+
+#: Forward solvers a layer accepts: every fixed-point method (:func:`~contdeq.solvers.fixed_point`)
+#: and ``"ode"`` (steady state of ``dz/dt = f(z, x) - z``).
+FORWARD_SOLVERS: Registry[Any] = Registry("forward solver", "solver",
+                                          includes=(FIXED_POINT_METHODS,))
+FORWARD_SOLVERS.register("ode", steady_state)
+#: Forward solvers whose arithmetic is autograd-safe, so ``backward="unrolled"`` works.
+#: (Anderson and Broyden update their history buffers in place.)
+UNROLLABLE_SOLVERS = ("ode", "picard")
+
+
+class ForwardSolver:
+    """A configured forward solver: ``solver(fx, z0) -> (z*, stats)`` with ``fx(z) = f(z, x)``.
+
+    Args:
+        solver: ``"ode"`` integrates ``dz/dt = fx(z) - z`` to steady state with
+            :func:`~contdeq.solvers.steady_state`; ``"anderson"``, ``"broyden"``, ``"picard"``
+            (any name in ``FORWARD_SOLVERS``) iterate ``z = fx(z)`` with
+            :func:`~contdeq.solvers.fixed_point`.
+        on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
+        **options: keyword arguments of that solver function (``method``, ``atol``, ``rtol``,
+            ``max_steps``, ...; for the discrete solvers also ``memory``, ``damping``, ...).
+            Unknown names raise ``TypeError`` here, not at the first call.
+    """
+
+    def __init__(self, solver: str = "ode", *, on_nonconvergence: str = "warn", **options: Any):
+        self.solver = FORWARD_SOLVERS.check(solver)
+        self.on_nonconvergence = check_on_nonconvergence(on_nonconvergence)
+        if "on_nonconvergence" in options:  # pragma: no cover - caught by the signature
+            raise TypeError("pass on_nonconvergence once")
+        check_solver_options(solver, options)
+        self.options = dict(options)
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether backpropagation through the steps works (``backward="unrolled"``)."""
+        return self.solver in UNROLLABLE_SOLVERS
+
+    def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
+        """Solve from ``z0`` (``(B, ...)``); returns ``z*`` shaped like ``z0`` and the stats."""
+        if self.solver == "ode":
+            return steady_state(
+                lambda t, z: fx(z) - z, z0, on_nonconvergence=self.on_nonconvergence,
+                **self.options,
+            )
+        return fixed_point(
+            fx, z0, method=self.solver, on_nonconvergence=self.on_nonconvergence, **self.options
+        )
+
+    def with_options(self, **options: Any) -> ForwardSolver:
+        """A copy with ``options`` overriding this solver's options."""
+        return ForwardSolver(
+            self.solver, on_nonconvergence=self.on_nonconvergence, **{**self.options, **options}
+        )
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"ForwardSolver({self.solver!r}{opts})"
+
+
+_STEADY_STATE_KEYS = frozenset(
+    {"method", "atol", "rtol", "ode_atol", "ode_rtol", "max_steps", "t_max", "first_step",
+     "max_step", "backend", "record_trajectory", "timeout"}
+)
+_FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout",
+                               "freeze_converged"})
+
+
+def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
+    """Reject unknown option names of ``solver`` (``"ode"`` or a fixed-point method) with a
+    ``TypeError`` (torchdeq silently ignores them, its issue #12)."""
+    if solver == "ode":
+        unknown = sorted(set(options) - _STEADY_STATE_KEYS)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for solver='ode'; steady_state accepts "
+                f"{sorted(_STEADY_STATE_KEYS)}"
+            )
+        if "method" in options:
+            STEADY_STATE_METHODS.check(options["method"])
+        return
+    method_options = {k: v for k, v in options.items() if k not in _FIXED_POINT_KEYS}
+    solver_class = FIXED_POINT_METHODS[solver]
+    like = torch.zeros(1, 1)
+    if getattr(solver_class, "needs_map", False):
+        method_options["g"] = lambda z: z
+    try:  # the solver class validates its own option names and values
+        solver_class(like, **method_options)
+    except TypeError as exc:
+        raise TypeError(f"solver={solver!r}: {exc}") from None
