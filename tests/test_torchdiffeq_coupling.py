@@ -47,7 +47,9 @@ def test_fsal_methods_return_the_derivative_at_the_new_state() -> None:
         assert torch.allclose(state.f1, func(state.t1, state.y1), atol=1e-14)
 
 
-def test_tableaux_read_from_torchdiffeq_are_fsal_where_expected() -> None:
+def test_tableaux_are_fsal_where_expected() -> None:
+    """The torchdiffeq backend stops on the FSAL derivative: its methods must be FSAL
+    (contdeq's tableaux equal torchdiffeq's, tests/test_tableaux.py)."""
     for method in TORCHDIFFEQ_FSAL_METHODS:
         assert TABLEAUX[method].fsal
     assert not TABLEAUX["adaptive_heun"].fsal
