@@ -31,6 +31,9 @@ from .validation import raise_nonfinite, raise_step_underflow
 MAX_NONFINITE_TRIALS = 30
 #: Factor applied to a trial step rejected for NaN/Inf.
 NONFINITE_SHRINK = 0.1
+#: Least growth of a ptc step after a step that shrank the residual: the shrink ratio alone
+#: (``1 + O(h)``) would take thousands of steps to grow from a small ``first_step``.
+PTC_MIN_GROWTH = 1.2
 #: ptc accepts a step that raises a sample's residual when the derivative changed by at most
 #: this fraction of its norm over the step (the step resolves the flow)...
 PTC_SMOOTH_CHANGE = 0.5
@@ -165,7 +168,8 @@ def run_pseudo_transient(
     Each sample takes ``z <- z + h_b * dz/dt`` (with ``h_b = 1`` this is exactly the Picard step
     ``z <- f(z)`` of a DEQ). Steps are chosen for reaching the steady state, not for accuracy,
     by switched evolution relaxation (Mulder & Van Leer 1985): a step that shrinks the residual
-    is accepted and the next one grows by the shrink ratio (at most 2x, at most ``max_step``).
+    is accepted and the next one grows by the shrink ratio (at least :data:`PTC_MIN_GROWTH`, at
+most 2x, at most ``max_step``).
     A step that does not shrink it is still accepted when it resolves the flow (the derivative
     changed by at most :data:`PTC_SMOOTH_CHANGE` of its norm) and the residual stays within
     :data:`PTC_GROWTH_CAP` times the sample's best: the residual of a stable non-normal or
@@ -204,9 +208,9 @@ def run_pseudo_transient(
             probe = (res_new + tol_new).masked_fill_(ok.logical_xor(active), math.nan)
             if math.isfinite(float(probe.sum())):
                 trials.reset()
-                # Grow by the shrink ratio, in [1, 2] (NaN only where both residuals are 0:
+                # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
                 # frozen samples, whose h no longer matters).
-                factor = (res / res_new).clamp_(1.0, 2.0)
+                factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
             else:
                 ok, factor = _ptc_slow_path(progress, trials, z, d, d_new, res_new, tol_new, h)
             h = factor.mul_(h).clamp_(max=max_step)
@@ -247,7 +251,7 @@ def _ptc_slow_path(
     else:
         trials.reset()
     factor = torch.where(
-        descent, (res / res_new).clamp_(1.0, 2.0),
+        descent, (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0),
         torch.where(ok, change.reciprocal().clamp_(1.0, 2.0),
                     (0.9 / change).clamp_(NONFINITE_SHRINK, 0.5)),
     )
