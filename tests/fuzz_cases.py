@@ -274,7 +274,8 @@ def check_state(case: Case, z: Tensor, z0: Tensor, stats: SolverStats, problem: 
     meets its tolerance when residual and tolerance are recomputed in float64."""
     assert z.shape == z0.shape and z.dtype == z0.dtype, case
     assert bool(torch.isfinite(z).all()), f"silent non-finite state: {case}"
-    rows = case.shape[0] if case.layout_used == "batch" else 1
+    # One row per sample; a 1-D state (shape (B,) too) or a batch-wide solve is one sample.
+    rows = case.shape[0] if case.layout_used == "batch" and len(case.shape) > 1 else 1
     z64 = z.double()
     residual = problem.g64(z64) - z64
 

@@ -212,14 +212,19 @@ class Progress:
         accepted: int | None = None,
         rejected: int | None = None,
     ) -> SolverStats:
-        """The :class:`SolverStats` of the finished solve."""
+        """The :class:`SolverStats` of the finished solve. ``stop_reason`` becomes
+        ``"converged"`` when every returned sample converged (a best iterate can converge
+        although the loop stopped at a limit)."""
+        converged = self.res <= self.tol
+        if stop_reason != "converged" and bool(converged.all()):
+            stop_reason = "converged"
         return SolverStats(
             method=method,
             nfe=nfe,
             steps=self.steps,
             residual=self.res,
             tolerance=self.tol,
-            converged=self.res <= self.tol,
+            converged=converged,
             wall_time=time.perf_counter() - self.start,
             stop_reason=stop_reason,
             accepted=accepted,
