@@ -65,8 +65,8 @@ def test_atol_zero_from_a_zero_state(method: str, backend: str) -> None:
         return torch.tanh(0.5 * z + 1.0) - z
 
     z, _ = steady_state(func, torch.zeros(2, 3, dtype=torch.float64), method=method,
-                            backend=backend, atol=0.0, rtol=1e-4, max_steps=3000,
-                            on_nonconvergence="raise")
+                        backend=backend, atol=0.0, rtol=1e-4, max_steps=3000,
+                        on_nonconvergence="raise")
     residual = _rms64(func(0, z))
     assert bool((residual <= 1e-4 * _rms64(z) * 1.001).all())
 
@@ -74,9 +74,9 @@ def test_atol_zero_from_a_zero_state(method: str, backend: str) -> None:
 @pytest.mark.parametrize("method", ["anderson", "picard", "broyden"])
 def test_atol_zero_fixed_point(method: str) -> None:
     """Catches a relative-only fixed-point test failing from z0 = 0."""
-    z, _ = fixed_point(lambda z: torch.tanh(0.5 * z + 1.0), torch.zeros(2, 3,
-                           dtype=torch.float64), method=method, atol=0.0, rtol=1e-6,
-                           on_nonconvergence="raise")
+    z, _ = fixed_point(lambda z: torch.tanh(0.5 * z + 1.0),
+                       torch.zeros(2, 3, dtype=torch.float64), method=method, atol=0.0,
+                       rtol=1e-6, on_nonconvergence="raise")
     assert bool((_rms64(torch.tanh(0.5 * z + 1.0) - z) <= 1e-6 * _rms64(z) * 1.001).all())
 
 
@@ -230,7 +230,7 @@ def test_norms_neither_overflow_nor_underflow_in_float32() -> None:
     assert torch.allclose(sample_rms(tiny).double(),
                           torch.full((2,), 1e-30, dtype=torch.float64), rtol=1e-5)
     z, _ = fixed_point(lambda z: 0.5 * z + 1e20, torch.zeros(2, 4), method="picard",
-                           on_nonconvergence="raise")
+                       on_nonconvergence="raise")
     assert torch.allclose(z.double(), torch.full((2, 4), 2e20, dtype=torch.float64), rtol=1e-3)
 
 
