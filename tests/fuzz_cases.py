@@ -2,15 +2,18 @@
 
 A :class:`Case` is drawn from a few integers and names (so hypothesis can shrink it); it builds
 a map ``g(z)`` of one *family* (contractive, expansive, oscillating, near-singular Jacobian,
-stiff, NaN/Inf injected mid-solve), solves ``z = g(z)`` with one solver (``steady_state`` on
-``dz/dt = g(z) - z`` or ``fixed_point`` on ``g``) and checks the reliability contract:
+stiff, non-normal, overflowing ``sinh``, samples coupled by a batch mean, tiny- and huge-scale
+solutions, NaN/Inf injected mid-solve), lays its state out as a batch, one 1-D state or one
+batch-wide state (``per_sample=False``), solves ``z = g(z)`` with one solver (``steady_state``
+on ``dz/dt = g(z) - z`` or ``fixed_point`` on ``g``) and checks the reliability contract:
 
 * the solve ends within its bounds (``steps <= max_steps``, a bounded number of calls, a stop
   reason from the documented set, never past ``t_max``, wall time under the ``timeout``);
 * the stats are consistent: ``converged == (residual <= tolerance)`` per sample, the stop
   reason is ``"converged"`` exactly when every sample converged, residuals are finite;
 * nothing is silent: a returned state is finite, a converged sample really satisfies the
-  tolerance when ``g`` is evaluated again, non-convergence warns or raises as configured, and
+  tolerance when its residual and tolerance are recomputed in float64 (the same map, its
+  parameters rounded to the case's dtype), non-convergence warns or raises as configured, and
   a NaN/Inf produced while samples are still iterating raises ``NonFiniteError``.
 
 Run ``python -m tests.fuzz_cases --cases 2000`` for the outcome table quoted in
@@ -40,12 +43,17 @@ from contdeq.solvers import (
     SolverStats,
     StopReason,
     fixed_point,
-    sample_rms,
     steady_state,
 )
 
 FAMILIES = ("contractive", "expansive", "expansive_tanh", "oscillating", "near_singular",
-            "stiff", "nan_midway", "inf_midway")
+            "stiff", "non_normal", "sinh", "coupled", "tiny_scale", "huge_scale", "nan_midway",
+            "inf_midway")
+#: How the state is laid out: a batch (per-sample test), one 1-D state, or the batch as one
+#: state (``per_sample=False``). Maps coupling samples are never solved per sample.
+LAYOUTS = ("batch", "1d", "batch_wide")
+#: Scale of the solution of the tiny/huge families (solved with a relative-only test).
+SCALES = {"tiny_scale": 1e-30, "huge_scale": 1e20}
 ODE_SOLVERS = (*STEADY_STATE_METHODS, "dopri5[torchdiffeq]", "bosh3[event]")
 MAP_SOLVERS = tuple(FIXED_POINT_METHODS)
 SOLVERS = ODE_SOLVERS + MAP_SOLVERS
@@ -77,6 +85,7 @@ class Case:
     policy: str
     strength: float  # in [0, 1]: where in the family's range the map's parameter lies
     finite_t_max: bool
+    layout: str = "batch"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -86,6 +95,24 @@ class Case:
     def tolerance(self) -> float:
         """Tolerance the dtype can meet: 1e-6 in float64, about ``100 * eps`` otherwise."""
         return max(1e-6, 100 * torch.finfo(self.torch_dtype).eps)
+
+    @property
+    def layout_used(self) -> str:
+        """The layout solved: a coupled map is never solved per sample."""
+        return "batch_wide" if self.family == "coupled" and self.layout == "batch" else (
+            self.layout)
+
+    @property
+    def scale(self) -> float:
+        """Scale of the solution (1, or tiny/huge in float32/float64)."""
+        if self.dtype in ("float32", "float64"):
+            return SCALES.get(self.family, 1.0)
+        return 1.0
+
+    @property
+    def atol(self) -> float:
+        """0 (relative-only) for the tiny/huge families, the tolerance otherwise."""
+        return 0.0 if self.family in SCALES else self.tolerance
 
 
 def _matrix(case: Case, dim: int, gen: torch.Generator) -> Tensor:
@@ -109,27 +136,56 @@ def _matrix(case: Case, dim: int, gen: torch.Generator) -> Tensor:
     elif case.family == "stiff":  # dz/dt = c - M z, M's eigenvalues from 0.1 to 10^(2..5)
         m_eig = torch.logspace(-1.0, 2.0 + 3.0 * s, dim, dtype=torch.float64)
         eig = 1.0 - m_eig
+    elif case.family == "non_normal":  # eigenvalues 0.5, a strong shear: ||A|| >> 1
+        shear = torch.triu(torch.randn(dim, dim, generator=gen, dtype=torch.float64), 1)
+        return 0.5 * torch.eye(dim, dtype=torch.float64) + (2.0 + 8.0 * s) * shear / dim ** 0.5
+    elif case.family == "sinh":
+        return torch.zeros(dim, dim, dtype=torch.float64)
+    elif case.family == "coupled":  # contractive per sample; the batch mean couples them
+        eig = (torch.rand(dim, generator=gen, dtype=torch.float64) * 2.0 - 1.0) * 0.3
     elif case.family in ("expansive", "expansive_tanh"):  # top eigenvalue 1.2 .. 4
         eig = torch.rand(dim, generator=gen, dtype=torch.float64) * 2.0 - 1.0
         eig[0] = 1.2 + 2.8 * s
-    else:  # contractive (and the NaN/Inf families): ||A||_2 <= 0.95
+    else:  # contractive (NaN/Inf, tiny and huge families too): ||A||_2 <= 0.95
         eig = (torch.rand(dim, generator=gen, dtype=torch.float64) * 2.0 - 1.0) * 0.95 * s
     return q @ torch.diag(eig) @ q.T
 
 
-def build_map(case: Case) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    """The clean map ``g`` and the initial state ``z0`` (zeros) of ``case``."""
+@dataclass(frozen=True)
+class Map:
+    """A case's map in its dtype (``g``) and in float64 with the same rounded parameters
+    (``g64``, for re-checking claims), and the initial state ``z0``."""
+
+    g: Callable[[Tensor], Tensor]
+    g64: Callable[[Tensor], Tensor]
+    a64: Tensor
+    z0: Tensor
+
+
+def build_map(case: Case) -> Map:
+    """The clean map ``g`` (and its float64 twin) and the initial state ``z0`` (zeros)."""
     gen = torch.Generator().manual_seed(case.seed)
     batch, dim = case.shape[0], math.prod(case.shape[1:])
     a = _matrix(case, dim, gen).to(case.torch_dtype)
-    c = torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(case.torch_dtype)
-    nonlinear = case.family in ("contractive", "expansive_tanh", "nan_midway", "inf_midway")
+    c = (torch.randn(batch, dim, generator=gen, dtype=torch.float64) * case.scale).to(
+        case.torch_dtype)
+    nonlinear = case.family in ("contractive", "expansive_tanh", "nan_midway", "inf_midway",
+                                "coupled")
 
-    def g(z: Tensor) -> Tensor:
-        out = z.reshape(batch, dim) @ a.T + c
-        return (torch.tanh(out) if nonlinear else out).reshape(z.shape)
+    def make(a: Tensor, c: Tensor) -> Callable[[Tensor], Tensor]:
+        def g(z: Tensor) -> Tensor:
+            flat = z.reshape(batch, dim)
+            out = flat @ a.T + c
+            if case.family == "coupled":  # every sample sees the batch mean
+                out = out + (0.5 + 1.5 * case.strength) * flat.mean(0, keepdim=True)
+            if case.family == "sinh":  # dz/dt = -k sinh(z - c): overflows for large trial steps
+                out = flat - (1.0 + 49.0 * case.strength) * torch.sinh(flat - c)
+            return (torch.tanh(out) if nonlinear else out).reshape(z.shape)
+        return g
 
-    return g, torch.zeros(case.shape, dtype=case.torch_dtype)
+    shape = (batch * dim,) if case.layout_used == "1d" else case.shape
+    return Map(make(a, c), make(a.double(), c.double()), a.double(),
+               torch.zeros(shape, dtype=case.torch_dtype))
 
 
 class Poisoned:
@@ -145,10 +201,10 @@ class Poisoned:
 
 
 def solve(case: Case, g: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
-    """Run the case's solver on ``g`` from ``z0`` with its bounds and policy."""
-    tol = case.tolerance
-    common = {"atol": tol, "rtol": tol, "max_steps": case.max_steps,
-              "on_nonconvergence": case.policy, "timeout": TIMEOUT}
+    """Run the case's solver on ``g`` from ``z0`` with its bounds, layout and policy."""
+    common = {"atol": case.atol, "rtol": case.tolerance, "max_steps": case.max_steps,
+              "on_nonconvergence": case.policy, "timeout": TIMEOUT,
+              "per_sample": case.layout_used != "batch_wide"}
     if case.solver in MAP_SOLVERS:
         return fixed_point(g, z0, method=case.solver, **common)
     method, _, backend = case.solver.partition("[")
@@ -166,7 +222,8 @@ def run_case(case: Case) -> str:
 
     Raises ``AssertionError`` (with the case in the message) when the contract is broken.
     """
-    g, z0 = build_map(case)
+    problem = build_map(case)
+    g, z0 = problem.g, problem.z0
     poison = case.family in ("nan_midway", "inf_midway")
     func = Poisoned(g, 2 + case.seed % 12, math.nan if case.family == "nan_midway" else math.inf)
     raised: NonFiniteError | ConvergenceError | None = None
@@ -188,7 +245,7 @@ def run_case(case: Case) -> str:
         return "reported_nonconvergence"
     warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
     check_stats(case, stats)
-    check_state(case, z, z0, stats, g)
+    check_state(case, z, z0, stats, problem)
     assert warned == (case.policy == "warn" and not stats.all_converged), (case, stats.summary())
     assert case.policy != "raise" or stats.all_converged, case
     return "converged" if stats.all_converged else "reported_nonconvergence"
@@ -214,17 +271,28 @@ def check_stats(case: Case, stats: SolverStats) -> None:
         assert float(stats.t_final.max()) <= _t_max(case) * (1 + 2 * eps), info
 
 
-def check_state(case: Case, z: Tensor, z0: Tensor, stats: SolverStats,
-                g: Callable[[Tensor], Tensor]) -> None:
-    """The returned state is finite and shaped like ``z0``; converged samples re-check."""
+def check_state(case: Case, z: Tensor, z0: Tensor, stats: SolverStats, problem: Map) -> None:
+    """The returned state is finite and shaped like ``z0``; every sample claimed converged
+    meets its tolerance when residual and tolerance are recomputed in float64."""
     assert z.shape == z0.shape and z.dtype == z0.dtype, case
     assert bool(torch.isfinite(z).all()), f"silent non-finite state: {case}"
-    residual = sample_rms(g(z) - z).double()
+    # One row per sample; a 1-D state (shape (B,) too) or a batch-wide solve is one sample.
+    rows = case.shape[0] if case.layout_used == "batch" and len(case.shape) > 1 else 1
+    z64 = z.double()
+    residual = problem.g64(z64) - z64
+
+    def rms(x: Tensor) -> Tensor:
+        return x.reshape(rows, -1).square().mean(dim=1).sqrt()
+
+    tolerance = case.atol + case.tolerance * rms(z64)
+    # Rounding of g in the case's dtype: a few ulps of the terms it adds up.
+    terms = rms(z64) + rms(z64.reshape(case.shape[0], -1).abs() @ problem.a64.abs().T) + rms(
+        problem.g64(z64))
+    slack = tolerance * 1.01 + 4 * torch.finfo(z.dtype).eps * terms
     conv = stats.converged
-    # Re-evaluating g at a converged sample meets its tolerance (up to rounding of the test).
-    slack = stats.tolerance.double() * 1.01 + 2 * torch.finfo(z.dtype).eps * (
-        1 + sample_rms(z).double())
-    assert bool((residual[conv] <= slack[conv]).all()), (case, residual, stats.tolerance)
+    assert conv.shape == (rows,), (case, conv.shape)
+    assert bool((rms(residual)[conv] <= slack[conv]).all()), (
+        f"false convergence claim: {case}", rms(residual), tolerance)
 
 
 def random_case(gen: torch.Generator) -> Case:
@@ -237,7 +305,7 @@ def random_case(gen: torch.Generator) -> Case:
         family=pick(FAMILIES), solver=pick(SOLVERS), shape=pick(SHAPES),
         dtype=pick(tuple(DTYPES)), max_steps=int(torch.randint(1, 150, (), generator=gen)),
         policy=pick(POLICIES), strength=float(torch.rand((), generator=gen)),
-        finite_t_max=bool(torch.rand((), generator=gen) < 0.3),
+        finite_t_max=bool(torch.rand((), generator=gen) < 0.3), layout=pick(LAYOUTS),
     )
 
 
@@ -270,6 +338,7 @@ def report(n_cases: int, seed: int, hang_after: float) -> Counter:
         counts[(case.family, outcome)] += 1
         counts[(case.solver, outcome)] += 1
         counts[(case.dtype, outcome)] += 1
+        counts[(case.layout_used, outcome)] += 1
     return counts
 
 
@@ -284,7 +353,8 @@ def main() -> None:
     counts = report(args.cases, args.seed, args.hang_after)
     columns = (*OUTCOMES, "violation", "hang")
     print(f"{args.cases} cases in {time.perf_counter() - start:.1f} s (seed {args.seed})")
-    for title, rows in (("family", FAMILIES), ("solver", SOLVERS), ("dtype", tuple(DTYPES))):
+    for title, rows in (("family", FAMILIES), ("solver", SOLVERS), ("dtype", tuple(DTYPES)),
+                        ("layout", LAYOUTS)):
         print(f"\n{title:20s}" + "".join(f"{c:>25s}" for c in columns))
         for row in rows:
             print(f"{row:20s}" + "".join(f"{counts[(row, c)]:25d}" for c in columns))

@@ -24,7 +24,18 @@ from contdeq.solvers import (
     steady_state,
 )
 
-from .fuzz_cases import DTYPES, FAMILIES, OUTCOMES, POLICIES, SHAPES, SOLVERS, Case, run_case
+from .fuzz_cases import (
+    DTYPES,
+    FAMILIES,
+    LAYOUTS,
+    OUTCOMES,
+    POLICIES,
+    SHAPES,
+    SOLVERS,
+    Case,
+    report,
+    run_case,
+)
 
 
 def fuzz(max_examples: int) -> settings:
@@ -43,6 +54,7 @@ cases = st.builds(
     policy=st.sampled_from(POLICIES),
     strength=st.floats(0.0, 1.0),
     finite_t_max=st.booleans(),
+    layout=st.sampled_from(LAYOUTS),
 )
 
 
@@ -54,11 +66,21 @@ def test_random_solves_end_with_a_clear_outcome(case: Case) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_on_every_solver(family: str) -> None:
-    """A fixed sweep, so each (family, solver) pair is exercised whatever hypothesis draws."""
+    """A fixed sweep, so each (family, solver) pair is exercised whatever hypothesis draws;
+    catches a false convergence claim (re-checked in float64), a silent NaN or a hang."""
     for i, solver in enumerate(SOLVERS):
-        case = Case(seed=i, family=family, solver=solver, shape=(2, 3), dtype="float64",
-                    max_steps=40, policy="ignore", strength=0.5, finite_t_max=i % 2 == 0)
+        case = Case(seed=i, family=family, solver=solver, shape=(2, 3),
+                    dtype=("float64", "float32")[i % 2], max_steps=40, policy="ignore",
+                    strength=0.5, finite_t_max=i % 2 == 0, layout=LAYOUTS[i % len(LAYOUTS)])
         assert run_case(case) in OUTCOMES
+
+
+@pytest.mark.slow
+def test_ten_thousand_random_solves() -> None:
+    """10,000 random problems (every family, solver, backend, dtype and layout): no hang, no
+    silent NaN, no false convergence claim, no other contract violation."""
+    counts = report(10_000, seed=0, hang_after=120.0)
+    assert counts["hang"] == 0 and counts["violation"] == 0, counts
 
 
 def test_poisoned_solves_raise() -> None:

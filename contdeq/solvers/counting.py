@@ -1,4 +1,10 @@
-"""Wrappers that count and check every call of the user's function."""
+"""Wrappers that count and check every call of the user's function.
+
+Each call also checks that the function left its input alone: a function that modifies ``z``
+in place (``z += ...``, ``z.clamp_(...)``) corrupts the solver's state, stage inputs and stored
+iterates, and the solve would report convergence at a wrong point. The check reads the
+tensor's version counter before and after the call (no tensor operation).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,20 @@ import torch
 from torch import Tensor
 
 from .validation import check_func_output
+
+
+def _version(z: Tensor) -> int:
+    """``z``'s version counter (bumped by every in-place change); -1 for inference tensors,
+    which have none (under ``torch.inference_mode`` the check is off)."""
+    return -1 if z.is_inference() else z._version
+
+
+def _raise_modified_input(name: str) -> None:
+    raise ValueError(
+        f"{name} modified its input state in place (e.g. z += ..., z.mul_(...), "
+        f"z[...] = ...); this corrupts the solve. Compute a new tensor instead "
+        f"(z = z + ..., or work on z.clone())"
+    )
 
 
 class CountedODEFunc:
@@ -32,7 +52,10 @@ class CountedODEFunc:
                 self._time = (t, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
             t = self._time[1]
         z = z_flat if self.shape == self.flat_shape else z_flat.reshape(self.shape)
+        version = _version(z_flat)
         out = self.func(t, z)
+        if _version(z_flat) != version:
+            _raise_modified_input(self.name)
         if self.calls == 0 or not isinstance(out, Tensor) or out.shape != self.shape:
             check_func_output(out, z, self.name)
         self.calls += 1
@@ -51,7 +74,10 @@ class CountedMap:
 
     def __call__(self, z_flat: Tensor) -> Tensor:
         z = z_flat if self.shape == self.flat_shape else z_flat.reshape(self.shape)
+        version = _version(z_flat)
         out = self.g(z)
+        if _version(z_flat) != version:
+            _raise_modified_input(self.name)
         if self.calls == 0 or not isinstance(out, Tensor) or out.shape != self.shape:
             check_func_output(out, z, self.name)
         self.calls += 1

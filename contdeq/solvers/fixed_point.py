@@ -16,7 +16,9 @@ from .registry import FIXED_POINT_METHODS
 from .stats import LoopResult, SolverStats
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
+from .unbatched import solve_as_one_sample
 from .validation import (
+    check_bool,
     check_callable,
     check_on_nonconvergence,
     check_positive_float,
@@ -26,6 +28,9 @@ from .validation import (
 )
 
 __all__ = ["FIXED_POINT_METHODS", "fixed_point"]
+
+#: Methods whose in-place history updates autograd cannot record.
+_NOT_DIFFERENTIABLE = ("anderson", "broyden")
 
 
 def fixed_point(
@@ -40,22 +45,36 @@ def fixed_point(
     record_trajectory: bool = False,
     timeout: float | None = None,
     freeze_converged: bool = True,
+    per_sample: bool = True,
     **options: float | int,
 ) -> tuple[Tensor, SolverStats]:
     """Find ``z = g(z)`` for every sample of a batch.
 
     Sample ``b`` (first dimension) has converged when
     ``rms(g(z_b) - z_b) <= atol + rtol * rms(z_b)``; converged samples stay where they are
-    while the others iterate. The returned ``z`` of each sample is its iterate with the
-    smallest residual, and ``stats.residual`` is that residual. With
-    ``freeze_converged=False`` every sample iterates until all have converged and the last
-    iterate is returned: about half the tensor operations per iteration (what a small state
-    costs), for maps where iterating further cannot hurt a converged sample, such as the
-    contractive linear solve of the implicit backward.
+    while the others iterate; when all have converged, the frozen ones are re-tested on the
+    last call's residual (no extra call) and iterate again if they no longer pass. The
+    returned ``z`` of each sample is its iterate with the smallest residual, and
+    ``stats.residual`` is that residual. With ``freeze_converged=False`` every sample iterates
+    until all have converged at once: about half the tensor operations per iteration (what a
+    small state costs), for maps where iterating further cannot hurt a converged sample, such
+    as the contractive linear solve of the implicit backward; a sample that stops unconverged
+    still returns its best iterate.
+
+    A 1-D ``z0`` is one unbatched state: tested as a whole, returned 1-D. ``per_sample=False``
+    does the same for a whole batch, for a ``g`` that couples its samples (a batch mean or
+    normalization): per-sample freezing assumes each sample's residual depends on that sample
+    only.
+
+    Anderson and Broyden update their history in place and cannot be differentiated through:
+    with grad enabled and ``g(z0)`` requiring grad they raise; run them under
+    ``torch.no_grad()`` and differentiate implicitly (the DEQ layers,
+    :func:`contdeq.implicit.equilibrium`), or unroll ``"picard"``.
 
     Args:
         g: the map, ``g(z) -> z``, shape, dtype and device preserved.
-        z0: ``(B, ...)`` initial guess, batch dimension first. Or a tuple of per-scale
+        z0: ``(B, ...)`` initial guess, batch dimension first; a 1-D ``(D,)`` state is one
+            unbatched sample (statistics of shape ``(1,)``). Or a tuple of per-scale
             states ``(B, *shape_s)``: then ``g(zs)`` takes and returns such tuples, the solve
             runs on them flattened (one residual norm per sample over all scales;
             :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
@@ -67,6 +86,9 @@ def fixed_point(
         timeout: wall-clock limit in seconds.
         freeze_converged: freeze each sample once it converges and return its best iterate
             (default); ``False``: iterate all samples together (see above).
+        per_sample: ``True`` (default): each sample is tested (and frozen) on its own;
+            ``False``: the batch is one state, for a ``g`` that couples samples. Statistics
+            then have shape ``(1,)``.
         **options: method options: anderson ``memory=5, damping=1.0, regularization=1e-4``;
             broyden ``memory=30``; picard ``damping=1.0``. Unknown options raise ``TypeError``.
 
@@ -76,6 +98,9 @@ def fixed_point(
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
         return solve_flattened(fixed_point, locals())
+    check_bool(per_sample, "per_sample")
+    if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
+        return solve_as_one_sample(fixed_point, locals())
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     FIXED_POINT_METHODS.check(method)
@@ -84,8 +109,7 @@ def fixed_point(
     check_on_nonconvergence(on_nonconvergence)
     if timeout is not None:
         check_positive_float(timeout, "timeout")
-    if not isinstance(freeze_converged, bool):
-        raise TypeError(f"freeze_converged must be a bool, got {type(freeze_converged).__name__}")
+    check_bool(freeze_converged, "freeze_converged")
 
     counted = CountedMap(g, z0, name="g")
     z = z0.reshape(counted.flat_shape)
@@ -96,6 +120,14 @@ def fixed_point(
     except TypeError as exc:
         raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
     gz = counted(z)
+    if method in _NOT_DIFFERENTIABLE and torch.is_grad_enabled() and gz.requires_grad:
+        raise RuntimeError(
+            f"fixed_point(method={method!r}) cannot be differentiated through its iterations "
+            "(it updates its history in place), and g(z0) requires grad: run it under "
+            "torch.no_grad() and get gradients implicitly (the DEQ layers or "
+            "contdeq.implicit.equilibrium with backward='implicit'), or backpropagate through "
+            "the steps of method='picard' (backward='unrolled' with solver='picard' or 'ode')"
+        )
     residual = gz - z
     progress = Progress(
         SteadyStateCondition(float(atol), float(rtol)), z, residual,
@@ -115,19 +147,25 @@ def _iterate_freezing(
     """Iterate the samples that have not converged (the others stay put) until none is left or
     a limit is hit; returns each sample's best iterate and the stop reason."""
     best = z
-    while (reason := progress.stop_reason()) is None:
-        active = progress.active
-        proposal = solver.propose(z, gz, residual)
-        z = torch.where(active.unsqueeze(1), proposal, z)
-        gz = g(z)
-        residual = gz - z
-        progress.steps += 1
-        res = sample_rms(residual)
-        tol = progress.checked_tolerance(z, res, active)
-        improved = (res < progress.res).logical_and_(active)
-        best = torch.where(improved.unsqueeze(1), z, best)
-        progress.accept(improved, res, tol)
-    return LoopResult(best, reason)
+    res = None
+    while True:
+        while (reason := progress.stop_reason()) is None:
+            active = progress.active
+            proposal = solver.propose(z, gz, residual)
+            z = torch.where(active.unsqueeze(1), proposal, z)
+            gz = g(z)
+            residual = gz - z
+            progress.steps += 1
+            res = sample_rms(residual)
+            tol = progress.checked_tolerance(z, res, active)
+            improved = (res < progress.res).logical_and_(active)
+            best = torch.where(improved.unsqueeze(1), z, best)
+            progress.accept(improved, res, tol)
+        # All converged: every sample froze at its best iterate, so ``z == best``, and the last
+        # call saw them all there; re-test the frozen ones (a g coupling samples).
+        if reason != "converged" or res is None or not progress.reopen_stale(z, res):
+            return LoopResult(best, reason)
+        best = z
 
 
 def _iterate_together(
@@ -135,11 +173,12 @@ def _iterate_together(
     residual: Tensor,
 ) -> LoopResult:
     """Iterate every sample (none frozen) until all have converged or a limit is hit; returns
-    the last iterate and the stop reason."""
+    each sample's best iterate (the last one when all converged) and the stop reason."""
+    progress.keep_best(z)
     while (reason := progress.stop_reason()) is None:
         z = solver.propose(z, gz, residual)
         gz = g(z)
         residual = gz - z
         progress.steps += 1
         progress.update_all(z, sample_rms(residual))
-    return LoopResult(z, reason)
+    return LoopResult(progress.final_state(z), reason)

@@ -55,6 +55,8 @@ class Progress:
         if not all_finite(self.res + self.tol):
             raise_nonfinite(name, 0)
         self.active = self.res > self.tol
+        #: Each sample's best iterate so far, when a loop keeps one (see :meth:`keep_best`).
+        self.best: BestIterate | None = None
         # Whether any sample is active, when the last update already knew it (saves a sync).
         self._any_active: bool | None = None
         # Pseudo-time is accumulated in float64 (float32 on MPS): in the state's dtype a
@@ -98,7 +100,7 @@ class Progress:
         Raises :class:`NonFiniteError` when a moved sample's residual or tolerance is NaN/Inf
         (a non-finite or overflowing state makes one of them non-finite).
         """
-        self.accept(moved, residual_norm, self.checked_tolerance(z, residual_norm, moved), dt)
+        self.accept(moved, residual_norm, self.checked_tolerance(z, residual_norm, moved), dt, z)
 
     def checked_tolerance(self, z: Tensor, residual_norm: Tensor, where: Tensor) -> Tensor:
         """``(B,)`` tolerance at state ``z``.
@@ -112,13 +114,61 @@ class Progress:
             raise_nonfinite(self.name, self.steps)
         return tol
 
+    def trial_tolerance(self, z: Tensor, residual_norm: Tensor, where: Tensor) -> Tensor | None:
+        """``(B,)`` tolerance at a trial state ``z``, or ``None`` when, for a sample in ``where``
+        (``(B,)`` bool), the residual norm or the tolerance is NaN/Inf: a trial step to reject
+        and shrink, not an error."""
+        tol = self.condition.tolerance(z)
+        return tol if finite_where(residual_norm + tol, where) else None
+
+    def keep_best(self, z: Tensor) -> None:
+        """Start keeping each sample's best iterate (smallest residual), from the current state
+        ``z`` (``(B, D)``): :meth:`accept` given its ``z`` then offers every accepted state."""
+        self.best = BestIterate(z, self.res, self.tol)
+
+    def reopen_stale(self, z: Tensor, residual_norm: Tensor) -> bool:
+        """Re-test every sample on ``residual_norm`` (``(B,)``), evaluated at the final state
+        ``z`` with all samples together, after every sample was frozen as converged.
+
+        A frozen sample's residual was measured when it froze; if ``f`` couples samples (e.g. a
+        batch statistic), others moving since may have changed it. Samples that now fail are
+        active again (returns ``True``: the loop goes on), so no stale claim of convergence is
+        returned. Costs no evaluation: the loops pass the residual their last call computed.
+        """
+        tol = self.condition.tolerance(z)
+        stale = residual_norm > tol
+        if not bool(stale.any()):
+            return False
+        self.res = torch.where(stale, residual_norm, self.res)
+        self.tol = torch.where(stale, tol, self.tol)
+        self.active = stale
+        self._any_active = True
+        if self.best is not None:
+            self.best = BestIterate(z, self.res, self.tol)
+        return True
+
+    def final_state(self, z: Tensor) -> Tensor:
+        """The state to return: each unconverged sample's best iterate (when kept, and better
+        than ``z``), the others' from ``z`` (``(B, D)``); residuals and tolerances follow."""
+        best = self.best
+        if best is None:
+            return z
+        take = (best.res < self.res).logical_and_(self.res > self.tol)
+        self.res = torch.where(take, best.res, self.res)
+        self.tol = torch.where(take, best.tol, self.tol)
+        return torch.where(take.unsqueeze(1), best.z, z)
+
     def accept(
-        self, moved: Tensor, residual_norm: Tensor, tol: Tensor, dt: Tensor | float | None = None
+        self, moved: Tensor, residual_norm: Tensor, tol: Tensor, dt: Tensor | float | None = None,
+        z: Tensor | None = None,
     ) -> None:
         """Record the residual norms and tolerances (``(B,)``, checked finite by the caller, e.g.
         with :meth:`checked_tolerance`) of the samples in ``moved``, advance their pseudo-time by
         ``dt`` and freeze those that now meet their tolerance: :meth:`update` for a loop that
-        computed the tolerances itself."""
+        computed the tolerances itself. With ``z`` (the ``(B, D)`` state) the best iterate kept
+        since :meth:`keep_best` is updated."""
+        if self.best is not None and z is not None:
+            self.best.offer(z, residual_norm, tol, moved)
         self.res = torch.where(moved, residual_norm, self.res)
         self.tol = torch.where(moved, tol, self.tol)
         if self.t is not None and isinstance(dt, Tensor):
@@ -136,7 +186,8 @@ class Progress:
 
     def update_all(self, z: Tensor, residual_norm: Tensor) -> None:
         """Record the residual norms (``(B,)``) of every sample (all moved together, none frozen)
-        and mark which have converged; a handful of tensor operations.
+        and mark which have converged; a handful of tensor operations (and the best iterate's
+        update, when kept).
 
         Raises :class:`NonFiniteError` when a residual or tolerance is NaN/Inf.
         """
@@ -145,6 +196,8 @@ class Progress:
         lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf in either shows here
         if not (math.isfinite(lowest) and math.isfinite(highest)):
             raise_nonfinite(self.name, self.steps)
+        if self.best is not None:
+            self.best.offer(z, residual_norm, tol)
         self.res, self.tol = residual_norm, tol
         self.active = gap > 0
         self._any_active = highest > 0
@@ -159,15 +212,19 @@ class Progress:
         accepted: int | None = None,
         rejected: int | None = None,
     ) -> SolverStats:
-        """The :class:`SolverStats` of the finished solve (``stop_reason`` becomes a
-        :class:`StopReason`)."""
+        """The :class:`SolverStats` of the finished solve. ``stop_reason`` becomes
+        ``"converged"`` when every returned sample converged (a best iterate can converge
+        although the loop stopped at a limit)."""
+        converged = self.res <= self.tol
+        if stop_reason != "converged" and bool(converged.all()):
+            stop_reason = "converged"
         return SolverStats(
             method=method,
             nfe=nfe,
             steps=self.steps,
             residual=self.res,
             tolerance=self.tol,
-            converged=self.res <= self.tol,
+            converged=converged,
             wall_time=time.perf_counter() - self.start,
             stop_reason=stop_reason,
             accepted=accepted,
@@ -178,6 +235,29 @@ class Progress:
                 None if self.t_history is None else torch.stack(self.t_history).to(self.res.dtype)
             ),
         )
+
+
+class BestIterate:
+    """Each sample's iterate with the smallest residual so far, with its residual and tolerance.
+
+    Args:
+        z: ``(B, D)`` state.
+        res: ``(B,)`` residual norms at ``z``.
+        tol: ``(B,)`` tolerances at ``z``.
+    """
+
+    def __init__(self, z: Tensor, res: Tensor, tol: Tensor) -> None:
+        self.z, self.res, self.tol = z, res, tol
+
+    def offer(self, z: Tensor, res: Tensor, tol: Tensor, where: Tensor | None = None) -> None:
+        """Keep ``z``'s samples (those in ``where``, ``(B,)`` bool, if given) whose residual
+        ``res`` is smaller."""
+        improved = res < self.res
+        if where is not None:
+            improved.logical_and_(where)
+        self.z = torch.where(improved.unsqueeze(1), z, self.z)
+        self.res = torch.where(improved, res, self.res)
+        self.tol = torch.where(improved, tol, self.tol)
 
 
 def _time_dtype(z: Tensor) -> torch.dtype:

@@ -11,12 +11,14 @@ steps works with the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .tableaux import Tableau
+from .termination import sample_rms
 
 #: Dtypes whose step-size control is computed in float32.
 _HALF = (torch.float16, torch.bfloat16)
@@ -44,6 +46,9 @@ class RungeKuttaStepper:
 
     def __init__(self, tableau: Tableau) -> None:
         self.tableau = tableau
+        #: ``(B, D)`` the last evaluation of ``func`` in :meth:`step`, before masking: at the
+        #: new state, the derivative of every sample (frozen ones included).
+        self.last_evaluation: Tensor | None = None
 
     def step(
         self,
@@ -75,11 +80,12 @@ class RungeKuttaStepper:
             yi = _combine(y0, h, beta_i, ks)
             fi = func(t + alpha_i * h, yi)
             ks.append(fi if mask is None else fi * mask)
+            self.last_evaluation = fi
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
             y1 = _combine(y0, h, tab.c_sol, ks)
-            f1 = func(t + h, y1)
+            f1 = self.last_evaluation = func(t + h, y1)
             f1 = f1 if mask is None else f1 * mask
         error = _combine(None, h, tab.c_error, ks)
         return y1, f1, error
@@ -88,14 +94,17 @@ class RungeKuttaStepper:
 def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> float:
     """Largest per-sample RMS of ``error / (atol + rtol * max(|y0|, |y1|))``.
 
-    Taking the maximum over samples (rather than an RMS over the whole batch) keeps the step
-    control strict as samples freeze: frozen samples have zero error and would otherwise
-    dilute the norm.
+    NaN when a stage or the error estimate is NaN/Inf (the caller rejects the step), possibly
+    ``inf`` when the ratio overflows. Taking the maximum over samples (rather than an RMS over
+    the whole batch) keeps the step control strict as samples freeze: frozen samples have zero
+    error and would otherwise dilute the norm.
     """
     with torch.no_grad():
         if error.dtype in _HALF:  # atol / error would underflow / overflow in half precision
             error, y0, y1 = error.float(), y0.float(), y1.float()
-        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+        # atol = 0 (a relative test): the smallest normal number keeps exact zeros from 0 / 0.
+        floor = atol if atol > 0 else torch.finfo(error.dtype).tiny
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(floor)
         per_sample = torch.linalg.vector_norm(error / scale, dim=1)
         return float(per_sample.max()) / (error.shape[1] ** 0.5)
 
@@ -120,12 +129,17 @@ def initial_step(
     step ``h`` scales like ``||f0|| h^order``; the rule asks for an error ratio near 1 and caps
     the step at that time scale. torchdiffeq's rule (Hairer's) spends one more evaluation and,
     with ``z0 = 0``, starts from ``1e-6``, wasting about 20 evaluations per solve.
+
+    With ``atol = 0`` a sample at ``z0_b = 0`` has no scale of its own; the state after the
+    step, about ``h f0_b``, gives it: ``||f0_b|| / scale_b`` becomes ``1 / rtol``.
     """
     with torch.no_grad():
         if f0.dtype in _HALF:
             f0, z0 = f0.float(), z0.float()
-        scale = atol + rtol * torch.linalg.vector_norm(z0, dim=1) / (z0.shape[1] ** 0.5)
-        d = float((torch.linalg.vector_norm(f0, dim=1) / (f0.shape[1] ** 0.5) / scale).max())
-    if d == 0.0 or d != d:
+        f_norm = sample_rms(f0)
+        scale = sample_rms(z0, rtol).add_(atol)
+        scale = torch.where(scale > 0, scale, f_norm * rtol)
+        d = float((f_norm / scale).nan_to_num_(nan=0.0).max())  # 0 / 0: f0_b = 0, at rest
+    if d == 0.0 or not math.isfinite(d):
         return cap
     return min(cap, 0.5 * d ** (-1.0 / order))

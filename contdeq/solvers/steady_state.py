@@ -24,7 +24,9 @@ from .torchdiffeq_backend import (
     run_odeint_event,
     run_torchdiffeq_loop,
 )
+from .unbatched import solve_as_one_sample
 from .validation import (
+    check_bool,
     check_callable,
     check_choice,
     check_on_nonconvergence,
@@ -59,6 +61,7 @@ def steady_state(
     on_nonconvergence: OnNonConvergence = "warn",
     record_trajectory: bool = False,
     timeout: float | None = None,
+    per_sample: bool = True,
 ) -> tuple[Tensor, SolverStats]:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
@@ -67,13 +70,21 @@ def steady_state(
     ``rms(dz_b/dt) <= atol + rtol * rms(z_b)`` (RMS over all other dimensions); it is then
     frozen (its derivative is masked to zero) while the others go on. The test uses the
     derivative the last accepted step already computed (FSAL), so termination costs no extra
-    evaluation.
+    evaluation. When every sample has converged, the frozen ones are re-tested on the last
+    step's evaluation (again no extra call) and iterate again if they no longer pass.
+
+    A 1-D ``z0`` is one unbatched state (torchdiffeq's convention): it is tested and stepped
+    as a whole, and ``z`` is 1-D. ``per_sample=False`` does the same for a whole batch, for a
+    ``func`` that couples its samples (a batch mean or normalization, attention across the
+    batch): per-sample freezing assumes each sample's derivative depends on that sample only.
 
     Args:
         func: right-hand side ``func(t, z) -> dz/dt`` with ``t`` a 0-dim tensor and ``z`` of
             ``z0``'s shape, dtype and device. Steady states need autonomous dynamics; ``t`` is
             passed for compatibility with torchdiffeq-style functions.
-        z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite. Or a
+        z0: ``(B, ...)`` initial state, batch dimension first, floating point, finite; a 1-D
+            ``(D,)`` state is one unbatched sample (returned 1-D, statistics of shape ``(1,)``).
+            Or a
             tuple of per-scale states ``(B, *shape_s)``: then ``func(t, zs)`` takes and returns
             such tuples, the solve runs on them flattened (one residual norm per sample over
             all scales; :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
@@ -81,16 +92,18 @@ def steady_state(
             ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
             pseudo-transient continuation, forward Euler with per-sample steps chosen for
             reaching the steady state (one evaluation per step; usually the fewest evaluations
-            for contractive layers, see ``docs/solvers.md``).
-        atol, rtol: steady-state tolerances (RMS norms).
+            for contractive layers, see ``docs/solvers.md``). A trial step that produces
+            NaN/Inf is rejected and shrunk, whatever the method.
+        atol, rtol: steady-state tolerances (RMS norms); either may be 0 (not both).
         ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
             ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
             lets the step sit at its stability limit where the residual chatters and never
             meets the test; a looser pair is rejected, one less than 10x tighter is warned about.
+            ``"ptc"`` has no local-error control and rejects them.
         max_steps: limit on solver steps (accepted + rejected).
         t_max: limit on the pseudo-time.
         first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
-            (see :func:`contdeq.solvers.rk.initial_step`).
+            (see :func:`contdeq.solvers.rk.initial_step`); ``max_step`` for ``"ptc"``.
         max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
             the Picard step).
         backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
@@ -99,19 +112,29 @@ def steady_state(
         on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``
             (:class:`~contdeq.solvers.errors.ConvergenceError`) when a sample is unconverged.
         record_trajectory: keep per-step residuals and times in the stats.
-        timeout: wall-clock limit in seconds.
+        timeout: wall-clock limit in seconds (every backend).
+        per_sample: ``True`` (default): each sample is tested and frozen on its own;
+            ``False``: the batch is one state (one test, one step size), for a ``func`` that
+            couples samples. Statistics then have shape ``(1,)``.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
         residual, tolerance and convergence of each sample and the exact number of calls
-        of ``func``.
+        of ``func``. A sample that stops unconverged returns its best state (smallest
+        residual; the event backend: the last).
 
     Raises:
-        NonFiniteError: ``func`` produced NaN/Inf (names the step).
-        ValueError, TypeError: bad arguments (the message names the argument).
+        NonFiniteError: ``func`` is NaN/Inf at ``z0`` or at every one of many shrinking trial
+            steps from an accepted state, the step size underflowed, or the solve stopped
+            right after NaN/Inf trials (the message says which).
+        ValueError, TypeError: bad arguments (the message names the argument), or ``func``
+            modified its input in place.
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
         return solve_flattened(steady_state, locals())
+    check_bool(per_sample, "per_sample")
+    if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
+        return solve_as_one_sample(steady_state, locals())
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
     STEADY_STATE_METHODS.check(method)
@@ -131,6 +154,12 @@ def steady_state(
     if backend != "lean":
         allowed = TORCHDIFFEQ_FSAL_METHODS if backend == "torchdiffeq" else EVENT_METHODS
         check_choice(method, f"method (with backend={backend!r})", allowed)
+    if method == "ptc" and (ode_atol is not None or ode_rtol is not None):
+        raise ValueError(
+            "ode_atol and ode_rtol do not apply to method='ptc' (it chooses its steps from the "
+            "residual, with no local-error control); drop them, or use an embedded Runge-Kutta "
+            "method such as 'dopri5'"
+        )
     ode_atol, ode_rtol = _integrator_tolerances(atol, rtol, ode_atol, ode_rtol, method)
 
     condition = SteadyStateCondition(float(atol), float(rtol))
@@ -143,7 +172,7 @@ def steady_state(
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
     if method == "ptc":
-        result = run_pseudo_transient(counted, z, d, progress, max_step, t_max)
+        result = run_pseudo_transient(counted, z, d, progress, control)
     elif backend == "lean":
         result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
     elif backend == "torchdiffeq":

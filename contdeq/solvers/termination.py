@@ -16,16 +16,19 @@ from torch import Tensor
 
 
 def sample_rms(x: Tensor, factor: float = 1.0) -> Tensor:
-    """Root-mean-square of each sample, times ``factor``: ``(B, ...) -> (B,)``.
+    """Root-mean-square of each sample, times ``factor``: ``(B, ...) -> (B,)``, in ``x``'s dtype.
 
-    Two tensor operations on a ``(B, D)`` state (the solver loops call this every iteration).
+    States of less than double precision are accumulated in float64: a float32 sum of squares
+    overflows for entries above about ``1e19`` (a finite state reported as non-finite) and
+    underflows below about ``1e-19`` (a residual of 0 judged converged against a tolerance of 0).
+    float64 states are exact from about ``1e-154`` to ``1e154`` per entry.
     """
     flat = x if x.ndim == 2 else x.reshape(x.shape[0], -1)
     scale = factor / flat.shape[1] ** 0.5
-    if flat.dtype == torch.float16:  # the norm of a float16 state overflows before the division
-        rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) * scale
-        return rms.to(torch.float16)
-    return torch.linalg.vector_norm(flat, dim=1) * scale
+    if flat.dtype == torch.float64:
+        return torch.linalg.vector_norm(flat, dim=1) * scale
+    rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).mul_(scale)
+    return rms.to(flat.dtype)
 
 
 @dataclass(frozen=True)

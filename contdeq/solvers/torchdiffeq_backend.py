@@ -9,12 +9,16 @@
   Samples are not frozen.
 
 Both are slower than the lean loop (see ``benchmarks/solvers.py``); they exist so that the lean
-loop can be checked and measured against them.
+loop can be checked and measured against them. Both reject a trial step whose error estimate is
+NaN/Inf (the norm given to torchdiffeq maps NaN to ``inf``, so its controller shrinks the step
+instead of taking a NaN step size), with the lean loop's bound on such trials in a row
+(:class:`~contdeq.solvers.integrate.NonFiniteTrials`), and both honour ``timeout``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -23,13 +27,13 @@ from torchdiffeq._impl.misc import _all_callback_names, _null_callback, _Perturb
 from torchdiffeq._impl.odeint import SOLVERS
 
 from .counting import CountedODEFunc
-from .integrate import StepControl
+from .integrate import NONFINITE_SHRINK, NonFiniteTrials, StepControl
 from .progress import Progress
 from .rk import initial_step
 from .stats import LoopResult
 from .tableaux import TABLEAUX
 from .termination import sample_rms
-from .validation import raise_nonfinite
+from .validation import all_finite, raise_nonfinite, raise_step_underflow
 
 #: Methods whose torchdiffeq loop returns the derivative at the new state (FSAL pairs).
 TORCHDIFFEQ_FSAL_METHODS = ("dopri5", "bosh3", "dopri8")
@@ -37,21 +41,43 @@ TORCHDIFFEQ_FSAL_METHODS = ("dopri5", "bosh3", "dopri8")
 EVENT_METHODS = ("dopri5", "bosh3", "dopri8", "adaptive_heun")
 
 
-def _max_sample_rms(x: Tensor) -> Tensor:
-    flat = x.reshape(x.shape[0], -1)
-    return (torch.linalg.vector_norm(flat, dim=1) / (flat.shape[1] ** 0.5)).max()
+class _ErrorNorm:
+    """Largest per-sample RMS of torchdiffeq's scaled error; ``inf`` when it is NaN (a NaN/Inf
+    stage), so the step is rejected and shrunk rather than given a NaN size. ``nonfinite``
+    tells whether the last error was NaN/Inf."""
+
+    def __init__(self) -> None:
+        self.nonfinite = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        value = sample_rms(x).max().nan_to_num_(nan=math.inf)
+        self.nonfinite = not math.isfinite(float(value))  # torchdiffeq syncs on it anyway
+        return value
+
+
+def _error_atol(atol: float, z: Tensor) -> float:
+    """``atol``, or the smallest normal number for ``atol = 0`` (keeps exact zeros of the state
+    from an error scale of 0, and 0 / 0)."""
+    return atol if atol > 0 else torch.finfo(z.dtype).tiny
+
+
+class _Timeout(Exception):
+    """Raised inside ``odeint_event`` to stop it at the solve's timeout."""
 
 
 class _MaskedFunc(torch.nn.Module):
-    """``mask * func(t, z)``; ``mask`` is updated in place as samples converge."""
+    """``mask * func(t, z)``; ``mask`` is updated in place as samples converge. The last
+    unmasked evaluation is kept in ``last`` (frozen samples included)."""
 
     def __init__(self, func: CountedODEFunc, mask: Tensor) -> None:
         super().__init__()
         self.func = func
         self.mask = mask
+        self.last: Tensor | None = None
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.func(t, z) * self.mask
+        self.last = self.func(t, z)
+        return self.last * self.mask
 
 
 def run_torchdiffeq_loop(
@@ -69,42 +95,62 @@ def run_torchdiffeq_loop(
     first = control.first_step or initial_step(
         d, z, control.atol, control.rtol, order, min(control.max_step, control.t_max)
     )
+    norm = _ErrorNorm()
     perturbed = _PerturbFunc(masked)
     for name in _all_callback_names:  # what torchdiffeq's odeint would attach
         setattr(perturbed, name, _null_callback)
     solver = SOLVERS[method](
-        func=perturbed, y0=z, rtol=control.rtol, atol=control.atol,
-        first_step=first, max_step=control.max_step, norm=_max_sample_rms,
+        func=perturbed, y0=z, rtol=control.rtol, atol=_error_atol(control.atol, z),
+        first_step=first, max_step=control.max_step, norm=norm,
     )
     # _before_integrate evaluates f(z0) again (one real, counted call beyond ours).
     solver._before_integrate(torch.tensor([0.0, control.t_max], dtype=torch.float64))
     state = solver.rk_state
     accepted = rejected = 0
-    while (reason := progress.stop_reason(control.t_max)) is None:
-        if float(state.t1) >= control.t_max:  # progress.t, a sum of steps, may lag t1 by an ulp
-            reason = "t_max"
+    trials = NonFiniteTrials(func.name)
+    progress.keep_best(z)
+    while True:
+        while (reason := progress.stop_reason(control.t_max)) is None:
+            if float(state.t1) >= control.t_max:  # progress.t, a sum of steps, may lag t1
+                reason = "t_max"
+                break
+            mask.copy_(progress.active.unsqueeze(1))
+            # k_0 of a just-frozen sample must be 0 too; torchdiffeq's step does not stop at
+            # t_max.
+            dt = state.dt.clamp(max=control.t_max - float(state.t1))
+            state = state._replace(f1=state.f1 * mask, dt=dt)
+            try:
+                new_state = solver._adaptive_step(state)
+            except AssertionError as exc:  # underflow in dt (no NaN state is ever accepted)
+                raise_step_underflow(f"{func.name} ({exc})", progress.steps + 1,
+                                     float(state.t1), float(state.dt))
+            progress.steps += 1
+            nonfinite = norm.nonfinite
+            tol = None
+            if float(new_state.t1) > float(state.t1):
+                res = sample_rms(new_state.f1)
+                tol = progress.trial_tolerance(new_state.y1, res, progress.active)
+                if tol is None:  # finite error estimate, NaN/Inf residual: reject after all
+                    nonfinite = True
+                    new_state = new_state._replace(y1=state.y1, f1=state.f1, t1=state.t1,
+                                                   dt=state.dt * NONFINITE_SHRINK)
+            if tol is not None:
+                accepted += 1
+                trials.reset()
+                dt = float(new_state.t1 - state.t1)
+                progress.accept(progress.active, res, tol, dt, new_state.y1)
+            else:
+                rejected += 1
+                if nonfinite:
+                    trials.reject(float(state.dt), progress.steps, float(state.t1))
+            state = new_state
+        trials.check_stop(reason, progress.steps)
+        if reason != "converged" or masked.last is None or bool(mask.all()):
             break
-        mask.copy_(progress.active.unsqueeze(1))
-        # k_0 of a just-frozen sample must be 0 too; torchdiffeq's step does not stop at t_max.
-        dt = state.dt.clamp(max=control.t_max - float(state.t1))
-        state = state._replace(f1=state.f1 * mask, dt=dt)
-        try:
-            new_state = solver._adaptive_step(state)
-        except AssertionError as exc:  # underflow in dt, or non-finite state
-            raise_nonfinite(f"{func.name} ({exc})", progress.steps + 1)
-        progress.steps += 1
-        if float(new_state.t1) > float(state.t1):
-            accepted += 1
-            dt = float(new_state.t1 - state.t1)
-            progress.update(new_state.y1, sample_rms(new_state.f1), progress.active, dt)
-        else:
-            rejected += 1
-            # A non-finite stage rejects the step with a NaN next step size; torchdiffeq only
-            # notices at the next step, which max_steps may never allow.
-            if not math.isfinite(float(new_state.dt)):
-                raise_nonfinite(func.name, progress.steps)
-        state = new_state
-    return LoopResult(state.y1, reason, accepted, rejected)
+        if not progress.reopen_stale(state.y1, sample_rms(masked.last)):
+            break
+        state = state._replace(f1=masked.last)
+    return LoopResult(progress.final_state(state.y1), reason, accepted, rejected)
 
 
 def run_odeint_event(
@@ -118,19 +164,39 @@ def run_odeint_event(
     """``torchdiffeq.odeint_event`` with a steady-state event function.
 
     Step counts are not observable through the public API: ``accepted``/``rejected`` are
-    ``None`` and ``progress.steps`` counts event-function calls.
+    ``None`` and ``progress.steps`` counts event-function calls. The timeout is checked before
+    every step (the solve is interrupted and its last accepted state returned).
     """
-    condition = progress.condition
     last_state = [z]
+    norm = _ErrorNorm()
+    trials = NonFiniteTrials(func.name)
+    step = [0.0, 0.0]  # start and size of the step being tried
+    progress.keep_best(z)
 
     def event_fn(t: Tensor, y: Tensor) -> Tensor:
         progress.steps += 1
-        res, tol, _ = condition.evaluate(y, func(t, y))
+        res = sample_rms(func(t, y))
+        tol = progress.condition.tolerance(y)
+        if not all_finite(res + tol):  # f at an accepted (or interpolated) state
+            raise_nonfinite(func.name, progress.steps, "in the event function")
+        assert progress.best is not None
+        progress.best.offer(y, res, tol)
         return torch.minimum((res - tol).max(), torch.as_tensor(control.t_max, dtype=t.dtype) - t)
 
     class _Recorder(torch.nn.Module):
         def forward(self, t: Tensor, y: Tensor) -> Tensor:
             return func(t, y)
+
+        def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+            if norm.nonfinite:  # the previous trial was rejected for NaN/Inf
+                trials.reject(step[1], progress.steps, step[0])  # raises after too many
+            else:
+                trials.reset()
+            step[:] = [float(t0), float(dt)]
+            if progress.timeout is not None and (
+                time.perf_counter() - progress.start >= progress.timeout
+            ):
+                raise _Timeout
 
         def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
             last_state[0] = y0
@@ -140,21 +206,27 @@ def run_odeint_event(
         d, z, control.atol, control.rtol, order, min(control.max_step, control.t_max)
     )
     options = {
-        "first_step": first, "max_step": control.max_step, "norm": _max_sample_rms,
+        "first_step": first, "max_step": control.max_step, "norm": norm,
         "max_num_steps": progress.max_steps,
     }
     reason = "converged"
+    t_event = None
     try:
         t_event, solution = odeint_event(
             _Recorder(), z, torch.tensor(0.0, dtype=torch.float64), event_fn=event_fn,
-            method=method, rtol=control.rtol, atol=control.atol, options=options,
+            method=method, rtol=control.rtol, atol=_error_atol(control.atol, z),
+            options=options,
         )
         z_final = solution[-1]
+    except _Timeout:
+        z_final, reason = last_state[0], "timeout"
     except AssertionError as exc:
         if "max_num_steps" not in str(exc):
-            raise_nonfinite(f"{func.name} ({exc})", progress.steps)
+            raise_step_underflow(f"{func.name} ({exc})", progress.steps, step[0], step[1])
         z_final, reason = last_state[0], "max_steps"
-        t_event = None
+    if norm.nonfinite:
+        trials.count += 1
+    trials.check_stop(reason, progress.steps)
     d_final = func(0.0, z_final)
     every = torch.ones_like(progress.active)
     dt = None if t_event is None else float(t_event)
@@ -165,4 +237,4 @@ def run_odeint_event(
     elif reason == "converged":
         # The crossing bisected on the interpolant can land just short of the tolerance.
         reason = "t_max" if t_event is not None and float(t_event) >= control.t_max else "event"
-    return LoopResult(z_final, reason)
+    return LoopResult(progress.final_state(z_final), reason)

@@ -19,8 +19,8 @@ def check_state(z0: object, name: str = "z0") -> Tensor:
         raise TypeError(f"{name} must have a floating-point dtype, got {z0.dtype}")
     if z0.ndim == 0:
         raise ValueError(
-            f"{name} must have a batch dimension first, shape (B, ...); got a 0-dim tensor "
-            f"(use {name}.reshape(1, 1) for a single scalar state)"
+            f"{name} must have a batch dimension first, shape (B, ...), or be one 1-D state; "
+            f"got a 0-dim tensor (use {name}.reshape(1) for a single scalar state)"
         )
     if z0.shape[0] == 0 or z0.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(z0.shape)}")
@@ -81,6 +81,13 @@ def check_positive_float(value: object, name: str, allow_inf: bool = False) -> f
     return float(value)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     """``value`` is one of ``choices``."""
     if value not in choices:
@@ -117,9 +124,26 @@ def check_func_output(out: object, z: Tensor, name: str, state: str = "the state
     return out
 
 
-def raise_nonfinite(name: str, step: int) -> None:
-    """Raise :class:`NonFiniteError` for a NaN/Inf that appeared at ``step``."""
+def raise_nonfinite(name: str, step: int, detail: str = "") -> None:
+    """Raise :class:`NonFiniteError` for a NaN/Inf that appeared at ``step``.
+
+    Args:
+        name: the user's function's name.
+        step: the solver step (0: the initial state).
+        detail: what exactly was found (appended to the message).
+    """
+    where = "at the initial state z0" if step == 0 else f"at solver step {step}"
     raise NonFiniteError(
-        f"{name} produced NaN or Inf (or a state whose norm overflows) at solver step {step}; "
-        "the solve was stopped", step
+        f"{name} produced NaN or Inf (or a state whose norm overflows) {where}"
+        f"{'; ' + detail if detail else ''}; the solve was stopped", step
+    )
+
+
+def raise_step_underflow(name: str, step: int, t: float, h: float) -> None:
+    """Raise :class:`NonFiniteError` for a step size that underflowed at pseudo-time ``t``."""
+    raise NonFiniteError(
+        f"the step size underflowed (h={h:.3g} at pseudo-time t={t:.6g}, solver step {step}) "
+        f"after repeated rejections: {name} is not finite, or its local error never met the "
+        "integrator tolerance, arbitrarily close to the last accepted state; the solve was "
+        "stopped", step
     )
