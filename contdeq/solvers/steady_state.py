@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
+from .implicit_ptc import run_implicit_ptc
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
 from .stats import SolverStats
@@ -34,7 +35,7 @@ from .validation import (
 )
 
 #: Methods accepted by :func:`steady_state`.
-STEADY_STATE_METHODS = (*TABLEAUX, "ptc")
+STEADY_STATE_METHODS = (*TABLEAUX, "ptc", "implicit_ptc")
 #: Implementations of the Runge-Kutta solve.
 BACKENDS = ("lean", "torchdiffeq", "event")
 #: Integrator tolerances are the steady-state tolerances times this factor by default.
@@ -82,7 +83,10 @@ def steady_state(
             ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
             pseudo-transient continuation, forward Euler with per-sample steps chosen for
             reaching the steady state (one evaluation per step; usually the fewest evaluations
-            for contractive layers, see ``docs/solvers.md``).
+            for contractive layers, see ``docs/solvers.md``), or ``"implicit_ptc"``:
+            backward-Euler pseudo-transient continuation, each step a Newton-Krylov solve
+            (GMRES with Jacobian-vector products, counted in ``stats.jvps``), for stiff
+            problems (PDE discretizations) where explicit steps are stability-limited.
         atol, rtol: steady-state tolerances (RMS norms).
         ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
             ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
@@ -91,7 +95,7 @@ def steady_state(
         max_steps: limit on solver steps (accepted + rejected).
         t_max: limit on the pseudo-time.
         first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
-            (see :func:`contdeq.solvers.rk.initial_step`).
+            (see :func:`contdeq.solvers.rk.initial_step`); ``1.0`` for ``"implicit_ptc"``.
         max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
             the Picard step).
         backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
@@ -143,8 +147,12 @@ def steady_state(
         name="func", track_time=True,
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
+    jvps = linear_iterations = None
     if method == "ptc":
         z, reason, acc, rej = run_pseudo_transient(counted, z, d, progress, max_step, t_max)
+    elif method == "implicit_ptc":
+        z, reason, acc, rej, jvps, linear_iterations = run_implicit_ptc(
+            counted, z, d, progress, first_step, max_step, t_max)
     elif backend == "lean":
         z, reason, acc, rej = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
     elif backend == "torchdiffeq":
@@ -153,6 +161,7 @@ def steady_state(
         z, reason, acc, rej = run_odeint_event(counted, z, d, progress, method, control)
     label = method if backend == "lean" else f"{method}[{backend}]"
     stats = progress.finish(label, counted.calls, reason, acc, rej)
+    stats.jvps, stats.linear_iterations = jvps, linear_iterations
     report_nonconvergence(stats, on_nonconvergence)
     return z.reshape(z0.shape), stats
 
@@ -163,7 +172,7 @@ def _integrator_tolerances(
     ode_atol = ODE_TOLERANCE_FACTOR * atol if ode_atol is None else ode_atol
     ode_rtol = ODE_TOLERANCE_FACTOR * rtol if ode_rtol is None else ode_rtol
     check_tolerances(ode_atol, ode_rtol, prefix="ode_")
-    if method == "ptc":
+    if method in ("ptc", "implicit_ptc"):
         return ode_atol, ode_rtol
     if ode_atol > atol or ode_rtol > rtol:
         raise ValueError(
