@@ -11,6 +11,7 @@ from .anderson import Anderson
 from .broyden import Broyden
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
+from .newton import Newton
 from .picard import Picard
 from .progress import Progress
 from .stats import SolverStats
@@ -27,7 +28,9 @@ from .validation import (
 )
 
 #: The discrete solvers, by name.
-FIXED_POINT_METHODS = {"anderson": Anderson, "broyden": Broyden, "picard": Picard}
+FIXED_POINT_METHODS = {
+    "anderson": Anderson, "broyden": Broyden, "picard": Picard, "newton": Newton,
+}
 
 
 def fixed_point(
@@ -61,7 +64,10 @@ def fixed_point(
             states ``(B, *shape_s)``: then ``g(zs)`` takes and returns such tuples, the solve
             runs on them flattened (one residual norm per sample over all scales;
             :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
-        method: ``"anderson"`` (default), ``"broyden"`` or ``"picard"``.
+        method: ``"anderson"`` (default), ``"broyden"``, ``"picard"`` or ``"newton"``
+            (Newton-Krylov with a line search: GMRES on ``(I - dg/dz) delta = g(z) - z``
+            with Jacobian-vector products, counted in ``stats.jvps``; for maps that are not
+            contractive, or converge slowly).
         atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test.
         max_steps: iteration limit.
         on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``.
@@ -70,7 +76,8 @@ def fixed_point(
         freeze_converged: freeze each sample once it converges and return its best iterate
             (default); ``False``: iterate all samples together (see above).
         **options: method options: anderson ``memory=5, damping=1.0, regularization=1e-4``;
-            broyden ``memory=30``; picard ``damping=1.0``. Unknown options raise ``TypeError``.
+            broyden ``memory=30``; picard ``damping=1.0``; newton ``jvp="reverse", restart=60,
+            max_linear_iterations=200, line_search_steps=10``. Unknown options raise ``TypeError``.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
@@ -92,7 +99,11 @@ def fixed_point(
     counted = CountedMap(g, z0, name="g")
     z = z0.reshape(counted.flat_shape)
     try:
-        solver = FIXED_POINT_METHODS[method](z, **options)
+        cls = FIXED_POINT_METHODS[method]
+        # A solver with ``needs_map`` evaluates g itself (through the counted map), and the loop
+        # takes g from the solver (which may hand back a value it already has).
+        solver = cls(z, g=counted, **options) if getattr(cls, "needs_map", False) else cls(
+            z, **options)
     except TypeError as exc:
         raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
     gz = counted(z)
@@ -102,8 +113,11 @@ def fixed_point(
         max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
     )
     iterate = _iterate_freezing if freeze_converged else _iterate_together
-    z, reason = iterate(solver, counted, progress, z, gz, residual)
+    loop_map = solver.map if getattr(cls, "needs_map", False) else counted
+    z, reason = iterate(solver, loop_map, progress, z, gz, residual)
     stats = progress.finish(method, counted.calls, reason)
+    stats.jvps = getattr(solver, "jvps", None)
+    stats.linear_iterations = getattr(solver, "linear_iterations", None)
     report_nonconvergence(stats, on_nonconvergence)
     return z.reshape(z0.shape), stats
 

@@ -75,9 +75,9 @@ class Linearization:
 
     def product_at(self, z: Tensor) -> Callable[[Tensor], Tensor]:
         """``v -> J(z) v`` on ``(B, D)`` tensors (reverse mode: one counted call of ``F``
-        unless ``z`` is the point :meth:`evaluate` saw last)."""
+        unless ``z`` equals the point :meth:`evaluate` saw last)."""
         if self.mode == "reverse":
-            if self._graph is None or self._graph[0] is not z:
+            if self._graph is None or not (self._graph[0] is z or torch.equal(self._graph[0], z)):
                 self.evaluate(z)
             assert self._graph is not None
             _, u, jt_u = self._graph
