@@ -45,6 +45,7 @@ from .solvers import (
     steady_state,
 )
 from .solvers.errors import report_nonconvergence
+from .solvers.gmres import gmres
 from .solvers.validation import (
     check_choice,
     check_func_output,
@@ -72,7 +73,7 @@ FORWARD_SOLVERS = ("ode", *FIXED_POINT_METHODS)
 #: Ways to compute the gradient.
 BACKWARD_MODES = ("implicit", "jfb", "unrolled")
 #: Methods of the backward linear solve ``w = J^T w + v``.
-BACKWARD_METHODS = ("picard", "anderson", "broyden", "ode")
+BACKWARD_METHODS = ("picard", "anderson", "broyden", "ode", "gmres")
 #: Forward solvers whose arithmetic is autograd-safe, so ``backward="unrolled"`` works.
 #: (Anderson and Broyden update their history buffers in place.)
 UNROLLABLE_SOLVERS = ("ode", "picard")
@@ -160,6 +161,11 @@ _FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory",
 
 def _check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
     """Reject unknown option names (torchdeq silently ignores them, its issue #12)."""
+    if solver == "gmres":  # the backward's GMRES: only its restart length
+        if set(options) - {"restart"}:
+            raise TypeError(f"unknown option(s) {sorted(set(options) - {'restart'})} for "
+                            "backward_method='gmres'; it accepts ['restart']")
+        return
     if solver == "ode":
         unknown = sorted(set(options) - _STEADY_STATE_KEYS)
         if unknown:
@@ -184,7 +190,8 @@ class BackwardConfig:
     Attributes:
         mode: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
         method: linear solver of the implicit mode: ``"anderson"`` (default), ``"picard"``,
-            ``"broyden"`` or ``"ode"``.
+            ``"broyden"``, ``"ode"`` or ``"gmres"`` (Krylov; fewest VJPs when ``df/dz`` is
+            near the edge of contraction).
         tol: relative tolerance of the linear solve. The test is scale-invariant:
             ``rms(J^T w + v - w)_b <= tol * rms(w_b)`` for each sample ``b`` (``atol = 0``), so
             the tiny right-hand sides of a batch-mean loss do not inflate iterations.
@@ -232,8 +239,10 @@ def solve_adjoint(
     Args:
         vjp: ``w -> J^T w`` on ``(B, ...)`` tensors shaped like ``v``.
         v: ``(B, ...)`` right-hand side (the gradient of the loss w.r.t. ``z*``).
-        method: ``"anderson"``, ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of
-            ``dw/dt = J^T w + v - w``, integrated by ``options.get("method", "dopri5")``).
+        method: ``"anderson"``, ``"picard"``, ``"broyden"``, ``"ode"`` (steady state of
+            ``dw/dt = J^T w + v - w``, integrated by ``options.get("method", "dopri5")``) or
+            ``"gmres"`` (restarted GMRES on ``(I - J^T) w = v``, option ``restart=60``; its
+            test is relative to ``rms(v_b)``, stricter than ``rms(w_b)`` where ``|w| > |v|``).
         tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``.
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
@@ -257,7 +266,9 @@ def solve_adjoint(
         scale = 1.0
     vn = v / scale
     with torch.no_grad():
-        if method == "ode":
+        if method == "gmres":
+            w, stats = _solve_adjoint_gmres(vjp, vn, tol, max_steps, on_nonconvergence, **options)
+        elif method == "ode":
             w, stats = steady_state(
                 lambda t, w: vjp(w).add_(vn).sub_(w), vn,
                 atol=_ODE_ATOL_FLOOR * tol, rtol=tol, max_steps=max_steps,
@@ -272,6 +283,31 @@ def solve_adjoint(
                 **{"freeze_converged": False, **options},
             )
     return w.mul_(scale), stats
+
+
+def _solve_adjoint_gmres(
+    vjp: Callable[[Tensor], Tensor], v: Tensor, tol: float, max_steps: int,
+    on_nonconvergence: str, restart: int = 60,
+) -> tuple[Tensor, SolverStats]:
+    """``(I - J^T) w = v`` by GMRES for :func:`solve_adjoint` (``v``: ``(B, ...)``, already
+    scaled; ``max_steps`` caps the VJPs). Returns ``w`` shaped like ``v`` (unscaled) and stats
+    with ``nfe`` = VJPs and ``linear_iterations`` = Arnoldi steps."""
+    start = time.perf_counter()
+    flat = v.reshape(v.shape[0], -1)
+
+    def matvec(w: Tensor) -> Tensor:
+        return w - vjp(w.reshape(v.shape)).reshape(flat.shape)
+
+    out = gmres(matvec, flat, rtol=tol, restart=restart, max_iterations=max_steps)
+    stats = SolverStats(
+        method="gmres", nfe=out.matvecs, steps=out.steps, residual=out.residual,
+        tolerance=tol * sample_rms(flat), converged=out.converged,
+        wall_time=time.perf_counter() - start,
+        stop_reason="converged" if bool(out.converged.all()) else "max_steps",
+        linear_iterations=out.steps,
+    )
+    report_nonconvergence(stats, on_nonconvergence)  # type: ignore[arg-type]
+    return out.solution.reshape(v.shape), stats
 
 
 class _CheckedCall:
