@@ -20,13 +20,13 @@ from torch import Tensor
 class StiffProblem:
     """``dz/dt = rhs(z)`` on ``(B, ...)`` states from ``z0``, whose steady state is ``reference``.
 
-    ``numpy_residual`` is the same residual on one sample as a numpy array (for scipy)."""
+    ``numpy_residual(x, b)`` is the same residual on sample ``b`` as a numpy array (scipy)."""
 
     name: str
     rhs: Callable[[Tensor], Tensor]
     z0: Tensor
     reference: Tensor
-    numpy_residual: Callable[[np.ndarray], np.ndarray]
+    numpy_residual: Callable[[np.ndarray, int], np.ndarray]
 
 
 def _second_difference(u: Tensor, left: float, right: float, h: float) -> Tensor:
@@ -36,11 +36,14 @@ def _second_difference(u: Tensor, left: float, right: float, h: float) -> Tensor
     return (padded[..., 2:] - 2 * u + padded[..., :-2]) / h**2
 
 
-def _numpy(rhs: Callable[[Tensor], Tensor], shape: tuple[int, ...]
-           ) -> Callable[[np.ndarray], np.ndarray]:
-    def residual(x: np.ndarray) -> np.ndarray:
-        z = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(1, *shape))
-        return rhs(z).reshape(np.shape(x)).numpy()
+def _numpy(rhs: Callable[[Tensor], Tensor], shape: tuple[int, ...], batch: int
+           ) -> Callable[[np.ndarray, int], np.ndarray]:
+    """``rhs`` on sample ``b`` alone: the sample is placed at index ``b`` of a zero batch (the
+    problems' data are per sample)."""
+    def residual(x: np.ndarray, b: int = 0) -> np.ndarray:
+        z = torch.zeros(batch, *shape, dtype=torch.float64)
+        z[b] = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(shape))
+        return rhs(z)[b].reshape(np.shape(x)).numpy()
 
     return residual
 
@@ -70,14 +73,14 @@ def heat(n: int = 100, batch: int = 2) -> StiffProblem:
     source = torch.stack([torch.sin(torch.pi * x) * (b + 1) + 1.0 for b in range(batch)])
 
     def rhs(u: Tensor) -> Tensor:
-        return _second_difference(u, 0.0, 0.0, h) + source.to(u.dtype)[: u.shape[0]]
+        return _second_difference(u, 0.0, 0.0, h) + source.to(u.dtype)
 
     lap = (torch.diag(torch.full((n - 1,), 1.0, dtype=torch.float64), -1)
            + torch.diag(torch.full((n,), -2.0, dtype=torch.float64))
            + torch.diag(torch.full((n - 1,), 1.0, dtype=torch.float64), 1)) / h**2
     reference = torch.linalg.solve(lap, -source.T).T
     return StiffProblem("heat", rhs, torch.zeros(batch, n, dtype=torch.float64), reference,
-                        _numpy(lambda u: _second_difference(u, 0.0, 0.0, h) + source[:1], (n,)))
+                        _numpy(rhs, (n,), batch))
 
 
 def bratu(n: int = 100, lam: float = 1.0, batch: int = 2) -> StiffProblem:
@@ -92,7 +95,7 @@ def bratu(n: int = 100, lam: float = 1.0, batch: int = 2) -> StiffProblem:
     z0 = torch.stack([0.1 * b * torch.sin(torch.pi * x) for b in range(batch)])
     return StiffProblem("bratu", rhs, z0, _dense_newton(rhs, torch.zeros(batch, n,
                                                                          dtype=torch.float64)),
-                        _numpy(rhs, (n,)))
+                        _numpy(rhs, (n,), batch))
 
 
 def scipy_tutorial_pde(n: int = 75, batch: int = 1, reference: Tensor | None = None
@@ -113,7 +116,7 @@ def scipy_tutorial_pde(n: int = 75, batch: int = 1, reference: Tensor | None = N
         return d2x + d2y - 10 * mean**2
 
     z0 = torch.zeros(batch, n, n, dtype=torch.float64)
-    residual = _numpy(rhs, (n, n))
+    residual = _numpy(rhs, (n, n), batch)
     if reference is None:
         from scipy.optimize import newton_krylov
 
@@ -134,11 +137,10 @@ def spd_linear(n: int = 100, condition: float = 1e4, batch: int = 2, seed: int =
 
     def rhs(z: Tensor) -> Tensor:
         # A broadcast product, not bmm: float64 bmm with two threads crawls on a loaded CPU.
-        return b.to(z.dtype)[: z.shape[0]] - (a.to(z.dtype)[: z.shape[0]]
-                                              * z.unsqueeze(1)).sum(2)
+        return b.to(z.dtype) - (a.to(z.dtype) * z.unsqueeze(1)).sum(2)
 
     return StiffProblem("spd_1e4", rhs, torch.zeros(batch, n, dtype=torch.float64),
-                        torch.linalg.solve(a, b), _numpy(rhs, (n,)))
+                        torch.linalg.solve(a, b), _numpy(rhs, (n,), batch))
 
 
 def near_edge_cell(width: int = 64, batch: int = 4, radius: float = 0.97, seed: int = 0

@@ -72,3 +72,16 @@ def test_nonfinite_function_raises() -> None:
     with pytest.raises(NonFiniteError):
         steady_state(func, torch.zeros(2, 3, dtype=torch.float64), method="implicit_ptc",
                      max_steps=200)
+
+
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path: Path) -> None:
+    """``benchmarks/steady_states.py --quick`` runs end to end, records failures of the explicit
+    methods as outcomes, and implicit_ptc converges on every stiff problem."""
+    import steady_states
+
+    rows = steady_states.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "steady_states_quick.md").exists()
+    ptc_rows = [r for r in rows if r["method"] == "implicit_ptc"]
+    assert len(ptc_rows) == 4 and all(r["outcome"] == "converged" for r in ptc_rows)
+    assert all(r["error"] < 1e-3 for r in ptc_rows)
