@@ -4,10 +4,11 @@ Each sample has its own Krylov space; one call of ``matvec`` advances all of the
 basis is orthogonalised by classical Gram-Schmidt (two batched matrix products per pass) with a
 second pass where a sample's vector lost more than 30 % of its norm (the DGKS criterion:
 "twice is enough"), which is as stable as modified Gram-Schmidt with re-orthogonalisation at a
-fixed, small number of tensor operations per iteration. The products are broadcast multiplies
-and sums, not ``torch.bmm``: on a loaded 2-core CPU a float64 ``bmm`` of these shapes took
-about 11 ms with two threads (its BLAS threads wait on each other), which made a solve 20x
-slower. The small Hessenberg problem is kept in
+fixed, small number of tensor operations per iteration. On small Krylov bases the products
+are broadcast multiplies and sums, not ``torch.bmm``: on a loaded 2-core CPU a float64 ``bmm``
+of shape ``(2, 60, 100)`` took about 11 ms with two threads (its BLAS threads wait on each
+other), which made a solve 20x slower; on large ones (scipy's 75x75 PDE) ``bmm`` is faster
+(the broadcast's temporaries took half the solve's time). The small Hessenberg problem is kept in
 float64 and reduced by Givens rotations accumulated in an explicit orthogonal matrix, so
 applying all earlier rotations to a new column is one batched product.
 """
@@ -26,6 +27,8 @@ from .validation import check_positive_int
 #: A vector whose norm drops below this fraction by one Gram-Schmidt pass is orthogonalised
 #: again (Daniel, Gragg, Kaufman & Stewart 1976; Giraud et al. 2005 use 1/sqrt(2)).
 _REORTHOGONALIZE_BELOW = 0.7
+#: Basis products by broadcasting up to this many elements per sample, by ``torch.bmm`` above.
+_BROADCAST_MAX_ELEMENTS = 16384
 
 
 @dataclass
@@ -181,7 +184,7 @@ def _cycle(
     tri_k = torch.where(square, tri[:, :steps, :steps], eye)
     rhs = torch.where(own, r_norm.unsqueeze(1) * q_t[:, :steps, 0], 0.0)
     y = torch.linalg.solve_triangular(tri_k, rhs.unsqueeze(2), upper=True)
-    correction = (y.to(dtype) * basis[:, :steps]).sum(1)
+    correction = _combine(y.squeeze(2).to(dtype), basis[:, :steps])
     return correction, estimate, used
 
 
@@ -190,11 +193,25 @@ def _orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     by classical Gram-Schmidt, twice where needed; returns the coefficients ``(B, k)`` and the
     remainder ``(B, D)``."""
     before = torch.linalg.vector_norm(w, dim=1)
-    h = (basis * w.unsqueeze(1)).sum(2)  # (B, k)
-    w = w - (h.unsqueeze(2) * basis).sum(1)
+    h = _project(basis, w)  # (B, k)
+    w = w - _combine(h, basis)
     after = torch.linalg.vector_norm(w, dim=1)
     if bool((after < _REORTHOGONALIZE_BELOW * before).any()):
-        h2 = (basis * w.unsqueeze(1)).sum(2)
-        w = w - (h2.unsqueeze(2) * basis).sum(1)
+        h2 = _project(basis, w)
+        w = w - _combine(h2, basis)
         h = h + h2
     return h, w
+
+
+def _project(basis: Tensor, w: Tensor) -> Tensor:
+    """``(B, k)`` inner products of the rows of ``basis`` (``(B, k, D)``) with ``w``."""
+    if basis[0].numel() <= _BROADCAST_MAX_ELEMENTS:
+        return (basis * w.unsqueeze(1)).sum(2)
+    return torch.bmm(basis, w.unsqueeze(2)).squeeze(2)
+
+
+def _combine(coefficients: Tensor, basis: Tensor) -> Tensor:
+    """``(B, D)`` sum of the rows of ``basis`` (``(B, k, D)``) weighted by ``(B, k)``."""
+    if basis[0].numel() <= _BROADCAST_MAX_ELEMENTS:
+        return (coefficients.unsqueeze(2) * basis).sum(1)
+    return torch.bmm(coefficients.unsqueeze(1), basis).squeeze(1)

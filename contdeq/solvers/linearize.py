@@ -31,10 +31,13 @@ from torch.autograd import forward_ad
 #: Values of the ``jvp`` option of ``"implicit_ptc"`` and ``"newton"``.
 JVP_MODES = ("reverse", "forward")
 #: Eisenstat-Walker (1996) choice 2: ``eta_k = gamma (||F_k|| / ||F_{k-1}||)^2``, at most
-#: ``_FORCING_MAX``, safeguarded by ``gamma eta_{k-1}^2`` when that exceeds ``0.1``.
+#: ``_FORCING_MAX`` (their ``eta_max``), safeguarded by ``gamma eta_{k-1}^2`` when that
+#: exceeds ``0.1``; the first solve asks for ``_FORCING_FIRST``. On scipy's 75x75 tutorial PDE
+#: (implicit_ptc) first/max = 0.5/0.9 took 370 products against 442 with 0.1/0.5 (about 20 %
+#: less time); on the 1-D heat and Bratu problems about 25 % more (178 vs 141, 184 vs 147).
 _FORCING_GAMMA = 0.9
-_FORCING_MAX = 0.5
-_FORCING_FIRST = 0.1
+_FORCING_MAX = 0.9
+_FORCING_FIRST = 0.5
 
 
 class Linearization:
