@@ -61,14 +61,14 @@ def test_registry_validates_and_refuses_duplicates() -> None:
     """Validation reads the registry (the message names the argument and lists the names);
     a name cannot be registered twice, nor shadow one of an included registry."""
     with pytest.raises(ValueError, match=r"method must be one of \('anderson', 'broyden', "
-                                         r"'picard'\), got 'newtonian'"):
+                                         r"'newton', 'picard'\), got 'newtonian'"):
         FIXED_POINT_METHODS.check("newtonian")
     with pytest.raises(ValueError, match="already registered"):
         FIXED_POINT_METHODS.register("picard", object)
     with pytest.raises(ValueError, match="already registered"):
         FORWARD_SOLVERS.register("anderson", object)  # included from FIXED_POINT_METHODS
     assert tuple(STEADY_STATE_METHODS) == ("dopri5", "tsit5", "bosh3", "dopri8",
-                                           "adaptive_heun", "ptc")
+                                           "adaptive_heun", "implicit_ptc", "ptc")
 
 
 def test_documentation_names_every_registered_method() -> None:

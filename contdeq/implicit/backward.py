@@ -30,6 +30,7 @@ from ..solvers import (
     steady_state,
 )
 from ..solvers.errors import report_nonconvergence
+from ..solvers.gmres import gmres
 from ..solvers.validation import check_on_nonconvergence, check_positive_float, check_positive_int
 from .options import check_solver_options
 from .stats import DEQStats
@@ -52,6 +53,7 @@ BACKWARD_MODES: Registry[type[BackwardMode]] = Registry("backward mode", "backwa
 BACKWARD_METHODS: Registry[Any] = Registry("backward method", "backward_method",
                                            includes=(FIXED_POINT_METHODS,))
 BACKWARD_METHODS.register("ode", steady_state)
+BACKWARD_METHODS.register("gmres", gmres)
 #: In the ``"ode"`` backward the right-hand side is scaled to a largest per-sample RMS of 1 and
 #: the steady-state test gets this absolute floor times ``tol``: the integrator's elementwise
 #: error scale ``atol + rtol * |w|`` must not be zero where ``w`` has exact zeros.
@@ -242,8 +244,11 @@ def solve_adjoint(
     Args:
         vjp: ``w -> J^T w`` on ``(B, ...)`` tensors shaped like ``v``.
         v: ``(B, ...)`` right-hand side (the gradient of the loss w.r.t. ``z*``).
-        method: ``"anderson"``, ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of
-            ``dw/dt = J^T w + v - w``, integrated by ``options.get("method", "dopri5")``).
+        method: ``"anderson"``, ``"picard"``, ``"broyden"``, ``"newton"``, ``"ode"`` (steady
+            state of ``dw/dt = J^T w + v - w``, integrated by ``options.get("method",
+            "dopri5")``) or ``"gmres"`` (restarted GMRES on ``(I - J^T) w = v``, option
+            ``restart=60``; its test is relative to ``rms(v_b)``, stricter than ``rms(w_b)``
+            where ``|w| > |v|``).
         tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``.
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
@@ -267,7 +272,9 @@ def solve_adjoint(
         scale = 1.0
     vn = v / scale
     with torch.no_grad():
-        if method == "ode":
+        if method == "gmres":
+            w, stats = _solve_adjoint_gmres(vjp, vn, tol, max_steps, on_nonconvergence, **options)
+        elif method == "ode":
             w, stats = steady_state(
                 lambda t, w: vjp(w).add_(vn).sub_(w), vn,
                 atol=_ODE_ATOL_FLOOR * tol, rtol=tol, max_steps=max_steps,
@@ -282,6 +289,31 @@ def solve_adjoint(
                 **{"freeze_converged": False, **options},
             )
     return w.mul_(scale), stats
+
+
+def _solve_adjoint_gmres(
+    vjp: Callable[[Tensor], Tensor], v: Tensor, tol: float, max_steps: int,
+    on_nonconvergence: str, restart: int = 60,
+) -> tuple[Tensor, SolverStats]:
+    """``(I - J^T) w = v`` by GMRES for :func:`solve_adjoint` (``v``: ``(B, ...)``, already
+    scaled; ``max_steps`` caps the VJPs). Returns ``w`` shaped like ``v`` (unscaled) and stats
+    with ``nfe`` = VJPs and ``linear_iterations`` = Arnoldi steps."""
+    start = time.perf_counter()
+    flat = v.reshape(v.shape[0], -1)
+
+    def matvec(w: Tensor) -> Tensor:
+        return w - vjp(w.reshape(v.shape)).reshape(flat.shape)
+
+    out = gmres(matvec, flat, rtol=tol, restart=restart, max_iterations=max_steps)
+    stats = SolverStats(
+        method="gmres", nfe=out.matvecs, steps=out.steps, residual=out.residual,
+        tolerance=tol * sample_rms(flat), converged=out.converged,
+        wall_time=time.perf_counter() - start,
+        stop_reason="converged" if bool(out.converged.all()) else "max_steps",
+        linear_iterations=out.steps,
+    )
+    report_nonconvergence(stats, on_nonconvergence)  # type: ignore[arg-type]
+    return out.solution.reshape(v.shape), stats
 
 
 def _report(stats: SolverStats, on_nonconvergence: str, what: str) -> None:

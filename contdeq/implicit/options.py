@@ -90,6 +90,11 @@ _FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory",
 def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
     """Reject unknown option names of ``solver`` (``"ode"`` or a fixed-point method) with a
     ``TypeError`` (torchdeq silently ignores them, its issue #12)."""
+    if solver == "gmres":  # the backward's GMRES: only its restart length
+        if set(options) - {"restart"}:
+            raise TypeError(f"unknown option(s) {sorted(set(options) - {'restart'})} for "
+                            "backward_method='gmres'; it accepts ['restart']")
+        return
     if solver == "ode":
         unknown = sorted(set(options) - _STEADY_STATE_KEYS)
         if unknown:

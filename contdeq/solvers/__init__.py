@@ -5,6 +5,7 @@ Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` buil
 
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .fixed_point import fixed_point
+from .gmres import GMRESResult, gmres
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
 from .stats import SolverStats, StopReason
@@ -20,6 +21,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointSolver",
+    "GMRESResult",
     "NonFiniteError",
     "Registry",
     "SolverStats",
@@ -28,6 +30,7 @@ __all__ = [
     "Tableau",
     "fixed_point",
     "flatten_states",
+    "gmres",
     "registries",
     "sample_rms",
     "steady_state",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import anderson, broyden, picard  # noqa: F401  (each registers its method)
+from . import anderson, broyden, newton, picard  # noqa: F401  (each registers its method)
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
 from .progress import Progress
@@ -29,8 +29,8 @@ from .validation import (
 
 __all__ = ["FIXED_POINT_METHODS", "fixed_point"]
 
-#: Methods whose in-place history updates autograd cannot record.
-_NOT_DIFFERENTIABLE = ("anderson", "broyden")
+#: Methods whose in-place history updates (or inner autograd calls) autograd cannot record.
+_NOT_DIFFERENTIABLE = ("anderson", "broyden", "newton")
 
 
 def fixed_point(
@@ -78,7 +78,10 @@ def fixed_point(
             states ``(B, *shape_s)``: then ``g(zs)`` takes and returns such tuples, the solve
             runs on them flattened (one residual norm per sample over all scales;
             :func:`~contdeq.solvers.flatten_states`) and ``z`` is a tuple.
-        method: ``"anderson"`` (default), ``"broyden"`` or ``"picard"``.
+        method: ``"anderson"`` (default), ``"broyden"``, ``"picard"`` or ``"newton"``
+            (Newton-Krylov with a line search: GMRES on ``(I - dg/dz) delta = g(z) - z``
+            with Jacobian-vector products, counted in ``stats.jvps``; for maps that are not
+            contractive, or converge slowly).
         atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test.
         max_steps: iteration limit.
         on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``.
@@ -90,7 +93,8 @@ def fixed_point(
             ``False``: the batch is one state, for a ``g`` that couples samples. Statistics
             then have shape ``(1,)``.
         **options: method options: anderson ``memory=5, damping=1.0, regularization=1e-4``;
-            broyden ``memory=30``; picard ``damping=1.0``. Unknown options raise ``TypeError``.
+            broyden ``memory=30``; picard ``damping=1.0``; newton ``jvp="reverse", restart=60,
+            max_linear_iterations=200, line_search_steps=10``. Unknown options raise ``TypeError``.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
@@ -113,10 +117,12 @@ def fixed_point(
 
     counted = CountedMap(g, z0, name="g")
     z = z0.reshape(counted.flat_shape)
-    solver_class = FIXED_POINT_METHODS[method]
     try:
-        solver = (solver_class(z, g=counted, **options)
-                  if getattr(solver_class, "needs_map", False) else solver_class(z, **options))
+        cls = FIXED_POINT_METHODS[method]
+        # A solver with ``needs_map`` evaluates g itself (through the counted map), and the loop
+        # takes g from the solver (which may hand back a value it already has).
+        solver = cls(z, g=counted, **options) if getattr(cls, "needs_map", False) else cls(
+            z, **options)
     except TypeError as exc:
         raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
     gz = counted(z)
@@ -134,8 +140,11 @@ def fixed_point(
         max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
     )
     iterate = _iterate_freezing if freeze_converged else _iterate_together
-    result = iterate(solver, counted, progress, z, gz, residual)
+    loop_map = getattr(solver, "map", counted) if getattr(cls, "needs_map", False) else counted
+    result = iterate(solver, loop_map, progress, z, gz, residual)
     stats = progress.finish(method, counted.calls, result.stop_reason)
+    stats.jvps = getattr(solver, "jvps", None)
+    stats.linear_iterations = getattr(solver, "linear_iterations", None)
     report_nonconvergence(stats, on_nonconvergence)
     return result.z.reshape(z0.shape), stats
 

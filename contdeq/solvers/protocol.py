@@ -17,7 +17,10 @@ class FixedPointSolver(Protocol):
     dtype and device; ``options``: the method's keyword-only options, each validated in
     ``__init__`` with a message naming it; an unknown one raises ``TypeError``). A solver whose
     class sets ``needs_map = True`` is also given ``g=``, the counted map ``(B, D) -> (B, D)``,
-    for the extra evaluations it makes (they count in ``stats.nfe``). Each iteration then calls
+    for the extra evaluations it makes (they count in ``stats.nfe``); if it also has a ``map``
+    attribute (a callable like ``g``), the loop evaluates its proposals through it, so a solver
+    that already evaluated ``g`` at its proposal (a line search) can hand that value back
+    instead of paying a second call. Each iteration then calls
     :meth:`propose`; convergence testing, freezing of converged samples, limits and statistics
     are :func:`~contdeq.solvers.fixed_point`'s job, not the solver's.
 

@@ -69,6 +69,11 @@ class SolverStats:
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).
         residual_history: ``(K, B)`` residual after each accepted step, when recorded.
         time_history: ``(K, B)`` pseudo-time after each accepted step (ODE), when recorded.
+        jvps: batched Jacobian-vector products of the user's function (Newton-Krylov methods:
+            ``"implicit_ptc"``, ``"newton"``; ``None`` elsewhere). Not included in ``nfe``.
+        linear_iterations: GMRES iterations summed over the solve's linear systems (each
+            one batched product with the system's matrix; ``None`` where no linear system is
+            solved).
     """
 
     method: str
@@ -84,6 +89,8 @@ class SolverStats:
     t_final: Tensor | None = None
     residual_history: Tensor | None = None
     time_history: Tensor | None = None
+    jvps: int | None = None
+    linear_iterations: int | None = None
 
     def __post_init__(self) -> None:
         self.stop_reason = StopReason(self.stop_reason)
@@ -111,6 +118,10 @@ class SolverStats:
             f"worst sample {worst}: residual {float(self.residual[worst]):.3g}"
             f" vs tolerance {float(self.tolerance[worst]):.3g}",
         ]
+        if self.jvps is not None:
+            parts.insert(2, f"jvps={self.jvps}")
+        if self.linear_iterations is not None:
+            parts.insert(3, f"linear_iterations={self.linear_iterations}")
         if self.t_final is not None:
             parts.append(f"t_final<={float(self.t_final.max()):.3g}")
         return ", ".join(parts)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
+from .implicit_ptc import run_implicit_ptc
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
 from .registry import STEADY_STATE_METHODS
@@ -92,18 +93,22 @@ def steady_state(
             ``"adaptive_heun"`` (embedded Runge-Kutta pairs), or ``"ptc"``:
             pseudo-transient continuation, forward Euler with per-sample steps chosen for
             reaching the steady state (one evaluation per step; usually the fewest evaluations
-            for contractive layers, see ``docs/solvers.md``). A trial step that produces
-            NaN/Inf is rejected and shrunk, whatever the method.
+            for contractive layers, see ``docs/solvers.md``), or ``"implicit_ptc"``:
+            backward-Euler pseudo-transient continuation, each step a Newton-Krylov solve
+            (GMRES with Jacobian-vector products, counted in ``stats.jvps``), for stiff
+            problems (PDE discretizations) where explicit steps are stability-limited. A trial
+            step that produces NaN/Inf is rejected and shrunk, whatever the method.
         atol, rtol: steady-state tolerances (RMS norms); either may be 0 (not both).
         ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
             ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
             lets the step sit at its stability limit where the residual chatters and never
             meets the test; a looser pair is rejected, one less than 10x tighter is warned about.
-            ``"ptc"`` has no local-error control and rejects them.
+            ``"ptc"`` and ``"implicit_ptc"`` have no local-error control and reject them.
         max_steps: limit on solver steps (accepted + rejected).
         t_max: limit on the pseudo-time.
         first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
-            (see :func:`contdeq.solvers.rk.initial_step`); ``max_step`` for ``"ptc"``.
+            (see :func:`contdeq.solvers.rk.initial_step`); ``max_step`` for ``"ptc"``, ``1.0``
+            for ``"implicit_ptc"``.
         max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
             the Picard step).
         backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
@@ -154,9 +159,10 @@ def steady_state(
     if backend != "lean":
         allowed = TORCHDIFFEQ_FSAL_METHODS if backend == "torchdiffeq" else EVENT_METHODS
         check_choice(method, f"method (with backend={backend!r})", allowed)
-    if method == "ptc" and (ode_atol is not None or ode_rtol is not None):
+    if method in ("ptc", "implicit_ptc") and (ode_atol is not None or ode_rtol is not None):
         raise ValueError(
-            "ode_atol and ode_rtol do not apply to method='ptc' (it chooses its steps from the "
+            f"ode_atol and ode_rtol do not apply to method={method!r} (it chooses its steps from "
+            "the "
             "residual, with no local-error control); drop them, or use an embedded Runge-Kutta "
             "method such as 'dopri5'"
         )
@@ -171,8 +177,12 @@ def steady_state(
         name="func", track_time=True,
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
+    jvps = linear_iterations = None
     if method == "ptc":
         result = run_pseudo_transient(counted, z, d, progress, control)
+    elif method == "implicit_ptc":
+        result, jvps, linear_iterations = run_implicit_ptc(
+            counted, z, d, progress, first_step, max_step, t_max)
     elif backend == "lean":
         result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
     elif backend == "torchdiffeq":
@@ -182,6 +192,7 @@ def steady_state(
     label = method if backend == "lean" else f"{method}[{backend}]"
     stats = progress.finish(label, counted.calls, result.stop_reason, result.accepted,
                             result.rejected)
+    stats.jvps, stats.linear_iterations = jvps, linear_iterations
     report_nonconvergence(stats, on_nonconvergence)
     return result.z.reshape(z0.shape), stats
 
@@ -192,7 +203,7 @@ def _integrator_tolerances(
     ode_atol = ODE_TOLERANCE_FACTOR * atol if ode_atol is None else ode_atol
     ode_rtol = ODE_TOLERANCE_FACTOR * rtol if ode_rtol is None else ode_rtol
     check_tolerances(ode_atol, ode_rtol, prefix="ode_")
-    if method == "ptc":
+    if method in ("ptc", "implicit_ptc"):
         return ode_atol, ode_rtol
     if ode_atol > atol or ode_rtol > rtol:
         raise ValueError(
