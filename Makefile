@@ -1,16 +1,25 @@
-# Set-up and entry points. `make demo` and `make test` work on a fresh machine:
-# they create .venv, install the CPU build of torch first (a plain `torch` requirement
-# would pull a multi-GB CUDA build), then contdeq with the extras they need.
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: they create
+# .venv, install torch first, then contdeq with the extras they need.
+#
+# torch comes from TORCH_INDEX, PyTorch's CPU wheel index by default: on Linux a plain
+# `pip install torch` from PyPI pulls the CUDA build (several GB of NVIDIA libraries). The
+# index is passed to that one install only (`--index-url`); pip's own configuration (a mirror,
+# find-links) still applies. Override on the command line:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build
+#   make demo TORCH_INDEX=                                          # pip's configured index
+# If the index cannot be reached, pip warns, retries, and falls back to its other sources.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		"$(TORCH_SPEC)"
 
 $(VENV)/.examples: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[examples]"

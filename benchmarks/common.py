@@ -11,8 +11,15 @@ from pathlib import Path
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from tqdm import tqdm
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A progress bar on stderr when it is a terminal; off otherwise (tqdm's ``disable=None``),
+    so logs, CI and tests get none."""
+    return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
 def time_min(fn: Callable[[], object], repeats: int) -> float:

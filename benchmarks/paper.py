@@ -49,6 +49,7 @@ from common import (
     RESULTS,
     SavedTensors,
     machine_header,
+    progress_bar,
     synchronize,
     time_min,
     write_results,
@@ -239,13 +240,16 @@ def train_interleaved(task: Task, names: list[str], cfg: Config, seed: int,
             cells[name] = Cell(task, name, cfg, seed, checkpoint_dir, resume)
         except Exception as exc:  # a model that cannot be built must not stop the suite
             failed(name, exc)
-    for _ in range(cfg.epochs):
-        for name, cell in list(cells.items()):
-            try:
-                cell.train_epoch()
-            except Exception as exc:  # a diverging model must not stop the suite
-                failed(name, exc)
-                del cells[name]
+    with progress_bar(cfg.epochs * len(cells), f"{task.name} seed {seed}") as bar:
+        for _ in range(cfg.epochs):
+            for name, cell in list(cells.items()):
+                bar.set_postfix_str(name)
+                try:
+                    cell.train_epoch()
+                except Exception as exc:  # a diverging model must not stop the suite
+                    failed(name, exc)
+                    del cells[name]
+                bar.update()
     for name, cell in cells.items():
         h = cell.history[-1]
         seconds = sum(r["train_s"] for r in cell.history)

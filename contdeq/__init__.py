@@ -1,7 +1,7 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
 from . import solvers
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import (
     JFB,
@@ -41,6 +41,7 @@ __all__ = [
     "BackwardConfig",
     "BackwardMode",
     "Checkpoint",
+    "CheckpointError",
     "DEQStats",
     "ForwardSolver",
     "Implicit",

@@ -5,7 +5,8 @@
 * Skip loss (Pal, Edelman & Rackauckas 2022): pulls the explicit initial guess of a Skip or
   Skip-Reg DEQ toward the (stop-gradient) equilibrium; see :func:`skip_loss`.
 
-Layers keep the terms of their last training forward; ``contdeq.aux_loss(model)`` sums them.
+Layers keep the terms of their last training forward, per thread; ``contdeq.aux_loss(model)``
+sums those of the calling thread.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def skip_loss(z0: Tensor, z_star: Tensor, norm: str = "l2", detach: bool = True)
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the auxiliary losses (skip and Jacobian terms) of every contdeq layer in
-    ``model``, from each layer's last forward.
+    ``model``, from each layer's last forward in the calling thread.
 
     Layers contribute only after a forward in training mode with grad enabled. Returns a
     0-dim zero tensor (on the device and dtype of ``model``'s first floating-point parameter)

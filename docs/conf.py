@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -66,3 +67,40 @@ sphinx_gallery_conf = {
 
 html_theme = "furo"
 html_title = f"contdeq {release}"
+#: ``make docs`` is the build to publish. ``make docs-quick`` (CI) runs the tutorials at
+#: smoke-test sizes, whose accuracies and plots mean little: every page then says so.
+QUICK_BUILD = os.environ.get("CONTDEQ_TUTORIAL_QUICK") == "1"
+if QUICK_BUILD:
+    html_title += " (quick build)"
+    html_theme_options = {
+        "announcement": "Quick build: the tutorials ran at smoke-test sizes "
+                        "(CONTDEQ_TUTORIAL_QUICK=1); their numbers and plots are not "
+                        "results. <code>make docs</code> builds the full site.",
+    }
+
+
+def public_bases(app: object, name: str, obj: object, options: object, bases: list) -> None:
+    """Show only base classes a user can see: a private base (``_SkipBase``, the mixin
+    ``_MultiScale``) or an internal contdeq class (``PerThreadResults``) is replaced by its own
+    bases (``DEQ``, ``torch.nn.Module``); ``object`` beside another base is dropped."""
+
+    def hidden(base: type) -> bool:
+        return base.__name__.startswith("_") or (
+            base.__module__.startswith("contdeq") and base.__name__ not in contdeq.__all__
+            and base.__name__ not in contdeq.solvers.__all__)
+
+    shown: list[type] = []
+    pending = list(bases)
+    while pending:
+        base = pending.pop(0)
+        if isinstance(base, type) and hidden(base):
+            pending[:0] = base.__bases__
+        elif base not in shown:
+            shown.append(base)
+    if len(shown) > 1 and object in shown:
+        shown.remove(object)
+    bases[:] = shown
+
+
+def setup(app: Any) -> None:
+    app.connect("autodoc-process-bases", public_bases)

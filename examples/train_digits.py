@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import contdeq
 from contdeq.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
@@ -182,7 +183,10 @@ def train(args: argparse.Namespace) -> dict[str, Tensor]:
         begin = time.perf_counter()
         batches = epoch_batches(N_TRAIN, args.batch_size, args.seed, epoch)
         total = 0.0
-        for i in range(start_batch if epoch == start_epoch else 0, len(batches)):
+        # A progress bar on a terminal only (disable=None), never with --quiet or on rank > 0.
+        for i in tqdm(range(start_batch if epoch == start_epoch else 0, len(batches)),
+                      desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                      disable=True if args.quiet or rank else None):
             idx = batches[i][rank * per_rank:(rank + 1) * per_rank]
             logits = model(data.x_train[idx])
             loss = nn.functional.cross_entropy(logits, data.y_train[idx])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import importlib.util
 import os
 import random
@@ -11,13 +13,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from contdeq.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from contdeq.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    _digest,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_digits.py"
@@ -97,10 +106,183 @@ def test_bad_arguments_name_the_argument(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="optimizer was given but the checkpoint"):
         load_checkpoint(path, model, optimizer)
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a contdeq checkpoint"):
+    with pytest.raises(CheckpointError, match="not a contdeq checkpoint"):
         load_checkpoint(tmp_path / "other.pt", model)
     with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):
         load_checkpoint(path, "model")  # type: ignore[arg-type]
+
+
+def _fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model and Adam optimizer whose values differ from ``_training_state``'s."""
+    torch.manual_seed(123)
+    model, optimizer, _ = _training_state()
+    return model, optimizer
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [t.clone() for t in model.state_dict().values()] + [
+        t.clone() for s in optimizer.state_dict()["state"].values() for t in s.values()]
+
+
+def test_flipped_bytes_inside_a_weight_are_detected(tmp_path: Path) -> None:
+    """Catches a missing integrity check: 4 flipped bytes in a tensor's data loaded silently."""
+    model, optimizer, _ = _training_state()
+    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer, epoch=1)
+    data = bytearray(path.read_bytes())
+    weight = model[0].weight.detach().numpy().tobytes()
+    at = data.find(weight)  # torch stores a tensor's bytes as they are, uncompressed
+    assert at > 0
+    data[at + 8:at + 12] = bytes(b ^ 0xFF for b in data[at + 8:at + 12])
+    path.write_bytes(bytes(data))
+    fresh, fresh_opt = _fresh()
+    before = _snapshot(fresh, fresh_opt)
+    with pytest.raises(CheckpointError, match=r"ck\.pt' is corrupted: the SHA-256"):
+        load_checkpoint(path, fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh, fresh_opt),
+                                                  strict=True))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (lambda data: data[: len(data) // 2], "cannot be read: the file is truncated or corrupted"),
+    (lambda data: b"", r"is empty \(0 bytes\)"),
+    (lambda data: b"epoch = 3\nbatch = 4\n", "is not a checkpoint: it does not start with"),
+    (lambda data: bytes(range(256)) * 4, "is not a checkpoint: it does not start with"),
+])
+def test_unreadable_files_name_the_file_and_the_problem(tmp_path: Path, content: Any,
+                                                        message: str) -> None:
+    """Catches torch's bare errors leaking out (``OSError: [Errno 22]``, an ``EOFError``
+    without a message, ``KeyError: 101``) for truncated, empty, text and garbage files."""
+    model, optimizer, _ = _training_state()
+    data = save_checkpoint(tmp_path / "good.pt", model, optimizer, epoch=1).read_bytes()
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content(data))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path, *_fresh())
+    assert str(path) in str(info.value)
+
+
+def test_a_foreign_pickle_is_refused_without_advising_the_unsafe_loader(tmp_path: Path) -> None:
+    """Catches torch's advice to retry with ``weights_only=False`` reaching the user."""
+    path = tmp_path / "foreign.pt"
+    torch.save({"version": 2, "obj": argparse.Namespace(a=1)}, path)
+    with pytest.raises(CheckpointError, match="objects the safe loader refuses") as info:
+        load_checkpoint(path, *_fresh())
+    assert "weights_only" not in str(info.value) and info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+def _rewrite(path: Path, change: Any) -> None:
+    """Apply ``change`` to the checkpoint's state and store it with a matching SHA-256 (a
+    well-formed file whose content is wrong, not a corrupted one)."""
+    payload = torch.load(path, weights_only=True)
+    change(payload["state"])
+    payload["sha256"] = _digest(payload["state"])
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "invalid RNG state"),
+    (lambda s: s.update(epoch=-5), "epoch must be an int >= 0, got -5"),
+    (lambda s: s.update(epoch=True), "epoch must be an int >= 0, got True"),
+    (lambda s: s.update(batch="x"), "batch must be an int >= 0, got 'x'"),
+    (lambda s: s["model"].pop("2.bias"), r"missing keys \['2.bias'\]"),
+    (lambda s: s["model"].update({"0.weight": torch.zeros(2, 2)}), r"0.weight has shape \(2, 2\)"),
+])
+def test_loading_changes_nothing_when_any_part_is_invalid(tmp_path: Path, change: Any,
+                                                          message: str) -> None:
+    """Catches a non-transactional load: the model overwritten before a bad RNG state (or a
+    bad position) raises, or bad positions accepted."""
+    model, optimizer, _ = _training_state()
+    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer, epoch=1)
+    _rewrite(path, change)
+    fresh, fresh_opt = _fresh()
+    before, rng = _snapshot(fresh, fresh_opt), torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path, fresh, fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh, fresh_opt),
+                                                  strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_file_marked_version_true_is_refused(tmp_path: Path) -> None:
+    """Catches ``version=True`` passing as version 1/2 (``True == 1`` in Python)."""
+    model, _, _ = _training_state()
+    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=0)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = True
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="version True"):
+        load_checkpoint(path, model)
+
+
+def test_another_kind_of_optimizer_is_refused_before_loading(tmp_path: Path) -> None:
+    """Catches an SGD state loaded into Adam (which failed only at the next step)."""
+    model, _, _ = _training_state()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 3)).sum().backward()
+    sgd.step()
+    path = save_checkpoint(tmp_path / "ck.pt", model, sgd, epoch=0)
+    fresh, adam = _fresh()
+    before = _snapshot(fresh, adam)
+    with pytest.raises(CheckpointError, match="another kind of optimizer"):
+        load_checkpoint(path, fresh, adam)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh, adam), strict=True))
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    (np.float64(0.5), r"\.item\(\)"), (np.zeros(3), "torch.from_numpy"),
+    (argparse.Namespace(lr=0.1), r"vars\(args\)"), (Path("/x"), r"str\(path\)"),
+    (datetime.datetime(2026, 1, 1), "isoformat"),
+])
+def test_extras_the_safe_loader_refuses_are_refused_at_save(tmp_path: Path, value: object,
+                                                            hint: str) -> None:
+    """Catches extras that save but cannot be loaded back (found only at resume time)."""
+    model, _, _ = _training_state()
+    with pytest.raises(TypeError, match=rf"extra\['run'\]\['v'\] has type .*{hint}"):
+        save_checkpoint(tmp_path / "ck.pt", model, epoch=0, extra={"run": {"v": value}})
+    assert list(tmp_path.iterdir()) == []
+    extra = {"run": {"lr": 0.1, "name": "a", "steps": [1, 2], "t": torch.ones(2), "n": None}}
+    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=0, extra=extra)
+    loaded = load_checkpoint(path, model).extra["run"]
+    assert loaded["steps"] == [1, 2] and torch.equal(loaded["t"], torch.ones(2))
+
+
+def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
+    """Catches ``.tmp`` files of killed saves piling up (2.2 GB in the issue's probe), and
+    checks that other files (another target's temporaries included) are left alone."""
+    model, _, _ = _training_state()
+    stale = [tmp_path / ".ck.pt.abc123_x.tmp", tmp_path / ".ck.pt.0123456789abcdef.tmp"]
+    keep = [tmp_path / ".ck.pt.backup.pt.1234abcd.tmp", tmp_path / "ck.pt.tmp",
+            tmp_path / "other.pt"]
+    for file in stale + keep:
+        file.write_bytes(b"partial")
+    save_checkpoint(tmp_path / "ck.pt", model, epoch=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ck.pt"] + [p.name for p in keep])
+
+
+def test_file_mode_follows_the_umask(tmp_path: Path) -> None:
+    """Catches checkpoints written 0600 (``mkstemp``) where ``torch.save`` honours the umask."""
+    model, _, _ = _training_state()
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "ck.pt", model, epoch=0)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_saving_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """Catches ``os.replace`` replacing the link itself instead of the file it points to."""
+    model, _, _ = _training_state()
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "run.pt"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(target)
+    save_checkpoint(link, model, epoch=4)
+    assert link.is_symlink() and link.resolve() == target
+    assert load_checkpoint(target, model).epoch == 4
 
 
 ARGS = ["--model", "skipdeq", "--epochs", "2", "--width", "8", "--batch-size", "100",
@@ -132,7 +314,7 @@ def _kill_mid_epoch(checkpoint: Path) -> int:
 def test_killed_run_resumes_bit_for_bit(tmp_path: Path, global_torch_state: None) -> None:
     checkpoint = tmp_path / "run.pt"
     assert _kill_mid_epoch(checkpoint) == -signal.SIGKILL
-    position = torch.load(checkpoint, weights_only=True)
+    position = torch.load(checkpoint, weights_only=True)["state"]  # the safe loader reads it
     assert position["epoch"] == 1 and 0 < position["batch"] < 15  # a mid-epoch checkpoint
     script = _script()
     resumed = script.train(script.parse_args([*ARGS, "--checkpoint", str(checkpoint),

@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -33,8 +33,9 @@ import contdeq
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-#: Seconds after which the workers count as hung (they take about 10 s).
-HANG_AFTER = 300
+#: Seconds after which the workers count as hung. They take about 10 s on an idle 2-core
+#: machine, but ~100 s were measured while other jobs loaded it (load average 18).
+HANG_AFTER = 600
 TRAIN_ARGS = ["--model", "skipdeq", "--epochs", "1", "--width", "8", "--batch-size", "100",
               "--seed", "5", "--dropout", "0", "--quiet"]
 
@@ -106,29 +107,44 @@ def check_unused_predictor(rank: int) -> None:
 
 def worker(rank: int, init_file: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    if Path("/sys/class/net/lo").exists():  # gloo on loopback, not the host name's address
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=timedelta(seconds=HANG_AFTER / 2))
     check_gradients_are_averaged(rank)
     check_unused_predictor(rank)
     dist.barrier()
     dist.destroy_process_group()
+    # As under torchrun: the launcher (here the test process) hosts the rendezvous store on
+    # MASTER_PORT, and every rank connects to it as a client.
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"})
     script = load_script()
     state = script.train(script.parse_args(TRAIN_ARGS))
     if rank == 0:
         torch.save(state, out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_store() -> dist.TCPStore:
+    """The store torchrun's agent would host, on a port the OS picks and this process holds
+    until the workers are done.
+
+    The test used to pick a free port, close it, and let rank 0 bind it seconds later in its
+    own process: meanwhile another job on the machine (a parallel test run) could take the
+    port, and the ranks then failed or waited on a stranger's store (a ~300 s hang seen in a
+    full-suite run). A port held from bind to the end cannot be taken.
+    """
+    return dist.TCPStore("127.0.0.1", 0, world_size=WORLD, is_master=True,
+                         wait_for_workers=False, timeout=timedelta(seconds=HANG_AFTER))
 
 
 def test_layers_train_under_ddp_with_two_processes(tmp_path: Path) -> None:
+    """Catches implicit gradients that DDP does not average, a SkipDEQ that cannot train with
+    an unused predictor, and a torchrun-launched example that differs from one process."""
     out = tmp_path / "ddp_state.pt"
-    context = mp.start_processes(worker, args=(str(tmp_path / "init"), _free_port(), str(out)),
+    store = rendezvous_store()
+    context = mp.start_processes(worker, args=(str(tmp_path / "init"), store.port, str(out)),
                                  nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + HANG_AFTER
     while not context.join(timeout=2):  # raises if a worker fails

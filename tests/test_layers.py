@@ -335,3 +335,28 @@ def _torch_roundtrip(module: nn.Module) -> nn.Module:
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("solver", ["ode", "anderson"])
+def test_one_scalar_state_per_sample_stays_batched(solver: str) -> None:
+    """A layer whose state is ``(B,)`` (one scalar per sample) is solved per sample, not as one
+    unbatched state (the solvers read a 1-D ``z0`` so), and its gradient matches the closed form
+    ``dz/dx = s / (1 - a s)`` with ``s = sech^2(a z + x)`` (catches the 1-D state being coupled
+    into one sample, or the backward losing the batch)."""
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.a * z + x)
+
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    layer = contdeq.DEQ(Scalar(), solver=solver, atol=1e-10, rtol=1e-10)
+    z = layer(x)
+    assert z.shape == (6,) and layer.stats.forward.converged.shape == (6,)
+    torch.testing.assert_close(z, torch.tanh(0.5 * z + x), atol=1e-8, rtol=0)
+    z.sum().backward()
+    s = 1 - torch.tanh(0.5 * z + x).detach() ** 2
+    torch.testing.assert_close(x.grad, s / (1 - 0.5 * s), rtol=1e-3, atol=0)

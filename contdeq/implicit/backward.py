@@ -263,6 +263,12 @@ def solve_adjoint(
     discrete methods iterate all samples together (``freeze_converged=False`` unless
     ``options`` says otherwise).
     """
+    if v.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
+        w, stats = solve_adjoint(
+            lambda w: vjp(w.squeeze(1)).unsqueeze(1), v.unsqueeze(1), method=method, tol=tol,
+            max_steps=max_steps, on_nonconvergence=on_nonconvergence, **options,
+        )
+        return w.squeeze(1), stats
     if not bool(torch.isfinite(v).all()):
         raise NonFiniteError(
             "the gradient arriving at the equilibrium layer's output contains NaN or Inf", 0

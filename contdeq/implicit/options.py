@@ -59,6 +59,9 @@ class ForwardSolver:
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
         """Solve from ``z0`` (``(B, ...)``); returns ``z*`` shaped like ``z0`` and the stats."""
+        if z0.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
+            z, stats = self(lambda z: fx(z.squeeze(1)).unsqueeze(1), z0.unsqueeze(1))
+            return z.squeeze(1), stats
         if self.solver == "ode":
             return steady_state(
                 lambda t, z: fx(z) - z, z0, on_nonconvergence=self.on_nonconvergence,

@@ -7,12 +7,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..implicit import (
     BackwardConfig,
     BackwardMode,
-    DEQStats,
     ForwardSolver,
     equilibrium,
     first_call,
@@ -20,7 +18,8 @@ from ..implicit import (
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
 from ..solvers.structure import as_shape
 from .checks import check_number
-from .normalization import update_normalization, warn_unstable_normalization
+from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
+from .per_thread import PerThreadResults
 
 __all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape"]
 
@@ -69,7 +68,7 @@ def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str)
     return z0
 
 
-class DEQ(nn.Module):
+class DEQ(PerThreadResults):
     """Deep equilibrium layer: returns ``z*`` with ``z* = f(z*, x)``.
 
     With ``solver="ode"`` (default) this is a *continuous* DEQ: ``z*`` is the steady state of
@@ -110,8 +109,9 @@ class DEQ(nn.Module):
             ``max_steps``, ...), otherwise of :func:`contdeq.solvers.fixed_point`.
 
     Attributes:
-        stats: :class:`~contdeq.implicit.DEQStats` of the last call (``None`` before);
-            ``stats.backward`` is filled in when the backward pass runs.
+        stats: :class:`~contdeq.implicit.DEQStats` of the last call made in the calling
+            thread (``None`` before); ``stats.backward`` is filled in when the backward pass
+            runs. Per thread, as the auxiliary terms: see ``docs/reliability.md``.
         backward_mode: the backward mode object in use (the shorthands resolved).
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
@@ -155,8 +155,6 @@ class DEQ(nn.Module):
         self.jacobian_weight = float(check_number(jacobian_weight, "jacobian_weight", 0))
         self.jacobian_probes = int(check_number(jacobian_probes, "jacobian_probes", 1,
                                                 integer=True))
-        self.stats: DEQStats | None = None
-        self._aux: dict[str, Tensor] = {}
         warn_unstable_normalization(f, type(self).__name__)
 
     # -- initial state -------------------------------------------------------------------
@@ -180,7 +178,7 @@ class DEQ(nn.Module):
         solver = self.solver if self.training else self.eval_solver
         aux: dict[str, Tensor] = {}
         self._aux = aux
-        with parametrize.cached():
+        with fixed_normalization(self.f):
             with torch.set_grad_enabled(train):
                 z_init, guess = self.initial_state(x, z0)
             z, stats = equilibrium(self.f, x, z_init.detach(), solver=solver,
@@ -202,7 +200,8 @@ class DEQ(nn.Module):
     # -- auxiliary losses ----------------------------------------------------------------
     @property
     def aux_terms(self) -> dict[str, Tensor]:
-        """Auxiliary loss terms of the last training forward, by name (weights applied)."""
+        """Auxiliary loss terms of this thread's last training forward, by name (weights
+        applied)."""
         return dict(self._aux)
 
     def last_aux_loss(self) -> Tensor | None:
@@ -216,12 +215,6 @@ class DEQ(nn.Module):
         return total
 
     # -- housekeeping --------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_aux"] = {}  # tensors with graphs: neither picklable nor worth copying
-        state["stats"] = None
-        return state
-
     def extra_repr(self) -> str:
         parts = [f"solver={self.solver.solver!r}"]
         parts += [f"{k}={v!r}" for k, v in self.solver.options.items()]

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
@@ -20,7 +19,8 @@ from ..solvers.rk import initial_step
 from ..solvers.tableaux import TABLEAUX
 from .checks import check_number
 from .deq import check_input, check_state, resolve_state_shape
-from .normalization import update_normalization, warn_unstable_normalization
+from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
+from .per_thread import PerThreadResults
 
 __all__ = ["NeuralODE"]
 
@@ -44,11 +44,13 @@ class _Dynamics:
         self.backward_calls = 0
         self.in_backward = False
         self.record: DEQStats | None = None
+        self.last_output: Tensor | None = None  # checked for NaN/Inf only if the solve fails
         self._first: tuple[Tensor, Tensor] | None = None
 
     def rhs(self, z: Tensor) -> Tensor:
         out = first_call(self.f, z, self.x) if self.calls == 0 else self.f(z, self.x)
         self.calls += 1
+        self.last_output = out
         if self.in_backward:
             self.backward_calls += 1
             if self.record is not None and self.record.backward is not None:
@@ -87,7 +89,7 @@ class _BackwardStart(torch.autograd.Function):
         return None, grad
 
 
-class NeuralODE(nn.Module):
+class NeuralODE(PerThreadResults):
     """Neural ODE baseline: ``z(t_end)`` of ``dz/dt = f(z, x) - z`` from ``z(0) = z0``.
 
     It integrates the *same* vector field as a continuous :class:`~contdeq.DEQ` with the same
@@ -118,7 +120,7 @@ class NeuralODE(nn.Module):
         stats: :class:`~contdeq.implicit.DEQStats`: ``forward.nfe`` counts every ``f`` call
             (exactly, as the equilibrium layers do; ``steps`` is inferred from it for the
             Runge-Kutta pairs, residuals are NaN); ``backward`` counts the adjoint pass's
-            ``f`` calls (``adjoint=True`` only).
+            ``f`` calls (``adjoint=True`` only). Of the calling thread's last call.
 
     Shapes: ``x`` ``(B, ...)`` -> ``(B, *state_shape)``.
     """
@@ -159,7 +161,6 @@ class NeuralODE(nn.Module):
         self.state_shape = resolve_state_shape(state_shape)
         self.options = dict(options or {})
         self.adjoint_options = dict(adjoint_options or {})
-        self.stats: DEQStats | None = None
         warn_unstable_normalization(f, "NeuralODE")
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
@@ -178,7 +179,7 @@ class NeuralODE(nn.Module):
         grad = torch.is_grad_enabled()
         use_adjoint = self.adjoint and grad
         start = time.perf_counter()
-        with parametrize.cached():
+        with fixed_normalization(self.f):
             if self.method in _FIRST_STEP_METHODS and "first_step" not in options:
                 with torch.set_grad_enabled(grad and not use_adjoint):
                     d0 = dyn.rhs(z0)
@@ -192,6 +193,11 @@ class NeuralODE(nn.Module):
             try:
                 out = self._odeint(dyn, z0, t, options, x, use_adjoint)
             except AssertionError as exc:  # torchdiffeq's step limit or step-size underflow
+                last = dyn.last_output
+                if last is not None and not bool(torch.isfinite(last).all()):
+                    raise NonFiniteError(
+                        f"NeuralODE: f returned NaN or Inf at f call {dyn.calls} (torchdiffeq "
+                        f"then reported: {exc})", dyn.calls) from exc
                 nan = x.new_full((x.shape[0],), math.nan)
                 stats = SolverStats(
                     method=self.method, nfe=dyn.calls, steps=0, residual=nan,
@@ -236,11 +242,6 @@ class NeuralODE(nn.Module):
                                   adjoint_params=tuple(params), **self.adjoint_options)
         return odeint(dyn, z0, t, rtol=self.rtol, atol=self.atol, method=self.method,
                       options=options)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["stats"] = None
-        return state
 
     def extra_repr(self) -> str:
         kind = "f(z, x) - z" if self.residual else "f(z, x)"

@@ -16,7 +16,10 @@ optimisation but does not bound ``||df/dz||`` by itself.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +27,17 @@ from torch.nn.utils import parametrize
 
 from .checks import check_number
 
-__all__ = ["SpectralNormCap", "spectral_norm_cap", "update_normalization", "weight_norm"]
+__all__ = [
+    "SpectralNormCap",
+    "fixed_normalization",
+    "spectral_norm_cap",
+    "update_normalization",
+    "weight_norm",
+]
+
+#: Per thread, inside :func:`fixed_normalization`: ``vectors`` maps ``id(SpectralNormCap)`` to
+#: the ``(u, v)`` of the layer call running in this thread, ``weights`` caches capped weights.
+_FIXED = threading.local()
 
 
 def _as_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -95,13 +108,24 @@ class SpectralNormCap(nn.Module):
         self.v = v.clone()
 
     def sigma(self, weight: Tensor) -> Tensor:
-        """The current estimate ``u^T W v`` of ``||W||_2`` (differentiable in ``W``)."""
-        return torch.dot(self.u, _as_matrix(weight, self.dim) @ self.v)
+        """The current estimate ``u^T W v`` of ``||W||_2`` (differentiable in ``W``); inside
+        :func:`fixed_normalization`, with the vectors it fixed for this thread."""
+        fixed = getattr(_FIXED, "vectors", None)
+        u, v = fixed.get(id(self), (self.u, self.v)) if fixed else (self.u, self.v)
+        return torch.dot(u, _as_matrix(weight, self.dim) @ v)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """``weight * min(1, cap / sigma)``."""
+        """``weight * min(1, cap / sigma)``, computed once per :func:`fixed_normalization`
+        scope, thread and grad mode for the same ``weight``."""
+        cache = getattr(_FIXED, "weights", None)
+        key = (id(self), torch.is_grad_enabled())
+        if cache is not None and key in cache and cache[key][0] is weight:
+            return cache[key][1]
         factor = torch.clamp(self.cap / self.sigma(weight).clamp_min(self.eps), max=1.0)
-        return weight * factor
+        capped = weight * factor
+        if cache is not None:
+            cache[key] = (weight, capped)
+        return capped
 
     def extra_repr(self) -> str:
         return f"cap={self.cap}, n_power_iterations={self.n_power_iterations}"
@@ -176,6 +200,26 @@ def update_normalization(module: nn.Module) -> int:
                     count += 1
                 value = p(value)
     return count
+
+
+@contextlib.contextmanager
+def fixed_normalization(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`SpectralNormCap` in ``module`` uses the power-iteration
+    vectors it has now, in this thread, even if another thread advances them, and computes its
+    capped weight once (per grad mode) instead of on every access.
+
+    The contdeq layers wrap each call in it, so ``f`` is one fixed function for the whole
+    solve. It replaces ``torch.nn.utils.parametrize.cached()``, whose cache is shared by all
+    threads (a thread would reuse another's weight and its graph).
+    """
+    caps = [m for m in module.modules() if isinstance(m, SpectralNormCap)]
+    outer = getattr(_FIXED, "vectors", None), getattr(_FIXED, "weights", None)
+    _FIXED.vectors = {**(outer[0] or {}), **{id(c): (c.u, c.v) for c in caps}}
+    _FIXED.weights = {}
+    try:
+        yield
+    finally:
+        _FIXED.vectors, _FIXED.weights = outer
 
 
 def warn_unstable_normalization(module: nn.Module, owner: str) -> None:
