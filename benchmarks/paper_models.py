@@ -11,6 +11,11 @@ gradient); its IFT configuration uses the shared relative tolerances and iterati
 Skip rows use the library's skip term (``skip_weight=1``, L2, stop-gradient at ``z*``); rows
 ending in ``paper loss`` use the paper's (``5 * mean|z0 - z*|`` with the gradient reaching
 ``z*``: ``skip_weight=5, skip_norm="l1", skip_detach=False``).
+
+``WeightTied(d)`` rows apply the same ``f`` ``d`` times and backpropagate through the
+applications (:class:`contdeq.WeightTied`); ``masks s`` adds a distinct random mask per
+application zeroing the fraction ``s`` of every weight. They are optional in ``paper.py``;
+``benchmarks/weight_tied.py`` runs them.
 """
 
 from __future__ import annotations
