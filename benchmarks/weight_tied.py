@@ -347,6 +347,8 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
                 for j, r in enumerate(others):
                     ax.axhline(r["final_acc"], ls="--", lw=1, color=f"C{j + 4}",
                                label=r["model"].removeprefix("MS "))
+                accs = [r["final_acc"] for r in trows]
+                ax.set_ylim(min(accs) - 0.5, max(accs) + 0.5)  # every row's line in view
                 ax.set_xlabel(axis)
                 if kind == "depth":
                     ax.set_xscale("log", base=2)
