@@ -59,8 +59,8 @@ MODELS = BASELINES + tuple(weight_tied_name(d, s, ms) for ms in (False, True)
 
 #: Per-task overrides of :class:`paper.Config` for each preset. Full: the paper benchmark's
 #: widths, batch and learning rate with fewer epochs (12), and on the multi-scale task (ten
-#: times the cost of the others) 6 epochs, one seed and half the samples: about 6 minutes of
-#: one free core (the shared 2-core machine it was run on gave it a fifth of one).
+#: times the cost of the others) 6 epochs, one seed and half the samples: 37 minutes on the
+#: shared 2-core machine it was measured on, where it got a fifth of a core.
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "base": {"name": "weight_tied", "threads": 1},
