@@ -11,6 +11,11 @@ gradient); its IFT configuration uses the shared relative tolerances and iterati
 Skip rows use the library's skip term (``skip_weight=1``, L2, stop-gradient at ``z*``); rows
 ending in ``paper loss`` use the paper's (``5 * mean|z0 - z*|`` with the gradient reaching
 ``z*``: ``skip_weight=5, skip_norm="l1", skip_detach=False``).
+
+``WeightTied(d)`` rows apply the same ``f`` ``d`` times and backpropagate through the
+applications (:class:`contdeq.WeightTied`); ``masks s`` adds a distinct random mask per
+application zeroing the fraction ``s`` of every weight. They are optional in ``paper.py``;
+``benchmarks/weight_tied.py`` runs them.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from torch.nn.utils import parametrize
 
 import contdeq
 
-__all__ = ["MODELS", "OPTIONAL_MODELS", "PAPER_SKIP_LOSS", "TOL", "Net", "TorchDEQLayer",
-           "build_model", "has_torchdeq", "layer_counts", "set_tolerance"]
+__all__ = ["MODELS", "OPTIONAL_MODELS", "PAPER_SKIP_LOSS", "TOL", "WEIGHT_TIED_MODELS", "Net",
+           "TorchDEQLayer", "build_model", "has_torchdeq", "layer_counts", "set_tolerance",
+           "weight_tied_name"]
 
 TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_tol": 5e-3,
                          "ode_max_steps": 1000, "fp_max_steps": 100, "backward_max_steps": 100}
@@ -158,6 +164,37 @@ def _skip(kind: type, **kw: Any) -> Callable[..., nn.Module]:
     return lambda f, predictor: base(f, predictor, kind=kind)
 
 
+#: Depths and mask sparsities of the weight-tied rows (sparsity 0: no masks).
+WEIGHT_TIED_DEPTHS = (4, 8, 16)
+WEIGHT_TIED_SPARSITIES = (0.0, 0.5, 0.8)
+
+
+def weight_tied_name(depth: int, sparsity: float, multiscale: bool = False) -> str:
+    """``"WeightTied(8)"``, ``"WeightTied(8) masks 0.5"``, ``"MS WeightTied(8) masks 0.8"``."""
+    masks = f" masks {sparsity:g}" if sparsity else ""
+    return f"{'MS ' if multiscale else ''}WeightTied({depth}){masks}"
+
+
+def _weight_tied(depth: int, sparsity: float, multiscale: bool = False
+                 ) -> Callable[..., nn.Module]:
+    """A weight-tied layer factory; the masks' seed is drawn from torch's generator, which
+    :func:`build_model` has seeded, so each training seed gets its own reproducible masks."""
+    options = {"masks": "distinct", "sparsity": sparsity} if sparsity else {}
+
+    def make(f: nn.Module, predictor: Callable[[], nn.Module], *shapes: Any) -> nn.Module:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        if multiscale:
+            return contdeq.MultiScaleWeightTied(f, depth, state_shapes=shapes[0], seed=seed,
+                                                **options)
+        return contdeq.WeightTied(f, depth, seed=seed, **options)
+    return make
+
+
+def _weight_tied_rows(multiscale: bool) -> dict[str, Callable[..., nn.Module]]:
+    return {weight_tied_name(d, s, multiscale): _weight_tied(d, s, multiscale)
+            for d in WEIGHT_TIED_DEPTHS for s in WEIGHT_TIED_SPARSITIES}
+
+
 #: Model name -> factory ``(f, predictor_factory) -> layer``. NeuralODE (backprop) comes first:
 #: it defines the target accuracy.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -183,6 +220,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                              **PAPER_SKIP_LOSS),
     "torchdeq default": _torchdeq(ift=False),
     "torchdeq IFT": _torchdeq(ift=True),
+    **_weight_tied_rows(multiscale=False),
 }
 
 
@@ -213,11 +251,16 @@ MULTISCALE_MODELS: dict[str, Callable[..., nn.Module]] = {
                                                    **PAPER_SKIP_LOSS),
     "MS SkipRegDEQ(ode, ptc) paper loss": _multiscale(contdeq.MultiScaleSkipRegDEQ,
                                                       method="ptc", **PAPER_SKIP_LOSS),
+    **_weight_tied_rows(multiscale=True),
 }
 
-#: Registered but left out of the default run (slow, and the ptc rows answer the same question):
+#: The weight-tied rows (single- and multi-scale); ``benchmarks/weight_tied.py`` runs them.
+WEIGHT_TIED_MODELS = tuple(n for n in (*MODELS, *MULTISCALE_MODELS) if "WeightTied(" in n)
+
+#: Registered but left out of the default run (the dopri5 skip rows: slow, and the ptc rows
+#: answer the same question; the weight-tied rows: their own run, ``benchmarks/weight_tied.py``):
 #: run them with ``--models``.
-OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)")
+OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)", *WEIGHT_TIED_MODELS)
 
 
 def models_for(task: Any, names: Any) -> list[str]:

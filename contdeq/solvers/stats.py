@@ -28,6 +28,8 @@ class StopReason(str, enum.Enum):
     EVENT = "event"
     #: A :class:`~contdeq.nn.NeuralODE` integrated to its end time (no steady-state test).
     T_END = "t_end"
+    #: A :class:`~contdeq.nn.WeightTied` layer applied ``f`` its fixed number of times.
+    DEPTH = "depth"
 
     def __str__(self) -> str:
         return self.value
@@ -62,8 +64,8 @@ class SolverStats:
         converged: ``(B,)`` bool, ``residual <= tolerance``.
         wall_time: seconds spent in the solve.
         stop_reason: a :class:`StopReason` (equal to its string: ``"converged"``,
-            ``"max_steps"``, ``"t_max"``, ``"timeout"``, ``"event"``, ``"t_end"``); a string
-            given here is converted.
+            ``"max_steps"``, ``"t_max"``, ``"timeout"``, ``"event"``, ``"t_end"``,
+            ``"depth"``); a string given here is converted.
         accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
         rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).

@@ -1,0 +1,388 @@
+"""Weight-tied benchmark: is a DEQ better than the same ``f`` unrolled a fixed number of times?
+
+Trains :class:`contdeq.WeightTied` at depths 4, 8, 16, without masks and with distinct masks at
+sparsity 0.5 and 0.8 (the ``WeightTied(...)`` rows of :mod:`paper_models`), beside the NeuralODE
+(it sets the target accuracy), ``DEQ(ode, ptc)`` and, on the multi-scale task, their ``MS``
+versions, on ``spirals``, ``digits-conv`` and ``images-multiscale`` (:mod:`paper_tasks`). The
+training, the epoch-by-epoch interleaving of the models and the per-row summary are
+:mod:`paper`'s (``train_interleaved``, ``aggregate``, ``summarize``); this script adds per-task
+epochs and seeds (the multi-scale task costs ten times the others), parameter counts (effective
+ones after masking) and its own figures.
+
+It also measures what the masks cost (:func:`mask_cost`): a training step of a masked
+weight-tied layer with the masked weights materialized (``W * M_k``, dense kernels: contdeq's
+implementation) against sparse kernels that never form them (``torch.sparse.mm`` on the kept
+entries; for the convolution after ``unfold``), and against no masks.
+
+Outputs ``benchmarks/results/weight_tied.md`` / ``.json`` and figures ``weight_tied_depth.png``
+(accuracy against depth), ``weight_tied_sparsity.png`` (accuracy against sparsity) and
+``weight_tied_target.png`` (time to target).
+
+Usage: ``python benchmarks/weight_tied.py [--quick | --smoke] [--tasks ...] [--epochs N]
+[--seeds 0 1] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import contdeq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine_header, write_results
+from paper import Config, aggregate, f_call_time, summarize, train_interleaved
+from paper_models import (
+    TOL,
+    WEIGHT_TIED_DEPTHS,
+    WEIGHT_TIED_SPARSITIES,
+    build_model,
+    models_for,
+    weight_tied_name,
+)
+from paper_tasks import load_task
+
+TASKS = ("spirals", "digits-conv", "images-multiscale")
+BASELINES = ("NeuralODE", "DEQ(ode, ptc)", "MS NeuralODE", "MS DEQ(ode, ptc)")
+MODELS = BASELINES + tuple(weight_tied_name(d, s, ms) for ms in (False, True)
+                           for d in WEIGHT_TIED_DEPTHS for s in WEIGHT_TIED_SPARSITIES)
+
+#: Per-task overrides of :class:`paper.Config` for each preset. Full: the paper benchmark's
+#: widths, batch and learning rate with fewer epochs (12), and on the multi-scale task (ten
+#: times the cost of the others) 6 epochs, one seed and half the samples: 37 minutes on the
+#: shared 2-core machine it was measured on, where it got a fifth of a core.
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {
+        "base": {"name": "weight_tied", "threads": 1},
+        "spirals": {"epochs": 12, "seeds": (0, 1)},
+        "digits-conv": {"epochs": 12, "seeds": (0, 1)},
+        "images-multiscale": {"epochs": 6, "seeds": (0,), "n_train": 1050, "n_test": 450},
+    },
+    "quick": {
+        "base": {"name": "weight_tied_quick", "threads": 1, "n_train": 512, "n_test": 256,
+                 "width": {"spirals": 32, "digits-conv": 4, "images-multiscale": 4}},
+        "spirals": {"epochs": 4, "seeds": (0,)},
+        "digits-conv": {"epochs": 4, "seeds": (0,)},
+        "images-multiscale": {"epochs": 2, "seeds": (0,), "n_train": 256, "n_test": 128},
+    },
+    "smoke": {
+        "base": {"name": "weight_tied_smoke", "threads": 1, "batch": 32, "n_train": 64,
+                 "n_test": 32, "width": {"spirals": 8, "digits-conv": 2, "images-multiscale": 2}},
+        "spirals": {"epochs": 2, "seeds": (0,)},
+        "digits-conv": {"epochs": 2, "seeds": (0,)},
+        "images-multiscale": {"epochs": 1, "seeds": (0,), "n_train": 32},
+    },
+}
+
+
+# -- parameters --------------------------------------------------------------------------
+def layer_shape(name: str) -> tuple[int | None, float]:
+    """``(depth, sparsity)`` of a weight-tied row name (``(None, 0)`` for the others)."""
+    for d in WEIGHT_TIED_DEPTHS:
+        for s in WEIGHT_TIED_SPARSITIES:
+            if name.removeprefix("MS ") == weight_tied_name(d, s):
+                return d, s
+    return None, 0.0
+
+
+def parameter_counts(name: str, task: Any, seed: int) -> tuple[int, float]:
+    """Trainable parameters of the whole model and the effective ones: for a weight-tied layer,
+    the entries one application of ``f`` uses (:meth:`contdeq.WeightTied.active_parameters`)
+    instead of all of ``f``'s."""
+    model = build_model(name, task, seed)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layer = model.layer
+    if not isinstance(layer, contdeq.WeightTied):
+        return total, float(total)
+    return total, total - sum(p.numel() for p in layer.f.parameters()) + layer.active_parameters()
+
+
+# -- the cost of the masks ---------------------------------------------------------------
+def _sparse_weight(weight: Tensor, index: Tensor, rows: int, cols: int) -> Tensor:
+    """The kept entries of ``weight`` (a ``(rows, cols)`` view) as a sparse COO matrix whose
+    values keep the graph to ``weight``; the masked dense weight is never formed."""
+    values = weight.reshape(-1)[index[0] * cols + index[1]]
+    return torch.sparse_coo_tensor(index, values, (rows, cols), check_invariants=False)
+
+
+def _sparse_step(kind: str, weight: Tensor, bias: Tensor, indices: list[Tensor], x: Tensor
+                 ) -> Tensor:
+    """The masked weight-tied forward with sparse kernels: ``z_{k+1} = tanh(S_k z_k + b + x)``,
+    ``S_k`` the kept entries of ``weight`` (conv: applied to ``unfold(z)``)."""
+    z = torch.zeros_like(x)
+    rows, cols = weight.shape[0], weight[0].numel()
+    bias = bias if kind == "linear" else bias.view(1, -1, 1, 1)
+    for index in indices:
+        s = _sparse_weight(weight, index, rows, cols)
+        if kind == "linear":
+            out = torch.sparse.mm(s, z.t()).t()
+        else:
+            b, _, h, w = z.shape
+            patches = F.unfold(z, 3, padding=1).permute(1, 0, 2).reshape(cols, b * h * w)
+            out = torch.sparse.mm(s, patches).reshape(rows, b, h, w).permute(1, 0, 2, 3)
+        z = torch.tanh(out + bias + x)
+    return z
+
+
+class _Cell(nn.Module):
+    """``f(z, x) = tanh(module(z) + x)`` (no spectral cap: only the masks' cost is measured)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return torch.tanh(self.module(z) + x)
+
+
+def mask_cost(depth: int = 8, sparsity: float = 0.8, batch: int = 64, repeats: int = 30
+              ) -> list[dict[str, Any]]:
+    """Milliseconds of one training step (forward + backward) of a weight-tied layer on a
+    linear cell (width 64) and a 3x3 conv cell (8 channels, 8x8), three ways: no masks, masks
+    with the masked weights materialized (contdeq's :class:`~contdeq.WeightTied`), masks with
+    sparse kernels on the kept entries. Variants interleaved, ``repeats`` rounds, the fastest
+    kept; the sparse result is checked against the dense one first."""
+    torch.manual_seed(0)
+    cells = {"linear (width 64)": ("linear", nn.Linear(64, 64), torch.randn(batch, 64)),
+             "conv 3x3 (8 channels, 8x8)": ("conv", nn.Conv2d(8, 8, 3, padding=1),
+                                            torch.randn(batch, 8, 8, 8))}
+    rows = []
+    for label, (kind, module, x) in cells.items():
+        best = _step_times(kind, module, x, depth, sparsity, repeats)
+        weight_kb = module.weight.numel() * module.weight.element_size() / 1024
+        rows += [{"cell": label, "variant": name, "ms": 1e3 * seconds,
+                  "ratio": seconds / best["no masks"], "depth": depth, "sparsity": sparsity,
+                  "batch": batch, "repeats": repeats, "masked_weights_kb": depth * weight_kb}
+                 for name, seconds in best.items()]
+    return rows
+
+
+def _step_times(kind: str, module: nn.Module, x: Tensor, depth: int, sparsity: float,
+                repeats: int) -> dict[str, float]:
+    """Fastest seconds of a training step of each variant of :func:`mask_cost` on one cell."""
+    plain = contdeq.WeightTied(_Cell(module), depth)
+    masked = contdeq.WeightTied(_Cell(module), depth, masks="distinct", sparsity=sparsity)
+    mask = next(masked.masks.buffers()).reshape(depth, module.weight.shape[0], -1)
+    indices = [m.nonzero().t() for m in mask]
+
+    def sparse() -> Tensor:
+        return _sparse_step(kind, module.weight, module.bias, indices, x)
+
+    with torch.no_grad():
+        err = float((sparse() - masked(x)).abs().max())
+    if err > 1e-5:
+        raise AssertionError(f"sparse and dense masked outputs differ by {err:.3g}")
+    variants = {"no masks": lambda: plain(x),
+                "masked weights materialized (dense)": lambda: masked(x),
+                "sparse kernels (never materialized)": sparse}
+    best = dict.fromkeys(variants, math.inf)
+    for rnd in range(repeats + 1):  # round 0: warm-up
+        for name, forward in variants.items():
+            module.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            forward().square().mean().backward()
+            if rnd:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+# -- the run -----------------------------------------------------------------------------
+def run(preset: str = "full", tasks: tuple[str, ...] = TASKS, epochs: int | None = None,
+        seeds: tuple[int, ...] | None = None, out: Path = RESULTS, device: str = "cpu",
+        mask_repeats: int = 30) -> dict[str, Any]:
+    """Train the rows of every task in ``tasks``; write Markdown, JSON and figures under
+    ``out``; return ``{"rows": ..., "mask_cost": ...}``."""
+    spec = PRESETS[preset]
+    base = replace(Config(), **spec["base"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(base.threads or threads)
+    try:
+        costs = mask_cost(repeats=mask_repeats)
+        rows, notes, configs = [], [], {}
+        for tname in tasks:
+            cfg = replace(base, **spec[tname], models=MODELS)
+            if epochs is not None:
+                cfg.epochs = epochs
+            if seeds is not None:
+                cfg.seeds = seeds
+            configs[tname] = cfg
+            task = load_task(tname, cfg.width[tname], cfg.n_train, cfg.n_test, device)
+            t_f = f_call_time(task, cfg.batch, cfg.seeds[0])
+            names = models_for(task, MODELS)
+            per_seed = [train_interleaved(task, names, cfg, seed, None, False, notes)
+                        for seed in cfg.seeds]
+            histories = {n: aggregate([runs[n] for runs in per_seed]) for n in names
+                         if all(n in runs for runs in per_seed)}
+            for row in summarize(task, histories, t_f, cfg):
+                depth, sparsity = layer_shape(row["model"])
+                params, effective = parameter_counts(row["model"], task, cfg.seeds[0])
+                row.update(depth=depth, sparsity=sparsity, params=params,
+                           effective_params=effective, description=task.description,
+                           n_train=len(task.x_train), n_test=len(task.x_test),
+                           epochs=cfg.epochs, seeds=list(cfg.seeds))
+                rows.append(row)
+            _write(rows, costs, notes, configs, base, device, out)  # partial results, per task
+    finally:
+        torch.set_num_threads(threads)
+    return {"rows": rows, "mask_cost": costs, "configs": {t: asdict(c)
+                                                          for t, c in configs.items()}}
+
+
+def _write(rows: list[dict[str, Any]], costs: list[dict[str, Any]], notes: list[str],
+           configs: dict[str, Config], base: Config, device: str, out: Path) -> None:
+    """Write the Markdown, JSON and figures of the rows so far."""
+    notes = [
+        *notes,
+        "Per task: " + "; ".join(
+            f"{t}: epochs={c.epochs}, seeds={list(c.seeds)}, width={c.width[t]}, "
+            f"n_train={c.n_train or 'all'}, n_test={c.n_test or 'all'}"
+            for t, c in configs.items()) + f"; shared: batch={base.batch}, lr={base.lr}, Adam.",
+        f"DEQ(ode, ptc): forward atol = rtol = {TOL['tol']:g}, implicit backward tol "
+        f"{TOL['backward_tol']:g}; NeuralODE: dopri5, rtol = atol = {TOL['ode_tol']:g}, "
+        "t_end = 1, backprop through the solver (it sets the target: its final accuracy - 0.5 "
+        "point).",
+        "Every row uses the same f (the paper benchmark's cells, z-weight spectral norm capped "
+        "at 0.9) with the same initial weights; WeightTied(d) applies it d times from zero and "
+        "backpropagates through the d applications; 'masks s': a distinct random mask per "
+        "application on every Linear/Conv weight of f, zeroing the fraction s.",
+        "params: trainable parameters of encoder + layer + head; effective: the same with f's "
+        "counted as the entries one application uses (masked-out entries removed).",
+        "graph MB: bytes held by the autograd graph of one training forward (paper.py's "
+        "measure). Time to target: cumulative training time at the first epoch reaching the "
+        "target; '-' = not reached.",
+        "Measured in one run, models interleaved epoch by epoch, on a 2-core machine shared "
+        "with other jobs: timings are noisy (ratios within a task are the figure to read).",
+    ]
+    header = (f"## Weight-tied benchmark `{base.name}` ({machine_header()}, device {device}; "
+              "means over seeds)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(base.name, to_markdown(rows, costs, header, notes),
+                  {"rows": rows, "mask_cost": costs}, out=out)  # type: ignore[arg-type]
+    for path in plot(rows, out, base.name):
+        print(f"written {path}")
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}"
+
+
+def to_markdown(rows: list[dict[str, Any]], costs: list[dict[str, Any]], header: str,
+                notes: list[str]) -> str:
+    """One table per task, then the masks' cost."""
+    lines = [header, ""] + [f"* {n}" for n in notes] + [""]
+    for tname in dict.fromkeys(r["task"] for r in rows):
+        trows = [r for r in rows if r["task"] == tname]
+        r0 = trows[0]
+        lines += [f"### {tname}: {r0['description']}; {r0['n_train']} train / {r0['n_test']} "
+                  f"test; {r0['epochs']} epochs, seeds {r0['seeds']}; target "
+                  f"{_fmt(r0['target_acc'], '.1f')}%", "",
+                  "| model | params | effective params | final acc % | time to target s "
+                  "| s/epoch | graph MB | fwd NFE | infer ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in trows:
+            lines.append(
+                f"| {r['model']} | {r['params']} | {r['effective_params']:.0f} "
+                f"| {r['final_acc']:.1f} | {_fmt(r['time_to_target_s'])} "
+                f"| {r['s_per_epoch']:.3f} | {r['graph_mb']:.2f} | {r['forward_nfe']:.1f} "
+                f"| {r['infer_ms']:.1f} |")
+        lines.append("")
+    if costs:
+        c0 = costs[0]
+        lines += [f"### What the masks cost: one training step, depth {c0['depth']}, sparsity "
+                  f"{c0['sparsity']:g}, batch {c0['batch']} (fastest of {c0['repeats']} "
+                  "interleaved rounds)", "",
+                  "| cell | variant | ms / step | × no masks | masked weights KB / forward |",
+                  "|---|---|---:|---:|---:|"]
+        for c in costs:
+            lines.append(f"| {c['cell']} | {c['variant']} | {c['ms']:.2f} | {c['ratio']:.2f} "
+                         f"| {c['masked_weights_kb']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Accuracy against depth and against sparsity (the DEQ and NeuralODE as horizontal
+    lines), and time to target, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    paths = []
+    for kind in ("depth", "sparsity", "target"):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False)
+        for ax, tname in zip(axes.flat, tasks, strict=True):
+            trows = [r for r in rows if r["task"] == tname]
+            tied = [r for r in trows if r["depth"] is not None]
+            others = [r for r in trows if r["depth"] is None]
+            if kind == "target":
+                labels = [r["model"].removeprefix("MS ") for r in trows]
+                values = [r["time_to_target_s"] for r in trows]
+                ys = range(len(trows))
+                ax.barh(ys, [v or 0.0 for v in values],
+                        color=["C1" if r["depth"] is None else "C0" for r in trows])
+                for y, v in zip(ys, values, strict=True):
+                    if v is None:
+                        ax.text(0, y, " not reached", va="center", fontsize=7)
+                ax.set_yticks(list(ys), labels, fontsize=7)
+                ax.invert_yaxis()
+                ax.set_xlabel("time to target (s)")
+            else:
+                group, axis = ("sparsity", "depth") if kind == "depth" else ("depth", "sparsity")
+                for i, g in enumerate(sorted({r[group] for r in tied})):
+                    pts = sorted((r[axis], r["final_acc"]) for r in tied if r[group] == g)
+                    ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}",
+                            label=f"WeightTied, {group} {g:g}")
+                for j, r in enumerate(others):
+                    ax.axhline(r["final_acc"], ls="--", lw=1, color=f"C{j + 4}",
+                               label=r["model"].removeprefix("MS "))
+                accs = [r["final_acc"] for r in trows]
+                ax.set_ylim(min(accs) - 0.5, max(accs) + 0.5)  # every row's line in view
+                ax.set_xlabel(axis)
+                if kind == "depth":
+                    ax.set_xscale("log", base=2)
+                    ax.set_xticks(list(WEIGHT_TIED_DEPTHS), [str(d) for d in WEIGHT_TIED_DEPTHS])
+                ax.set_ylabel("final test accuracy (%)")
+                ax.legend(fontsize=7)
+            ax.set_title(tname)
+        fig.tight_layout()
+        path = out / f"{name}_{kind}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced run (a few minutes)")
+    size.add_argument("--smoke", action="store_true", help="tiny run for the tests")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--epochs", type=int, default=None, help="override every task's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--mask-repeats", type=int, default=30,
+                        help="interleaved rounds of the mask-cost measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    return run(preset, tuple(args.tasks), args.epochs,
+               None if args.seeds is None else tuple(args.seeds), args.out, args.device,
+               args.mask_repeats)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("once")
+    main()
