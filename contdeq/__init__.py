@@ -1,11 +1,14 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
-from . import solvers
+from . import robust, solvers
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
 from .nn import (
     DEQ,
+    ICNN,
+    LyapunovDEQ,
+    LyapunovFunction,
     MultiScaleCell,
     MultiScaleDEQ,
     MultiScaleFusion,
@@ -13,6 +16,8 @@ from .nn import (
     MultiScaleSkipDEQ,
     MultiScaleSkipRegDEQ,
     NeuralODE,
+    NeuralSDE,
+    NoisyDEQ,
     ResidualBlock,
     SkipDEQ,
     SkipRegDEQ,
@@ -27,11 +32,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEQ",
+    "ICNN",
     "PROCEDURAL_CLASSES",
     "BackwardConfig",
     "Checkpoint",
     "DEQStats",
     "ForwardSolver",
+    "LyapunovDEQ",
+    "LyapunovFunction",
     "MultiScaleCell",
     "MultiScaleDEQ",
     "MultiScaleFusion",
@@ -39,6 +47,8 @@ __all__ = [
     "MultiScaleSkipDEQ",
     "MultiScaleSkipRegDEQ",
     "NeuralODE",
+    "NeuralSDE",
+    "NoisyDEQ",
     "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
@@ -48,6 +58,7 @@ __all__ = [
     "jacobian_frobenius",
     "load_checkpoint",
     "procedural_images",
+    "robust",
     "save_checkpoint",
     "skip_loss",
     "solvers",
