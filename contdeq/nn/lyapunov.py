@@ -33,6 +33,9 @@ __all__ = ["ICNN", "ICNN_ACTIVATIONS", "LyapunovDEQ", "LyapunovDynamics", "Lyapu
 #: Activations of :class:`ICNN`: convex and non-decreasing (what keeps the network convex)
 #: and smooth (``V``'s gradient drives the dynamics).
 ICNN_ACTIVATIONS = ("softplus", "smooth_relu")
+#: Rates ``grad V^T r + alpha V`` below this many machine epsilons of their terms' magnitude
+#: count as zero (rounding noise at equilibria of the nominal field).
+_ROUNDING = 64
 
 
 def smooth_relu(t: Tensor, width: float = 0.1) -> Tensor:
@@ -178,7 +181,12 @@ class LyapunovDynamics(nn.Module):
         """``z`` ``(B, D)``, ``x`` ``(B, ...)`` -> ``z + r_V(z, x)`` ``(B, D)``."""
         r = self.f(z, x) - z
         v, grad = self.value_and_grad(z)
-        excess = F.relu((grad * r).sum(dim=1) + self.alpha * v)
+        rate = (grad * r).sum(dim=1) + self.alpha * v
+        # At an equilibrium of the nominal field the rate is exactly zero in exact arithmetic;
+        # its rounding error must not switch the projection (and the Jacobian) on.
+        scale = (grad * r).abs().sum(dim=1) + self.alpha * v
+        active = rate > _ROUNDING * torch.finfo(z.dtype).eps * scale
+        excess = torch.where(active, rate, torch.zeros_like(rate))
         norm2 = (grad * grad).sum(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
         return z + r - grad * (excess / norm2).unsqueeze(1)
 
