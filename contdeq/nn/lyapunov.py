@@ -212,10 +212,14 @@ class LyapunovDEQ(DEQ):
         alpha: decay rate of ``V`` (default 0; see :class:`LyapunovDynamics`).
         eps: quadratic weight of ``V`` (> 0).
         activation: the ICNN's activation, ``"softplus"`` or ``"smooth_relu"``.
-        out_features: outputs of the orthogonal layer (default ``D``); ``None``-like
-            ``0`` is refused.
+        out_features: outputs of the orthogonal layer (default ``D``).
         **kwargs: the options of :class:`~contdeq.DEQ` (``solver``, ``backward``, ...;
             ``state_shape`` is ``(dim,)`` and cannot be set).
+
+    With ``alpha = 0`` most equilibria lie on a level set of ``V`` where the projection is
+    active; there ``I - df_V/dz`` is singular and the implicit backward's linear solve may not
+    converge (it warns). ``backward="jfb"`` or ``"unrolled"`` avoid that; see
+    ``docs/robustness.md``.
 
     Shapes: ``x`` ``(B, D)`` -> ``(B, out_features)``.
     """
