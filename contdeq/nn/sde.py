@@ -81,19 +81,29 @@ class DriftDiffusion(nn.Module):
 
 
 def integrate_sde(sde: DriftDiffusion, z0: Tensor, t_end: float, *, method: str, dt: float,
-                  adjoint: bool = False, params: Sequence[Tensor] = ()) -> Tensor:
+                  adjoint: bool = False, params: Sequence[Tensor] = (),
+                  fixed_path: bool = False) -> Tensor:
     """``z(t_end)`` of ``sde`` from ``z0`` (``(B, *shape)``) by torchsde, fixed step ``dt``.
 
     With ``adjoint`` the gradients of ``params`` (and of nothing else) come from torchsde's
-    stochastic adjoint. NaN/Inf in the result raise :class:`~contdeq.solvers.NonFiniteError`.
+    stochastic adjoint. The Brownian path's entropy is drawn from torch's global generator
+    (torchsde would draw it from numpy's), so ``torch.manual_seed`` fixes the path;
+    ``fixed_path`` uses entropy 0 and leaves the global random states alone (for a noise-free
+    solve, where the path does not matter). NaN/Inf in the result raise
+    :class:`~contdeq.solvers.NonFiniteError`.
     """
     ts = torch.tensor([0.0, t_end], dtype=z0.dtype, device=z0.device)
     y0 = z0.flatten(1)
-    if adjoint:
-        ys = torchsde.sdeint_adjoint(sde, y0, ts, method=method, dt=dt,
-                                     adjoint_params=tuple(params))
-    else:
-        ys = torchsde.sdeint(sde, y0, ts, method=method, dt=dt)
+    entropy = 0 if fixed_path else int(torch.randint(0, 2**31 - 1, ()))
+    with torch.random.fork_rng(devices=[z0.device] if z0.is_cuda else [],
+                               enabled=fixed_path):
+        bm = torchsde.BrownianInterval(t0=0.0, t1=t_end, size=tuple(y0.shape), dtype=y0.dtype,
+                                       device=y0.device, entropy=entropy)
+        if adjoint:
+            ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=dt,
+                                         adjoint_params=tuple(params))
+        else:
+            ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=dt)
     z = ys[-1].view_as(z0)
     if not bool(torch.isfinite(z).all()):
         raise NonFiniteError(
@@ -109,8 +119,9 @@ class NeuralSDE(nn.Module):
     :class:`~contdeq.NeuralODE`) with the same ``f``; ``g`` gives diagonal noise. Training mode
     samples a Brownian path per call. **Evaluation mode is deterministic**: the noise is
     switched off and the same scheme with the same ``dt`` solves the drift-only equation (the
-    noise-free path, not the mean of the SDE, which differs for non-linear ``f``); the global
-    random state is not advanced.
+    noise-free path, not the mean of the SDE, which differs for non-linear ``f``); torch's and
+    numpy's global random states are not advanced. Training paths are seeded from torch's
+    global generator (``torch.manual_seed`` reproduces them).
 
     Args:
         f: ``nn.Module`` called as ``f(z, x)``.
@@ -172,12 +183,8 @@ class NeuralSDE(nn.Module):
         if x.requires_grad:
             params.append(x)
         with parametrize.cached():
-            if noisy:
-                return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
-                                     adjoint=use_adjoint, params=params)
-            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
-                                     adjoint=use_adjoint, params=params)
+            return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
+                                 adjoint=use_adjoint, params=params, fixed_path=not noisy)
 
     def extra_repr(self) -> str:
         steps = math.ceil(self.t_end / self.dt - 1e-9)
