@@ -160,6 +160,7 @@ def test_torchattacks_run_on_a_contdeq_model(attack: str) -> None:
         "Square": lambda: torchattacks.Square(model, eps=eps, n_queries=30, seed=0),
     }[attack]()
     x_adv = atk(x, y)
+    x_adv = x_adv.detach()  # APGD returns a tensor that requires grad
     assert float((x_adv - x).abs().max()) <= eps + 1e-6
     assert bool((x_adv != x).any())
     with torch.no_grad():
