@@ -1,6 +1,6 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
-from . import solvers
+from . import robust, solvers
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import (
@@ -15,6 +15,9 @@ from .implicit import (
 )
 from .nn import (
     DEQ,
+    ICNN,
+    LyapunovDEQ,
+    LyapunovFunction,
     MultiScaleCell,
     MultiScaleDEQ,
     MultiScaleFusion,
@@ -23,6 +26,8 @@ from .nn import (
     MultiScaleSkipRegDEQ,
     MultiScaleWeightTied,
     NeuralODE,
+    NeuralSDE,
+    NoisyDEQ,
     ResidualBlock,
     SkipDEQ,
     SkipRegDEQ,
@@ -38,6 +43,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEQ",
+    "ICNN",
     "JFB",
     "PROCEDURAL_CLASSES",
     "BackwardConfig",
@@ -47,6 +53,8 @@ __all__ = [
     "DEQStats",
     "ForwardSolver",
     "Implicit",
+    "LyapunovDEQ",
+    "LyapunovFunction",
     "MultiScaleCell",
     "MultiScaleDEQ",
     "MultiScaleFusion",
@@ -55,6 +63,8 @@ __all__ = [
     "MultiScaleSkipRegDEQ",
     "MultiScaleWeightTied",
     "NeuralODE",
+    "NeuralSDE",
+    "NoisyDEQ",
     "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
@@ -66,6 +76,7 @@ __all__ = [
     "jacobian_frobenius",
     "load_checkpoint",
     "procedural_images",
+    "robust",
     "save_checkpoint",
     "skip_loss",
     "solvers",
