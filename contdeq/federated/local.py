@@ -153,8 +153,8 @@ def train_local(model: nn.Module, data: LocalData, *, epochs: int = 1, lr: float
                 index = order[start:start + batch_size]
                 logits = model(data.x_train[index])
                 loss = F.cross_entropy(logits, data.y_train[index]) + aux_loss(model)
-                if not math.isfinite(float(loss)):
-                    raise NonFiniteError(f"local loss is {float(loss)}", step=batches)
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteError(f"local loss is {float(loss.detach())}", step=batches)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
