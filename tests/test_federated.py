@@ -294,3 +294,25 @@ def test_federated_run_on_the_simulation_engine(tmp_path):
         # one weak client (3 steps at tol 0.1: large residual, few NFE) and one strong
         weak, strong = sorted(record.reports, key=lambda r: r.nfe)
         assert weak.residual > 1e-2 > strong.residual and weak.nfe < strong.nfe
+
+
+def test_example_task_is_non_iid_and_keeps_the_test_set_apart():
+    """examples/federated_digits.py: the clients' shards and the server's test set are
+    disjoint and together cover the data set, and the Dirichlet split gives clients unequal
+    class mixes (an IID split would give each client every class in equal share)."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import federated_digits as example
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    task = example.make_task("digits", 4, alpha=0.3, seed=0)
+    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test]
+    everything = torch.cat(rows)
+    assert len(everything) == 1797 and len(torch.unique(everything, dim=0)) == len(
+        torch.unique(example.load_dataset("digits")[0], dim=0))
+    shares = torch.stack([torch.bincount(torch.cat([s.y_train, s.y_val]), minlength=10)
+                          / (len(s.y_train) + len(s.y_val)) for s in task.shards])
+    assert shares.max() > 0.3  # some client is dominated by one class (IID: about 0.1)
+    assert example.budgets(4, 1) == [example.WEAK, example.STRONG, example.STRONG,
+                                     example.STRONG]
