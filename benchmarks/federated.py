@@ -71,7 +71,7 @@ def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> 
                         num_cpus=args.cpus)
     params = sum(v.numel() for v in run.final_state.values())
     row = {"config": name, "dataset": dataset, "seed": seed, "model": model, "fusion": fusion,
-           "weak_clients": weak, "clients": args.clients, "parameters": params,
+           "weak_clients": weak, "clients": args.clients, "alpha": args.alpha, "parameters": params,
            "model_bytes": run.model_bytes, "accuracy": run.accuracy,
            "residual": run.residual, "bytes_sent": run.bytes_sent,
            "wall_s": time.perf_counter() - start}
@@ -88,6 +88,14 @@ def _weak_share(record: object) -> float:
     residual above 1e-2 (ten times the strong clients' tolerance)."""
     return float(sum(w for w, r in zip(record.weights, record.reports, strict=True)
                      if r.residual > 1e-2))
+
+
+def _example_share(row: dict) -> float:
+    """The weak clients' share of the training examples (their FedAvg weight), rebuilt from
+    the row's deterministic task."""
+    task = make_task(row["dataset"], row["clients"], row.get("alpha", 0.5), row["seed"])
+    counts = [len(s.x_train) for s in task.shards]
+    return sum(counts[:row["weak_clients"]]) / sum(counts)
 
 
 def to_reach(row: dict, target: float) -> tuple[int | None, int | None]:
@@ -110,15 +118,19 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
         "row); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
         "steps, tol 0.1), the rest strong (60 steps, tol 1e-3). Rounds/MB to target: first "
         "round whose global test accuracy reaches the target (median over seeds; '-' = not "
-        "reached by every seed). MB: parameters sent, server to clients and back.",
+        "reached by every seed). MB: parameters sent, server to clients and back. Final "
+        "accuracy: mean (min, max) over seeds. Weak clients' share of examples = their "
+        "FedAvg weight; their fusion weight under the weighted rule is the mean over rounds "
+        "and seeds.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         target = targets[dataset]
         lines += [f"## {dataset} (target accuracy {target})", "",
-                  "| configuration | parameters | KB per model | final accuracy | rounds to "
-                  "target | MB to target | weight share of weak clients |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| configuration | values in state_dict | KB per model | final accuracy | "
+                  "rounds to target | MB to target | weak clients: share of examples | "
+                  "weak clients: fusion weight |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name in CONFIGS:
             group = [r for r in rows if r["dataset"] == dataset and r["config"] == name]
             if not group:
@@ -130,18 +142,21 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
                 mb = f"{np.median([b for _, b in reached]) / 1e6:.2f}"
             else:
                 rounds = mb = "-"
-            share = ("-" if "weak_weight_share" not in group[0] or not group[0]["weak_clients"]
+            weak = group[0]["weak_clients"]
+            examples = "-" if not weak else f"{np.mean([_example_share(r) for r in group]):.2f}"
+            share = ("-" if "weak_weight_share" not in group[0] or not weak
                      else f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
             lines.append(
                 f"| {name} | {group[0]['parameters']} | {group[0]['model_bytes'] / 1e3:.1f} | "
                 f"{np.mean(final):.3f} (min {min(final):.3f}, max {max(final):.3f}) | "
-                f"{rounds} | {mb} | {share} |")
+                f"{rounds} | {mb} | {examples} | {share} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Test accuracy against MB sent, one panel per dataset, one line per run."""
+    """Test accuracy against MB sent (log scale, from round 1), one panel per dataset, one
+    line per run."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     colours = dict(zip(CONFIGS, plt.rcParams["axes.prop_cycle"].by_key()["color"],
@@ -150,9 +165,10 @@ def plot(rows: list[dict], path: Path) -> None:
         for name in CONFIGS:
             for i, r in enumerate(x for x in rows
                                   if x["dataset"] == dataset and x["config"] == name):
-                ax.plot(np.array(r["bytes_sent"]) / 1e6, r["accuracy"], color=colours[name],
-                        marker=".", label=name if i == 0 else None, alpha=0.8)
-        ax.set_xscale("symlog", linthresh=0.1)
+                ax.plot(np.array(r["bytes_sent"][1:]) / 1e6, r["accuracy"][1:],
+                        color=colours[name], marker=".", label=name if i == 0 else None,
+                        alpha=0.8)
+        ax.set_xscale("log")
         ax.set(title=dataset, xlabel="MB of parameters sent", ylabel="global test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -176,12 +192,12 @@ def main() -> None:
     parser.add_argument("--render", action="store_true",
                         help="only re-render the table and figure from the JSON in --out")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     if args.render:
         rows = json.loads((args.out / "federated.json").read_text())
         write_results("federated", summarize(rows, TARGETS, args), rows, args.out)
         plot(rows, args.out / "federated.png")
         return
-    torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     rows: list[dict] = []
     for seed in args.seeds:
