@@ -16,7 +16,7 @@ parameter records carried both ways (``FederatedRun.bytes_sent``). Configuration
 for each seed (one shared machine: the figures are accuracy and bytes, not times).
 
 Usage: ``python benchmarks/federated.py [--datasets digits procedural] [--seeds 0 1]
-[--rounds 12]``; writes ``benchmarks/results/federated.{md,json,png}``.
+[--rounds 12] [--append]``; writes ``benchmarks/results/federated.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -108,14 +108,13 @@ def to_reach(row: dict, target: float) -> tuple[int | None, int | None]:
 
 def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namespace) -> str:
     """The Markdown table: per dataset and configuration, over the seeds."""
-    seeds = sorted({r["seed"] for r in rows})
     lines = [
         "# Federated DEQs on Flower (benchmarks/federated.py)",
         "",
         f"{machine_header()}; Flower simulation engine (Ray, {args.cpus} CPUs, one per "
         f"client); {args.clients} clients, Dirichlet alpha = {args.alpha}, {args.rounds} "
-        f"rounds of {args.epochs} local epoch(s); seeds {seeds} ({len(seeds)} run(s) per "
-        "row); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
+        f"rounds of {args.epochs} local epoch(s); one run per seed and row (seeds under each "
+        "heading); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
         "steps, tol 0.1), the rest strong (60 steps, tol 1e-3). Rounds/MB to target: first "
         "round whose global test accuracy reaches the target (median over seeds; '-' = not "
         "reached by every seed). MB: parameters sent, server to clients and back. Final "
@@ -126,7 +125,8 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         target = targets[dataset]
-        lines += [f"## {dataset} (target accuracy {target})", "",
+        seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
+        lines += [f"## {dataset} (target accuracy {target}; seeds {seeds})", "",
                   "| configuration | values in state_dict | KB per model | final accuracy | "
                   "rounds to target | MB to target | weak clients: share of examples | "
                   "weak clients: fusion weight |",
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true",
                         help="only re-render the table and figure from the JSON in --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add the new runs to the rows already in --out's JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.render:
@@ -199,7 +201,8 @@ def main() -> None:
         plot(rows, args.out / "federated.png")
         return
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    rows: list[dict] = []
+    rows: list[dict] = (json.loads((args.out / "federated.json").read_text()) if args.append
+                        else [])
     for seed in args.seeds:
         for dataset in args.datasets:
             for name in args.configs:
