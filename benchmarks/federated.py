@@ -51,8 +51,8 @@ CONFIGS = {
     "deq weighted strong": ("deq", "weighted", "strong"),
     "deq fedavg strong": ("deq", "fedavg", "strong"),
 }
-#: Default target test accuracy per dataset.
-TARGETS = {"digits": 0.85, "procedural": 0.6}
+#: Target test accuracy per dataset (procedural: no model reaches 0.6 in 12 rounds here).
+TARGETS = {"digits": 0.85, "procedural": 0.3}
 
 
 def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> dict:
@@ -142,7 +142,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
                 mb = f"{np.median([b for _, b in reached]) / 1e6:.2f}"
             else:
                 rounds = mb = "-"
-            weak = group[0]["weak_clients"]
+            weak = group[0]["weak_clients"] if group[0]["model"] == "deq" else 0  # no solver
             examples = "-" if not weak else f"{np.mean([_example_share(r) for r in group]):.2f}"
             share = ("-" if "weak_weight_share" not in group[0] or not weak
                      else f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
