@@ -117,7 +117,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
         "heading); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
         "steps, tol 0.1), the rest strong (60 steps, tol 1e-3). Rounds/MB to target: first "
         "round whose global test accuracy reaches the target (median over seeds; '-' = not "
-        "reached by every seed). MB: parameters sent, server to clients and back. Final "
+        "reached by every seed, with how many did). MB: parameters sent, server to clients and back. Final "
         "accuracy: mean (min, max) over seeds. Weak clients' share of examples = their "
         "FedAvg weight; their fusion weight under the weighted rule is the mean over rounds "
         "and seeds.",
@@ -137,11 +137,12 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
                 continue
             reached = [to_reach(r, target) for r in group]
             final = [r["accuracy"][-1] for r in group]
-            if all(rounds is not None for rounds, _ in reached):
+            hits = sum(rounds is not None for rounds, _ in reached)
+            if hits == len(reached):
                 rounds = f"{np.median([x for x, _ in reached]):.1f}"
                 mb = f"{np.median([b for _, b in reached]) / 1e6:.2f}"
             else:
-                rounds = mb = "-"
+                rounds, mb = f"- ({hits}/{len(reached)} seeds)", "-"
             weak = group[0]["weak_clients"] if group[0]["model"] == "deq" else 0  # no solver
             examples = "-" if not weak else f"{np.mean([_example_share(r) for r in group]):.2f}"
             share = ("-" if "weak_weight_share" not in group[0] or not weak
