@@ -117,7 +117,8 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
         "heading); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
         "steps, tol 0.1), the rest strong (60 steps, tol 1e-3). Rounds/MB to target: first "
         "round whose global test accuracy reaches the target (median over seeds; '-' = not "
-        "reached by every seed, with how many did). MB: parameters sent, server to clients and back. Final "
+        "reached by every seed, with how many did). MB: parameters sent, server to clients "
+        "and back. Final "
         "accuracy: mean (min, max) over seeds. Weak clients' share of examples = their "
         "FedAvg weight; their fusion weight under the weighted rule is the mean over rounds "
         "and seeds.",
