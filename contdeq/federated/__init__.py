@@ -1,0 +1,60 @@
+"""Federated training of contdeq models on Flower (issue #20).
+
+Equilibrium models suit federated learning (Gkillas, Ampeliotis & Berberidis 2023): one
+weight-tied layer is a small model to ship every round, and devices of very different compute
+run the *same* model with different solver budgets. This package gives
+
+* the client side: :class:`SolverBudget`, :func:`apply_budget`, :func:`train_local` and the
+  Flower ``ClientApp`` of :func:`make_client_app`;
+* the server side: :class:`QualityWeightedFedAvg`, Flower's FedAvg with the quality-weighted
+  fusion rule of :func:`fusion_weights` (which excludes diverged/NaN clients);
+* :func:`run_federated` on Flower's simulation engine, and :func:`dirichlet_split` for
+  non-IID shards.
+
+The pure parts (fusion rule, budgets, local training, splits) import without Flower; the
+Flower parts need the ``federated`` extra (``pip install 'contdeq[federated]'``) and raise an
+``ImportError`` saying so when it is missing. ``import contdeq`` never imports Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .fusion import ClientReport, FusionWeights, fuse_arrays, fusion_weights
+from .local import LocalData, SolverBudget, apply_budget, evaluate_classifier, train_local
+from .partition import dirichlet_split
+
+#: Names that need Flower, by the submodule defining them (imported on first access).
+_FLOWER_NAMES = {
+    "make_client_app": "client",
+    "FusionRecord": "strategy",
+    "QualityWeightedFedAvg": "strategy",
+    "FederatedRun": "simulation",
+    "run_federated": "simulation",
+}
+
+__all__ = [
+    "ClientReport",
+    "FederatedRun",
+    "FusionRecord",
+    "FusionWeights",
+    "LocalData",
+    "QualityWeightedFedAvg",
+    "SolverBudget",
+    "apply_budget",
+    "dirichlet_split",
+    "evaluate_classifier",
+    "fuse_arrays",
+    "fusion_weights",
+    "make_client_app",
+    "run_federated",
+    "train_local",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Flower-based names lazily (``ImportError`` naming the extra without it)."""
+    if name in _FLOWER_NAMES:
+        return getattr(importlib.import_module(f".{_FLOWER_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

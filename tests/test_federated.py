@@ -1,0 +1,318 @@
+"""contdeq.federated: the quality-weighted fusion rule, solver budgets, local training, the
+Flower strategy's exclusions, and one small federated run on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import contdeq
+from contdeq.federated import (
+    ClientReport,
+    LocalData,
+    SolverBudget,
+    apply_budget,
+    dirichlet_split,
+    fuse_arrays,
+    fusion_weights,
+    train_local,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def report(n: int, accuracy: float, **kw: object) -> ClientReport:
+    return ClientReport(num_examples=n, accuracy=accuracy, residual=kw.pop("residual", 1e-3),
+                        converged=1.0, nfe=10.0, **kw)
+
+
+class Cell(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.W = contdeq.spectral_norm_cap(nn.Linear(width, width, bias=False), cap=0.9)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.W(z) + x)
+
+
+def deq_model(tol: float = 1e-6, width: int = 8, features: int = 4,
+              classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, width),
+                         contdeq.DEQ(Cell(width), atol=tol, rtol=tol, max_steps=200),
+                         nn.Linear(width, classes))
+
+
+# -- the fusion rule -------------------------------------------------------------------------
+
+def test_weights_follow_the_formula():
+    """w_k = n_k a_k^gamma / sum_j n_j a_j^gamma; catches dropping n_k or the exponent, or a
+    missing normalisation."""
+    n, a, gamma = [10, 20, 30], [0.5, 0.9, 0.7], 2.0
+    raw = [nk * ak**gamma for nk, ak in zip(n, a, strict=True)]
+    expected = [r / sum(raw) for r in raw]
+    got = fusion_weights([report(nk, ak) for nk, ak in zip(n, a, strict=True)], gamma)
+    np.testing.assert_allclose(got.weights, expected, rtol=1e-12)
+    assert got.excluded == {} and not got.fallback
+
+
+def test_gamma_zero_is_fedavg():
+    """gamma = 0 must give FedAvg's n_k / sum n_j whatever the accuracies."""
+    got = fusion_weights([report(5, 0.1), report(15, 1.0)], gamma=0.0)
+    np.testing.assert_allclose(got.weights, [0.25, 0.75], rtol=1e-12)
+
+
+def test_nan_and_diverged_clients_are_excluded_and_the_rest_renormalised():
+    """A NaN metric, a diverged flag or a caller-rejected client gets weight 0 with a reason;
+    catches NaN propagating into the weights or the others not summing to 1."""
+    reports = [report(10, 0.8), report(10, math.nan), report(30, 0.6),
+               report(10, 0.9, diverged=True), report(10, 0.7)]
+    got = fusion_weights(reports, 1.0, rejected={4: "its parameters contain NaN/Inf"})
+    assert set(got.excluded) == {1, 3, 4}
+    assert "non-finite" in got.excluded[1] and "diverged" in got.excluded[3]
+    np.testing.assert_allclose(got.weights, [8 / 26, 0, 18 / 26, 0, 0], rtol=1e-12)
+
+
+def test_all_excluded_gives_zero_weights_and_zero_accuracy_falls_back_to_fedavg():
+    """No usable client: all weights 0 (the server keeps its model), not a division by zero;
+    all accuracies 0: FedAvg's weights, flagged."""
+    none = fusion_weights([report(10, math.nan), report(10, 0.5, diverged=True)])
+    assert not none.weights.any() and len(none.excluded) == 2
+    zero = fusion_weights([report(10, 0.0), report(30, 0.0)])
+    assert zero.fallback
+    np.testing.assert_allclose(zero.weights, [0.25, 0.75])
+
+
+def test_bad_arguments_name_themselves():
+    """gamma < 0, out-of-range accuracy, bad rejected indices and bad fusion weights give
+    clear errors or exclusions."""
+    with pytest.raises(ValueError, match="gamma"):
+        fusion_weights([report(1, 0.5)], gamma=-1.0)
+    assert "accuracy must be in [0, 1]" in fusion_weights([report(1, 1.5)]).excluded[0]
+    with pytest.raises(ValueError, match="rejected"):
+        fusion_weights([report(1, 0.5)], rejected={3: "x"})
+    with pytest.raises(ValueError, match="weights must be >= 0 and sum to 1"):
+        fuse_arrays([{"w": np.ones(2)}, {"w": np.ones(2)}], np.array([0.7, 0.7]))
+    with pytest.raises(KeyError, match="val-residual"):
+        ClientReport.from_metrics({"num-examples": 1, "val-accuracy": 0.5})
+
+
+def test_fuse_arrays_is_the_weighted_average_and_skips_zero_weight_nan():
+    """The fused parameters equal sum_k w_k theta_k per array, in the original dtype; an
+    excluded (weight 0) client holding NaN does not poison the result."""
+    rng = np.random.default_rng(0)
+    states = [{"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4)}
+              for _ in range(3)]
+    states[2] = {k: np.full_like(v, np.nan) for k, v in states[2].items()}
+    w = np.array([0.25, 0.75, 0.0])
+    fused = fuse_arrays(states, w)
+    for key in ("a", "b"):
+        expected = 0.25 * states[0][key].astype(np.float64) + 0.75 * states[1][key]
+        np.testing.assert_allclose(fused[key], expected, rtol=1e-6)
+        assert fused[key].dtype == states[0][key].dtype
+
+
+def test_report_round_trips_through_metrics():
+    """to_metrics / from_metrics keep every field (a lost key would silently zero a weight)."""
+    original = ClientReport(12, 0.75, 3e-3, 0.5, 17.0, diverged=False)
+    assert ClientReport.from_metrics(original.to_metrics()) == original
+
+
+# -- budgets, local training, splits ---------------------------------------------------------
+
+def test_budget_caps_the_solver_steps_in_training_and_evaluation():
+    """apply_budget must reach every DEQ's train and eval solver: with max_steps=2 the forward
+    stops after 2 steps (and does not warn); the unbudgeted model takes more."""
+    torch.manual_seed(0)
+    model, x = deq_model(), torch.randn(5, 4)
+    model.eval()
+    model(x)
+    free_steps = model[1].stats.forward.steps
+    apply_budget(model, SolverBudget(max_steps=2, tol=1e-8))
+    for mode in (model.train, model.eval):
+        mode()
+        model(x)
+        assert model[1].stats.forward.steps == 2 < free_steps
+        assert not model[1].stats.forward.all_converged
+
+
+def test_budget_rejects_bad_values_and_methods_of_discrete_solvers():
+    """Invalid budgets fail at construction with the argument's name; an ODE method on an
+    Anderson layer is refused rather than ignored."""
+    with pytest.raises(ValueError, match="max_steps"):
+        SolverBudget(max_steps=0)
+    with pytest.raises(ValueError, match="tol"):
+        SolverBudget(tol=-1.0)
+    anderson = nn.Sequential(contdeq.DEQ(Cell(4), solver="anderson"))
+    with pytest.raises(ValueError, match=r"budget\.method"):
+        apply_budget(anderson, SolverBudget(method="bosh3"))
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    centres = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])
+    return centres[y] + 0.5 * torch.randn(n, 4, generator=g), y
+
+
+def test_train_local_learns_and_reports_solver_quality():
+    """Local training must raise validation accuracy well above chance on separable blobs, and
+    the report must carry the solve's residual and NFE (not zeros)."""
+    torch.manual_seed(0)
+    x, y = _blobs(90, 0)
+    data = LocalData(x[:60], y[:60], x[60:], y[60:])
+    rep = train_local(deq_model(tol=1e-3), data, epochs=3, lr=0.05, batch_size=20)
+    assert rep.accuracy > 0.8 and rep.num_examples == 60 and not rep.diverged
+    assert 0 < rep.residual < 1e-2 and rep.nfe > 2 and rep.converged == 1.0
+
+
+def test_train_local_reports_divergence_instead_of_raising():
+    """A NaN loss is reported as diverged (so the server excludes the update), not raised."""
+    model = deq_model()
+    with torch.no_grad():
+        model[2].bias.fill_(math.nan)
+    x, y = _blobs(20, 1)
+    rep = train_local(model, LocalData(x[:10], y[:10], x[10:], y[10:]))
+    assert rep.diverged and rep.problem() is not None
+
+
+def test_dirichlet_split_partitions_and_small_alpha_is_more_skewed():
+    """Shards are disjoint and cover every index; with alpha = 0.1 clients see fewer classes
+    than with alpha = 100 (a split ignoring alpha would fail)."""
+    labels = torch.arange(600) % 10
+    shards = dirichlet_split(labels, 5, 0.1, seed=0)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(600))
+
+    def classes_seen(alpha: float) -> float:
+        return np.mean([len(np.unique(labels.numpy()[s]))
+                        for s in dirichlet_split(labels, 5, alpha, seed=1)])
+    assert classes_seen(0.1) < 6 < classes_seen(100.0) == 10
+    with pytest.raises(ValueError, match="alpha"):
+        dirichlet_split(labels, 5, 0.0)
+
+
+def test_contdeq_does_not_import_flower_and_names_the_extra_without_it():
+    """`import contdeq` must not pull in flwr; without flwr the pure parts still import and the
+    Flower parts raise an ImportError naming the 'federated' extra."""
+    code = (
+        "import sys, contdeq\n"
+        "assert 'flwr' not in sys.modules, 'import contdeq imported flwr'\n"
+        "sys.modules['flwr'] = None\n"
+        "from contdeq.federated import fusion_weights\n"
+        "try:\n"
+        "    from contdeq.federated import QualityWeightedFedAvg\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
+                                                     "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "contdeq[federated]" in out.stdout
+
+
+# -- the Flower strategy (no engine) and a run on the simulation engine ----------------------
+
+def _reply(node: int, state: dict[str, np.ndarray], rep: ClientReport) -> object:
+    flwr = pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    del flwr
+    metadata = Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="m", group_id="", created_at=0.0, ttl=60.0,
+                        message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
+                          "metrics": MetricRecord(rep.to_metrics())})
+    return Message(content=content, metadata=metadata)
+
+
+def test_strategy_excludes_nan_parameters_and_fuses_the_rest():
+    """QualityWeightedFedAvg.aggregate_train: a client with NaN parameters (but a plausible
+    report) is excluded by node id; the global model is the rule's average of the others."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    from contdeq.federated import QualityWeightedFedAvg
+
+    good = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 6.0])}]
+    bad = {"w": np.array([np.nan, 0.0])}
+    replies = [_reply(11, good[0], report(10, 0.5)), _reply(12, bad, report(10, 0.9)),
+               _reply(13, good[1], report(30, 1.0))]
+    strategy = QualityWeightedFedAvg(gamma=1.0)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    w = np.array([10 * 0.5, 30 * 1.0]) / 35.0
+    np.testing.assert_allclose(arrays["w"].numpy(), w[0] * good[0]["w"] + w[1] * good[1]["w"])
+    record = strategy.history[0]
+    assert list(record.excluded) == [12] and "NaN" in record.excluded[12]
+    assert metrics["clients-fused"] == 2 and metrics["clients-excluded"] == 1
+
+
+def test_federated_run_on_the_simulation_engine(tmp_path):
+    """Two clients (one weak, one strong) and one that crashes, 2 rounds on Flower's Ray
+    engine: the crash does not stall the rounds, the global model's test accuracy improves,
+    and each round's fusion weights are the rule applied to the reports the clients sent."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    pytest.importorskip("ray", reason="ray not installed (flwr[simulation], the 'federated' "
+                                      "extra)")
+    from sklearn.datasets import load_digits
+
+    from contdeq.federated import QualityWeightedFedAvg, run_federated
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    shards = [LocalData(x[i:i + 240], y[i:i + 240], x[i + 240:i + 300], y[i + 240:i + 300])
+              for i in (0, 300)]
+    # labels out of range: this client raises in every round (a crashed/dropped device)
+    shards.append(LocalData(x[:20], y[:20] + 100, x[20:30], y[20:30]))
+    budgets = [SolverBudget(max_steps=3, tol=0.1), SolverBudget(max_steps=50, tol=1e-3),
+               SolverBudget()]
+
+    def model_fn() -> nn.Module:
+        # the server's evaluation reports unconverged samples in run.converged
+        return nn.Sequential(nn.Linear(64, 32),
+                             contdeq.DEQ(Cell(32), atol=1e-3, rtol=1e-3, max_steps=50,
+                                         on_nonconvergence="ignore"),
+                             nn.Linear(32, 10))
+
+    torch.manual_seed(0)
+    strategy = QualityWeightedFedAvg(gamma=2.0, fraction_evaluate=0.0, min_train_nodes=3,
+                                     min_available_nodes=3)
+    run = run_federated(model_fn, shards, budgets, strategy, num_rounds=2, x_test=x[1500:],
+                        y_test=y[1500:], epochs=2, lr=0.02, round_timeout=300)
+    assert run.accuracy[2] > run.accuracy[0] + 0.3
+    assert run.bytes_sent[2] == 2 * (3 + 2) * run.model_bytes  # 3 sent, 2 replies per round
+    assert len(strategy.history) == 2
+    for record in strategy.history:
+        assert len(record.failures) == 1 and len(record.node_ids) == 2
+        raw = np.array([r.num_examples * r.accuracy**2 for r in record.reports])
+        np.testing.assert_allclose(record.weights, raw / raw.sum(), rtol=1e-9)
+        # one weak client (3 steps at tol 0.1: large residual, few NFE) and one strong
+        weak, strong = sorted(record.reports, key=lambda r: r.nfe)
+        assert weak.residual > 1e-2 > strong.residual and weak.nfe < strong.nfe
+
+
+def test_example_task_is_non_iid_and_keeps_the_test_set_apart():
+    """examples/federated_digits.py: the clients' shards and the server's test set are
+    disjoint and together cover the data set, and the Dirichlet split gives clients unequal
+    class mixes (an IID split would give each client every class in equal share)."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import federated_digits as example
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    task = example.make_task("digits", 4, alpha=0.3, seed=0)
+    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test]
+    everything = torch.cat(rows)
+    assert len(everything) == 1797 and len(torch.unique(everything, dim=0)) == len(
+        torch.unique(example.load_dataset("digits")[0], dim=0))
+    shares = torch.stack([torch.bincount(torch.cat([s.y_train, s.y_val]), minlength=10)
+                          / (len(s.y_train) + len(s.y_val)) for s in task.shards])
+    assert shares.max() > 0.3  # some client is dominated by one class (IID: about 0.1)
+    assert example.budgets(4, 1) == [example.WEAK, example.STRONG, example.STRONG,
+                                     example.STRONG]
