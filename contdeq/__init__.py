@@ -1,9 +1,10 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
-from . import solvers
+from . import jiio, solvers
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import BackwardConfig, DEQStats, ForwardSolver, equilibrium
+from .jiio import joint_inference
 from .nn import (
     DEQ,
     MultiScaleCell,
@@ -46,6 +47,8 @@ __all__ = [
     "aux_loss",
     "equilibrium",
     "jacobian_frobenius",
+    "jiio",
+    "joint_inference",
     "load_checkpoint",
     "procedural_images",
     "save_checkpoint",
