@@ -9,7 +9,8 @@ Methods, all with the same input step ``alpha`` (plain projected gradient steps)
 
 * ``naive``: ``nested_inference``: each step an Anderson DEQ solve + implicit backward;
 * ``unrolled``: the same loop, each step a Picard solve backpropagated through its iterations;
-* ``jiio``: ``joint_inference`` on the augmented state, by Anderson (memory 20) for the latent
+* ``jiio``: ``joint_inference`` on the augmented state, by Anderson (its defaults here: memory
+  20, damping 0.5) for the latent
   tasks and by Picard for the attack (the projection's corners stall Anderson);
 * ``jiio-ode``: ``joint_inference(solver="ode")``, the augmented ODE's steady state (bosh3). Its
   ``alpha`` is a time scale: for the latent tasks 0.1 (with the loop's 0.5 the input flow

@@ -51,10 +51,12 @@ __all__ = ["JIIO_SOLVERS", "JIIOStats", "StepSizes", "joint_inference", "optimal
 JIIO_SOLVERS = (*FIXED_POINT_METHODS, "ode")
 
 Objective = Callable[[Tensor, Tensor], Tensor]
-#: Anderson's default memory on the augmented state: the input block converges like gradient
-#: descent, which a longer history accelerates far more than the DEQ's 5 (95 against 300+
-#: augmented steps on the denoising task of ``benchmarks/jiio.py``).
+#: Anderson's default memory and damping on the augmented state. The input block converges
+#: like gradient descent, which a longer history accelerates most; undamped mixing stalls on
+#: the latent tasks of ``benchmarks/jiio.py`` (memory 5 or 20, damping 1: 300+ augmented steps
+#: without reaching the nested loop's objective; memory 20, damping 0.5: 45-100 steps).
 ANDERSON_MEMORY = 20
+ANDERSON_DAMPING = 0.5
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,8 @@ def joint_inference(
         timeout: wall-clock limit in seconds.
         callback: called as ``callback(z, x)`` (``(B, ...)`` each, detached) after every
             augmented step with the updated iterates, e.g. to record a trajectory.
-        **options: options of the solver (anderson ``memory`` (default 20 here, not 5),
-            ``damping``, ...; for
+        **options: options of the solver (anderson ``memory``, ``damping``: 20 and 0.5 here,
+            not 5 and 1; ...; for
             ``"ode"`` the keywords of :func:`~contdeq.solvers.steady_state`, e.g.
             ``method="ptc"``).
 
@@ -280,7 +282,7 @@ def joint_inference(
     augmented = _AugmentedMap(f, objective, project or _identity, steps, callback)
     state0 = (z0.detach(), x0.detach(), torch.zeros_like(z0))
     if solver == "anderson":
-        options = {"memory": ANDERSON_MEMORY, **options}
+        options = {"memory": ANDERSON_MEMORY, "damping": ANDERSON_DAMPING, **options}
     common = dict(atol=atol, rtol=rtol, max_steps=max_steps, on_nonconvergence="ignore",
                   timeout=timeout, **options)
     try:
