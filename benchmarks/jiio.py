@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    def fmt(value: object, spec: str) -> str:
-        return "not reached" if value is None else format(value, spec)
+    def fmt(value: object, spec: str, unit: str = "") -> str:
+        return "not reached" if value is None else format(value, spec) + unit
 
     lines = [
         "# JIIO against the nested loop and unrolled differentiation",
@@ -266,8 +266,8 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(
             f"| {r['application']} | {r['method']} | {fmt(r['seconds_to_target'], '.3f')} | "
-            f"{fmt(r['f_calls_to_target'], 'd')} | {fmt(r['speedup'], '.1f')}x | "
-            f"{fmt(r['f_call_ratio'], '.1f')}x | {r['final_objective']:.4f} | "
+            f"{fmt(r['f_calls_to_target'], 'd')} | {fmt(r['speedup'], '.1f', 'x')} | "
+            f"{fmt(r['f_call_ratio'], '.1f', 'x')} | {r['final_objective']:.4f} | "
             f"{r['metric']} {r['quality']:.4f} | {r['total_seconds']:.2f} | "
             f"{r['total_f_calls']} | {r['total_vjps']} |")
     return "\n".join(lines) + "\n"
