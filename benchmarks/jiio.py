@@ -2,7 +2,7 @@
 unrolled differentiation, on the four applications of ``examples/jiio_tasks.py``.
 
 Applications (scikit-learn digits): reconstructing held-out images with a generative DEQ
-decoder trained by latent optimization, denoising (sigma 0.2) and inpainting (a hidden 4x4
+decoder trained by latent optimization, denoising (sigma 0.3) and inpainting (a hidden 4x4
 square) with that decoder, and an L∞ attack (eps 0.1, box [0, 1]) on a DEQ classifier.
 
 Methods, all with the same input step ``alpha`` (plain projected gradient steps):

@@ -83,12 +83,13 @@ LATENT_STEP = 0.5
 
 
 def fit_latents(decoder: Decoder, target: Tensor, mask: Tensor | None = None,
-                max_steps: int = 100, **options: object) -> tuple[Tensor, Tensor, object]:
+                max_steps: int = 300, tol: float = 1e-4, **options: object
+                ) -> tuple[Tensor, Tensor, object]:
     """Latents of ``target`` ``(B, 64)`` by JIIO: ``(z*, x*, stats)``."""
     x0, z0 = decoder.starts(target.shape[0])
     return joint_inference(decoder.cell, decoder.objective(target, mask), x0, z0,
-                           step_sizes=LATENT_STEP, atol=TOLERANCE, rtol=TOLERANCE,
-                           max_steps=max_steps, on_nonconvergence="ignore", **options)
+                           step_sizes=LATENT_STEP, atol=tol, rtol=tol, max_steps=max_steps,
+                           on_nonconvergence="ignore", **options)
 
 
 def train_decoder(decoder: Decoder, images: Tensor, epochs: int, batch_size: int = 128,
@@ -101,7 +102,7 @@ def train_decoder(decoder: Decoder, images: Tensor, epochs: int, batch_size: int
         for idx in torch.randperm(len(images)).split(batch_size):
             contdeq.update_normalization(decoder)
             target = images[idx]
-            z, x, stats = fit_latents(decoder, target, max_steps=40)
+            z, x, stats = fit_latents(decoder, target, max_steps=40, tol=TOLERANCE)
             loss = contdeq.jiio.optimal_objective(
                 decoder.cell, decoder.objective(target), z, x, stats.adjoint).mean()
             optimizer.zero_grad()
@@ -121,11 +122,11 @@ def psnr(estimate: Tensor, clean: Tensor) -> float:
 
 
 def corrupt(images: Tensor, task: str, seed: int = 0) -> tuple[Tensor, Tensor | None]:
-    """``(observed (B, 64), mask (B, 64) or None)``: Gaussian noise (sigma 0.2) for
+    """``(observed (B, 64), mask (B, 64) or None)``: Gaussian noise (sigma 0.3) for
     ``"denoise"``; for ``"inpaint"`` a random 4x4 square hidden (mask 0 there)."""
     gen = torch.Generator().manual_seed(seed)
     if task == "denoise":
-        return images + 0.2 * torch.randn(images.shape, generator=gen), None
+        return images + 0.3 * torch.randn(images.shape, generator=gen), None
     if task == "inpaint":
         mask = torch.ones(images.shape[0], 8, 8)
         corners = torch.randint(0, 5, (images.shape[0], 2), generator=gen)
