@@ -176,7 +176,7 @@ columns = min(8, len(x_test))
 for r, (label, images) in enumerate(rows):
     for c in range(columns):
         ax = fig.add_subplot(len(rows), columns + 6, r * (columns + 6) + c + 1)
-        ax.imshow(images[c].reshape(8, 8).clamp(0, 1), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(images[c].reshape(8, 8).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
         if c == 0:
