@@ -53,8 +53,9 @@ JIIO_SOLVERS = (*FIXED_POINT_METHODS, "ode")
 Objective = Callable[[Tensor, Tensor], Tensor]
 #: Anderson's default memory and damping on the augmented state. The input block converges
 #: like gradient descent, which a longer history accelerates most; undamped mixing stalls on
-#: the latent tasks of ``benchmarks/jiio.py`` (memory 5 or 20, damping 1: 300+ augmented steps
-#: without reaching the nested loop's objective; memory 20, damping 0.5: 45-100 steps).
+#: the latent tasks of ``benchmarks/jiio.py`` (memory 5 or 20, damping 1: the nested loop's
+#: objective missed within 300 augmented steps on some task of every tuning run; memory 20,
+#: damping 0.5: reached on all three in 45-100 steps).
 ANDERSON_MEMORY = 20
 ANDERSON_DAMPING = 0.5
 
