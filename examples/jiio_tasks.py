@@ -22,8 +22,8 @@ import contdeq
 from contdeq.jiio import box, compose, joint_inference, linf_ball, nested_inference
 
 Objective = Callable[[Tensor, Tensor], Tensor]
-#: Convergence of the solves inside training and attacks (one budget per call, as in the paper;
-#: the stats of every call are kept and reported, see ``converged`` below).
+#: Tolerance of the solves inside training and attacks (which also have a step budget; the
+#: training loop prints the fraction of samples that converged).
 TOLERANCE = 1e-3
 
 
