@@ -23,7 +23,7 @@ from contdeq.jiio import box, compose, joint_inference, linf_ball, nested_infere
 
 Objective = Callable[[Tensor, Tensor], Tensor]
 #: Tolerance of the solves inside training and attacks (which also have a step budget; the
-#: training loop prints the fraction of samples that converged).
+#: decoder's training loop prints the fraction of samples that converged).
 TOLERANCE = 1e-3
 
 
