@@ -1,6 +1,6 @@
 """contdeq: continuous deep equilibrium models on PyTorch."""
 
-from . import robust, solvers
+from . import jiio, robust, solvers
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import PROCEDURAL_CLASSES, procedural_images
 from .implicit import (
@@ -13,6 +13,7 @@ from .implicit import (
     Unrolled,
     equilibrium,
 )
+from .jiio import joint_inference
 from .nn import (
     DEQ,
     ICNN,
@@ -74,6 +75,8 @@ __all__ = [
     "aux_loss",
     "equilibrium",
     "jacobian_frobenius",
+    "jiio",
+    "joint_inference",
     "load_checkpoint",
     "procedural_images",
     "robust",

@@ -27,6 +27,7 @@ FIGURES = {
     "tutorial_4_solvers.py": "solvers/solvers_and_backward.png",
     "tutorial_5_real_data.py": "real_data/training.png",
     "tutorial_6_multiscale.py": "multiscale/comparison.png",
+    "tutorial_7_jiio.py": "jiio/applications.png",
 }
 
 sys.path.insert(0, str(EXAMPLES))
