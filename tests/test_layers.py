@@ -268,7 +268,7 @@ def test_bad_input_errors() -> None:
     with pytest.raises(TypeError, match="unknown option"):
         contdeq.DEQ(f, tolerance=1e-3)
     with pytest.raises(ValueError, match="solver must be one of"):
-        contdeq.DEQ(f, solver="newton")
+        contdeq.DEQ(f, solver="secant")
     with pytest.raises(ValueError, match="backward must be one of"):
         contdeq.DEQ(f, backward="adjoint")
 

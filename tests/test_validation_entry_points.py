@@ -59,8 +59,8 @@ CASES: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     # layers: construction
     "DEQ f": (lambda: contdeq.DEQ(lambda z, x: z), TypeError,
               r"f must be an nn.Module called as f\(z, x\), got function"),
-    "DEQ solver": (lambda: contdeq.DEQ(cell(), solver="newton"), ValueError,
-                   "solver must be one of .* got 'newton'"),
+    "DEQ solver": (lambda: contdeq.DEQ(cell(), solver="secant"), ValueError,
+                   "solver must be one of .* got 'secant'"),
     "DEQ option": (lambda: contdeq.DEQ(cell(), tol=1e-3), TypeError,
                    r"unknown option\(s\) \['tol'\] for solver='ode'"),
     "DEQ state_shape": (lambda: contdeq.DEQ(cell(), state_shape=(3, 0)), ValueError,

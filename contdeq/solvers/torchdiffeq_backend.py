@@ -229,7 +229,8 @@ def run_odeint_event(
     trials.check_stop(reason, progress.steps)
     d_final = func(0.0, z_final)
     every = torch.ones_like(progress.active)
-    dt = None if t_event is None else float(t_event)
+    # The crossing of t_max is bisected to a tolerance: it can land a few 1e-9 past t_max.
+    dt = None if t_event is None else min(float(t_event), control.t_max)
     progress.active = every  # nothing was frozen: every sample is judged at the final state
     progress.update(z_final, sample_rms(d_final), every, dt)
     if bool((progress.res <= progress.tol).all()):  # judged at the returned state
