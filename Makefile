@@ -13,6 +13,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# torchattacks (the `robust` extra, for tests/test_robust.py) declares torchvision and an old
+# requests but imports neither: installed without its dependencies, it leaves torch as it is.
+TORCHATTACKS_SPEC ?= torchattacks==3.5.1
 
 .PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean
 
@@ -30,11 +33,12 @@ $(VENV)/.bench: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.docs: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[docs,examples]"
+	$(BIN)/python -m pip install --quiet -e ".[docs,examples,federated]"
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[test,examples]"
+	$(BIN)/python -m pip install --quiet -e ".[test,examples,federated]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(TORCHATTACKS_SPEC)"
 	touch $@
 
 demo: $(VENV)/.examples
