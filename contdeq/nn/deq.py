@@ -79,7 +79,8 @@ class DEQ(PerThreadResults):
         f: ``nn.Module`` called as ``f(z, x)``, returning a tensor shaped like ``z``. It must be
             deterministic between calls (no dropout resampling, no batch-norm statistics
             updates); use :func:`contdeq.spectral_norm_cap` to keep it contractive.
-        solver: ``"ode"``, ``"anderson"``, ``"broyden"`` or ``"picard"``.
+        solver: ``"ode"`` or a fixed-point method: ``"anderson"``, ``"broyden"``, ``"picard"``,
+            ``"newton"`` (Newton-Krylov).
         backward: how gradients are computed: a backward mode object,
             :class:`~contdeq.Implicit` (``Implicit("broyden", tol=1e-6)``),
             :class:`~contdeq.JFB` or :class:`~contdeq.Unrolled`, or the name of a registered
@@ -89,7 +90,8 @@ class DEQ(PerThreadResults):
             ``zero(x)``); the initial state is zeros of shape ``(B, *state_shape)`` with
             ``x``'s dtype and device.
         backward_method: shorthand for ``Implicit(method=...)``: ``"anderson"`` (default),
-            ``"picard"``, ``"broyden"`` or ``"ode"``. The four ``backward_*`` keywords apply
+            ``"picard"``, ``"broyden"``, ``"newton"``, ``"ode"`` or ``"gmres"`` (fewest VJPs
+            near the edge of contraction). The four ``backward_*`` keywords apply
             to ``backward="implicit"`` (other names ignore them); with a backward mode object
             they raise ``TypeError`` (set them on the object).
         backward_tol: ``Implicit(tol=...)``, relative, scale-invariant tolerance of the
