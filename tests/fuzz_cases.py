@@ -66,7 +66,11 @@ STOP_REASONS = {reason.value for reason in StopReason if reason is not StopReaso
 BISECTION_CALLS = 100
 #: Function calls per solver step, at most (Runge-Kutta stages; 1 for the discrete solvers).
 CALLS_PER_STEP = {"dopri5": 6, "tsit5": 6, "bosh3": 3, "adaptive_heun": 2, "dopri8": 13,
-                  "ptc": 1}
+                  "ptc": 1,
+                  # a trial evaluation plus the graph its Jacobian-vector products run on
+                  "implicit_ptc": 2,
+                  # up to line_search_steps (10) backtracking evaluations plus the full step
+                  "newton": 11}
 #: The generous "did not hang" bound given to every solve, in seconds.
 TIMEOUT = 30.0
 OUTCOMES = ("converged", "reported_nonconvergence", "raised_nonfinite")
@@ -197,7 +201,8 @@ class Poisoned:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         out = self.g(z)
-        return out.fill_(self.value) if self.calls >= self.at else out
+        # Out of place: g's own graph may be needed for Jacobian-vector products (newton).
+        return torch.full_like(out, self.value) if self.calls >= self.at else out
 
 
 def solve(case: Case, g: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:

@@ -288,7 +288,7 @@ def test_bad_objective_and_projection_are_named(problem: LinearProblem) -> None:
     with pytest.raises(ValueError, match=r"f\(z, x\) must return a tensor shaped like z0"):
         joint_inference(lambda z, x: problem.f(z, x)[:, :2], problem.objective, x0, z0)
     with pytest.raises(ValueError, match="solver must be one of"):
-        joint_inference(problem.f, problem.objective, x0, z0, solver="newton")
+        joint_inference(problem.f, problem.objective, x0, z0, solver="secant")
     with pytest.raises(ValueError, match=r"step_sizes.z must be in \(0, 1\]"):
         joint_inference(problem.f, problem.objective, x0, z0, step_sizes=StepSizes(z=1.5))
     with pytest.raises(ValueError, match="x0 contains NaN"):

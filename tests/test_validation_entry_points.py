@@ -111,7 +111,7 @@ CASES: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "Implicit": (lambda: contdeq.Implicit(max_steps=0), ValueError,
                  "max_steps must be >= 1, got 0"),
     "Implicit method": (lambda: contdeq.Implicit("lbfgs"), ValueError,
-                        r"method must be one of \(.*'ode'\), got 'lbfgs'"),
+                        r"method must be one of \(.*'ode'.*\), got 'lbfgs'"),
     "equilibrium backward": (lambda: contdeq.equilibrium(cell(), x64(), x64(4, 3),
                                                          solver=contdeq.ForwardSolver(),
                                                          backward=3),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..implicit import BackwardConfig, ForwardSolver, equilibrium
+from ..implicit import BackwardConfig, BackwardMode, ForwardSolver, equilibrium
 from ..solvers.validation import (
     check_callable,
     check_func_output,
@@ -65,7 +65,7 @@ def nested_inference(
     step_size: float,
     project: Projection | None = None,
     solver: ForwardSolver | None = None,
-    backward: str | BackwardConfig = "implicit",
+    backward: str | BackwardMode = "implicit",
     sign_gradient: bool = False,
     warm_start: bool = False,
     callback: Callable[[Tensor, Tensor], None] | None = None,
@@ -104,7 +104,7 @@ def nested_inference(
     project = project or (lambda v: v)
     cell = f if isinstance(f, nn.Module) else _Cell(f)
     solver = ForwardSolver("anderson") if solver is None else solver
-    config = backward if isinstance(backward, BackwardConfig) else BackwardConfig(mode=backward)
+    config = backward if isinstance(backward, BackwardMode) else BackwardConfig(mode=backward)
     f_calls = vjps = 0
     start = z0
     for _ in range(steps):

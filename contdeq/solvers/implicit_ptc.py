@@ -76,6 +76,7 @@ def run_implicit_ptc(
     res_prev: Tensor | None = None
     eta: Tensor | None = None
     assert progress.t is not None
+    nonfinite_last = False  # whether the last trial step was NaN/Inf for an active sample
     while (reason := progress.stop_reason(t_max)) is None:
         active, res = progress.active, progress.res
         dt = torch.minimum(h.to(progress.t.dtype), t_max - progress.t) if t_max < math.inf else h
@@ -93,7 +94,8 @@ def run_implicit_ptc(
         tol_new = progress.condition.tolerance(z_new)
         finite = torch.isfinite(res_new + tol_new)
         ok = (res_new < res).logical_and_(finite).logical_and_(active)
-        if not bool(finite[active].all()) and bool((h[active & ~finite] < 1e-8 * first).any()):
+        nonfinite_last = not bool(finite[active].all())
+        if nonfinite_last and bool((h[active & ~finite] < 1e-8 * first).any()):
             raise_nonfinite(counted.name, progress.steps)
         accepted += ok
         attempted += active
@@ -106,6 +108,10 @@ def run_implicit_ptc(
             keep = ok.unsqueeze(1)
             z, d = torch.where(keep, z_new, z), torch.where(keep, d_new, d)
         progress.accept(ok, res_new, tol_new, dt * ok)
+    if nonfinite_last and reason != "converged":  # NaN never passes as mere non-convergence
+        raise_nonfinite(counted.name, progress.steps,
+                        f"the solve stopped ({reason}) right after a trial step rejected for "
+                        "NaN/Inf, before a finite step was found")
     n_accepted = int(accepted.sum())
     return (LoopResult(z, reason, n_accepted, int(attempted.sum()) - n_accepted), lin.jvps,
             linear_iterations)
