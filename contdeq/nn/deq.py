@@ -21,7 +21,7 @@ from .checks import check_number
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .per_thread import PerThreadResults
 
-__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape"]
+__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape", "zeros_or_state"]
 
 
 def check_input(x: object, name: str = "x") -> Tensor:
@@ -67,6 +67,15 @@ def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str)
         raise ValueError(f"{name} contains NaN or Inf values")
     return z0
 
+
+
+def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tensor:
+    """The initial state of a layer: ``z0`` checked against ``x`` (:func:`check_state`), or
+    zeros ``(B, *shape)`` with ``x``'s dtype and device (``shape`` default: ``x``'s per-sample
+    shape)."""
+    if z0 is not None:
+        return check_state(z0, x, shape, "z0")
+    return x.new_zeros((x.shape[0], *(shape if shape is not None else x.shape[1:])))
 
 class DEQ(PerThreadResults):
     """Deep equilibrium layer: returns ``z*`` with ``z* = f(z*, x)``.
@@ -161,8 +170,7 @@ class DEQ(PerThreadResults):
 
     # -- initial state -------------------------------------------------------------------
     def _zeros(self, x: Tensor) -> Tensor:
-        shape = self.state_shape if self.state_shape is not None else tuple(x.shape[1:])
-        return x.new_zeros((x.shape[0], *shape))
+        return zeros_or_state(x, None, self.state_shape)
 
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(z0 for the solver, explicit guess with its graph or None)``."""

@@ -18,7 +18,7 @@ from ..solvers import ConvergenceError, NonFiniteError, SolverStats
 from ..solvers.rk import initial_step
 from ..solvers.tableaux import TABLEAUX
 from .checks import check_number
-from .deq import check_input, check_state, resolve_state_shape
+from .deq import check_input, resolve_state_shape, zeros_or_state
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .per_thread import PerThreadResults
 
@@ -166,11 +166,7 @@ class NeuralODE(PerThreadResults):
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)``."""
         x = check_input(x)
-        if z0 is None:
-            shape = self.state_shape if self.state_shape is not None else tuple(x.shape[1:])
-            z0 = x.new_zeros((x.shape[0], *shape))
-        else:
-            z0 = check_state(z0, x, self.state_shape, "z0")
+        z0 = zeros_or_state(x, z0, self.state_shape)
         if self.training:
             update_normalization(self.f)
         dyn = _Dynamics(self.f, self.residual, x)

@@ -24,7 +24,7 @@ from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats
 from ..solvers.termination import sample_rms
 from .checks import check_number
-from .deq import check_input, check_state, resolve_state_shape
+from .deq import check_input, resolve_state_shape, zeros_or_state
 from .multiscale import _MultiScale
 from .normalization import fixed_normalization, update_normalization
 from .per_thread import PerThreadResults
@@ -182,11 +182,7 @@ class WeightTied(PerThreadResults):
         """``x`` ``(B, ...)`` -> ``z_depth`` ``(B, *state_shape)``; ``z0`` an optional initial
         state ``(B, *state_shape)`` (default zeros; gradients reach it)."""
         x = check_input(x)
-        if z0 is None:
-            shape = self.state_shape if self.state_shape is not None else tuple(x.shape[1:])
-            z = x.new_zeros((x.shape[0], *shape))
-        else:
-            z = check_state(z0, x, self.state_shape, "z0")
+        z = zeros_or_state(x, z0, self.state_shape)
         if self.training:
             update_normalization(self.f)
         start = time.perf_counter()

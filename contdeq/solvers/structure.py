@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_state_shapes", "flatten_states", "solve_flattened", "unflatten_states"]
+__all__ = ["check_state_shapes", "flatten_states", "solve_flattened", "solver_arguments",
+           "unflatten_states"]
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -149,6 +150,20 @@ class _FlatFunction:
         return flatten_states(out, shapes=self.shapes, name=f"{self.name}'s output")[0]
 
 
+def solver_arguments(solve: Callable[..., Any], arguments: dict[str, Any]
+                     ) -> tuple[dict[str, Any], str, str]:
+    """``solve``'s arguments (its ``locals()`` on entry) as keywords for a new call, with its
+    ``**options`` spread out; also the names of its function and state arguments (its first
+    two parameters)."""
+    parameters = inspect.signature(solve).parameters
+    fn_name, state_name = list(parameters)[:2]
+    kwargs = dict(arguments)
+    for name, p in parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(kwargs.pop(name))
+    return kwargs, fn_name, state_name
+
+
 def solve_flattened(solve: Callable[..., tuple[Tensor, Any]], arguments: dict[str, Any]
                     ) -> tuple[tuple[Tensor, ...], Any]:
     """Run ``solve(fn, z0, ...)`` on a tuple ``z0`` of per-scale states ``(B, *shape_s)``.
@@ -157,12 +172,7 @@ def solve_flattened(solve: Callable[..., tuple[Tensor, Any]], arguments: dict[st
     called with a tuple of such tensors as its last argument and must return one; the solve
     runs on the flattened ``(B, N)`` state, and ``(z, stats)`` comes back with ``z`` a tuple.
     """
-    parameters = inspect.signature(solve).parameters
-    fn_name, state_name = list(parameters)[:2]
-    kwargs = dict(arguments)
-    for name, p in parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            kwargs.update(kwargs.pop(name))
+    kwargs, fn_name, state_name = solver_arguments(solve, arguments)
     flat, shapes = flatten_states(kwargs[state_name], name=state_name)
     if callable(kwargs[fn_name]):
         kwargs[fn_name] = _FlatFunction(kwargs[fn_name], shapes, fn_name)

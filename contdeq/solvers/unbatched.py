@@ -9,12 +9,12 @@ function the state without it, and returns ``z`` shaped like ``z0`` with ``(1,)`
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
+from .structure import solver_arguments
 from .validation import check_func_output
 
 
@@ -27,12 +27,7 @@ def solve_as_one_sample(solve: Callable[..., tuple[Tensor, Any]], arguments: dic
     ``(z, stats)`` comes back with ``z`` shaped like ``z0`` and every per-sample statistic of
     shape ``(1,)``.
     """
-    parameters = inspect.signature(solve).parameters
-    fn_name, state_name = list(parameters)[:2]
-    kwargs = dict(arguments)
-    for name, p in parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            kwargs.update(kwargs.pop(name))
+    kwargs, fn_name, state_name = solver_arguments(solve, arguments)
     z0 = kwargs[state_name]
     if callable(kwargs[fn_name]):
         kwargs[fn_name] = _OneSampleFunction(kwargs[fn_name], fn_name)
