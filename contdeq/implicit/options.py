@@ -25,9 +25,17 @@ __all__ = ["FORWARD_SOLVERS", "UNROLLABLE_SOLVERS", "ForwardSolver", "check_solv
 FORWARD_SOLVERS: Registry[Any] = Registry("forward solver", "solver",
                                           includes=(FIXED_POINT_METHODS,))
 FORWARD_SOLVERS.register("ode", steady_state)
+
+
+def unrollable(solver: str) -> bool:
+    """Whether autograd can record ``solver``'s steps (``backward="unrolled"``): ``"ode"``, and
+    the fixed-point methods whose class sets ``differentiable = True``."""
+    return solver == "ode" or getattr(FIXED_POINT_METHODS[solver], "differentiable", False)
+
+
 #: Forward solvers whose arithmetic is autograd-safe, so ``backward="unrolled"`` works.
 #: (Anderson and Broyden update their history buffers in place.)
-UNROLLABLE_SOLVERS = ("ode", "picard")
+UNROLLABLE_SOLVERS = tuple(name for name in FORWARD_SOLVERS if unrollable(name))
 
 
 class ForwardSolver:
@@ -55,7 +63,7 @@ class ForwardSolver:
     @property
     def differentiable(self) -> bool:
         """Whether backpropagation through the steps works (``backward="unrolled"``)."""
-        return self.solver in UNROLLABLE_SOLVERS
+        return unrollable(self.solver)
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
         """Solve from ``z0`` (``(B, ...)``); returns ``z*`` shaped like ``z0`` and the stats."""

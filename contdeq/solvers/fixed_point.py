@@ -29,9 +29,6 @@ from .validation import (
 
 __all__ = ["FIXED_POINT_METHODS", "fixed_point"]
 
-#: Methods whose in-place history updates (or inner autograd calls) autograd cannot record.
-_NOT_DIFFERENTIABLE = ("anderson", "broyden", "newton")
-
 
 def fixed_point(
     g: Callable[[Tensor], Tensor],
@@ -126,7 +123,7 @@ def fixed_point(
     except TypeError as exc:
         raise TypeError(f"fixed_point(method={method!r}): {exc}") from None
     gz = counted(z)
-    if method in _NOT_DIFFERENTIABLE and torch.is_grad_enabled() and gz.requires_grad:
+    if not getattr(cls, "differentiable", False) and torch.is_grad_enabled() and gz.requires_grad:
         raise RuntimeError(
             f"fixed_point(method={method!r}) cannot be differentiated through its iterations "
             "(it updates its history in place), and g(z0) requires grad: run it under "

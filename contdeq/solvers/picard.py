@@ -16,6 +16,8 @@ class Picard:
         damping: step length in ``(0, 1]``; ``1`` is plain iteration ``z <- g(z)``.
     """
 
+    differentiable = True  # plain out-of-place arithmetic
+
     def __init__(self, like: Tensor, *, damping: float = 1.0) -> None:
         self.damping = check_positive_float(damping, "damping")
         if self.damping > 1.0:

@@ -32,6 +32,10 @@ class FixedPointSolver(Protocol):
 
     #: Whether the constructor takes ``g=`` (the counted map); optional, default ``False``.
     needs_map: ClassVar[bool] = False
+    #: Whether autograd can record the iterations (no in-place history updates, no inner
+    #: autograd calls), so gradients may flow through them (``backward="unrolled"``);
+    #: optional, default ``False``.
+    differentiable: ClassVar[bool] = False
 
     def __init__(self, like: Tensor, **options: object) -> None: ...
 
