@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .implicit import BackwardMode, ForwardSolver, Unrolled, equilibrium
 from .nn.checks import check_number
 from .nn.deq import DEQ, check_input
-from .solvers import SolverStats
+from .solvers import SolverStats, unflatten_states
 from .solvers.callback import Restart, StepInfo, Stop
 from .solvers.validation import check_choice
 
@@ -420,8 +420,8 @@ class _EntropyReducingSolver(ForwardSolver):
     """``base``'s solve, with the layer's input moved to lower the entropy of
     ``head(f(z, x))`` after every ``every`` accepted steps, at most ``rounds`` times."""
 
-    def __init__(self, base: ForwardSolver, head: nn.Module, every: int, steps: int,
-                 step_size: float, eps: float, norm: str, rounds: int) -> None:
+    def __init__(self, base: ForwardSolver, head: Callable[[Tensor], Tensor], every: int,
+                 steps: int, step_size: float, eps: float, norm: str, rounds: int) -> None:
         super().__init__(base.solver, on_nonconvergence=base.on_nonconvergence,
                          **{k: v for k, v in base.options.items() if k != "callback"})
         self.head, self.every, self.steps, self.step_size = head, every, steps, step_size
@@ -489,8 +489,8 @@ def entropy_reduction(
 
     Args:
         model: a module with exactly one :class:`~contdeq.DEQ` layer (any variant).
-        head: the modules mapping the layer's state ``(B, *state_shape)`` to logits
-            ``(B, C)``.
+        head: the modules mapping the layer's state ``(B, *state_shape)`` (a multi-scale
+            layer's tuple of states) to logits ``(B, C)``.
         every: accepted solver steps between rounds (``>= 1``).
         steps: gradient steps per round (``>= 1``).
         step_size: length of each step (``> 0``).
@@ -517,7 +517,11 @@ def entropy_reduction(
                          f"(head maps its state to logits), found {len(layers)}")
 
     def defended(solver: ForwardSolver, layer: DEQ) -> ForwardSolver:
-        return _EntropyReducingSolver(solver, head, every, steps, step_size, eps, norm, rounds)
+        shapes = getattr(layer, "state_shapes", None)  # multi-scale: head takes the tuple
+        on_state = head if shapes is None else (
+            lambda flat: head(unflatten_states(flat, shapes, name="z")))
+        return _EntropyReducingSolver(solver, on_state, every, steps, step_size, eps, norm,
+                                      rounds)
 
     with _swapped_solvers(model, evaluation=defended):
         yield model

@@ -295,6 +295,38 @@ def test_entropy_reduction_lowers_entropy_within_the_ball(solver: str) -> None:
         torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
 
 
+class TupleHead(nn.Module):
+    """Logits from a 2-scale state ``((B, 2, 4, 4), (B, 2, 2, 2))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * 16 + 2 * 4, CLASSES, dtype=torch.float64)
+
+    def forward(self, zs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.linear(torch.cat([z.flatten(1) for z in zs], dim=1))
+
+
+def test_entropy_reduction_on_a_multi_scale_layer() -> None:
+    """A multi-scale layer's head gets the tuple of states, and the defence lowers the
+    entropy there too: catches a head called on the flat state."""
+    from tests.test_multiscale import make_layer, x_batch
+
+    torch.manual_seed(0)
+    deq = make_layer("DEQ", atol=1e-5, rtol=1e-5)
+    head = TupleHead()
+    model = nn.Sequential(deq, head).eval()
+    x = x_batch(3)
+    with torch.no_grad():
+        plain = model(x)
+        with entropy_reduction(model, head, every=2, step_size=0.2, eps=0.5, rounds=2):
+            defended = model(x)
+
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+    assert float(entropy(defended).mean()) < float(entropy(plain).mean()) - 1e-4
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"every": 0}, "every must be"),
     ({"steps": 0}, "steps must be"),
