@@ -263,12 +263,12 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-Swap = Callable[[ForwardSolver, DEQ], ForwardSolver]
+_Swap = Callable[[ForwardSolver, DEQ], ForwardSolver]
 
 
 @contextmanager
-def _swapped_solvers(model: nn.Module, *, train: Swap | None = None,
-                     evaluation: Swap | None = None, unrolled: bool = False
+def _swapped_solvers(model: nn.Module, *, train: _Swap | None = None,
+                     evaluation: _Swap | None = None, unrolled: bool = False
                      ) -> Iterator[nn.Module]:
     """Within the block, every equilibrium layer of ``model`` solves with
     ``train(solver, layer)`` in training and ``evaluation(eval_solver, layer)`` in eval mode
