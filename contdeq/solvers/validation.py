@@ -39,6 +39,21 @@ def all_finite(x: Tensor) -> bool:
     return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
+def is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is mapped by an active ``torch.func.vmap`` (at any transform level).
+
+    Data-dependent checks (``bool(...)`` of a tensor) cannot run on such a tensor; the
+    equilibrium layers skip their input's finiteness test there and let the batched solve
+    (which sees plain tensors) test the state and ``f``'s outputs instead.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        x = functorch.get_unwrapped(x)
+    return False
+
+
 def finite_where(x: Tensor, mask: Tensor) -> bool:
     """Whether ``x`` (``(B,)``) is finite wherever ``mask`` (``(B,)`` bool) is set; the
     :func:`all_finite` fast path first."""
