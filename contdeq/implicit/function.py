@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..solvers import SolverStats
+from ..solvers.validation import function_precision
 from .backward import BackwardConfig, BackwardMode
 from .diagnostics import CheckedCall
 from .options import UNROLLABLE_SOLVERS, ForwardSolver
@@ -44,6 +46,42 @@ class _WithParameters(nn.Module):
         return self.run()
 
 
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """``(device_type, enabled, dtype)`` of ``torch.autocast`` now, to be restored by
+    ``torch.autocast(device_type, dtype, enabled)``."""
+    return (device_type, torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type))
+
+
+def _checked(f: nn.Module, x: Tensor) -> CheckedCall:
+    """``fx(z) = f(z, x)`` with its first output checked. Under ``torch.autocast`` only ``f``
+    runs in autocast and its output is cast to the state's dtype: the solver's state, its
+    arithmetic and its tests keep ``x``'s dtype (run the solve in :func:`_outside_autocast`)."""
+    device_type, enabled, dtype = _autocast_state(x.device.type)
+    if not enabled:
+        return CheckedCall(f, x)
+
+    def in_state_dtype(z: Tensor, x: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            out = f(z, x)
+        return out.to(z.dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
+
+    return CheckedCall(in_state_dtype, x)
+
+
+@contextlib.contextmanager
+def _outside_autocast(device_type: str) -> Iterator[None]:
+    """A solver's own arithmetic outside ``torch.autocast`` (a bf16 Anderson Gram matrix
+    cannot be solved on CPU, and the state would silently change dtype); its default
+    tolerances follow the autocast dtype ``f`` computes in (:func:`function_precision`)."""
+    _, enabled, dtype = _autocast_state(device_type)
+    if not enabled:
+        yield
+        return
+    with torch.autocast(device_type, enabled=False), function_precision(dtype):
+        yield
+
+
 def _solve(problem: _Problem, z0: Tensor, x: Tensor, params: tuple[Tensor, ...]
            ) -> tuple[Tensor, SolverStats]:
     """The forward solve of ``f(., x)`` from ``z0`` with the parameter tensors ``params``.
@@ -54,11 +92,13 @@ def _solve(problem: _Problem, z0: Tensor, x: Tensor, params: tuple[Tensor, ...]
     solve, so that no solver step sees the transform's wrapped tensors.
     """
     own = dict(problem.f.named_parameters())
-    if all(own.get(name) is p for name, p in zip(problem.names, params, strict=True)):
-        return problem.solver(CheckedCall(problem.f, x), z0)
-    tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
-    runner = _WithParameters(problem.f, lambda: problem.solver(CheckedCall(problem.f, x), z0))
-    return functional_call(runner, tensors, ())
+    fx = _checked(problem.f, x)
+    with _outside_autocast(x.device.type):
+        if all(own.get(name) is p for name, p in zip(problem.names, params, strict=True)):
+            return problem.solver(fx, z0)
+        tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
+        runner = _WithParameters(problem.f, lambda: problem.solver(fx, z0))
+        return functional_call(runner, tensors, ())
 
 
 class ImplicitFunction(torch.autograd.Function):
@@ -88,6 +128,7 @@ class ImplicitFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         problem, _, x, *params = inputs
         ctx.problem = problem
+        ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(output, x, *params)
 
     @staticmethod
@@ -95,10 +136,12 @@ class ImplicitFunction(torch.autograd.Function):
         problem: _Problem = ctx.problem
         z, x, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        if _inside_transform():
-            grads = _implicit_gradients_func(problem, grad_z, z, x, params, needs)
-        else:
-            grads = _implicit_gradients(problem, grad_z, z, x, params, needs)
+        device_type, enabled, dtype = ctx.autocast  # f as in the forward (torch's custom_bwd)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            if _inside_transform():
+                grads = _implicit_gradients_func(problem, grad_z, z, x, params, needs)
+            else:
+                grads = _implicit_gradients(problem, grad_z, z, x, params, needs)
         if torch.is_grad_enabled() or _inside_transform():  # a second derivative may follow
             anchors = (grad_z, z, x, *params)
             grads = tuple(None if g is None else _RefuseDoubleBackward.apply(g, *anchors)
@@ -180,9 +223,10 @@ def _inside_transform() -> bool:
 
 
 def _call_f(problem: _Problem, z: Tensor, x: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """``f(z, x)`` ``(B, ...)`` with the parameter tensors ``params`` (and ``f``'s buffers)."""
+    """``f(z, x)`` ``(B, ...)`` with the parameter tensors ``params`` (and ``f``'s buffers), in
+    ``z``'s dtype (under ``torch.autocast`` ``f`` computes in the autocast dtype)."""
     tensors = {**problem.buffers, **dict(zip(problem.names, params, strict=True))}
-    return functional_call(problem.f, tensors, (z, x))
+    return functional_call(problem.f, tensors, (z, x)).to(z.dtype)
 
 
 def _implicit_gradients_func(problem: _Problem, grad_z: Tensor, z: Tensor, x: Tensor,
@@ -222,7 +266,7 @@ class _AdjointWeights(torch.autograd.Function):
             (g,) = torch.autograd.grad(fz, zr, w, retain_graph=True, allow_unused=True)
             return torch.zeros_like(w) if g is None else g
 
-        with torch.no_grad():
+        with torch.no_grad(), _outside_autocast(z.device.type):
             return problem.backward.gradient_weights(vjp, v, problem.record)
 
     @staticmethod
@@ -263,7 +307,7 @@ def _implicit_gradients(problem: _Problem, grad_z: Tensor, z: Tensor, x: Tensor,
         (g,) = torch.autograd.grad(fz, zr, w, retain_graph=True, allow_unused=True)
         return torch.zeros_like(w) if g is None else g
 
-    with torch.no_grad():
+    with torch.no_grad(), _outside_autocast(z.device.type):
         w = mode.gradient_weights(vjp, grad_z.detach(), problem.record)
     inputs = [t for t in (xr, *pr) if t.requires_grad]
     grads = iter(torch.autograd.grad(fz, inputs, w, allow_unused=True)) if inputs else iter(())
@@ -315,8 +359,8 @@ def equilibrium(
     names, params = trainable_parameters(f)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
     if not need_grad:
-        with torch.no_grad():
-            z, stats = solver(CheckedCall(f, x), z0)
+        with torch.no_grad(), _outside_autocast(x.device.type):
+            z, stats = solver(_checked(f, x), z0)
         return z, DEQStats(stats)
     if mode.differentiates_solver:
         if not solver.differentiable:
@@ -324,7 +368,9 @@ def equilibrium(
                 f"backward={mode!r} needs an autograd-safe forward solver {UNROLLABLE_SOLVERS}; "
                 f"solver={solver.solver!r} updates its history in place"
             )
-        z, stats = solver(CheckedCall(f, x), z0)
+        fx = _checked(f, x)
+        with _outside_autocast(x.device.type):
+            z, stats = solver(fx, z0)
         return z, DEQStats(stats)
     record = DEQStats.__new__(DEQStats)
     problem = _Problem(f, solver, mode, names, dict(f.named_buffers()), record)
