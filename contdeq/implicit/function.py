@@ -359,8 +359,9 @@ def equilibrium(
     names, params = trainable_parameters(f)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
     if not need_grad:
+        fx = _checked(f, x)
         with torch.no_grad(), _outside_autocast(x.device.type):
-            z, stats = solver(_checked(f, x), z0)
+            z, stats = solver(fx, z0)
         return z, DEQStats(stats)
     if mode.differentiates_solver:
         if not solver.differentiable:
