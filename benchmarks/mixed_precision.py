@@ -3,9 +3,9 @@
 The paper benchmark's digits-mlp task and DEQ(ode, ptc) model (``paper_tasks``,
 ``paper_models``; its full preset: width 64, batch 64, Adam 2e-3, 20 epochs, the same seeds,
 weights and batches for both precisions), trained once in float32 and once with the forward
-and the backward under ``torch.autocast`` (bfloat16 by default; parameters and optimizer stay
-float32; the layer's state takes the encoder output's dtype, the autocast dtype; the
-benchmark's explicit tolerances, 5e-3, are kept). Evaluation runs under the same
+and the backward under ``torch.autocast`` (bfloat16 by default; parameters, optimizer and the
+layer's solver state stay float32, ``f`` computes in the autocast dtype; the benchmark's
+explicit tolerances, 5e-3, are kept). Evaluation runs under the same
 autocast. The two precisions train interleaved epoch by epoch. Reported: final test accuracy
 per seed and precision, their difference, training time, forward NFE and backward iterations.
 float16 runs without a gradient scaler (bf16 needs none; fp16 gradients may underflow).
@@ -101,9 +101,9 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: tor
         f"One run, {cfg.epochs} epochs, batch {cfg.batch}, width {cfg.width[TASK]}, Adam "
         f"{cfg.lr:g}, the paper benchmark's tolerances (forward {TOL['tol']:g}, backward "
         f"{TOL['backward_tol']:g}); both precisions train interleaved epoch by epoch; autocast "
-        f"covers forward, backward and evaluation ({label}); parameters and optimizer stay "
-        f"float32, the layer's state takes the encoder output's dtype ({label} under "
-        "autocast). Training times come from a shared machine (noisy).",
+        f"covers forward, backward and evaluation ({label}); parameters, optimizer and the "
+        f"layer's solver state stay float32 (f computes in {label}). Training times come "
+        "from a shared machine (noisy).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -321,11 +321,13 @@ def _implicit_gradients(problem: _Problem, grad_z: Tensor, z: Tensor, x: Tensor,
     return tuple(out)
 
 
-def trainable_parameters(f: nn.Module) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
-    """Names and tensors of ``f``'s parameters that require grad (shared ones once)."""
+def trainable_parameters(f: nn.Module, only_requiring_grad: bool = True
+                         ) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """Names and tensors of ``f``'s parameters that require grad (all of them with
+    ``only_requiring_grad=False``; shared ones once)."""
     names, params = [], []
     for name, p in f.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad or not only_requiring_grad:
             names.append(name)
             params.append(p)
     return tuple(names), tuple(params)
@@ -352,13 +354,24 @@ def equilibrium(
     Returns:
         ``(z*, stats)``: ``z*`` shaped like ``z0``; ``stats.backward`` is filled in by the
         backward pass (implicit mode). When grad is disabled, or nothing requires grad, the
-        solve runs under ``no_grad`` and no autograd node is created.
+        solve runs under ``no_grad`` and no autograd node is created (except inside a
+        ``torch.func`` transform).
+
+    Under ``torch.autocast`` ``f`` computes in the autocast dtype, while the solver's state,
+    arithmetic and convergence test stay in ``z0``'s dtype, float32 for a half-precision
+    ``z0``; so ``z*`` is float32 then. Default tolerances follow the autocast dtype
+    (:func:`~contdeq.solvers.validation.default_tolerance`); the backward runs ``f`` under
+    the forward's autocast state.
     """
     _check_equilibrium_arguments(f, x, z0, solver)
     mode = BackwardConfig("implicit" if backward is None else backward)
-    names, params = trainable_parameters(f)
+    transform = _inside_transform()
+    # Under a transform every parameter goes to ImplicitFunction (vmap must see mapped ones,
+    # which need not require grad); otherwise only those that require grad.
+    names, params = trainable_parameters(f, only_requiring_grad=not transform)
+    z0 = _state_under_autocast(z0)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
-    if not need_grad:
+    if not need_grad and not transform:  # vmap needs ImplicitFunction's rule
         fx = _checked(f, x)
         with torch.no_grad(), _outside_autocast(x.device.type):
             z, stats = solver(fx, z0)
@@ -380,6 +393,16 @@ def equilibrium(
     record.forward = problem.forward_stats
     record.backward = None
     return z, record
+
+
+def _state_under_autocast(z0: Tensor) -> Tensor:
+    """``z0`` in float32 when it is half precision under ``torch.autocast`` (an input computed
+    under autocast is): a bf16 state stagnates where ``f(z)`` rounds to ``z`` (``f(z) - z``
+    exactly 0 short of the fixed point). ``f`` still computes in the autocast dtype."""
+    if z0.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            z0.device.type):
+        return z0.float()
+    return z0
 
 
 def _check_equilibrium_arguments(f: object, x: object, z0: object, solver: object) -> None:
