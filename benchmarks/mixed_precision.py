@@ -3,7 +3,7 @@
 The paper benchmark's digits-mlp task and DEQ(ode, ptc) model (``paper_tasks``,
 ``paper_models``; its full preset: width 64, batch 64, Adam 2e-3, 20 epochs, the same seeds,
 weights and batches for both precisions), trained once in float32 and once with the forward
-and the backward under ``torch.autocast`` (bfloat16 by default; parameters, optimizer and the
+and the loss under ``torch.autocast`` (bfloat16 by default; parameters, optimizer and the
 layer's solver state stay float32, ``f`` computes in the autocast dtype; the benchmark's
 explicit tolerances, 5e-3, are kept). Evaluation runs under the same
 autocast. The two precisions train interleaved epoch by epoch. Reported: final test accuracy
@@ -19,18 +19,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, write_results
-from paper import PRESETS, Config, evaluate, train_epoch
-from paper_models import TOL, build_model
-from paper_tasks import load_task
+from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
+from paper import PRESETS, Config, epoch_order, evaluate
+from paper_models import TOL, build_model, layer_counts
+from paper_tasks import Task, load_task
 
 MODEL = "DEQ(ode, ptc)"
 TASK = "digits-mlp"
@@ -44,6 +46,34 @@ def precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype)
 
 
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
+                seed: int, epoch: int, dtype: torch.dtype | None) -> dict[str, float]:
+    """One epoch with the forward and the loss under :func:`precision` (PyTorch's recipe:
+    ``backward()`` and the optimizer step outside autocast; contdeq's implicit backward runs
+    ``f`` under the forward's autocast state anyway). The batches of ``paper.train_epoch``."""
+    model.train()
+    device = task.x_train.device
+    perm = epoch_order(len(task.x_train), seed, epoch, device)
+    seconds, fwd, bwd = 0.0, [], []
+    for i in range(0, len(perm), batch):
+        idx = perm[i:i + batch]
+        xb, yb = task.x_train[idx], task.y_train[idx]
+        synchronize(device)
+        start = time.perf_counter()
+        with precision(device, dtype):
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        synchronize(device)
+        seconds += time.perf_counter() - start
+        f_nfe, b_it = layer_counts(model.layer)
+        fwd.append(f_nfe)
+        bwd.append(b_it or 0)
+    return {"train_s": seconds, "forward_nfe": sum(fwd) / len(fwd),
+            "backward_iterations": sum(bwd) / len(bwd)}
+
+
 def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESULTS
         ) -> list[dict[str, Any]]:
     """Train both precisions for every seed of ``cfg``; write and return the rows."""
@@ -55,10 +85,12 @@ def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESUL
         for name, cast in (("float32", None), (f"autocast {label}", dtype)):
             model = build_model(MODEL, task, seed)
             cells[name] = (model, torch.optim.Adam(model.parameters(), lr=cfg.lr), cast, [])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for epoch in range(cfg.epochs):
             for model, opt, cast, history in cells.values():
+                record = train_epoch(model, opt, task, cfg.batch, seed, epoch, cast)
                 with precision(device, cast):
-                    record = train_epoch(model, opt, task, cfg.batch, seed, epoch)
                     record["test_acc"] = evaluate(model, task, cfg.batch)[0]
                 history.append(record)
         for name, (_, _, _, history) in cells.items():
@@ -101,7 +133,9 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: tor
         f"One run, {cfg.epochs} epochs, batch {cfg.batch}, width {cfg.width[TASK]}, Adam "
         f"{cfg.lr:g}, the paper benchmark's tolerances (forward {TOL['tol']:g}, backward "
         f"{TOL['backward_tol']:g}); both precisions train interleaved epoch by epoch; autocast "
-        f"covers forward, backward and evaluation ({label}); parameters, optimizer and the "
+        f"({label}) covers the forward, the loss and evaluation (backward() and the optimizer "
+        "step run outside it, contdeq's implicit backward under the forward's autocast "
+        "state); parameters, optimizer and the "
         f"layer's solver state stay float32 (f computes in {label}). Training times come "
         "from a shared machine (noisy).",
     ]
