@@ -25,16 +25,22 @@ def progress_bar(total: int, desc: str) -> tqdm:
 
 
 def time_min(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` timed runs of ``fn()`` in seconds, after one warm-up run.
+    """Fastest of ``repeats`` timed runs of ``fn()`` in seconds, after one warm-up run (CUDA
+    work synchronized around each run once CUDA is in use).
 
     The minimum, not the median: on a shared machine other load only ever adds time, so the
     fastest run is the best estimate of the code's own cost.
     """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     fn()
     best = float("inf")
     for _ in range(repeats):
+        if cuda:  # time finished work only
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
