@@ -151,3 +151,23 @@ def test_bf16_model_converges_with_defaults(solver: str) -> None:
     assert bool(model.stats.forward.converged.all())
     assert bool(model.stats.backward.converged.all())
     assert model.f.inp.weight.grad is not None and model.f.inp.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_forward_and_implicit_backward(dtype: torch.dtype) -> None:
+    """On CUDA, fp16 and bf16 autocast run the forward and the implicit backward with default
+    tolerances, and the gradients agree with the float32 CUDA ones to half precision."""
+    torch.manual_seed(0)
+    model = contdeq.DEQ(Cell(), solver="anderson", on_nonconvergence="raise").cuda()
+    x = torch.randn(8, 16, device="cuda")
+
+    def grads(autocast: bool) -> list[Tensor]:
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        assert (a - b).norm() <= 0.2 * b.norm()
