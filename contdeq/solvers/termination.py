@@ -15,15 +15,8 @@ import torch
 from torch import Tensor
 
 
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of norms and tolerances of a ``dtype`` state: at least float32 (a bf16
-    tolerance would itself carry a relative rounding error of up to ``2**-8``)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def sample_rms(x: Tensor, factor: float = 1.0) -> Tensor:
-    """Root-mean-square of each sample, times ``factor``: ``(B, ...) -> (B,)``, in ``x``'s dtype,
-    at least float32 (:func:`norm_dtype`).
+    """Root-mean-square of each sample, times ``factor``: ``(B, ...) -> (B,)``, in ``x``'s dtype.
 
     States of less than double precision are accumulated in float64: a float32 sum of squares
     overflows for entries above about ``1e19`` (a finite state reported as non-finite) and
@@ -35,7 +28,7 @@ def sample_rms(x: Tensor, factor: float = 1.0) -> Tensor:
     if flat.dtype == torch.float64:
         return torch.linalg.vector_norm(flat, dim=1) * scale
     rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).mul_(scale)
-    return rms.to(norm_dtype(flat.dtype))
+    return rms.to(flat.dtype)
 
 
 @dataclass(frozen=True)
@@ -48,8 +41,7 @@ class SteadyStateCondition:
     def tolerance(self, z: Tensor) -> Tensor:
         """``(B,)`` tolerance of each sample at state ``z``."""
         if self.rtol == 0.0:
-            return torch.full((z.shape[0],), self.atol, dtype=norm_dtype(z.dtype),
-                              device=z.device)
+            return torch.full((z.shape[0],), self.atol, dtype=z.dtype, device=z.device)
         tol = sample_rms(z, self.rtol)
         return tol if self.atol == 0.0 else tol.add_(self.atol)  # in place: called every step
 
