@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, write_results
 from federated_digits import budgets, make_task, model_factory
 
 from contdeq.federated import QualityWeightedFedAvg, run_federated
@@ -195,7 +195,12 @@ def main() -> None:
                         help="only re-render the table and figure from the JSON in --out")
     parser.add_argument("--append", action="store_true",
                         help="add the new runs to the rows already in --out's JSON")
+    add_device_argument(parser)
     args = parser.parse_args()
+    if args.device.type != "cpu":
+        parser.error(f"--device {args.device}: not supported here; the clients train inside "
+                     "Flower's simulation (contdeq.federated.run_federated), which has no "
+                     "device option and runs on the CPU")
     torch.set_num_threads(1)
     if args.render:
         rows = json.loads((args.out / "federated.json").read_text())

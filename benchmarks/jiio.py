@@ -44,7 +44,7 @@ from contdeq.jiio import joint_inference, nested_inference
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, write_results
 from jiio_tasks import (
     ATTACK_SOLVER,
     ATTACK_STEP,
@@ -203,7 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run (tests)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    if args.device.type != "cpu":
+        parser.error(f"--device {args.device}: not supported here; the decoder, classifier and "
+                     "their training come from the examples' task module "
+                     "(examples/jiio_tasks.py), which build their tensors on the CPU")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     quiet = (lambda message: None) if args.quick else print

@@ -27,7 +27,7 @@ from torch import nn
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SavedTensors, machine_header, write_results
+from common import SavedTensors, add_device_argument, machine_header, write_results
 from paper_tasks import TanhCell
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     RESULTS,
     SavedTensors,
+    add_device_argument,
     machine_header,
     progress_bar,
     synchronize,
@@ -516,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "ODE integrators 10x tighter)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 for --quick/--smoke)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="save a checkpoint per model and epoch here")

@@ -6,7 +6,8 @@ gradient, PGD-20 through the unrolled solver (``contdeq.robust.unrolled_gradient
 torchattacks' gradient-free Square attack. Not the full robustness benchmark (issue #16): one
 seed, a few epochs, a few hundred test digits.
 
-Usage: ``python benchmarks/robust_check.py [--epochs 8] [--n-test 200] [--eps 0.1]``
+Usage: ``python benchmarks/robust_check.py [--epochs 8] [--n-test 200] [--eps 0.1]
+[--device cpu]``
 (writes ``benchmarks/results/robust_check.md`` and ``.json``).
 """
 
@@ -29,10 +30,15 @@ from contdeq.robust import pgd, robust_accuracy, unrolled_gradients
 from contdeq.solvers import ConvergenceWarning
 
 try:
-    from benchmarks.common import machine_header, write_results
+    from benchmarks.common import add_device_argument, machine_header, synchronize, write_results
     from benchmarks.paper_tasks import TanhCell
 except ImportError:  # run as a script from benchmarks/
-    from common import machine_header, write_results  # type: ignore[no-redef]
+    from common import (  # type: ignore[no-redef]
+        add_device_argument,
+        machine_header,
+        synchronize,
+        write_results,
+    )
     from paper_tasks import TanhCell  # type: ignore[no-redef]
 
 WIDTH = 32
@@ -155,17 +161,20 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results name (default robust_check)")
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = digits(args.seed)
-    x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
-    x_test, y_test = x_test[:args.n_test], y_test[:args.n_test]
+    x_train, y_train = x_train[:args.n_train].to(args.device), y_train[:args.n_train].to(
+        args.device)
+    x_test, y_test = x_test[:args.n_test].to(args.device), y_test[:args.n_test].to(args.device)
     start = time.perf_counter()
     rows = []
     for kind in ("DEQ", "LyapunovDEQ"):
-        model = build(kind, args.seed)
+        model = build(kind, args.seed).to(args.device)
         t0 = time.perf_counter()
         train(model, x_train, y_train, args.epochs, args.seed)
+        synchronize(args.device)
         row = {"model": kind, "train_backward": "implicit" if kind == "DEQ" else "jfb",
                "train_seconds": round(time.perf_counter() - t0, 1)}
         row.update(evaluate(model, x_test, y_test, args.eps))

@@ -8,7 +8,8 @@ contractive layers ``f(z) = tanh(W z + x)`` (``||W||_2 = 0.9``) to ``atol = rtol
 reports the fastest of ``rounds`` x ``calls`` solves (other load only adds time) and the NFE of
 both versions, which must agree.
 
-Usage: ``python benchmarks/solver_ab.py --base REV [--batch 64] [--width 64] [--tol 5e-3]``.
+Usage: ``python benchmarks/solver_ab.py --base REV [--batch 64] [--width 64] [--tol 5e-3]
+[--device cpu]``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header
+from common import add_device_argument, machine_header, peak_cuda_megabytes, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 #: Row name -> ``(package, f, z0, tol) -> solve``.
 CASES: dict[str, Callable[..., Callable[[], object]]] = {
     "steady_state ptc": lambda m, f, z0, tol: lambda: m.solvers.steady_state(
@@ -81,14 +83,14 @@ def forget(name: str) -> None:
         del sys.modules[key]
 
 
-def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, calls: int
-            ) -> list[dict[str, float | str]]:
+def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, calls: int,
+            device: torch.device = CPU) -> list[dict[str, float | str]]:
     """Time every case of :data:`CASES` for ``base`` and this tree's ``contdeq`` in turn."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(width, width, generator=gen)
-    w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
-    x = torch.randn(batch, width, generator=gen)
-    z0 = torch.zeros(batch, width)
+    w = (0.9 * w / torch.linalg.matrix_norm(w, 2)).to(device)
+    x = torch.randn(batch, width, generator=gen).to(device)
+    z0 = torch.zeros(batch, width, device=device)
 
     def f(z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(z @ w.T + x)
@@ -101,9 +103,11 @@ def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, c
             solve()  # warm-up
         for _ in range(rounds):
             for key, solve in solves.items():
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(calls):
                     solve()
+                synchronize(device)
                 best[key] = min(best[key], (time.perf_counter() - start) / calls)
         rows = []
         for case in CASES:
@@ -132,17 +136,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             base = import_revision(args.base, "contdeq_base", Path(tmp))
-            rows = compare(base, args.batch, args.width, args.tol, args.rounds, args.calls)
+            rows = compare(base, args.batch, args.width, args.tol, args.rounds, args.calls,
+                           args.device)
         finally:
             forget("contdeq_base")
     header = (f"Solver loops, `{args.base}` (base) against this tree (new): batch {args.batch}, "
               f"width {args.width}, tol {args.tol:g}, fastest of {args.rounds} x {args.calls} "
-              f"solves ({machine_header()})")
+              f"solves ({machine_header()}, device {args.device})")
+    peak = peak_cuda_megabytes(args.device)
+    if peak is not None:
+        header += f"; peak CUDA memory {peak:.1f} MiB"
     print(to_markdown(rows, header))
     return rows
 

@@ -10,7 +10,7 @@ For each problem size, a batch of contractive tanh layers ``f(z) = tanh(W z + U 
   beyond its function calls. The f-call time is re-measured next to every solve (fastest of
   several), because this machine is shared and its speed drifts.
 
-Usage: ``python benchmarks/solvers.py [--quick] [--out benchmarks/results]``.
+Usage: ``python benchmarks/solvers.py [--quick] [--out benchmarks/results] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ import torch
 from contdeq.solvers import SolverStats, fixed_point, steady_state
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, time_min, write_results
+from common import (
+    RESULTS,
+    add_device_argument,
+    machine_header,
+    synchronize,
+    time_min,
+    write_results,
+)
 
 TOL = 1e-4
+CPU = torch.device("cpu")
 SOLVERS: list[tuple[str, str, str]] = [
     ("steady_state", "dopri5", "lean"),
     ("steady_state", "dopri5", "torchdiffeq"),
@@ -55,20 +63,23 @@ class Problem:
     z0: torch.Tensor
 
 
-def dense_problem(batch: int, width: int, seed: int = 0) -> Problem:
+def dense_problem(batch: int, width: int, seed: int = 0,
+                  device: torch.device = CPU) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(width, width, generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
     u = torch.randn(width, width, generator=gen) / width**0.5
-    ux = torch.randn(batch, width, generator=gen) @ u.T
+    ux = (torch.randn(batch, width, generator=gen) @ u.T).to(device)
+    w = w.to(device)
 
     def f(z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(torch.addmm(ux, z, w.T))
 
-    return Problem(f"dense B={batch} D={width}", f, torch.zeros(batch, width))
+    return Problem(f"dense B={batch} D={width}", f, torch.zeros(batch, width, device=device))
 
 
-def conv_problem(batch: int, channels: int, size: int, seed: int = 0) -> Problem:
+def conv_problem(batch: int, channels: int, size: int, seed: int = 0,
+                 device: torch.device = CPU) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     with torch.no_grad():
@@ -79,13 +90,14 @@ def conv_problem(batch: int, channels: int, size: int, seed: int = 0) -> Problem
             v = v / v.norm()
         sigma = conv(v).norm()
         conv.weight.mul_(0.9 / sigma)
-    x = torch.randn(batch, channels, size, size, generator=gen)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device)
+    conv.to(device)
 
     def f(z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(conv(z) + x)
 
     return Problem(f"conv B={batch} C={channels} {size}x{size}", f,
-                   torch.zeros(batch, channels, size, size))
+                   torch.zeros(batch, channels, size, size, device=device))
 
 
 def run_solver(problem: Problem, kind: str, method: str, backend: str) -> SolverStats:
@@ -108,8 +120,10 @@ def benchmark(problem: Problem, repeats: int, skip_slow: bool) -> list[dict]:
         f_time, wall = float("inf"), float("inf")
         for _ in range(repeats):  # alternate f and solve timings so drift hits both alike
             f_time = min(f_time, time_min(f_call, 5))
+            synchronize(problem.z0.device)
             start = time.perf_counter()
             stats = run_solver(problem, kind, method, backend)
+            synchronize(problem.z0.device)
             wall = min(wall, time.perf_counter() - start)
         label = f"{kind} {method}" + (f" [{backend}]" if backend else "")
         rows.append({
@@ -160,24 +174,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
+    dev = args.device
     if args.quick:
-        problems = [(dense_problem(256, 64), 1, False), (dense_problem(128, 128), 1, False)]
+        problems = [(dense_problem(256, 64, device=dev), 1, False),
+                    (dense_problem(128, 128, device=dev), 1, False)]
     else:
         problems = [
-            (dense_problem(256, 64), 3, False),
-            (dense_problem(128, 128), 3, False),
-            (dense_problem(256, 512), 3, False),
-            (dense_problem(256, 2048), 1, True),
-            (conv_problem(64, 16, 16), 1, False),
+            (dense_problem(256, 64, device=dev), 3, False),
+            (dense_problem(128, 128, device=dev), 3, False),
+            (dense_problem(256, 512, device=dev), 3, False),
+            (dense_problem(256, 2048, device=dev), 1, True),
+            (conv_problem(64, 16, 16, device=dev), 1, False),
         ]
     rows = []
     with torch.no_grad():
         for problem, repeats, skip_slow in problems:
             print(problem.name, flush=True)
             rows += benchmark(problem, repeats, skip_slow)
-    header = f"Solver benchmark (atol = rtol = {TOL}; {machine_header()})"
+    header = f"Solver benchmark (atol = rtol = {TOL}; {machine_header()}, device {dev})"
     md = to_markdown(rows, header) + "\n" + "\n".join(ratios(rows)) + "\n"
     write_results("solvers_quick" if args.quick else "solvers", md, rows, args.out)
 

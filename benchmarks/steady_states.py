@@ -7,7 +7,7 @@ Every method runs with its default tolerances; explicit methods get a step budge
 that raises is recorded with the error's name, not allowed to stop the benchmark. Runs are
 interleaved (repeat r runs every method once) and the median time is reported.
 
-Usage: ``python benchmarks/steady_states.py [--quick] [--repeats N] [--out DIR]``.
+Usage: ``python benchmarks/steady_states.py [--quick] [--repeats N] [--out DIR] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stiff_problems
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
 
 from contdeq.implicit import solve_adjoint
 from contdeq.solvers import fixed_point, steady_state
@@ -35,9 +35,13 @@ EXPLICIT_BUDGET = 2000
 #: this many unknowns.
 HYBR_MAX_UNKNOWNS = 1000
 BACKWARD_METHODS = ("gmres", "anderson", "picard", "broyden")
+CPU = torch.device("cpu")
 
 
-def _ours(problem: stiff_problems.StiffProblem, method: str) -> Callable[[], dict]:
+def _ours(problem: stiff_problems.StiffProblem, method: str, device: torch.device = CPU
+          ) -> Callable[[], dict]:
+    z0 = problem.z0.to(device)
+
     def run() -> dict:
         calls = [0]
 
@@ -46,15 +50,16 @@ def _ours(problem: stiff_problems.StiffProblem, method: str) -> Callable[[], dic
             return problem.rhs(z)
 
         if method == "newton":
-            z, stats = fixed_point(lambda z: func(None, z) + z, problem.z0, method="newton",
+            z, stats = fixed_point(lambda z: func(None, z) + z, z0, method="newton",
                                    on_nonconvergence="ignore")
         else:
             budget = {} if method == "implicit_ptc" else {"max_steps": EXPLICIT_BUDGET}
-            z, stats = steady_state(func, problem.z0, method=method, on_nonconvergence="ignore",
+            z, stats = steady_state(func, z0, method=method, on_nonconvergence="ignore",
                                     **budget)
+        synchronize(device)
         outcome = "converged" if stats.all_converged else f"not converged ({stats.stop_reason})"
         return {"outcome": outcome, "nfe": stats.nfe, "jvps": stats.jvps,
-                "linear_iterations": stats.linear_iterations, "z": z}
+                "linear_iterations": stats.linear_iterations, "z": z.cpu()}
 
     return run
 
@@ -88,9 +93,10 @@ def _scipy(problem: stiff_problems.StiffProblem, method: str) -> Callable[[], di
     return run
 
 
-def _steady_rows(problem: stiff_problems.StiffProblem, repeats: int) -> list[dict]:
+def _steady_rows(problem: stiff_problems.StiffProblem, repeats: int,
+                 device: torch.device = CPU) -> list[dict]:
     methods: dict[str, Callable[[], dict]] = {
-        m: _ours(problem, m) for m in ("implicit_ptc", "newton", "ptc", "dopri5")
+        m: _ours(problem, m, device) for m in ("implicit_ptc", "newton", "ptc", "dopri5")
     }
     methods["scipy newton_krylov"] = _scipy(problem, "scipy newton_krylov")
     unknowns = problem.z0[0].numel()
@@ -127,20 +133,24 @@ def _steady_rows(problem: stiff_problems.StiffProblem, repeats: int) -> list[dic
     return rows
 
 
-def _backward_rows(width: int, batch: int, repeats: int) -> list[dict]:
+def _backward_rows(width: int, batch: int, repeats: int, device: torch.device = CPU
+                   ) -> list[dict]:
     """The near-edge DEQ backward: VJPs to the default tolerance (1e-4, 100 steps) by each
     backward method, and the error of ``w`` against the dense implicit-function-theorem one."""
     cell, x, z_star = stiff_problems.near_edge_cell(width, batch)
+    cell, x, z_star = cell.to(device), x.to(device), z_star.to(device)
     zr = z_star.clone().requires_grad_(True)
     fz = cell(zr, x)
 
     def vjp(w: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(fz, zr, w, retain_graph=True)[0]
 
-    v = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(batch, width, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1)).to(device)
     jac = (1 - fz.detach() ** 2).unsqueeze(2) * cell.lin.weight.detach()
     radius = float(torch.linalg.eigvals(jac).abs().amax())
-    exact = torch.linalg.solve((torch.eye(width, dtype=torch.float64) - jac).transpose(1, 2), v)
+    eye = torch.eye(width, dtype=torch.float64, device=device)
+    exact = torch.linalg.solve((eye - jac).transpose(1, 2), v)
     results: dict[str, dict] = {}
     times: dict[str, list[float]] = {m: [] for m in BACKWARD_METHODS}
     for _ in range(repeats):
@@ -148,6 +158,7 @@ def _backward_rows(width: int, batch: int, repeats: int) -> list[dict]:
             start = time.perf_counter()
             try:
                 w, stats = solve_adjoint(vjp, v, method=method, on_nonconvergence="ignore")
+                synchronize(device)
                 error = float(((w - exact).norm(dim=1) / exact.norm(dim=1)).max())
                 outcome = ("converged" if stats.all_converged
                            else f"not converged ({stats.stop_reason})")
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -197,17 +209,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         problems = [stiff_problems.heat(), stiff_problems.bratu(),
                     stiff_problems.scipy_tutorial_pde(75), stiff_problems.spd_linear()]
         repeats, edge = args.repeats, (64, 4)
-    _ours(stiff_problems.heat(n=10), "implicit_ptc")()  # warm-up: autograd's first use
-    _ours(stiff_problems.heat(n=10), "newton")()
+    _ours(stiff_problems.heat(n=10), "implicit_ptc", args.device)()  # warm-up: autograd's
+    _ours(stiff_problems.heat(n=10), "newton", args.device)()  # first use
     rows = []
     for problem in problems:
         print(problem.name, flush=True)
-        rows += _steady_rows(problem, repeats)
+        rows += _steady_rows(problem, repeats, args.device)
     print("near-edge backward", flush=True)
-    rows += _backward_rows(*edge, repeats)
+    rows += _backward_rows(*edge, repeats, args.device)
     header = (f"Stiff steady states (default tolerances; explicit methods capped at "
               f"{EXPLICIT_BUDGET} steps; error: max |z - z_ref| / max |z_ref|, backward: "
-              f"relative error of w; {machine_header()}, shared machine, noisy)")
+              f"relative error of w; {machine_header()}, device {args.device}; scipy on the CPU; "
+              "shared machine, noisy)")
     write_results("steady_states_quick" if args.quick else "steady_states",
                   to_markdown(rows, header), rows, args.out)
     return rows

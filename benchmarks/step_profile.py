@@ -35,7 +35,7 @@ from torch import nn
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, synchronize, write_results
+from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
 from paper import Config, epoch_order
 from paper_headline import ratio
 from paper_models import MODELS, TOL, build_model, layer_counts
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=None, help="truncate the training set")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.epochs < 1:

@@ -29,6 +29,22 @@ class StiffProblem:
     numpy_residual: Callable[[np.ndarray, int], np.ndarray]
 
 
+class PerDevice:
+    """A problem's data tensor, copied once to each device and dtype a state asks for (the
+    problems are built on the CPU; ``--device cuda`` runs pass CUDA states)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.copies = {(tensor.device, tensor.dtype): tensor}
+
+    def like(self, z: Tensor) -> Tensor:
+        """The data on ``z``'s device, in ``z``'s dtype (shape of the data)."""
+        key = (z.device, z.dtype)
+        if key not in self.copies:
+            self.copies[key] = self.tensor.to(z)
+        return self.copies[key]
+
+
 def _second_difference(u: Tensor, left: float, right: float, h: float) -> Tensor:
     """``(u[i+1] - 2 u[i] + u[i-1]) / h^2`` along the last dimension with Dirichlet values."""
     padded = F_.pad(u, (1, 0), value=left)
@@ -70,15 +86,16 @@ def heat(n: int = 100, batch: int = 2) -> StiffProblem:
     linear, Jacobian eigenvalues from about ``-pi^2`` to ``-4 (n + 1)^2``."""
     h = 1.0 / (n + 1)
     x = torch.linspace(h, 1 - h, n, dtype=torch.float64)
-    source = torch.stack([torch.sin(torch.pi * x) * (b + 1) + 1.0 for b in range(batch)])
+    source = PerDevice(torch.stack([torch.sin(torch.pi * x) * (b + 1) + 1.0
+                                    for b in range(batch)]))
 
     def rhs(u: Tensor) -> Tensor:
-        return _second_difference(u, 0.0, 0.0, h) + source.to(u.dtype)
+        return _second_difference(u, 0.0, 0.0, h) + source.like(u)
 
     lap = (torch.diag(torch.full((n - 1,), 1.0, dtype=torch.float64), -1)
            + torch.diag(torch.full((n,), -2.0, dtype=torch.float64))
            + torch.diag(torch.full((n - 1,), 1.0, dtype=torch.float64), 1)) / h**2
-    reference = torch.linalg.solve(lap, -source.T).T
+    reference = torch.linalg.solve(lap, -source.tensor.T).T
     return StiffProblem("heat", rhs, torch.zeros(batch, n, dtype=torch.float64), reference,
                         _numpy(rhs, (n,), batch))
 
@@ -134,10 +151,11 @@ def spd_linear(n: int = 100, condition: float = 1e4, batch: int = 2, seed: int =
     eig = torch.logspace(0.0, float(np.log10(condition)), n, dtype=torch.float64)
     a = q @ torch.diag_embed(eig.expand(batch, n)) @ q.transpose(1, 2)
     b = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    a_on, b_on = PerDevice(a), PerDevice(b)
 
     def rhs(z: Tensor) -> Tensor:
         # A broadcast product, not bmm: float64 bmm with two threads crawls on a loaded CPU.
-        return b.to(z.dtype) - (a.to(z.dtype) * z.unsqueeze(1)).sum(2)
+        return b_on.like(z) - (a_on.like(z) * z.unsqueeze(1)).sum(2)
 
     return StiffProblem("spd_1e4", rhs, torch.zeros(batch, n, dtype=torch.float64),
                         torch.linalg.solve(a, b), _numpy(rhs, (n,), batch))

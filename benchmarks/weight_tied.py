@@ -40,7 +40,7 @@ from torch import Tensor, nn
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, write_results
 from paper import Config, aggregate, f_call_time, summarize, train_interleaved
 from paper_models import (
     TOL,
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--mask-repeats", type=int, default=30,
                         help="interleaved rounds of the mask-cost measurement")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else "smoke" if args.smoke else "full"

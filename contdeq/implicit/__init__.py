@@ -33,7 +33,7 @@ from .backward import (
     solve_adjoint,
 )
 from .diagnostics import check_output, first_call
-from .function import ImplicitFunction, equilibrium, trainable_parameters
+from .function import DoubleBackwardError, ImplicitFunction, equilibrium, trainable_parameters
 from .options import FORWARD_SOLVERS, UNROLLABLE_SOLVERS, ForwardSolver
 from .stats import DEQStats
 
@@ -46,6 +46,7 @@ __all__ = [
     "BackwardConfig",
     "BackwardMode",
     "DEQStats",
+    "DoubleBackwardError",
     "ForwardSolver",
     "Implicit",
     "ImplicitFunction",

@@ -31,7 +31,12 @@ from ..solvers import (
 )
 from ..solvers.errors import report_nonconvergence
 from ..solvers.gmres import gmres
-from ..solvers.validation import check_on_nonconvergence, check_positive_float, check_positive_int
+from ..solvers.validation import (
+    check_on_nonconvergence,
+    check_positive_float,
+    check_positive_int,
+    default_tolerance,
+)
 from .options import check_solver_options
 from .stats import DEQStats
 
@@ -99,7 +104,9 @@ class Implicit(BackwardMode):
             ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of ``dw/dt = J^T w + v - w``).
         tol: relative tolerance of the linear solve. The test is scale-invariant:
             ``rms(J^T w + v - w)_b <= tol * rms(w_b)`` for each sample ``b`` (``atol = 0``), so
-            the tiny right-hand sides of a batch-mean loss do not inflate iterations.
+            the tiny right-hand sides of a batch-mean loss do not inflate iterations. Default
+            (``None``): ``1e-4``, or ``2 * eps`` of a half-precision gradient or autocast dtype
+            (:func:`~contdeq.solvers.validation.default_tolerance`).
         max_steps: iteration cap of the linear solve.
         options: extra options of the linear solver (``memory``, ``damping``, ...; for
             ``"ode"`` the keywords of :func:`~contdeq.solvers.steady_state`, e.g. ``method``).
@@ -110,7 +117,7 @@ class Implicit(BackwardMode):
     """
 
     method: str = "anderson"
-    tol: float = 1e-4
+    tol: float | None = None
     max_steps: int = 100
     options: Mapping[str, Any] = field(default_factory=dict)
     on_nonconvergence: str | None = None
@@ -166,7 +173,8 @@ def _check_implicit(method: object, tol: object, max_steps: object, options: Map
     """Validate :class:`Implicit`'s fields; messages name them with ``prefix`` (the layers'
     keywords are ``backward_method``, ``backward_tol``, ...)."""
     BACKWARD_METHODS.check(method, f"{prefix}method")
-    check_positive_float(tol, f"{prefix}tol")
+    if tol is not None:
+        check_positive_float(tol, f"{prefix}tol")
     check_positive_int(max_steps, f"{prefix}max_steps")
     if on_nonconvergence is not None:
         check_on_nonconvergence(on_nonconvergence)
@@ -215,7 +223,7 @@ def BackwardConfig(
     elif isinstance(mode, str):
         BACKWARD_MODES.check(mode, "backward")
         if mode == "implicit":
-            _check_implicit(keywords.get("method", "anderson"), keywords.get("tol", 1e-4),
+            _check_implicit(keywords.get("method", "anderson"), keywords.get("tol"),
                             keywords.get("max_steps", 100), keywords.get("options", {}),
                             on_nonconvergence, prefix="backward_")
             resolved = Implicit(**keywords)
@@ -234,7 +242,7 @@ def solve_adjoint(
     v: Tensor,
     *,
     method: str = "anderson",
-    tol: float = 1e-4,
+    tol: float | None = None,
     max_steps: int = 100,
     on_nonconvergence: str = "warn",
     **options: Any,
@@ -249,7 +257,8 @@ def solve_adjoint(
             "dopri5")``) or ``"gmres"`` (restarted GMRES on ``(I - J^T) w = v``, option
             ``restart=60``; its test is relative to ``rms(v_b)``, stricter than ``rms(w_b)``
             where ``|w| > |v|``).
-        tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``.
+        tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``; default
+            :func:`~contdeq.solvers.validation.default_tolerance` of ``v``'s dtype (``1e-4``).
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
         **options: passed to :func:`~contdeq.solvers.fixed_point` or
@@ -269,6 +278,8 @@ def solve_adjoint(
             max_steps=max_steps, on_nonconvergence=on_nonconvergence, **options,
         )
         return w.squeeze(1), stats
+    if tol is None:
+        tol = default_tolerance(v.dtype, v.device.type)
     if not bool(torch.isfinite(v).all()):
         raise NonFiniteError(
             "the gradient arriving at the equilibrium layer's output contains NaN or Inf", 0

@@ -17,6 +17,7 @@ from ..implicit import (
 )
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
 from ..solvers.structure import as_shape
+from ..solvers.validation import is_vmapped
 from .checks import check_number
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .per_thread import PerThreadResults
@@ -33,7 +34,7 @@ def check_input(x: object, name: str = "x") -> Tensor:
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension first, got shape "
                          f"{tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if not is_vmapped(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return x
 

@@ -98,21 +98,25 @@ class SpectralNormCap(nn.Module):
     @torch.no_grad()
     def update(self, weight: Tensor, n_iterations: int | None = None) -> None:
         """Advance the power iteration on ``weight`` (replaces the buffers, never in place, so
-        a backward pass still pending sees the vectors its forward used)."""
-        mat = _as_matrix(weight.detach(), self.dim)
+        a backward pass still pending sees the vectors its forward used). Runs in the buffers'
+        dtype, outside ``torch.autocast``."""
         u, v = self.u, self.v
-        for _ in range(self.n_power_iterations if n_iterations is None else n_iterations):
-            v = nn.functional.normalize(mat.t() @ u, dim=0, eps=self.eps)
-            u = nn.functional.normalize(mat @ v, dim=0, eps=self.eps)
+        with torch.autocast(weight.device.type, enabled=False):
+            mat = _as_matrix(weight.detach(), self.dim).to(u.dtype)
+            for _ in range(self.n_power_iterations if n_iterations is None else n_iterations):
+                v = nn.functional.normalize(mat.t() @ u, dim=0, eps=self.eps)
+                u = nn.functional.normalize(mat @ v, dim=0, eps=self.eps)
         self.u = u.clone()
         self.v = v.clone()
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The current estimate ``u^T W v`` of ``||W||_2`` (differentiable in ``W``); inside
-        :func:`fixed_normalization`, with the vectors it fixed for this thread."""
+        :func:`fixed_normalization`, with the vectors it fixed for this thread. Computed in
+        the buffers' dtype outside ``torch.autocast`` (a 0-dim tensor of that dtype)."""
         fixed = getattr(_FIXED, "vectors", None)
         u, v = fixed.get(id(self), (self.u, self.v)) if fixed else (self.u, self.v)
-        return torch.dot(u, _as_matrix(weight, self.dim) @ v)
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.dot(u, _as_matrix(weight, self.dim).to(u.dtype) @ v)
 
     def forward(self, weight: Tensor) -> Tensor:
         """``weight * min(1, cap / sigma)``, computed once per :func:`fixed_normalization`

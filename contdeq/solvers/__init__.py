@@ -14,6 +14,7 @@ from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
 from .tableaux import Tableau
 from .termination import SteadyStateCondition, sample_rms
+from .validation import default_tolerance
 
 __all__ = [
     "FIXED_POINT_METHODS",
@@ -32,6 +33,7 @@ __all__ = [
     "Stop",
     "StopReason",
     "Tableau",
+    "default_tolerance",
     "fixed_point",
     "flatten_states",
     "gmres",

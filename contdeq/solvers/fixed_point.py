@@ -25,7 +25,7 @@ from .validation import (
     check_positive_float,
     check_positive_int,
     check_state,
-    check_tolerances,
+    resolve_tolerances,
 )
 
 __all__ = ["FIXED_POINT_METHODS", "fixed_point"]
@@ -36,8 +36,8 @@ def fixed_point(
     z0: Tensor | tuple[Tensor, ...],
     *,
     method: str = "anderson",
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     max_steps: int = 100,
     on_nonconvergence: OnNonConvergence = "warn",
     record_trajectory: bool = False,
@@ -81,7 +81,9 @@ def fixed_point(
             (Newton-Krylov with a line search: GMRES on ``(I - dg/dz) delta = g(z) - z``
             with Jacobian-vector products, counted in ``stats.jvps``; for maps that are not
             contractive, or converge slowly).
-        atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test.
+        atol, rtol: tolerances (RMS norms). ``atol=0`` gives a scale-invariant test. Default
+            (``None``): :func:`~contdeq.solvers.validation.default_tolerance` of ``z0``'s dtype
+            (``1e-4``; ``2 * eps`` for half precision and under ``torch.autocast``).
         max_steps: iteration limit.
         on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``.
         record_trajectory: keep per-iteration residuals in the stats.
@@ -112,7 +114,7 @@ def fixed_point(
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     FIXED_POINT_METHODS.check(method)
-    check_tolerances(atol, rtol)
+    atol, rtol = resolve_tolerances(atol, rtol, z0)
     check_positive_int(max_steps, "max_steps")
     check_on_nonconvergence(on_nonconvergence)
     if timeout is not None:

@@ -36,6 +36,7 @@ from .validation import (
     check_positive_int,
     check_state,
     check_tolerances,
+    resolve_tolerances,
 )
 
 #: Implementations of the Runge-Kutta solve.
@@ -51,8 +52,8 @@ def steady_state(
     z0: Tensor | tuple[Tensor, ...],
     *,
     method: str = "dopri5",
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     ode_atol: float | None = None,
     ode_rtol: float | None = None,
     max_steps: int = 1000,
@@ -100,7 +101,10 @@ def steady_state(
             (GMRES with Jacobian-vector products, counted in ``stats.jvps``), for stiff
             problems (PDE discretizations) where explicit steps are stability-limited. A trial
             step that produces NaN/Inf is rejected and shrunk, whatever the method.
-        atol, rtol: steady-state tolerances (RMS norms); either may be 0 (not both).
+        atol, rtol: steady-state tolerances (RMS norms); either may be 0 (not both). Default
+            (``None``): :func:`~contdeq.solvers.validation.default_tolerance` of ``z0``'s dtype,
+            ``1e-4`` for float32/float64, ``2 * eps`` for half precision (bf16 ``1.56e-2``,
+            fp16 ``1.95e-3``; also under ``torch.autocast`` to those).
         ode_atol, ode_rtol: the integrator's local-error tolerances. Default:
             ``0.1 * atol`` and ``0.1 * rtol``. An integrator looser than the steady-state test
             lets the step sit at its stability limit where the residual chatters and never
@@ -152,7 +156,7 @@ def steady_state(
     z0 = check_state(z0)
     STEADY_STATE_METHODS.check(method)
     check_choice(backend, "backend", BACKENDS)
-    check_tolerances(atol, rtol)
+    atol, rtol = resolve_tolerances(atol, rtol, z0)
     check_positive_int(max_steps, "max_steps")
     t_max = check_positive_float(t_max, "t_max", allow_inf=True)
     check_on_nonconvergence(on_nonconvergence)

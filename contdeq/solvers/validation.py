@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +41,21 @@ def all_finite(x: Tensor) -> bool:
     return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
 
 
+def is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is mapped by an active ``torch.func.vmap`` (at any transform level).
+
+    Data-dependent checks (``bool(...)`` of a tensor) cannot run on such a tensor; the
+    equilibrium layers skip their input's finiteness test there and let the batched solve
+    (which sees plain tensors) test the state and ``f``'s outputs instead.
+    """
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        x = functorch.get_unwrapped(x)
+    return False
+
+
 def finite_where(x: Tensor, mask: Tensor) -> bool:
     """Whether ``x`` (``(B,)``) is finite wherever ``mask`` (``(B,)`` bool) is set; the
     :func:`all_finite` fast path first."""
@@ -60,6 +77,61 @@ def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
     if atol == 0 and rtol == 0:
         raise ValueError(f"{prefix}atol and {prefix}rtol must not both be zero")
+
+
+#: The default tolerance (``atol = rtol``) of the solvers and of the implicit backward for
+#: float32 and float64 states.
+DEFAULT_TOLERANCE = 1e-4
+#: Half-precision states get this many machine epsilons instead: a converged bf16 / fp16
+#: fixed point still shows a relative residual of up to about half an epsilon (rounding of
+#: ``f``'s output), so ``1e-4`` is out of reach.
+HALF_PRECISION_EPSILONS = 2.0
+
+
+#: Per thread: the dtype the function being solved computes in, set by
+#: :func:`function_precision` (the layers' solves under ``torch.autocast``).
+_PRECISION = threading.local()
+
+
+@contextlib.contextmanager
+def function_precision(dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, :func:`default_tolerance` also accounts for ``dtype``: the solver's
+    state keeps its own dtype while the function being solved computes in ``dtype`` (the
+    layers run their solver outside ``torch.autocast`` and only ``f`` inside it)."""
+    outer = getattr(_PRECISION, "dtype", None)
+    _PRECISION.dtype = dtype
+    try:
+        yield
+    finally:
+        _PRECISION.dtype = outer
+
+
+def default_tolerance(dtype: torch.dtype, device_type: str = "cpu") -> float:
+    """The default tolerance for a state of ``dtype`` on ``device_type``:
+    ``max(1e-4, 2 * eps)`` with ``eps`` the machine epsilon of the coarsest of ``dtype``, the
+    ``torch.autocast`` dtype when autocast is enabled there, and the dtype set by
+    :func:`function_precision` (``f`` computes in those).
+
+    float32 and float64: ``1e-4``; float16 (eps ``2**-10``): ``1.95e-3``; bfloat16 (eps
+    ``2**-7``): ``1.56e-2``.
+    """
+    dtypes = [dtype, getattr(_PRECISION, "dtype", None)]
+    if torch.is_autocast_enabled(device_type):
+        dtypes.append(torch.get_autocast_dtype(device_type))
+    eps = max(torch.finfo(d).eps for d in dtypes if d is not None)
+    return max(DEFAULT_TOLERANCE, HALF_PRECISION_EPSILONS * eps)
+
+
+def resolve_tolerances(atol: float | None, rtol: float | None, z: Tensor, prefix: str = ""
+                       ) -> tuple[float, float]:
+    """``atol`` and ``rtol`` with ``None`` replaced by :func:`default_tolerance` of the state
+    ``z`` (``(B, ...)``), checked by :func:`check_tolerances`."""
+    default = None if atol is not None and rtol is not None else default_tolerance(
+        z.dtype, z.device.type)
+    atol = default if atol is None else atol
+    rtol = default if rtol is None else rtol
+    check_tolerances(atol, rtol, prefix)
+    return atol, rtol  # type: ignore[return-value]
 
 
 def check_positive_int(value: object, name: str) -> int:
