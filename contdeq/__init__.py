@@ -10,7 +10,9 @@ from .implicit import (
     DEQStats,
     ForwardSolver,
     Implicit,
+    Phantom,
     Unrolled,
+    WarmImplicit,
     equilibrium,
 )
 from .jiio import joint_inference
@@ -66,11 +68,13 @@ __all__ = [
     "NeuralODE",
     "NeuralSDE",
     "NoisyDEQ",
+    "Phantom",
     "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
     "SpectralNormCap",
     "Unrolled",
+    "WarmImplicit",
     "WeightTied",
     "aux_loss",
     "equilibrium",
