@@ -260,7 +260,8 @@ def solve_adjoint(
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
         w0: ``(B, ...)`` initial guess shaped like ``v`` (a warm start); default ``v``. It
-            changes the iterations needed, not the answer's tolerance.
+            changes the iterations needed, not the answer's tolerance (a sample whose ``v``
+            is zero starts, and ends, at zero).
         **options: passed to :func:`~contdeq.solvers.fixed_point` or
             :func:`~contdeq.solvers.steady_state`.
 
@@ -291,7 +292,10 @@ def solve_adjoint(
                            or w0.dtype != v.dtype or w0.device != v.device):
         raise ValueError(f"w0 must be a tensor shaped like v {tuple(v.shape)} with its dtype and "
                          f"device, got {w0!r:.80}")
-    start_w = vn if w0 is None else w0 / scale
+    start_w = vn
+    if w0 is not None:  # a sample whose v is zero has w = 0 exactly: its guess is dropped
+        zero_v = (sample_rms(v) == 0).reshape(-1, *([1] * (v.ndim - 1)))
+        start_w = torch.where(zero_v, 0.0, w0 / scale)
     with torch.no_grad():
         if method == "gmres":
             # GMRES starts from zero unless warm-started (from v it would cost a product).

@@ -42,6 +42,8 @@ class WarmImplicit(Implicit):
         method, tol, max_steps, options, on_nonconvergence: as for
             :class:`~contdeq.implicit.Implicit`.
 
+    The gradient is the implicit one to ``tol``, but not bitwise reproducible: two backward
+    passes of the same loss start from different guesses and differ within the tolerance.
     The remembered guess is kept per thread (threads share no guesses) and belongs to this
     object: give each layer its own (the layers' ``backward="implicit_warm"`` shorthand builds
     one per layer). Copies and pickles start without it. Evaluation runs no backward and leaves
