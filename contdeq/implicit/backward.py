@@ -106,6 +106,11 @@ class Implicit(BackwardMode):
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``; ``None`` (default): the
             layer's ``on_nonconvergence`` (``"warn"`` outside a layer).
 
+    A capped solve is a *truncated adjoint* (DeepEquilibriumNetworks.jl caps its adjoint at
+    ``max_steps=10``, ``tol=1e-3``): where the cap stops it, ``layer.stats.backward`` says so
+    (``converged`` False, ``stop_reason="max_steps"``) and ``on_nonconvergence`` applies; pass
+    ``on_nonconvergence="ignore"`` to train with it on purpose.
+
     Example: ``DEQ(f, backward=Implicit("broyden", tol=1e-6))``.
     """
 

@@ -39,7 +39,8 @@ __all__ = ["Phantom"]
 @dataclass(frozen=True)
 class Phantom(BackwardMode):
     """Phantom gradient: backpropagation through ``steps`` damped fixed-point steps from ``z*``
-    (``w = damping * sum_{i<steps} ((1 - damping) I + damping J^T)^i v``).
+    (``w = damping * sum_{i<steps} ((1 - damping) I + damping J^T)^i v``, ``v = dL/dz*`` and
+    ``w`` shaped like ``(B, ...)`` ``z*``).
 
     Args:
         steps: the number ``k >= 1`` of unrolled steps (``k - 1`` VJPs).
