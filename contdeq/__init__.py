@@ -11,7 +11,9 @@ from .implicit import (
     DoubleBackwardError,
     ForwardSolver,
     Implicit,
+    Phantom,
     Unrolled,
+    WarmImplicit,
     equilibrium,
 )
 from .jiio import joint_inference
@@ -68,11 +70,13 @@ __all__ = [
     "NeuralODE",
     "NeuralSDE",
     "NoisyDEQ",
+    "Phantom",
     "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
     "SpectralNormCap",
     "Unrolled",
+    "WarmImplicit",
     "WeightTied",
     "aux_loss",
     "equilibrium",

@@ -17,6 +17,8 @@ The package, by job:
 * ``options.py``: :class:`ForwardSolver`, ``FORWARD_SOLVERS``, solver option validation;
 * ``backward.py``: the backward modes (:class:`Implicit`, :class:`JFB`, :class:`Unrolled`,
   ``BACKWARD_MODES``, ``BACKWARD_METHODS``, :func:`BackwardConfig`) and :func:`solve_adjoint`;
+* ``phantom.py``: :class:`Phantom` (phantom gradients: ``k`` damped steps from ``z*``);
+* ``warm_start.py``: :class:`WarmImplicit` (the implicit backward, warm-started);
 * ``function.py``: :class:`ImplicitFunction` and :func:`equilibrium`;
 * ``diagnostics.py``: checks of the user's ``f`` (:func:`first_call`, :func:`check_output`);
 * ``stats.py``: :class:`DEQStats`.
@@ -35,7 +37,9 @@ from .backward import (
 from .diagnostics import check_output, first_call
 from .function import DoubleBackwardError, ImplicitFunction, equilibrium, trainable_parameters
 from .options import FORWARD_SOLVERS, UNROLLABLE_SOLVERS, ForwardSolver
+from .phantom import Phantom
 from .stats import DEQStats
+from .warm_start import WarmImplicit
 
 __all__ = [
     "BACKWARD_METHODS",
@@ -50,7 +54,9 @@ __all__ = [
     "ForwardSolver",
     "Implicit",
     "ImplicitFunction",
+    "Phantom",
     "Unrolled",
+    "WarmImplicit",
     "check_output",
     "equilibrium",
     "first_call",

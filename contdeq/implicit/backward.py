@@ -113,6 +113,11 @@ class Implicit(BackwardMode):
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``; ``None`` (default): the
             layer's ``on_nonconvergence`` (``"warn"`` outside a layer).
 
+    A capped solve is a *truncated adjoint* (DeepEquilibriumNetworks.jl caps its adjoint at
+    ``max_steps=10``, ``tol=1e-3``): where the cap stops it, ``layer.stats.backward`` says so
+    (``converged`` False, ``stop_reason="max_steps"``) and ``on_nonconvergence`` applies; pass
+    ``on_nonconvergence="ignore"`` to train with it on purpose.
+
     Example: ``DEQ(f, backward=Implicit("broyden", tol=1e-6))``.
     """
 
@@ -131,10 +136,16 @@ class Implicit(BackwardMode):
                          record: DEQStats | None) -> Tensor:
         """``w`` ``(B, ...)`` solving ``w = J^T w + v`` by :func:`solve_adjoint`; its stats go
         to ``record.backward``, and an unconverged solve warns or raises as configured."""
+        return self._solve(vjp, v, record, None)
+
+    def _solve(self, vjp: Callable[[Tensor], Tensor], v: Tensor, record: DEQStats | None,
+               w0: Tensor | None) -> Tensor:
+        """:meth:`gradient_weights` started from ``w0`` (``(B, ...)`` like ``v``; ``None``:
+        from ``v``)."""
         start = time.perf_counter()
         w, stats = solve_adjoint(
             vjp, v, method=self.method, tol=self.tol, max_steps=self.max_steps,
-            on_nonconvergence="ignore", **self.options,
+            on_nonconvergence="ignore", w0=w0, **self.options,
         )
         stats.wall_time = time.perf_counter() - start
         if record is not None:
@@ -245,6 +256,7 @@ def solve_adjoint(
     tol: float | None = None,
     max_steps: int = 100,
     on_nonconvergence: str = "warn",
+    w0: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``w = vjp(w) + v``, i.e. ``(I - J)^T w = v`` with ``vjp(w) = J^T w``.
@@ -261,21 +273,25 @@ def solve_adjoint(
             :func:`~contdeq.solvers.validation.default_tolerance` of ``v``'s dtype (``1e-4``).
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
+        w0: ``(B, ...)`` initial guess shaped like ``v`` (a warm start); default ``v``. It
+            changes the iterations needed, not the answer's tolerance (a sample whose ``v``
+            is zero starts, and ends, at zero).
         **options: passed to :func:`~contdeq.solvers.fixed_point` or
             :func:`~contdeq.solvers.steady_state`.
 
     Returns:
         ``(w, stats)``: ``w`` shaped like ``v``; ``stats.nfe`` counts the VJPs.
 
-    The solve starts from ``w0 = v`` (the Jacobian-free answer), and ``v`` is divided by its
-    largest per-sample RMS first (the problem is linear, so ``w`` is scaled back exactly). The
-    discrete methods iterate all samples together (``freeze_converged=False`` unless
-    ``options`` says otherwise).
+    The solve starts from ``w0`` (default ``v``, the Jacobian-free answer), and ``v`` is divided
+    by its largest per-sample RMS first (the problem is linear, so ``w`` is scaled back
+    exactly). The discrete methods iterate all samples together (``freeze_converged=False``
+    unless ``options`` says otherwise).
     """
     if v.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
         w, stats = solve_adjoint(
             lambda w: vjp(w.squeeze(1)).unsqueeze(1), v.unsqueeze(1), method=method, tol=tol,
-            max_steps=max_steps, on_nonconvergence=on_nonconvergence, **options,
+            max_steps=max_steps, on_nonconvergence=on_nonconvergence,
+            w0=None if w0 is None else w0.unsqueeze(1), **options,
         )
         return w.squeeze(1), stats
     if tol is None:
@@ -288,12 +304,22 @@ def solve_adjoint(
     if scale == 0.0:
         scale = 1.0
     vn = v / scale
+    if w0 is not None and (not isinstance(w0, Tensor) or w0.shape != v.shape
+                           or w0.dtype != v.dtype or w0.device != v.device):
+        raise ValueError(f"w0 must be a tensor shaped like v {tuple(v.shape)} with its dtype and "
+                         f"device, got {w0!r:.80}")
+    start_w = vn
+    if w0 is not None:  # a sample whose v is zero has w = 0 exactly: its guess is dropped
+        zero_v = (sample_rms(v) == 0).reshape(-1, *([1] * (v.ndim - 1)))
+        start_w = torch.where(zero_v, 0.0, w0 / scale)
     with torch.no_grad():
         if method == "gmres":
-            w, stats = _solve_adjoint_gmres(vjp, vn, tol, max_steps, on_nonconvergence, **options)
+            # GMRES starts from zero unless warm-started (from v it would cost a product).
+            w, stats = _solve_adjoint_gmres(vjp, vn, None if w0 is None else start_w, tol,
+                                            max_steps, on_nonconvergence, **options)
         elif method == "ode":
             w, stats = steady_state(
-                lambda t, w: vjp(w).add_(vn).sub_(w), vn,
+                lambda t, w: vjp(w).add_(vn).sub_(w), start_w,
                 atol=_ODE_ATOL_FLOOR * tol, rtol=tol, max_steps=max_steps,
                 on_nonconvergence=on_nonconvergence, **options,
             )
@@ -301,7 +327,7 @@ def solve_adjoint(
             # Linear and contractive where it converges: iterating a converged sample further
             # cannot hurt it, so all samples iterate together (half the bookkeeping).
             w, stats = fixed_point(
-                lambda w: vjp(w).add_(vn), vn, method=method, atol=0.0, rtol=tol,
+                lambda w: vjp(w).add_(vn), start_w, method=method, atol=0.0, rtol=tol,
                 max_steps=max_steps, on_nonconvergence=on_nonconvergence,
                 **{"freeze_converged": False, **options},
             )
@@ -309,19 +335,20 @@ def solve_adjoint(
 
 
 def _solve_adjoint_gmres(
-    vjp: Callable[[Tensor], Tensor], v: Tensor, tol: float, max_steps: int,
+    vjp: Callable[[Tensor], Tensor], v: Tensor, w0: Tensor | None, tol: float, max_steps: int,
     on_nonconvergence: str, restart: int = 60,
 ) -> tuple[Tensor, SolverStats]:
-    """``(I - J^T) w = v`` by GMRES for :func:`solve_adjoint` (``v``: ``(B, ...)``, already
-    scaled; ``max_steps`` caps the VJPs). Returns ``w`` shaped like ``v`` (unscaled) and stats
-    with ``nfe`` = VJPs and ``linear_iterations`` = Arnoldi steps."""
+    """``(I - J^T) w = v`` by GMRES for :func:`solve_adjoint` (``v``, ``w0``: ``(B, ...)``,
+    already scaled; ``max_steps`` caps the VJPs). Returns ``w`` shaped like ``v`` (unscaled) and
+    stats with ``nfe`` = VJPs and ``linear_iterations`` = Arnoldi steps."""
     start = time.perf_counter()
     flat = v.reshape(v.shape[0], -1)
 
     def matvec(w: Tensor) -> Tensor:
         return w - vjp(w.reshape(v.shape)).reshape(flat.shape)
 
-    out = gmres(matvec, flat, rtol=tol, restart=restart, max_iterations=max_steps)
+    out = gmres(matvec, flat, None if w0 is None else w0.reshape(flat.shape), rtol=tol,
+                restart=restart, max_iterations=max_steps)
     stats = SolverStats(
         method="gmres", nfe=out.matvecs, steps=out.steps, residual=out.residual,
         tolerance=tol * sample_rms(flat), converged=out.converged,
