@@ -484,8 +484,8 @@ def entropy_reduction(
     Cost per round: ``steps`` evaluations of ``f`` and ``head`` with one vector-Jacobian
     product each, plus one evaluation of ``f`` for the restart; the ``f`` evaluations are
     counted in ``layer.stats.forward.nfe``. The gradient of the defended model (e.g. for an
-    attack on it) is the layer's usual one taken at the original input: the input changes are
-    not differentiated through (the implicit backward sees the original ``x``).
+    attack on it) is the implicit gradient at the final state and the final input, passed
+    straight through the input changes to the given input (they are not differentiated).
 
     Args:
         model: a module with exactly one :class:`~contdeq.DEQ` layer (any variant).

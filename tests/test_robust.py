@@ -295,6 +295,27 @@ def test_entropy_reduction_lowers_entropy_within_the_ball(solver: str) -> None:
         torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
 
 
+def test_entropy_reduction_gradient_is_taken_at_the_final_input() -> None:
+    """Under the defence, the input gradient of the layer's output is the plain implicit
+    gradient at the input the solve ended with (straight through the changes), computed here
+    by an undefended call on that input: catches a backward that linearizes f at the
+    original input while the forward converged on another one."""
+    model, deq = rin_model("anderson", lipschitz=0.5, tol=1e-9)
+    head = model[1]
+    model.eval()
+    x = torch.rand(8, FEATURES, dtype=torch.float64)
+    weights = torch.randn(8, CLASSES, dtype=torch.float64)
+    cell = deq.f
+    with entropy_reduction(model, head, every=2, steps=2, step_size=0.05, eps=0.2, rounds=1):
+        xd = x.clone().requires_grad_(True)
+        (model(xd) * weights).sum().backward()
+        x_final = cell.last_x.detach().clone()
+    assert float((x_final - x).abs().max()) > 0.01
+    xr = x_final.clone().requires_grad_(True)
+    (model(xr) * weights).sum().backward()
+    torch.testing.assert_close(xd.grad, xr.grad, rtol=1e-6, atol=1e-9)
+
+
 class TupleHead(nn.Module):
     """Logits from a 2-scale state ``((B, 2, 4, 4), (B, 2, 2, 2))``."""
 

@@ -32,6 +32,10 @@ class _Problem:
     buffers: dict[str, Tensor]
     record: DEQStats | None = None
     forward_stats: SolverStats | None = None
+    #: The input the solve ended with, where a step callback changed it (``Restart(x=...)``,
+    #: e.g. :func:`contdeq.robust.entropy_reduction`): the backward linearizes ``f`` at
+    #: ``(z*, final_input)``, passing the gradient straight through the change to ``x``.
+    final_input: Tensor | None = None
 
 
 class _WithParameters(nn.Module):
@@ -95,10 +99,13 @@ def _solve(problem: _Problem, z0: Tensor, x: Tensor, params: tuple[Tensor, ...]
     fx = _checked(problem.f, x)
     with _outside_autocast(x.device.type):
         if all(own.get(name) is p for name, p in zip(problem.names, params, strict=True)):
-            return problem.solver(fx, z0)
-        tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
-        runner = _WithParameters(problem.f, lambda: problem.solver(fx, z0))
-        return functional_call(runner, tensors, ())
+            result = problem.solver(fx, z0)
+        else:
+            tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
+            runner = _WithParameters(problem.f, lambda: problem.solver(fx, z0))
+            result = functional_call(runner, tensors, ())
+    problem.final_input = None if fx.x is x else fx.x
+    return result
 
 
 class ImplicitFunction(torch.autograd.Function):
@@ -129,7 +136,8 @@ class ImplicitFunction(torch.autograd.Function):
         problem, _, x, *params = inputs
         ctx.problem = problem
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(output, x, *params)
+        final_x = x if problem.final_input is None else problem.final_input
+        ctx.save_for_backward(output, final_x, *params)
 
     @staticmethod
     def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
