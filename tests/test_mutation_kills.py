@@ -209,3 +209,52 @@ def test_skip_loss_and_jacobian_frobenius_refuse_bad_arguments() -> None:
     for probes in (0, True, 1.5):
         with pytest.raises(ValueError, match=f"probes must be an int >= 1, got {probes!r}"):
             jacobian_frobenius(lambda z, x: z, z, z, probes=probes)
+
+
+def test_ptc_samples_follow_their_own_rule_in_one_batch() -> None:
+    """Two independent flows in one batch, from h = 4: dz/dt = -1.5 (z - 1) overshoots (its
+    first step, 1.5 h = 6, has change = 12 and shrink 0.9 / 12 < 0.1, clamped to 0.1; later
+    overshoots are rejected too) and dz/dt = -0.3 (z - 1) keeps descending while its batch-mate
+    takes the slow path. Each sample's pseudo-times equal its own hand-written sequence:
+    catches a wrong clamp of the descent growth or of the shrink on the slow path, or samples
+    sharing a step size."""
+    from .test_references import _ptc_reference
+
+    a = torch.tensor([[1.5], [0.3]], dtype=torch.float64)
+    _, stats = steady_state(lambda t, z: -a * (z - 1.0), torch.zeros(2, 1, dtype=torch.float64),
+                            method="ptc", atol=1e-9, rtol=1e-7, first_step=4.0, max_step=4.0,
+                            record_trajectory=True)
+    times = stats.time_history.numpy()
+    for b, rate in enumerate((1.5, 0.3)):
+        ref = _ptc_reference(rate, 0.0, 1e-9, 1e-7, 4.0, 4.0)["times"]
+        np.testing.assert_allclose(times[: len(ref), b], ref, rtol=1e-9)
+        np.testing.assert_allclose(times[len(ref):, b], ref[-1], rtol=1e-12)  # frozen
+    assert stats.rejected >= 2
+
+
+def test_ptc_returns_the_best_state_when_stopped_during_a_rise() -> None:
+    """The non-normal flow of the test above, stopped by max_steps while its residual rises:
+    the returned state is the one with the smallest residual seen, not the last: catches the
+    best iterate not kept once ptc accepts rising steps."""
+    a = torch.tensor([[-1.0, 6.0], [0.0, -1.0]], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    func = lambda t, z: z @ a.T + b  # noqa: E731
+    z, stats = steady_state(func, torch.zeros(1, 2, dtype=torch.float64), method="ptc",
+                            first_step=0.02, atol=1e-8, rtol=1e-8, max_steps=7,
+                            record_trajectory=True, on_nonconvergence="ignore")
+    hist = stats.residual_history[:, 0]
+    assert float(hist[-1]) > float(hist.min())  # it stopped above its best
+    assert float(stats.residual[0]) == float(hist.min())
+    residual = func(0.0, z).pow(2).mean().sqrt()
+    assert float(residual) == pytest.approx(float(hist.min()), rel=1e-12)
+
+
+def test_jacobian_frobenius_default_is_one_probe() -> None:
+    """With the default ``probes`` the estimate is the one-draw Hutchinson formula
+    ``||eps^T J||^2 / (B D)`` for f(z, x) = 2 z + x (J = 2 I): catches a changed default or a
+    check that refuses a single probe."""
+    z = torch.zeros(2, 3, dtype=torch.float64)
+    value = jacobian_frobenius(lambda z, x: 2 * z + x, z, z,
+                               generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(value, (2 * eps).pow(2).sum() / 6)
