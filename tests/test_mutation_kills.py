@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from contdeq.regularizers import jacobian_frobenius, skip_loss
-from contdeq.solvers import steady_state
+from contdeq.solvers import fixed_point, steady_state
 from contdeq.solvers.anderson import Anderson
+from contdeq.solvers.picard import Picard
 from contdeq.solvers.registry import TABLEAUX
 from contdeq.solvers.rk import RungeKuttaStepper, _combine, error_ratio, initial_step
 from contdeq.solvers.termination import SteadyStateCondition, sample_rms
@@ -258,3 +259,19 @@ def test_jacobian_frobenius_default_is_one_probe() -> None:
                                generator=torch.Generator().manual_seed(3))
     eps = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(value, (2 * eps).pow(2).sum() / 6)
+
+
+@pytest.mark.parametrize(("damping", "rate"), [(1.0, 0.5), (0.5, 0.75)])
+def test_picard_damping_sets_the_residual_contraction(damping: float, rate: float) -> None:
+    """For g(z) = 0.5 z + 1 the damped step z + beta (g(z) - z) multiplies the residual by
+    1 - beta / 2 each iteration (0.5 undamped, 0.75 at beta = 0.5), and one proposal is
+    exactly that formula: catches damping ignored, applied when it is 1, or inverted."""
+    z = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    _, stats = fixed_point(lambda z: 0.5 * z + 1.0, z, method="picard", damping=damping,
+                           atol=1e-300, rtol=0.0, max_steps=6, freeze_converged=False,
+                           record_trajectory=True, on_nonconvergence="ignore")
+    hist = stats.residual_history[:, 0]
+    torch.testing.assert_close(hist[1:] / hist[:-1], torch.full((6,), rate, dtype=torch.float64))
+    gz = 0.5 * z + 1.0
+    step = Picard(z, damping=damping).propose(z, gz, gz - z)
+    torch.testing.assert_close(step, z + damping * (gz - z), rtol=0, atol=1e-15)
