@@ -86,16 +86,11 @@ bench-paper-quick: $(VENV)/.bench
 MUTATION_WORKERS ?= 2
 MUTANTS ?=
 MUTATION_REPORT ?= benchmarks/results/mutation.md
-# The measured subset (benchmarks/results/mutation.md): the numerics issue 22 names, i.e. the
-# Runge-Kutta step and its step-size control, ptc's step control, Anderson's mixing, Picard's
-# step, the steady-state test, the skip and Jacobian terms.
-MUTATION_SUBSET := contdeq.solvers.rk.x__combine* contdeq.solvers.rk.x*RungeKuttaStepper*step* \
-	contdeq.solvers.rk.x_error_ratio* contdeq.solvers.rk.x_next_step_size* \
-	contdeq.solvers.rk.x_initial_step* contdeq.solvers.integrate.x__ptc_slow_path* \
-	contdeq.solvers.anderson.x*Anderson*propose* contdeq.solvers.anderson.x__combine* \
-	contdeq.solvers.anderson.x__mixing_weights* contdeq.solvers.picard.x*Picard*propose* \
-	contdeq.solvers.termination.x_sample_rms* contdeq.solvers.termination.x*SteadyStateCondition* \
-	contdeq.regularizers.x_jacobian_frobenius* contdeq.regularizers.x_skip_loss*
+# The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step control on
+# its slow path, the Hutchinson Jacobian term, Picard's step and the steady-state test.
+MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* \
+	contdeq.regularizers.x_jacobian_frobenius* contdeq.solvers.picard.x*Picard*propose* \
+	contdeq.solvers.termination.x*SteadyStateCondition*evaluate*
 
 mutation: $(VENV)/.mutation
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_WORKERS) \

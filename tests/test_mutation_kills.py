@@ -153,17 +153,17 @@ def test_anderson_in_half_precision_matches_float64() -> None:
     torch.testing.assert_close(out.double(), run(torch.float64), rtol=2e-3, atol=0.5)
 
 
-def _ptc_vector_reference(a: np.ndarray, b: np.ndarray, first_step: float, max_step: float,
-                          atol: float, rtol: float) -> list[float]:
-    """The documented ptc rule (see tests/test_references.py) for ``dz/dt = A z + b`` from 0
-    with RMS norms; returns the pseudo-time after every step."""
+def _ptc_vector_reference(func, z0: np.ndarray, first_step: float, max_step: float,
+                          atol: float, rtol: float, max_steps: int = 10_000) -> list[float]:
+    """The documented ptc rule (see tests/test_references.py) for ``dz/dt = func(z)`` from
+    ``z0`` with RMS norms; returns the pseudo-time after every step."""
     rms = lambda v: float(np.sqrt(np.mean(v ** 2)))  # noqa: E731
-    z = np.zeros(len(b))
-    d = a @ z + b
+    z = z0.astype(np.float64)
+    d = func(z)
     h, t, best, times = first_step, 0.0, rms(d), [0.0]
-    while rms(d) > atol + rtol * rms(z):
+    while rms(d) > atol + rtol * rms(z) and len(times) <= max_steps:
         z_new = z + h * d
-        d_new = a @ z_new + b
+        d_new = func(z_new)
         res, res_new = rms(d), rms(d_new)
         if res_new < res:
             ok, factor = True, min(2.0, max(1.2, res / res_new if res_new else math.inf))
@@ -187,7 +187,7 @@ def test_ptc_accepts_a_resolved_rise_of_a_non_normal_flow() -> None:
     bound, growth cap or best-residual bound on the slow path."""
     a = np.array([[-1.0, 6.0], [0.0, -1.0]])
     b = np.array([0.0, 1.0])
-    ref = _ptc_vector_reference(a, b, 0.02, 1.0, 1e-8, 1e-8)
+    ref = _ptc_vector_reference(lambda z: a @ z + b, np.zeros(2), 0.02, 1.0, 1e-8, 1e-8)
     at, bt = torch.from_numpy(a), torch.from_numpy(b)
     _, stats = steady_state(lambda t, z: z @ at.T + bt, torch.zeros(1, 2, dtype=torch.float64),
                             method="ptc", first_step=0.02, atol=1e-8, rtol=1e-8,
@@ -275,3 +275,21 @@ def test_picard_damping_sets_the_residual_contraction(damping: float, rate: floa
     gz = 0.5 * z + 1.0
     step = Picard(z, damping=damping).propose(z, gz, gz - z)
     torch.testing.assert_close(step, z + damping * (gz - z), rtol=0, atol=1e-15)
+
+
+def test_ptc_on_a_hump_follows_the_rise_and_growth_cap_rules() -> None:
+    """dz/dt = -sin(z) from pi - 0.05: the residual |sin z| must climb 20-fold (to 1 at pi/2)
+    before it falls, and ptc accepts a rise only while it stays within 10x the best residual,
+    so it stalls below the hump. Its pseudo-times for 60 steps equal the hand-written rule's:
+    catches a wrong growth of an accepted rise (clamp 1..2 of 1 / change), a wrong shrink of
+    a rejected smooth rise (clamp 0.1..0.5 of 0.9 / change), a cap against the current
+    instead of the best residual, or a wrong smoothness bound."""
+    ref = _ptc_vector_reference(lambda z: -np.sin(z), np.array([math.pi - 0.05]), 0.1, 1.0,
+                                1e-9, 1e-9, max_steps=60)
+    _, stats = steady_state(lambda t, z: -torch.sin(z),
+                            torch.full((1, 1), math.pi - 0.05, dtype=torch.float64),
+                            method="ptc", first_step=0.1, atol=1e-9, rtol=1e-9, max_steps=60,
+                            record_trajectory=True, on_nonconvergence="ignore")
+    hist = stats.residual_history[:, 0]
+    assert float(hist.max()) > 5 * float(hist[0])  # it climbed part of the hump
+    np.testing.assert_allclose(stats.time_history[:, 0].numpy(), ref, rtol=1e-9)
