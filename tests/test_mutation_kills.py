@@ -213,21 +213,20 @@ def test_skip_loss_and_jacobian_frobenius_refuse_bad_arguments() -> None:
 
 
 def test_ptc_samples_follow_their_own_rule_in_one_batch() -> None:
-    """Two independent flows in one batch, from h = 4: dz/dt = -1.5 (z - 1) overshoots (its
-    first step, 1.5 h = 6, has change = 12 and shrink 0.9 / 12 < 0.1, clamped to 0.1; later
-    overshoots are rejected too) and dz/dt = -0.3 (z - 1) keeps descending while its batch-mate
-    takes the slow path. Each sample's pseudo-times equal its own hand-written sequence:
-    catches a wrong clamp of the descent growth or of the shrink on the slow path, or samples
-    sharing a step size."""
+    """Two independent flows in one batch, from h = 2 (cap 50): dz/dt = -1.5 (z - 1)
+    overshoots (1.5 h = 3: rejected and shrunk by 0.9 / change) while dz/dt = -0.3 (z - 1)
+    descends with res / res_new = 2.5, so on that slow-path step its growth is clamped to 2.
+    Each sample's pseudo-times equal its own hand-written sequence: catches a wrong clamp of
+    the descent growth or of the shrink on the slow path, or samples sharing a step size."""
     from .test_references import _ptc_reference
 
     a = torch.tensor([[1.5], [0.3]], dtype=torch.float64)
     _, stats = steady_state(lambda t, z: -a * (z - 1.0), torch.zeros(2, 1, dtype=torch.float64),
-                            method="ptc", atol=1e-9, rtol=1e-7, first_step=4.0, max_step=4.0,
+                            method="ptc", atol=1e-9, rtol=1e-7, first_step=2.0, max_step=50.0,
                             record_trajectory=True)
     times = stats.time_history.numpy()
     for b, rate in enumerate((1.5, 0.3)):
-        ref = _ptc_reference(rate, 0.0, 1e-9, 1e-7, 4.0, 4.0)["times"]
+        ref = _ptc_reference(rate, 0.0, 1e-9, 1e-7, 2.0, 50.0)["times"]
         np.testing.assert_allclose(times[: len(ref), b], ref, rtol=1e-9)
         np.testing.assert_allclose(times[len(ref):, b], ref[-1], rtol=1e-12)  # frozen
     assert stats.rejected >= 2
