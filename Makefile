@@ -17,7 +17,8 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # requests but imports neither: installed without its dependencies, it leaves torch as it is.
 TORCHATTACKS_SPEC ?= torchattacks==3.5.1
 
-.PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean
+.PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean \
+	mutation mutation-subset
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,10 @@ $(VENV)/.bench: $(BIN)/python pyproject.toml
 
 $(VENV)/.docs: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[docs,examples,federated]"
+	touch $@
+
+$(VENV)/.mutation: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[test,examples,mutation]"
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml
@@ -72,6 +77,30 @@ bench-paper: $(VENV)/.bench
 bench-paper-quick: $(VENV)/.bench
 	$(BIN)/python benchmarks/paper.py --quick
 
+# Mutation testing with mutmut (docs/testing.md), not part of CI: [tool.mutmut] in
+# pyproject.toml names the modules and the tests. `make mutation` runs every mutant of
+# contdeq/solvers, contdeq/implicit, contdeq/nn and contdeq/regularizers.py (hours on 2 cores);
+# `make mutation-subset` the measured subset below. MUTANTS: mutant name patterns (empty: all).
+# Results are cached in mutants/ (delete it for a fresh run); the report goes to
+# MUTATION_REPORT.
+MUTATION_WORKERS ?= 2
+MUTANTS ?=
+MUTATION_REPORT ?= benchmarks/results/mutation.md
+# The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step control on
+# its slow path, the Hutchinson Jacobian term, Picard's step and the steady-state test.
+MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* \
+	contdeq.regularizers.x_jacobian_frobenius* contdeq.solvers.picard.x*Picard*propose* \
+	contdeq.solvers.termination.x*SteadyStateCondition*evaluate*
+
+mutation: $(VENV)/.mutation
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_WORKERS) \
+		$(foreach p,$(MUTANTS),'$(p)')
+	$(BIN)/python benchmarks/mutation_report.py --output $(MUTATION_REPORT) \
+		--patterns $(foreach p,$(MUTANTS),'$(p)')
+
+mutation-subset:
+	$(MAKE) mutation MUTANTS="$(MUTATION_SUBSET)"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis docs/_build \
+	rm -rf mutants $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis docs/_build \
 		docs/auto_examples docs/sg_execution_times.rst

@@ -73,15 +73,38 @@ def test_layer_advances_the_power_iteration_once_per_training_forward() -> None:
 
 
 def test_gradient_flows_through_the_cap() -> None:
+    """The raw weight's gradient through the cap equals autograd on the formula written out
+    here, ``W * cap / (u^T W v)`` with the cap's buffers ``u, v`` (the cap is active, sigma
+    differentiated too): catches a detached sigma, a wrongly scaled parametrization or no
+    gradient at all."""
+    torch.manual_seed(0)
     linear = contdeq.spectral_norm_cap(nn.Linear(5, 5), cap=0.1)
-    linear(torch.randn(2, 5)).square().sum().backward()
-    assert linear.parametrizations.weight.original.grad is not None
+    x = torch.randn(2, 5)
+    linear(x).square().sum().backward()
+    grad = linear.parametrizations.weight.original.grad
+    cap = linear.parametrizations.weight[0]
+    weight = linear.parametrizations.weight.original.detach().clone().requires_grad_()
+    sigma = cap.u @ weight @ cap.v
+    assert float(sigma.detach()) > 0.1  # the cap is active
+    (x @ (weight * (0.1 / sigma)).T + linear.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(grad, weight.grad)
+    assert float(grad.abs().max()) > 0
 
 
-def test_weight_norm_is_deterministic() -> None:
-    linear = contdeq.weight_norm(nn.Linear(5, 5))
-    torch.testing.assert_close(linear.weight, linear.weight, rtol=0, atol=0)
-    assert hasattr(linear.parametrizations.weight, "original0")
+def test_weight_norm_is_the_formula_and_deterministic() -> None:
+    """weight_norm's weight is ``g * v / ||v||`` with the norm over each output row (dim=0),
+    the same on every read: catches a norm over the wrong dimension, a missing g, or a
+    parametrization that changes between the solver's calls of f."""
+    linear = contdeq.weight_norm(nn.Linear(5, 4))
+    params = linear.parametrizations.weight
+    g, v = params.original0.detach(), params.original1.detach()
+    assert g.shape == (4, 1)
+    with torch.no_grad():
+        params.original0.mul_(torch.linspace(0.5, 2.0, 4).view(4, 1))  # g no longer ||v||
+    g = params.original0.detach()
+    expected = g * v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(linear.weight, expected)
+    torch.testing.assert_close(linear.weight, linear.weight.clone(), rtol=0, atol=0)
 
 
 def test_bad_arguments() -> None:
