@@ -11,7 +11,6 @@ steps works with the same code.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -139,7 +138,9 @@ def initial_step(
         f_norm = sample_rms(f0)
         scale = sample_rms(z0, rtol).add_(atol)
         scale = torch.where(scale > 0, scale, f_norm * rtol)
-        d = float((f_norm / scale).nan_to_num_(nan=0.0).max())  # 0 / 0: f0_b = 0, at rest
-    if d == 0.0 or not math.isfinite(d):
+        # 0 / 0 (f0_b = 0, at rest) counts as 0; an overflowed ratio as the dtype's largest
+        # value (a tiny first step; f0 itself is finite, Progress refused it otherwise).
+        d = float((f_norm / scale).nan_to_num_(nan=0.0).max())
+    if d == 0.0:
         return cap
     return min(cap, 0.5 * d ** (-1.0 / order))
