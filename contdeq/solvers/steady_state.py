@@ -9,6 +9,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from .compiled import compile_supported, run_compiled_pseudo_transient
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
 from .implicit_ptc import run_implicit_ptc
@@ -63,6 +64,7 @@ def steady_state(
     record_trajectory: bool = False,
     timeout: float | None = None,
     per_sample: bool = True,
+    compile: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
@@ -121,6 +123,10 @@ def steady_state(
         per_sample: ``True`` (default): each sample is tested and frozen on its own;
             ``False``: the batch is one state (one test, one step size), for a ``func`` that
             couples samples. Statistics then have shape ``(1,)``.
+        compile: run each step compiled by ``torch.compile`` (``method="ptc"`` only; see
+            :mod:`contdeq.solvers.compiled`): fixed shapes, no host synchronization inside a
+            step, one per step. The first solve of a shape compiles the step (seconds to a
+            minute); later solves of the same shapes reuse it.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
@@ -138,6 +144,9 @@ def steady_state(
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
         return solve_flattened(steady_state, locals())
     check_bool(per_sample, "per_sample")
+    check_bool(compile, "compile")
+    if compile:
+        compile_supported(method)
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
         return solve_as_one_sample(steady_state, locals())
     check_callable(func, "func", "func(t, z) -> dz/dt")
@@ -179,7 +188,8 @@ def steady_state(
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
     jvps = linear_iterations = None
     if method == "ptc":
-        result = run_pseudo_transient(counted, z, d, progress, control)
+        run = run_compiled_pseudo_transient if compile else run_pseudo_transient
+        result = run(counted, z, d, progress, control)
     elif method == "implicit_ptc":
         result, jvps, linear_iterations = run_implicit_ptc(
             counted, z, d, progress, first_step, max_step, t_max)
