@@ -34,7 +34,8 @@ def _same_solve(func, z0: Tensor, **kw) -> tuple[Tensor, Tensor]:
     """Solve eagerly and with ``compile=True``; assert identical counts and convergence, and
     residuals equal to rounding (a fused float32 kernel rounds differently); return both
     states."""
-    rtol = 1e-9 if z0.dtype == torch.float64 else 1e-4
+    # float32: a residual of 1e-5 at |z| ~ 1 carries a relative rounding error of ~1e-2.
+    rtol = 1e-9 if z0.dtype == torch.float64 else 1e-2
     z_e, s_e = steady_state(func, z0, method="ptc", **kw)
     z_c, s_c = steady_state(func, z0, method="ptc", compile=True, **kw)
     assert (s_c.nfe, s_c.steps, s_c.accepted, s_c.rejected, s_c.stop_reason) == (
