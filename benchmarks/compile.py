@@ -49,6 +49,7 @@ def _step(model: nn.Module, run: nn.Module, opt: torch.optim.Optimizer, xb: torc
           yb: torch.Tensor) -> tuple[float, float, float]:
     """One training step of ``run`` (``model`` or its compiled wrapper): wall seconds, CPU
     seconds of this thread, loss."""
+    model.train()
     wall, cpu = time.perf_counter(), time.thread_time()
     loss = nn.functional.cross_entropy(run(xb), yb)
     opt.zero_grad()

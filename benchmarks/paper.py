@@ -209,6 +209,7 @@ def warm_up(model: nn.Module, task: Task, batch: int) -> float:
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
+    model.train()
     return seconds
 
 
