@@ -195,17 +195,20 @@ def graph_megabytes(model: nn.Module, xb: Tensor) -> float:
 
 
 def warm_up(model: nn.Module, task: Task, batch: int) -> float:
-    """Compile a model's graphs before training: a training forward and backward and an
-    evaluation forward on the first batch, weights and buffers restored afterwards (so its
-    training matches the eager twin's); returns the seconds taken (not training time)."""
+    """Compile a model's graphs before training: a training forward and backward for every
+    training batch size (full and last), an evaluation forward for every test batch size,
+    weights and buffers restored afterwards (so its training matches the eager twin's);
+    returns the seconds taken (not training time)."""
     state = copy.deepcopy(model.state_dict())
-    xb, yb = task.x_train[:batch], task.y_train[:batch]
     start = time.perf_counter()
     model.train()
-    (nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)).backward()
+    for size in {min(batch, len(task.x_train)), len(task.x_train) % batch} - {0}:
+        xb, yb = task.x_train[:size], task.y_train[:size]
+        (nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)).backward()
     model.eval()
     with torch.no_grad():
-        model(xb)
+        for size in {min(batch, len(task.x_test)), len(task.x_test) % batch} - {0}:
+            model(task.x_test[:size])
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)

@@ -9,7 +9,6 @@ from typing import Literal
 
 from torch import Tensor
 
-from .compiled import compile_supported, run_compiled_pseudo_transient
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
 from .implicit_ptc import run_implicit_ptc
@@ -145,10 +144,13 @@ def steady_state(
         return solve_flattened(steady_state, locals())
     check_bool(per_sample, "per_sample")
     check_bool(compile, "compile")
-    if compile:
-        compile_supported(method)
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
         return solve_as_one_sample(steady_state, locals())
+    if compile:
+        # Imported here: importing it registers "ptc" (via .integrate) ahead of "implicit_ptc".
+        from .compiled import compile_supported
+
+        compile_supported(method)
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
     STEADY_STATE_METHODS.check(method)
@@ -188,8 +190,12 @@ def steady_state(
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
     jvps = linear_iterations = None
     if method == "ptc":
-        run = run_compiled_pseudo_transient if compile else run_pseudo_transient
-        result = run(counted, z, d, progress, control)
+        if compile:
+            from .compiled import run_compiled_pseudo_transient
+
+            result = run_compiled_pseudo_transient(counted, z, d, progress, control)
+        else:
+            result = run_pseudo_transient(counted, z, d, progress, control)
     elif method == "implicit_ptc":
         result, jvps, linear_iterations = run_implicit_ptc(
             counted, z, d, progress, first_step, max_step, t_max)
