@@ -176,13 +176,9 @@ def run_compiled_pseudo_transient(
     first_step = progress.steps
     while True:
         while (reason := _stop_reason(progress, n_active, t_min, t_max)) is None:
-            # Dynamo's guards (on func's module, its parameters, every input) cost more than
-            # the step on small states; within a solve nothing they check changes, so they are
-            # evaluated on the first step only (later steps pick among cached graphs by the
-            # guards that differ between them).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=progress.steps > first_step):
-                state, d_new, status = _compiled_ptc_step(
-                    func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
+            state, d_new, status = _run_step(
+                progress.steps == first_step,
+                func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
             func.calls += 1
             progress.steps += 1
             n_active, trials, t_min = status.tolist()  # the step's one synchronization
@@ -210,6 +206,26 @@ def run_compiled_pseudo_transient(
     n_accepted = int(state["accepted"].sum())
     return LoopResult(progress.final_state(state["z"]), reason, n_accepted,
                       int(state["attempted"].sum()) - n_accepted)
+
+
+def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The compiled step on ``args``.
+
+    Dynamo's guards (on func's module, its parameters, every input) cost more than the step on
+    small states, and within a solve nothing they check changes: they are evaluated on the
+    first step of a solve (``guarded``) only; later steps pick among the cached graphs by the
+    guards that differ between them. A later step that needs a graph not compiled yet (the
+    second step's inputs can differ from the first's, e.g. in aliasing) is run again guarded,
+    which compiles it.
+    """
+    if not guarded:
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return _compiled_ptc_step(*args)
+        except RuntimeError as exc:
+            if "skip_guard_eval_unsafe" not in str(exc):
+                raise
+    return _compiled_ptc_step(*args)
 
 
 def _best(best: BestIterate) -> dict[str, Tensor]:
