@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--name", default="compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Every compiled solve shares one Dynamo cache (one graph per batch shape, task and grad
+    # mode); the default limit of 8 graphs would send the last ones back to eager steps.
+    torch._dynamo.config.recompile_limit = 64
     cfg = Config()
     steps = [r for t in args.tasks for r in compare_steps(t, args.steps, cfg.batch, cfg.lr)]
     whole = [r for t in args.tasks for r in whole_model(t, args.steps, cfg.batch, cfg.lr)]
