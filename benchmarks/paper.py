@@ -28,6 +28,7 @@ Usage: ``python benchmarks/paper.py [--quick | --smoke] [--seeds 0 1] [--tasks .
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import re
@@ -57,6 +58,7 @@ from common import (
 )
 from paper_headline import headline, ratio
 from paper_models import (
+    COMPILED_MODELS,
     MODELS,
     MULTISCALE_MODELS,
     OPTIONAL_MODELS,
@@ -193,14 +195,38 @@ def graph_megabytes(model: nn.Module, xb: Tensor) -> float:
     return saved.megabytes
 
 
+def warm_up(model: nn.Module, task: Task, batch: int) -> float:
+    """Compile a model's graphs before training: a training forward and backward for every
+    training batch size (full and last), an evaluation forward for every test batch size,
+    weights and buffers restored afterwards (so its training matches the eager twin's);
+    returns the seconds taken (not training time)."""
+    state = copy.deepcopy(model.state_dict())
+    start = time.perf_counter()
+    model.train()
+    for size in {min(batch, len(task.x_train)), len(task.x_train) % batch} - {0}:
+        xb, yb = task.x_train[:size], task.y_train[:size]
+        (nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)).backward()
+    model.eval()
+    with torch.no_grad():
+        for size in {min(batch, len(task.x_test)), len(task.x_test) % batch} - {0}:
+            model(task.x_test[:size])
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    model.train()
+    return seconds
+
+
 class Cell:
     """One model of one task and seed in training: model, optimizer, per-epoch history
-    (resumable per epoch from ``checkpoint_dir``)."""
+    (resumable per epoch from ``checkpoint_dir``). A compiled row (:data:`COMPILED_MODELS`) is
+    warmed up first (:func:`warm_up`; ``warmup_s``)."""
 
     def __init__(self, task: Task, name: str, cfg: Config, seed: int,
                  checkpoint_dir: Path | None, resume: bool) -> None:
         self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
         self.model = build_model(name, task, seed)
+        self.warmup_s = warm_up(self.model, task, cfg.batch) if name in COMPILED_MODELS else 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.history: list[dict[str, float]] = []
         self.path = None
@@ -241,6 +267,8 @@ def train_interleaved(task: Task, names: list[str], cfg: Config, seed: int,
             cells[name] = Cell(task, name, cfg, seed, checkpoint_dir, resume)
         except Exception as exc:  # a model that cannot be built must not stop the suite
             failed(name, exc)
+    notes += [f"{task.name} seed {seed}: warm-up (compilation) of {name}: {cell.warmup_s:.1f} s, "
+              "not counted in training time" for name, cell in cells.items() if cell.warmup_s]
     with progress_bar(cfg.epochs * len(cells), f"{task.name} seed {seed}") as bar:
         for _ in range(cfg.epochs):
             for name, cell in list(cells.items()):

@@ -29,9 +29,9 @@ from torch.nn.utils import parametrize
 
 import contdeq
 
-__all__ = ["MODELS", "OPTIONAL_MODELS", "PAPER_SKIP_LOSS", "TOL", "WEIGHT_TIED_MODELS", "Net",
-           "TorchDEQLayer", "build_model", "has_torchdeq", "layer_counts", "set_tolerance",
-           "weight_tied_name"]
+__all__ = ["COMPILED_MODELS", "MODELS", "OPTIONAL_MODELS", "PAPER_SKIP_LOSS", "TOL",
+           "WEIGHT_TIED_MODELS", "Net", "TorchDEQLayer", "build_model", "has_torchdeq",
+           "layer_counts", "set_tolerance", "weight_tied_name"]
 
 TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_tol": 5e-3,
                          "ode_max_steps": 1000, "fp_max_steps": 100, "backward_max_steps": 100}
@@ -139,9 +139,10 @@ def _deq(solver: str, backward: str = "implicit", **kw: Any) -> Callable[..., nn
     return make
 
 
-def _node(adjoint: bool) -> Callable[..., nn.Module]:
+def _node(adjoint: bool, compile: bool = False) -> Callable[..., nn.Module]:
     def make(f: nn.Module, predictor: Callable[[], nn.Module]) -> nn.Module:
-        return contdeq.NeuralODE(f, adjoint=adjoint, rtol=TOL["ode_tol"], atol=TOL["ode_tol"])
+        return contdeq.NeuralODE(f, adjoint=adjoint, rtol=TOL["ode_tol"], atol=TOL["ode_tol"],
+                                 compile=compile)
     return make
 
 
@@ -200,9 +201,11 @@ def _weight_tied_rows(multiscale: bool) -> dict[str, Callable[..., nn.Module]]:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "NeuralODE": _node(adjoint=False),
     "NeuralODE adjoint": _node(adjoint=True),
+    "NeuralODE compiled": _node(adjoint=False, compile=True),
     "DEQ(ode, dopri5)": _deq("ode"),
     "DEQ(ode, ptc)": _deq("ode", method="ptc"),
     "DEQ(ode, ptc) jfb": _deq("ode", "jfb", method="ptc"),
+    "DEQ(ode, ptc) compiled": _deq("ode", method="ptc", compile=True),
     "DEQ(anderson)": _deq("anderson"),
     "DEQ(anderson) jfb": _deq("anderson", "jfb"),
     "DEQ(broyden)": _deq("broyden"),
@@ -257,10 +260,14 @@ MULTISCALE_MODELS: dict[str, Callable[..., nn.Module]] = {
 #: The weight-tied rows (single- and multi-scale); ``benchmarks/weight_tied.py`` runs them.
 WEIGHT_TIED_MODELS = tuple(n for n in (*MODELS, *MULTISCALE_MODELS) if "WeightTied(" in n)
 
+#: Rows whose layer runs compiled (``compile=True``): the DEQ's ptc steps, the NeuralODE's f.
+COMPILED_MODELS = ("NeuralODE compiled", "DEQ(ode, ptc) compiled")
+
 #: Registered but left out of the default run (the dopri5 skip rows: slow, and the ptc rows
-#: answer the same question; the weight-tied rows: their own run, ``benchmarks/weight_tied.py``):
-#: run them with ``--models``.
-OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)", *WEIGHT_TIED_MODELS)
+#: answer the same question; the weight-tied rows: their own run, ``benchmarks/weight_tied.py``;
+#: the compiled rows: their warm-up, ``benchmarks/compile.py``): run them with ``--models``.
+OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)", *WEIGHT_TIED_MODELS,
+                   *COMPILED_MODELS)
 
 
 def models_for(task: Any, names: Any) -> list[str]:

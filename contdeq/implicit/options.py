@@ -98,7 +98,7 @@ class ForwardSolver:
 
 _STEADY_STATE_KEYS = frozenset(
     {"method", "atol", "rtol", "ode_atol", "ode_rtol", "max_steps", "t_max", "first_step",
-     "max_step", "backend", "record_trajectory", "timeout", "callback"}
+     "max_step", "backend", "record_trajectory", "timeout", "callback", "compile"}
 )
 _FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout",
                                "freeze_converged", "callback"})

@@ -182,6 +182,11 @@ class DEQ(PerThreadResults):
         return self._zeros(x), None
 
     # -- forward -------------------------------------------------------------------------
+    # Under a whole-model ``torch.compile(model)`` the layer is one graph break: the solver
+    # loop's data-dependent stopping and host-side checks stay out of the traced graphs (no
+    # recompiles), the modules around the layer are compiled, and ``compile=True`` compiles
+    # the solver's steps themselves (see contdeq.solvers.compiled).
+    @torch.compiler.disable
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``; ``z0`` optional initial state."""
         x = check_input(x)

@@ -28,6 +28,16 @@ __all__ = ["NeuralODE"]
 _FIRST_STEP_METHODS = ("dopri5", "bosh3", "dopri8", "adaptive_heun")
 
 
+def _rhs(f: nn.Module, z: Tensor, x: Tensor, residual: bool) -> Tensor:
+    """``f(z, x) - z`` (or ``f(z, x)``)."""
+    out = f(z, x)
+    return out - z if residual else out
+
+
+#: :func:`_rhs` compiled (``NeuralODE(compile=True)``): one graph per shape, dtype and ``f``.
+_compiled_rhs = torch.compile(_rhs, dynamic=False)
+
+
 class _Dynamics:
     """``func(t, z)`` for torchdiffeq: ``f(z, x) - z`` (or ``f(z, x)``), counting calls.
 
@@ -36,8 +46,9 @@ class _Dynamics:
     first-step rule, so that evaluation is counted once.
     """
 
-    def __init__(self, f: nn.Module, residual: bool, x: Tensor) -> None:
+    def __init__(self, f: nn.Module, residual: bool, x: Tensor, compiled: bool = False) -> None:
         self.f = f
+        self.compiled = compiled
         self.residual = residual
         self.x = x
         self.calls = 0
@@ -48,14 +59,18 @@ class _Dynamics:
         self._first: tuple[Tensor, Tensor] | None = None
 
     def rhs(self, z: Tensor) -> Tensor:
-        out = first_call(self.f, z, self.x) if self.calls == 0 else self.f(z, self.x)
+        if self.calls == 0:  # checked eagerly
+            out = first_call(self.f, z, self.x)
+            out = out - z if self.residual else out
+        else:
+            out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x, self.residual)
         self.calls += 1
         self.last_output = out
         if self.in_backward:
             self.backward_calls += 1
             if self.record is not None and self.record.backward is not None:
                 self.record.backward.nfe += 1
-        return out - z if self.residual else out
+        return out
 
     def __call__(self, t: Tensor, z: Tensor) -> Tensor:
         if self._first is not None:
@@ -115,6 +130,9 @@ class NeuralODE(PerThreadResults):
         max_num_steps: step limit of the adaptive methods (torchdiffeq's own default is
             unlimited); a solve that hits it raises :class:`~contdeq.solvers.ConvergenceError`
             instead of running on.
+        compile: evaluate ``f(z, x) - z`` compiled by ``torch.compile`` (each call after the
+            first; its backward too). torchdiffeq's stepping loop stays eager. The first
+            solve of a shape compiles (seconds); later ones reuse the graph.
 
     Attributes:
         stats: :class:`~contdeq.implicit.DEQStats`: ``forward.nfe`` counts every ``f`` call
@@ -139,6 +157,7 @@ class NeuralODE(PerThreadResults):
         options: Mapping[str, Any] | None = None,
         adjoint_options: Mapping[str, Any] | None = None,
         max_num_steps: int = 10_000,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(f, nn.Module):
@@ -149,6 +168,9 @@ class NeuralODE(PerThreadResults):
         check_number(max_num_steps, "max_num_steps", 1, integer=True)
         self._adaptive = issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
         self.max_num_steps = max_num_steps
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        self.compile = compile
         check_number(rtol, "rtol", 0, strict=True)
         check_number(atol, "atol", 0, strict=True)
         self.f = f
@@ -163,13 +185,15 @@ class NeuralODE(PerThreadResults):
         self.adjoint_options = dict(adjoint_options or {})
         warn_unstable_normalization(f, "NeuralODE")
 
+    # One graph break under a whole-model torch.compile, as for the DEQ layers.
+    @torch.compiler.disable
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)``."""
         x = check_input(x)
         z0 = zeros_or_state(x, z0, self.state_shape)
         if self.training:
             update_normalization(self.f)
-        dyn = _Dynamics(self.f, self.residual, x)
+        dyn = _Dynamics(self.f, self.residual, x, self.compile)
         t = torch.tensor([0.0, self.t_end], dtype=x.dtype, device=x.device)
         options = dict(self.options)
         grad = torch.is_grad_enabled()

@@ -210,7 +210,7 @@ def _iterate_together(
 ) -> LoopResult:
     """Iterate every sample (none frozen) until all have converged or a limit is hit; returns
     each sample's best iterate (the last one when all converged) and the stop reason."""
-    progress.keep_best(z)
+    progress.keep_best_after_rise(z)
     while (reason := progress.stop_reason()) is None:
         z = solver.propose(z, gz, residual)
         gz = g(z)

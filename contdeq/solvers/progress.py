@@ -57,6 +57,9 @@ class Progress:
         self.active = self.res > self.tol
         #: Each sample's best iterate so far, when a loop keeps one (see :meth:`keep_best`).
         self.best: BestIterate | None = None
+        # The last iterate, while :meth:`update_all` waits for a residual to rise before it
+        # keeps a best iterate (see :meth:`keep_best_after_rise`).
+        self._last_z: Tensor | None = None
         # Whether any sample is active, when the last update already knew it (saves a sync).
         self._any_active: bool | None = None
         #: Set when a step callback asked to stop (:class:`~contdeq.solvers.callback.Stop`).
@@ -129,6 +132,16 @@ class Progress:
         """Start keeping each sample's best iterate (smallest residual), from the current state
         ``z`` (``(B, D)``): :meth:`accept` given its ``z`` then offers every accepted state."""
         self.best = BestIterate(z, self.res, self.tol)
+
+    def keep_best_after_rise(self, z: Tensor) -> None:
+        """Keep each sample's best iterate, from the current state ``z`` (``(B, D)``), for a loop
+        that calls :meth:`update_all`, but only from the first step where a residual rises.
+
+        Until then every sample's residual has not increased, so the last iterate is each
+        sample's best and nothing needs copying; the rise is detected in the reduction that
+        :meth:`update_all` makes anyway.
+        """
+        self._last_z = z
 
     def reopen_stale(self, z: Tensor, residual_norm: Tensor) -> bool:
         """Re-test every sample on ``residual_norm`` (``(B,)``), evaluated at the final state
@@ -212,9 +225,21 @@ class Progress:
         """
         tol = self.condition.tolerance(z)
         gap = residual_norm - tol
-        lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf in either shows here
+        rise = 0.0
+        if self._last_z is None:
+            lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf show here
+        else:  # one reduction also tells whether a residual rose
+            highest, neg_lowest, rise = torch.stack(
+                (gap, gap.neg(), residual_norm - self.res)).amax(dim=1).tolist()
+            lowest = -neg_lowest
         if not (math.isfinite(lowest) and math.isfinite(highest)):
             raise_nonfinite(self.name, self.steps)
+        if self._last_z is not None:
+            if rise > 0:  # the previous iterate is every sample's best so far
+                self.best = BestIterate(self._last_z, self.res, self.tol)
+                self._last_z = None
+            else:
+                self._last_z = z
         if self.best is not None:
             self.best.offer(z, residual_norm, tol)
         self.res, self.tol = residual_norm, tol

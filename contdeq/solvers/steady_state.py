@@ -66,6 +66,7 @@ def steady_state(
     timeout: float | None = None,
     per_sample: bool = True,
     callback: StepCallback | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
@@ -133,6 +134,11 @@ def steady_state(
             (``stats.stop_reason == "callback"``) or replace the state / announce a changed
             ``func`` (see :mod:`contdeq.solvers.callback`). Not supported by
             ``backend="event"``.
+        compile: run each step compiled by ``torch.compile`` (``method="ptc"`` only; see
+            :mod:`contdeq.solvers.compiled`): fixed shapes, no host synchronization inside a
+            step, one per step. The first solve of a shape compiles the step (seconds to a
+            minute); later solves of the same shapes reuse it. Not combined with
+            ``callback``.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
@@ -150,8 +156,17 @@ def steady_state(
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
         return solve_flattened(steady_state, locals())
     check_bool(per_sample, "per_sample")
+    check_bool(compile, "compile")
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
         return solve_as_one_sample(steady_state, locals())
+    if compile:
+        # Imported here: importing it registers "ptc" (via .integrate) ahead of "implicit_ptc".
+        from .compiled import compile_supported
+
+        compile_supported(method)
+        if callback is not None:
+            raise ValueError("compile=True does not take a callback (the compiled step has no "
+                             "hook); use compile=False with callback")
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
     STEADY_STATE_METHODS.check(method)
@@ -196,7 +211,12 @@ def steady_state(
     hook = None if callback is None else StepHook(callback, method, counted.shape)
     jvps = linear_iterations = None
     if method == "ptc":
-        result = run_pseudo_transient(counted, z, d, progress, control, hook)
+        if compile:
+            from .compiled import run_compiled_pseudo_transient
+
+            result = run_compiled_pseudo_transient(counted, z, d, progress, control)
+        else:
+            result = run_pseudo_transient(counted, z, d, progress, control, hook)
     elif method == "implicit_ptc":
         result, jvps, linear_iterations = run_implicit_ptc(
             counted, z, d, progress, first_step, max_step, t_max, hook)

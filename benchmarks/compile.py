@@ -1,0 +1,187 @@
+"""Compiled against eager training steps, and whole-model ``torch.compile``, in one run.
+
+For each task (digits-mlp, digits-conv; the paper benchmark's models and widths), the rows
+``DEQ(ode, ptc)`` / ``DEQ(ode, ptc) compiled`` and ``NeuralODE`` / ``NeuralODE compiled``
+(:data:`paper_models.COMPILED_MODELS`) are built with the same weights; the compiled ones are
+warmed up (compile time reported, not counted), then every model takes the same sequence of
+training steps, interleaved step by step, and each step's wall time and this thread's CPU time
+are recorded (on a shared machine the CPU time is the less noisy of the two). Reported: median
+step times, the eager / compiled ratio of each pair, forward NFE and backward iterations, the
+paper benchmark's overhead (step time / ((NFE + backward iterations) x one f call)), the loss
+after the last step (eager and compiled train the same trajectory up to rounding), and the
+graphs compiled during the timed steps (0: no recompiles).
+
+Whole-model compile: ``torch.compile(model)`` of the Net around ``DEQ(ode, ptc)`` (eager
+solver) and around ``DEQ(ode, ptc) compiled``: first-call time of a training step, graphs
+compiled then, graph breaks, graphs compiled during ``steps`` later steps on other batches
+(recompiles), and the median step time against the eager model.
+
+Usage: ``python benchmarks/compile.py [--steps 30] [--tasks digits-mlp digits-conv]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_header, write_results
+from paper import Config, f_call_time, warm_up
+from paper_models import build_model, layer_counts
+from paper_tasks import load_task
+
+PAIRS = (("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled"), ("NeuralODE", "NeuralODE compiled"))
+WHOLE = ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled")
+
+
+def _graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _step(model: nn.Module, run: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
+          yb: torch.Tensor) -> tuple[float, float, float]:
+    """One training step of ``run`` (``model`` or its compiled wrapper): wall seconds, CPU
+    seconds of this thread, loss."""
+    model.train()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    loss = nn.functional.cross_entropy(run(xb), yb)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - wall, time.thread_time() - cpu, float(loss.detach())
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def compare_steps(task_name: str, steps: int, batch: int, lr: float) -> list[dict[str, Any]]:
+    """Interleaved training steps of the eager and compiled rows of :data:`PAIRS`."""
+    task = load_task(task_name, Config().width[task_name])
+    t_f = f_call_time(task, batch, 0)
+    names = [n for pair in PAIRS for n in pair]
+    models = {n: build_model(n, task, 0) for n in names}
+    warm = {}
+    for n, m in models.items():
+        before = _graphs()
+        warm[n] = (warm_up(m, task, batch) if n.endswith("compiled") else 0.0,
+                   _graphs() - before)
+    opts = {n: torch.optim.Adam(m.parameters(), lr=lr) for n, m in models.items()}
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    calls: dict[str, list[float]] = {n: [] for n in names}
+    loss: dict[str, float] = {}
+    before = _graphs()
+    for _ in range(steps):
+        idx = torch.randperm(len(task.x_train), generator=gen)[:batch]
+        xb, yb = task.x_train[idx], task.y_train[idx]
+        for n, m in models.items():
+            wall, cpu, loss[n] = _step(m, m, opts[n], xb, yb)
+            times[n].append((wall, cpu))
+            fwd, bwd = layer_counts(m.layer)
+            calls[n].append(fwd + (bwd or 0))
+    recompiles = _graphs() - before
+    rows = []
+    for n in names:
+        wall = _median([w for w, _ in times[n]])
+        cpu = _median([c for _, c in times[n]])
+        rows.append({"task": task_name, "model": n, "step_ms": 1e3 * wall,
+                     "step_cpu_ms": 1e3 * cpu, "calls": sum(calls[n]) / steps,
+                     "overhead": wall / (sum(calls[n]) / steps * t_f),
+                     "overhead_cpu": cpu / (sum(calls[n]) / steps * t_f),
+                     "warmup_s": warm[n][0], "warmup_graphs": warm[n][1],
+                     "final_loss": loss[n], "timed_recompiles": recompiles,
+                     "f_call_ms": 1e3 * t_f})
+    by = {r["model"]: r for r in rows}
+    for eager, compiled in PAIRS:
+        by[compiled]["speedup"] = by[eager]["step_ms"] / by[compiled]["step_ms"]
+        by[compiled]["speedup_cpu"] = by[eager]["step_cpu_ms"] / by[compiled]["step_cpu_ms"]
+    return rows
+
+
+def whole_model(task_name: str, steps: int, batch: int, lr: float) -> list[dict[str, Any]]:
+    """``torch.compile(model)`` of the nets of :data:`WHOLE`: first call, recompiles, speed."""
+    task = load_task(task_name, Config().width[task_name])
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for name in WHOLE:
+        eager = build_model(name, task, 0)
+        model = build_model(name, task, 0)
+        whole = torch.compile(model)
+        opts = {k: torch.optim.Adam(m.parameters(), lr=lr)
+                for k, m in (("eager", eager), ("whole", model))}
+        xb, yb = task.x_train[:batch], task.y_train[:batch]
+        counters.clear()  # this model's graphs and breaks only
+        before = _graphs()
+        first, _, _ = _step(model, whole, opts["whole"], xb, yb)
+        _step(eager, eager, opts["eager"], xb, yb)
+        compiled_first = _graphs() - before
+        breaks = sum(counters["graph_break"].values())
+        before = _graphs()
+        times: dict[str, list[float]] = {"eager": [], "whole": []}
+        for _ in range(steps):
+            idx = torch.randperm(len(task.x_train), generator=gen)[:batch]
+            for key, m, run in (("eager", eager, eager), ("whole", model, whole)):
+                times[key].append(_step(m, run, opts[key], task.x_train[idx],
+                                        task.y_train[idx])[1])
+        rows.append({"task": task_name, "model": f"torch.compile(Net with {name})",
+                     "first_call_s": first, "graphs_first_call": compiled_first,
+                     "graph_breaks_first_call": breaks, "recompiles": _graphs() - before,
+                     "step_cpu_ms": 1e3 * _median(times["whole"]),
+                     "eager_step_cpu_ms": 1e3 * _median(times["eager"])})
+    return rows
+
+
+def to_markdown(steps: list[dict[str, Any]], whole: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "", "| task | model | step ms (wall) | step ms (CPU) | eager / compiled "
+             "(wall, CPU) | f calls per step | overhead (wall, CPU) | warm-up s (graphs) | "
+             "final loss | graphs compiled while timed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in steps:
+        speed = (f"{r['speedup']:.2f}, {r['speedup_cpu']:.2f}" if "speedup" in r else "-")
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['step_ms']:.1f} | {r['step_cpu_ms']:.1f} | "
+            f"{speed} | {r['calls']:.1f} | {r['overhead']:.1f}, {r['overhead_cpu']:.1f} | "
+            f"{r['warmup_s']:.1f} ({r['warmup_graphs']}) | {r['final_loss']:.4f} | "
+            f"{r['timed_recompiles']} |")
+    lines += ["", "Whole-model compile (`torch.compile(model)`, training steps):", "",
+              "| task | model | first call s | graphs at first call | graph breaks | "
+              "recompiles after warm-up | step ms CPU (compiled / eager) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['task']} | {r['model']} | {r['first_call_s']:.1f} | "
+              f"{r['graphs_first_call']} | {r['graph_breaks_first_call']} | {r['recompiles']} | "
+              f"{r['step_cpu_ms']:.1f} / {r['eager_step_cpu_ms']:.1f} |" for r in whole]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-conv"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="compile")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Every compiled solve shares one Dynamo cache (one graph per batch shape, task and grad
+    # mode); the default limit of 8 graphs would send the last ones back to eager steps.
+    torch._dynamo.config.recompile_limit = 64
+    cfg = Config()
+    steps = [r for t in args.tasks for r in compare_steps(t, args.steps, cfg.batch, cfg.lr)]
+    whole = [r for t in args.tasks for r in whole_model(t, args.steps, cfg.batch, cfg.lr)]
+    header = (f"Compiled vs eager training steps: batch {cfg.batch}, medians of {args.steps} "
+              f"interleaved steps per model ({machine_header()}; the machine was shared with "
+              "other jobs, so wall times are noisy; CPU time is this thread's)")
+    write_results(args.name, to_markdown(steps, whole, header), steps + whole)
+    return steps + whole
+
+
+if __name__ == "__main__":
+    main()

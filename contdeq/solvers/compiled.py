@@ -1,0 +1,257 @@
+"""The compiled pseudo-transient continuation loop (``steady_state(..., compile=True)``).
+
+On small states a solver step costs its number of dispatched tensor operations (about 30 per
+ptc step besides ``func``'s), and on a GPU each one is a kernel launch. This loop hands one
+whole step (the call of ``func``, the Euler update, the RMS norms, the per-sample test, the
+step-size control and the best-iterate bookkeeping) to ``torch.compile`` as one function of
+fixed-shape tensors, so Inductor fuses it into a few kernels:
+
+* samples are frozen by masking (``dt_b = 0``), never by compacting the batch, so every step
+  has the same shapes and the compiled step is reused;
+* pseudo-time, step sizes and per-sample counters are tensors, never Python numbers (a Python
+  float that changes would be a new constant and a recompile each step);
+* a step never synchronizes with the host: it returns a small status vector, read once per
+  step by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``),
+  the NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
+
+The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its
+paths fused and branch-free (the slow path's quantities are computed every step; fused, they
+cost almost nothing). One difference: the NaN/Inf trial count is kept per sample (a sample's
+consecutive non-finite trials from its accepted state), where the eager loop keeps one count
+for the batch. ``func`` is checked (output, in-place modification of its input) eagerly on
+its first call at ``z0``, which :func:`steady_state` makes before the loop; inside the compiled
+step no check runs.
+
+Warm-up: the first solve of a given shape, dtype and ``func`` compiles the step (seconds to a
+minute, depending on ``func``); later solves of the same shapes reuse it, whatever the values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .counting import CountedODEFunc
+from .integrate import (
+    MAX_NONFINITE_TRIALS,
+    NONFINITE_SHRINK,
+    PTC_GROWTH_CAP,
+    PTC_MIN_GROWTH,
+    PTC_SMOOTH_CHANGE,
+    StepControl,
+)
+from .progress import BestIterate, Progress
+from .stats import LoopResult
+from .termination import sample_rms
+from .validation import raise_nonfinite
+
+__all__ = ["compile_supported", "run_compiled_pseudo_transient"]
+
+#: Steady-state methods with a compiled loop.
+COMPILED_METHODS = ("ptc",)
+
+
+def compile_supported(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` has a compiled loop (``compile=True``)."""
+    if method not in COMPILED_METHODS:
+        raise ValueError(
+            f"compile=True supports method in {list(COMPILED_METHODS)}, got method={method!r}; "
+            "use method='ptc', or compile=False (or wrap your func in torch.compile yourself)"
+        )
+
+
+def _ptc_step(
+    func: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    t0: Tensor,
+    state: dict[str, Tensor],
+    atol: float,
+    rtol: float,
+    max_step: float,
+    t_max: float,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One masked ptc step of every sample; no host synchronization.
+
+    ``state`` holds ``z``, ``d`` ``(B, D)`` (state, derivative), ``best_z`` ``(B, D)``, and
+    ``(B,)`` vectors ``h`` (step sizes), ``res``/``tol`` (residual norm and tolerance at
+    ``z``), ``best_res``/``best_tol``, ``t`` (float64 pseudo-time), ``active`` (bool),
+    ``accepted``/``attempted``/``trials`` (long: accepted and attempted steps, consecutive
+    NaN/Inf trials). Returns ``(new state, d_new, status)``: ``d_new`` ``(B, D)`` is this
+    step's evaluation at every sample (the frozen ones at their frozen state), ``status`` a
+    float64 ``(3,)`` vector: active samples, their most consecutive NaN/Inf trials, their
+    smallest pseudo-time (``inf`` when none is active).
+    """
+    z, d, h, res, active = state["z"], state["d"], state["h"], state["res"], state["active"]
+    t, best_res = state["t"], state["best_res"]
+    step = torch.minimum(h.to(t.dtype), t_max - t) * active
+    z_new = torch.addcmul(z, step.to(z.dtype).unsqueeze(1), d)
+    d_new = func(t0, z_new.reshape(shape)).reshape(z.shape)
+    res_new = sample_rms(d_new)
+    tol_new = sample_rms(z_new, rtol) + atol
+    finite = torch.isfinite(res_new + tol_new)
+    descent = res_new < res
+    change = (sample_rms(d_new - d) / (res * PTC_SMOOTH_CHANGE)).nan_to_num(nan=math.inf)
+    rise = (change <= 1.0) & (res_new <= PTC_GROWTH_CAP * best_res) & ~descent
+    ok = (descent | rise) & finite & active
+    factor = torch.where(
+        descent, (res / res_new).clamp(PTC_MIN_GROWTH, 2.0),
+        torch.where(ok, change.reciprocal().clamp(1.0, 2.0),
+                    (0.9 / change).clamp(NONFINITE_SHRINK, 0.5)),
+    )
+    factor = torch.where(finite, factor, NONFINITE_SHRINK)
+    keep = ok.unsqueeze(1)
+    improved = ok & (res_new < best_res)
+    new_res = torch.where(ok, res_new, res)
+    new_tol = torch.where(ok, tol_new, state["tol"])
+    new_active = new_res > new_tol
+    trials = torch.where(active & ~finite, state["trials"] + 1, 0)
+    new = {
+        "z": torch.where(keep, z_new, z),
+        "d": torch.where(keep, d_new, d),
+        "h": (factor * h).clamp(max=max_step),
+        "res": new_res,
+        "tol": new_tol,
+        "t": t + step * ok,
+        "active": new_active,
+        "best_z": torch.where(improved.unsqueeze(1), z_new, state["best_z"]),
+        "best_res": torch.where(improved, res_new, best_res),
+        "best_tol": torch.where(improved, tol_new, state["best_tol"]),
+        "accepted": state["accepted"] + ok,
+        "attempted": state["attempted"] + active,
+        "trials": trials,
+    }
+    status = torch.stack((
+        new_active.sum().to(torch.float64),
+        (trials * active).amax().to(torch.float64),
+        torch.where(new_active, new["t"].to(torch.float64), math.inf).amin(),
+    ))
+    return new, d_new, status
+
+
+#: The compiled step, shared by every solve (Dynamo caches one graph per shape, dtype and func
+#: code; ``dynamic=False``: no symbolic shapes).
+_compiled_ptc_step = torch.compile(_ptc_step, dynamic=False)
+
+
+def run_compiled_pseudo_transient(
+    func: CountedODEFunc,
+    z: Tensor,
+    d: Tensor,
+    progress: Progress,
+    control: StepControl,
+) -> LoopResult:
+    """:func:`~contdeq.solvers.integrate.run_pseudo_transient` with each step compiled.
+
+    Args:
+        func: the counted right-hand side (already called once at ``z``, which checked it).
+        z: ``(B, D)`` initial state.
+        d: ``(B, D)`` derivative at ``z``.
+        progress: the solve's bookkeeping (its ``res``, ``tol``, ``active``, ``t``, ``best`` and
+            ``steps`` are updated from the compiled state once per step).
+        control: ``max_step``, ``t_max`` and ``first_step`` (default ``max_step``).
+
+    Returns:
+        ``LoopResult(z, stop_reason, accepted, rejected)``, steps counted over (sample, step)
+        pairs, the returned state each unconverged sample's best.
+    """
+    assert progress.t is not None
+    max_step, t_max = control.max_step, control.t_max
+    first = min(control.first_step or max_step, max_step)
+    counts = torch.zeros_like(progress.res, dtype=torch.long)
+    state = {
+        "z": z, "d": d, "h": torch.full_like(progress.res, first), "res": progress.res,
+        "tol": progress.tol, "t": progress.t, "active": progress.active,
+        **_best(BestIterate(z, progress.res, progress.tol)),
+        # Distinct tensors: an aliasing pattern that changes after the first step recompiles.
+        "accepted": counts, "attempted": counts.clone(), "trials": counts.clone(),
+    }
+    t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+    atol, rtol = progress.condition.atol, progress.condition.rtol
+    n_active, trials, t_min = float(progress.active.sum()), 0.0, 0.0
+    d_new = None
+    first_step = progress.steps
+    while True:
+        while (reason := _stop_reason(progress, n_active, t_min, t_max)) is None:
+            state, d_new, status = _run_step(
+                progress.steps == first_step,
+                func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
+            func.calls += 1
+            progress.steps += 1
+            n_active, trials, t_min = status.tolist()  # the step's one synchronization
+            if trials >= MAX_NONFINITE_TRIALS:
+                raise_nonfinite(
+                    func.name, progress.steps,
+                    f"every one of the last {int(trials)} trial steps of a sample from its "
+                    f"accepted state was NaN/Inf: {func.name} is not finite near that state",
+                )
+            _record(progress, state)
+        if trials and reason != "converged":
+            raise_nonfinite(
+                func.name, progress.steps,
+                f"the solve stopped ({reason}) right after {int(trials)} trial step(s) rejected "
+                "for NaN/Inf, before a finite step was found",
+            )
+        progress.best = BestIterate(state["best_z"], state["best_res"], state["best_tol"])
+        # The last call saw every sample at the final state (frozen ones did not move).
+        if reason != "converged" or d_new is None or not progress.reopen_stale(
+                state["z"], sample_rms(d_new)):
+            break
+        state = {**state, "d": d_new, "res": progress.res, "tol": progress.tol,
+                 "active": progress.active, **_best(progress.best)}
+        n_active = float(progress.active.sum())
+    n_accepted = int(state["accepted"].sum())
+    return LoopResult(progress.final_state(state["z"]), reason, n_accepted,
+                      int(state["attempted"].sum()) - n_accepted)
+
+
+def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The compiled step on ``args``.
+
+    Dynamo's guards (on func's module, its parameters, every input) cost more than the step on
+    small states, and within a solve nothing they check changes: they are evaluated on the
+    first step of a solve (``guarded``) only; later steps pick among the cached graphs by the
+    guards that differ between them. A later step that needs a graph not compiled yet (the
+    second step's inputs can differ from the first's, e.g. in aliasing) is run again guarded,
+    which compiles it.
+    """
+    if not guarded:
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return _compiled_ptc_step(*args)
+        except RuntimeError as exc:
+            if "skip_guard_eval_unsafe" not in str(exc):
+                raise
+    return _compiled_ptc_step(*args)
+
+
+def _best(best: BestIterate) -> dict[str, Tensor]:
+    """The compiled state's copy of ``best``: copies, so that no input of the compiled step
+    aliases another (an aliasing pattern that changes is a recompile)."""
+    return {"best_z": best.z.clone(), "best_res": best.res.clone(), "best_tol": best.tol.clone()}
+
+
+def _stop_reason(progress: Progress, n_active: float, t_min: float, t_max: float) -> str | None:
+    """:meth:`Progress.stop_reason` from the last status read (no further synchronization)."""
+    if n_active == 0:
+        return "converged"
+    if progress.steps >= progress.max_steps:
+        return "max_steps"
+    if t_min >= t_max:
+        return "t_max"
+    if progress.timeout is not None and time.perf_counter() - progress.start >= progress.timeout:
+        return "timeout"
+    return None
+
+
+def _record(progress: Progress, state: dict[str, Tensor]) -> None:
+    """Copy the compiled step's per-sample state into ``progress`` (references, no copies)."""
+    progress.res, progress.tol = state["res"], state["tol"]
+    progress.active, progress.t = state["active"], state["t"]
+    if progress.res_history is not None:
+        progress.res_history.append(progress.res.clone())
+        if progress.t_history is not None:
+            progress.t_history.append(progress.t.clone())
