@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import contdeq
-from contdeq.robust import pgd, robust_accuracy, unrolled_gradients
+from contdeq.robust import (
+    entropy_reduction,
+    pgd,
+    random_intermediate_states,
+    robust_accuracy,
+    unrolled_gradients,
+)
 from tests.layer_models import TanhCell
 
 WIDTH, FEATURES, CLASSES = 6, 5, 3
@@ -138,6 +146,173 @@ def test_robust_accuracy_counts_correct_predictions() -> None:
     assert robust_accuracy(model, (x, wrong), lambda a, b: a) == 0.0
     with pytest.raises(ValueError, match="same number of samples"):
         robust_accuracy(model, (x, y[:3]), None)
+
+
+class RecordingCell(TanhCell):
+    """A :class:`TanhCell` recording the input of its last call and its calls with grad."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.last_x: torch.Tensor | None = None
+        self.grad_calls = 0
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.last_x = x.detach().clone()
+        self.grad_calls += int(torch.is_grad_enabled() and x.requires_grad)
+        return super().forward(z, x)
+
+
+def rin_model(solver: str, lipschitz: float = 0.7, tol: float = 1e-9
+              ) -> tuple[nn.Sequential, contdeq.DEQ]:
+    """A DEQ of a :class:`RecordingCell` and a linear head, float64."""
+    torch.manual_seed(0)
+    deq = contdeq.DEQ(RecordingCell(WIDTH, FEATURES, lipschitz=lipschitz), solver=solver,
+                      state_shape=WIDTH, atol=tol, rtol=tol, max_steps=200)
+    return nn.Sequential(deq, nn.Linear(WIDTH, CLASSES, dtype=torch.float64)), deq
+
+
+def test_random_intermediate_state_is_k_picard_steps_then_damped_unrolled_steps() -> None:
+    """With Picard, the training output is ``k`` plain steps from zero (k drawn from the
+    generator) followed by two damped steps, and the input gradient flows through the
+    damped steps only: catches a wrong stopping step, damping, or a gradient through the
+    solve (or an implicit one)."""
+    model, deq = rin_model("picard")
+    f = deq.f
+    x = torch.rand(5, FEATURES, dtype=torch.float64, requires_grad=True)
+    k = int(torch.randint(1, 4 + 1, (), generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        z = torch.zeros(5, WIDTH, dtype=torch.float64)
+        for _ in range(k):
+            z = f(z, x)
+    expected = z
+    for _ in range(2):
+        expected = 0.7 * f(expected, x) + 0.3 * expected
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    model.train()
+    with random_intermediate_states(model, max_steps=4, damping=0.7,
+                                    generator=torch.Generator().manual_seed(3)):
+        out = deq(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert deq.stats.forward.steps == k and deq.stats.forward.stop_reason == "callback"
+    assert deq.stats.forward.nfe == k + 1 + 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "ode"])
+def test_random_intermediate_states_draw_every_step(solver: str) -> None:
+    """Over repeated training calls the stop lands on every step 1..K (``"ode"``: pseudo-times
+    spread over (0, K]), never beyond, and the stop is not reported as non-convergence:
+    catches a fixed or out-of-range draw, or warnings for a deliberate stop."""
+    model, deq = rin_model(solver)
+    x = torch.rand(4, FEATURES, dtype=torch.float64)
+    model.train()
+    stops = []
+    with random_intermediate_states(model, max_steps=3,
+                                    generator=torch.Generator().manual_seed(0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(16):
+                model(x)
+                stats = deq.stats.forward
+                assert stats.stop_reason == "callback"
+                stops.append(stats.steps if solver != "ode" else float(stats.t_final.max()))
+    if solver == "ode":
+        assert 0 < min(stops) < 1 and 2 < max(stops) < 3 + 1.5
+    else:
+        assert sorted(set(stops)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("solver", ["anderson", "ode"])
+def test_random_intermediate_states_leave_eval_mode_and_restore(solver: str) -> None:
+    """Inside the block an eval-mode call gives the layer's usual output and implicit input
+    gradient, and the layer's objects are restored on exit, also after an exception:
+    catches a block that leaks into inference or attacks generated in eval mode."""
+    model, deq = rin_model(solver)
+    model.eval()
+    x, y = inputs(6)
+    reference = input_gradient(model, x, y)
+    saved = (deq.solver, deq.eval_solver, deq.backward_mode)
+    with pytest.raises(RuntimeError, match="boom"), random_intermediate_states(model,
+                                                                                max_steps=3):
+        torch.testing.assert_close(input_gradient(model, x, y), reference, rtol=1e-7,
+                                   atol=1e-10)
+        raise RuntimeError("boom")
+    assert (deq.solver, deq.eval_solver, deq.backward_mode) == saved
+    assert all(a is b for a, b in zip((deq.solver, deq.eval_solver, deq.backward_mode), saved,
+                                      strict=True))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_steps": 0}, "max_steps must be"),
+    ({"unrolled_steps": 0}, "unrolled_steps must be"),
+    ({"damping": 1.5}, "damping must be"),
+    ({"damping": 0.0}, "damping must be"),
+    ({"generator": 3}, "generator must be"),
+])
+def test_random_intermediate_states_reject_bad_arguments(kwargs: dict, message: str) -> None:
+    """Each bad argument raises naming it: catches silently accepted settings."""
+    model, _ = rin_model("anderson")
+    with pytest.raises((ValueError, TypeError), match=message), random_intermediate_states(
+            model, **{"max_steps": 3, **kwargs}):
+        pass
+
+
+@pytest.mark.parametrize("solver", ["anderson", "ode", "broyden"])
+def test_entropy_reduction_lowers_entropy_within_the_ball(solver: str) -> None:
+    """In eval mode the layer converges on a changed input within eps of x (linf) whose
+    prediction is more confident on average, after exactly rounds * steps input-gradient
+    steps; with eps = 0 the output is the plain one; train mode is untouched. Catches steps
+    that raise the entropy, leave the ball, ignore the schedule or leave the solve on a stale
+    input."""
+    model, deq = rin_model(solver, lipschitz=0.5, tol=1e-7)
+    head = model[1]
+    model.eval()
+    x = torch.rand(16, FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        plain = model(x)
+    eps = 0.2
+    cell = deq.f
+    with entropy_reduction(model, head, every=2, steps=3, step_size=0.05, eps=eps,
+                           rounds=2), torch.no_grad():
+        cell.grad_calls = 0
+        defended = model(x)
+        assert cell.grad_calls == 2 * 3
+        x_final = cell.last_x
+        z = deq(x)
+    assert x_final is not None
+    assert float((x_final - x).abs().max()) <= eps + 1e-12
+    assert float((x_final - x).abs().max()) > eps / 2
+    with torch.no_grad():
+        torch.testing.assert_close(cell(z, x_final), z, rtol=0, atol=1e-6)
+
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+    assert float(entropy(defended).mean()) < float(entropy(plain).mean()) - 1e-3
+    with entropy_reduction(model, head, every=2, step_size=0.05, eps=0.0), torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
+        model.train()
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"every": 0}, "every must be"),
+    ({"steps": 0}, "steps must be"),
+    ({"step_size": 0.0}, "step_size must be"),
+    ({"eps": -1.0}, "eps must be"),
+    ({"norm": "inf"}, "norm must be one of"),
+    ({"rounds": 0}, "rounds must be"),
+    ({"head": "linear"}, "head must be an nn.Module"),
+    ({"model": nn.Linear(2, 2)}, "exactly one equilibrium layer"),
+])
+def test_entropy_reduction_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    """Each bad argument raises naming it (and a model without exactly one DEQ layer is
+    refused): catches silently accepted settings."""
+    model, _ = rin_model("anderson")
+    args = {"model": model, "head": model[1], "every": 2, "step_size": 0.1, "eps": 0.1,
+            **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message), entropy_reduction(**args):
+        pass
 
 
 torchattacks = pytest.importorskip(

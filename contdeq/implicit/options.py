@@ -16,6 +16,7 @@ from ..solvers import (
     fixed_point,
     steady_state,
 )
+from ..solvers.callback import with_layer_input
 from ..solvers.validation import check_on_nonconvergence
 
 __all__ = ["FORWARD_SOLVERS", "UNROLLABLE_SOLVERS", "ForwardSolver", "check_solver_options"]
@@ -49,7 +50,10 @@ class ForwardSolver:
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
         **options: keyword arguments of that solver function (``method``, ``atol``, ``rtol``,
             ``max_steps``, ...; for the discrete solvers also ``memory``, ``damping``, ...).
-            Unknown names raise ``TypeError`` here, not at the first call.
+            Unknown names raise ``TypeError`` here, not at the first call. A ``callback``
+            option is a layer step callback: it also sees the layer's input
+            (:attr:`~contdeq.solvers.callback.StepInfo.x`) and may change it
+            (``Restart(x=...)``, see :mod:`contdeq.solvers.callback`).
     """
 
     def __init__(self, solver: str = "ode", *, on_nonconvergence: str = "warn", **options: Any):
@@ -70,13 +74,15 @@ class ForwardSolver:
         if z0.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
             z, stats = self(lambda z: fx(z.squeeze(1)).unsqueeze(1), z0.unsqueeze(1))
             return z.squeeze(1), stats
+        options = self.options
+        if options.get("callback") is not None:
+            options = {**options, "callback": with_layer_input(options["callback"], fx)}
         if self.solver == "ode":
             return steady_state(
-                lambda t, z: fx(z) - z, z0, on_nonconvergence=self.on_nonconvergence,
-                **self.options,
+                lambda t, z: fx(z) - z, z0, on_nonconvergence=self.on_nonconvergence, **options,
             )
         return fixed_point(
-            fx, z0, method=self.solver, on_nonconvergence=self.on_nonconvergence, **self.options
+            fx, z0, method=self.solver, on_nonconvergence=self.on_nonconvergence, **options
         )
 
     def with_options(self, **options: Any) -> ForwardSolver:
@@ -92,10 +98,10 @@ class ForwardSolver:
 
 _STEADY_STATE_KEYS = frozenset(
     {"method", "atol", "rtol", "ode_atol", "ode_rtol", "max_steps", "t_max", "first_step",
-     "max_step", "backend", "record_trajectory", "timeout"}
+     "max_step", "backend", "record_trajectory", "timeout", "callback"}
 )
 _FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout",
-                               "freeze_converged"})
+                               "freeze_converged", "callback"})
 
 
 def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:

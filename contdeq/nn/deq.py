@@ -117,7 +117,9 @@ class DEQ(PerThreadResults):
         jacobian_probes: Hutchinson probes of the Jacobian regularizer.
         **solver_options: options of the forward solver: for ``"ode"`` those of
             :func:`contdeq.solvers.steady_state` (``method``, ``atol``, ``rtol``,
-            ``max_steps``, ...), otherwise of :func:`contdeq.solvers.fixed_point`.
+            ``max_steps``, ...), otherwise of :func:`contdeq.solvers.fixed_point`; among
+            them ``callback``, a per-step callback that also sees and may change the layer's
+            input (:mod:`contdeq.solvers.callback`; ``eval_options`` may set another one).
 
     Attributes:
         stats: :class:`~contdeq.implicit.DEQStats` of the last call made in the calling

@@ -3,6 +3,7 @@
 Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` build on it.
 """
 
+from .callback import Restart, StepInfo, Stop
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
@@ -24,8 +25,11 @@ __all__ = [
     "GMRESResult",
     "NonFiniteError",
     "Registry",
+    "Restart",
     "SolverStats",
     "SteadyStateCondition",
+    "StepInfo",
+    "Stop",
     "StopReason",
     "Tableau",
     "fixed_point",

@@ -49,6 +49,10 @@ class Anderson:
         self.rs = like.new_zeros(b, self.memory, d)
         self.count = 0
 
+    def reset(self) -> None:
+        """Forget the stored iterates (the next step is a plain damped step)."""
+        self.count = 0
+
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z``."""
         slot = self.count % self.memory

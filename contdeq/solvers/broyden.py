@@ -54,6 +54,11 @@ class Broyden:
         coef = (us * x.unsqueeze(1)).sum(2, keepdim=True)
         return (coef * vs).sum(1) - x
 
+    def reset(self) -> None:
+        """Forget the rank-one updates: the inverse Jacobian restarts from ``-I``."""
+        self.stored = 0
+        self.prev = None
+
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z``."""
         if self.prev is not None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import anderson, broyden, newton, picard  # noqa: F401  (each registers its method)
+from .callback import StepCallback, StepHook, check_callback
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
 from .progress import Progress
@@ -43,6 +44,7 @@ def fixed_point(
     timeout: float | None = None,
     freeze_converged: bool = True,
     per_sample: bool = True,
+    callback: StepCallback | None = None,
     **options: float | int,
 ) -> tuple[Tensor, SolverStats]:
     """Find ``z = g(z)`` for every sample of a batch.
@@ -89,6 +91,11 @@ def fixed_point(
         per_sample: ``True`` (default): each sample is tested (and frozen) on its own;
             ``False``: the batch is one state, for a ``g`` that couples samples. Statistics
             then have shape ``(1,)``.
+        callback: ``callback(info) -> None | Stop() | Restart(z=...)``, called after every
+            iteration with a :class:`~contdeq.solvers.callback.StepInfo`: observe, stop
+            (``stats.stop_reason == "callback"``) or replace the state / announce a changed
+            ``g`` (the method's history restarts through its ``reset()``; see
+            :mod:`contdeq.solvers.callback`).
         **options: method options: anderson ``memory=5, damping=1.0, regularization=1e-4``;
             broyden ``memory=30``; picard ``damping=1.0``; newton ``jvp="reverse", restart=60,
             max_linear_iterations=200, line_search_steps=10``. Unknown options raise ``TypeError``.
@@ -111,6 +118,7 @@ def fixed_point(
     if timeout is not None:
         check_positive_float(timeout, "timeout")
     check_bool(freeze_converged, "freeze_converged")
+    check_callback(callback)
 
     counted = CountedMap(g, z0, name="g")
     z = z0.reshape(counted.flat_shape)
@@ -138,7 +146,8 @@ def fixed_point(
     )
     iterate = _iterate_freezing if freeze_converged else _iterate_together
     loop_map = getattr(solver, "map", counted) if getattr(cls, "needs_map", False) else counted
-    result = iterate(solver, loop_map, progress, z, gz, residual)
+    hook = None if callback is None else StepHook(callback, method, counted.shape)
+    result = iterate(solver, loop_map, progress, z, gz, residual, hook)
     stats = progress.finish(method, counted.calls, result.stop_reason)
     stats.jvps = getattr(solver, "jvps", None)
     stats.linear_iterations = getattr(solver, "linear_iterations", None)
@@ -146,9 +155,24 @@ def fixed_point(
     return result.z.reshape(z0.shape), stats
 
 
+def _restart(solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """A step callback changed ``g`` or the state ``z``: ``(g(z), residual)`` afresh, every
+    sample re-tested, the solver's history cleared."""
+    reset = getattr(solver, "reset", None)
+    if reset is None:
+        raise TypeError(f"a step callback asked for a restart, but the fixed-point solver "
+                        f"{type(solver).__name__} has no reset() method (see FixedPointSolver)")
+    reset()
+    gz = g(z)
+    residual = gz - z
+    progress.restart(z, sample_rms(residual))
+    return gz, residual
+
+
 def _iterate_freezing(
     solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
-    residual: Tensor,
+    residual: Tensor, hook: StepHook | None = None,
 ) -> LoopResult:
     """Iterate the samples that have not converged (the others stay put) until none is left or
     a limit is hit; returns each sample's best iterate and the stop reason."""
@@ -167,6 +191,10 @@ def _iterate_freezing(
             improved = (res < progress.res).logical_and_(active)
             best = torch.where(improved.unsqueeze(1), z, best)
             progress.accept(improved, res, tol)
+            if hook is not None and (restart := hook(progress, z)) is not None:
+                z = best = restart
+                gz, residual = _restart(solver, g, progress, z)
+                res = progress.res
         # All converged: every sample froze at its best iterate, so ``z == best``, and the last
         # call saw them all there; re-test the frozen ones (a g coupling samples).
         if reason != "converged" or res is None or not progress.reopen_stale(z, res):
@@ -176,7 +204,7 @@ def _iterate_freezing(
 
 def _iterate_together(
     solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
-    residual: Tensor,
+    residual: Tensor, hook: StepHook | None = None,
 ) -> LoopResult:
     """Iterate every sample (none frozen) until all have converged or a limit is hit; returns
     each sample's best iterate (the last one when all converged) and the stop reason."""
@@ -187,4 +215,7 @@ def _iterate_together(
         residual = gz - z
         progress.steps += 1
         progress.update_all(z, sample_rms(residual))
+        if hook is not None and (restart := hook(progress, z)) is not None:
+            z = restart
+            gz, residual = _restart(solver, g, progress, z)
     return LoopResult(progress.final_state(z), reason)

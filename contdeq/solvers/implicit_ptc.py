@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from .callback import StepHook
 from .counting import CountedODEFunc
 from .gmres import gmres
 from .linearize import Linearization, forcing_term
@@ -50,6 +51,7 @@ def run_implicit_ptc(
     first_step: float | None,
     max_step: float,
     t_max: float,
+    hook: StepHook | None = None,
 ) -> tuple[LoopResult, int, int]:
     """Backward-Euler pseudo-transient continuation on flat ``(B, D)`` states.
 
@@ -108,6 +110,10 @@ def run_implicit_ptc(
             keep = ok.unsqueeze(1)
             z, d = torch.where(keep, z_new, z), torch.where(keep, d_new, d)
         progress.accept(ok, res_new, tol_new, dt * ok)
+        if hook is not None and (restart := hook(progress, z)) is not None:
+            z, d = restart, lin.evaluate(restart)
+            progress.restart(z, sample_rms(d))
+            res_prev = eta = None
     if nonfinite_last and reason != "converged":  # NaN never passes as mere non-convergence
         raise_nonfinite(counted.name, progress.steps,
                         f"the solve stopped ({reason}) right after a trial step rejected for "

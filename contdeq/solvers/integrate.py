@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .callback import StepHook
 from .counting import CountedODEFunc
 from .progress import Progress
 from .registry import STEADY_STATE_METHODS
@@ -103,6 +104,7 @@ def run_runge_kutta(
     progress: Progress,
     tableau: Tableau,
     control: StepControl,
+    hook: StepHook | None = None,
 ) -> LoopResult:
     """Integrate until steady state; returns ``LoopResult(z, stop_reason, accepted, rejected)``.
 
@@ -140,6 +142,9 @@ def run_runge_kutta(
                 z, d = y1, f1
                 progress.accept(progress.active, res, tol, h, z)
                 h = next_step_size(h, ratio, tableau.order)
+                if hook is not None and (restart := hook(progress, z)) is not None:
+                    z, d, mask = restart, func(t, restart), None
+                    progress.restart(z, sample_rms(d))
             elif ratio > 1.0 and math.isfinite(ratio):
                 rejected += 1
                 h = next_step_size(h, ratio, tableau.order)
@@ -165,6 +170,7 @@ def run_pseudo_transient(
     d: Tensor,
     progress: Progress,
     control: StepControl,
+    hook: StepHook | None = None,
 ) -> LoopResult:
     """Explicit pseudo-transient continuation: forward Euler with per-sample pseudo-time steps.
 
@@ -224,6 +230,10 @@ most 2x, at most ``max_step``).
             z = torch.where(keep, z_new, z)
             d = torch.where(keep, d_new, d)
             progress.accept(ok, res_new, tol_new, dt, z)
+            if hook is not None and (restart := hook(progress, z)) is not None:
+                z, d = restart, func(0.0, restart)
+                d_new, res_new = d, sample_rms(d)
+                progress.restart(z, res_new)
         trials.check_stop(reason, progress.steps)
         # The last call saw every sample at the final state (frozen ones did not move).
         if reason != "converged" or res_new is None or not progress.reopen_stale(z, res_new):

@@ -76,6 +76,10 @@ class Linearization:
                 self._graph = (z, out, out)
         return out.detach()
 
+    def forget(self) -> None:
+        """``F`` changed: drop the kept graph, so the next product evaluates ``F`` afresh."""
+        self._graph = None
+
     def product_at(self, z: Tensor) -> Callable[[Tensor], Tensor]:
         """``v -> J(z) v`` on ``(B, D)`` tensors (reverse mode: one counted call of ``F``
         unless ``z`` equals the point :meth:`evaluate` saw last)."""

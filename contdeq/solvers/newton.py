@@ -78,6 +78,11 @@ class Newton:
         assert self.g is not None
         return self.g.g(z.reshape(self.g.shape)).reshape(self.g.flat_shape)
 
+    def reset(self) -> None:
+        """Forget the kept ``g`` value and graph, and the forcing-term history."""
+        self.lin.forget()
+        self._proposal = self._kept = self._res_prev = self._eta = None
+
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z`` (all ``(B, D)``)."""
         moving = (torch.ones(z.shape[0], dtype=torch.bool, device=z.device)

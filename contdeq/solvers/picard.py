@@ -23,6 +23,9 @@ class Picard:
         if self.damping > 1.0:
             raise ValueError(f"damping must be in (0, 1], got {damping}")
 
+    def reset(self) -> None:
+        """Nothing to forget (no history)."""
+
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z``."""
         if self.damping == 1.0:

@@ -59,6 +59,8 @@ class Progress:
         self.best: BestIterate | None = None
         # Whether any sample is active, when the last update already knew it (saves a sync).
         self._any_active: bool | None = None
+        #: Set when a step callback asked to stop (:class:`~contdeq.solvers.callback.Stop`).
+        self.halted = False
         # Pseudo-time is accumulated in float64 (float32 on MPS): in the state's dtype a
         # float32/bfloat16 sum stalls or stops just short of ``t_max`` and the solve never ends.
         self.t = torch.zeros_like(self.res, dtype=_time_dtype(z)) if track_time else None
@@ -79,6 +81,8 @@ class Progress:
             any_active = bool(self.active.any())
         if not any_active:
             return "converged"
+        if self.halted:
+            return "callback"
         if self.steps >= self.max_steps:
             return "max_steps"
         if t_max < math.inf and self.t is not None and float(self.t[self.active].min()) >= t_max:
@@ -146,6 +150,21 @@ class Progress:
         if self.best is not None:
             self.best = BestIterate(z, self.res, self.tol)
         return True
+
+    def restart(self, z: Tensor, residual_norm: Tensor) -> None:
+        """The function or the state changed (a step callback's
+        :class:`~contdeq.solvers.callback.Restart`): judge every sample afresh on
+        ``residual_norm`` (``(B,)``, all samples evaluated at ``z``, ``(B, D)``); the best
+        iterate, kept for the old function, restarts at ``z``.
+
+        Raises :class:`NonFiniteError` when a residual or tolerance is NaN/Inf.
+        """
+        tol = self.checked_tolerance(z, residual_norm, torch.ones_like(self.active))
+        self.res, self.tol = residual_norm, tol
+        self.active = residual_norm > tol
+        self._any_active = None
+        if self.best is not None:
+            self.best = BestIterate(z, self.res, self.tol)
 
     def final_state(self, z: Tensor) -> Tensor:
         """The state to return: each unconverged sample's best iterate (when kept, and better

@@ -21,7 +21,9 @@ class FixedPointSolver(Protocol):
     attribute (a callable like ``g``), the loop evaluates its proposals through it, so a solver
     that already evaluated ``g`` at its proposal (a line search) can hand that value back
     instead of paying a second call. Each iteration then calls
-    :meth:`propose`; convergence testing, freezing of converged samples, limits and statistics
+    :meth:`propose`; :meth:`reset` when a step callback changed ``g`` or the state (a solver
+    without it cannot serve such a callback: ``fixed_point`` raises ``TypeError`` then);
+    convergence testing, freezing of converged samples, limits and statistics
     are :func:`~contdeq.solvers.fixed_point`'s job, not the solver's.
 
     To add a method: write the class in its own module, decorate it with
@@ -42,4 +44,9 @@ class FixedPointSolver(Protocol):
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """The next iterate ``(B, D)`` from ``z``, ``g(z)`` and ``residual = g(z) - z``
         (each ``(B, D)``). Must not modify its arguments in place."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the history (stored iterates, kept values of ``g``): ``g`` or the state
+        changed, and the next :meth:`propose` starts afresh."""
         ...

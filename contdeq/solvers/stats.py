@@ -30,6 +30,8 @@ class StopReason(str, enum.Enum):
     T_END = "t_end"
     #: A :class:`~contdeq.nn.WeightTied` layer applied ``f`` its fixed number of times.
     DEPTH = "depth"
+    #: A step callback returned :class:`~contdeq.solvers.callback.Stop`.
+    CALLBACK = "callback"
 
     def __str__(self) -> str:
         return self.value
@@ -65,7 +67,7 @@ class SolverStats:
         wall_time: seconds spent in the solve.
         stop_reason: a :class:`StopReason` (equal to its string: ``"converged"``,
             ``"max_steps"``, ``"t_max"``, ``"timeout"``, ``"event"``, ``"t_end"``,
-            ``"depth"``); a string given here is converted.
+            ``"depth"``, ``"callback"``); a string given here is converted.
         accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
         rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).

@@ -9,6 +9,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from .callback import StepCallback, StepHook, check_callback
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
 from .implicit_ptc import run_implicit_ptc
@@ -63,6 +64,7 @@ def steady_state(
     record_trajectory: bool = False,
     timeout: float | None = None,
     per_sample: bool = True,
+    callback: StepCallback | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
@@ -121,6 +123,12 @@ def steady_state(
         per_sample: ``True`` (default): each sample is tested and frozen on its own;
             ``False``: the batch is one state (one test, one step size), for a ``func`` that
             couples samples. Statistics then have shape ``(1,)``.
+        callback: ``callback(info) -> None | Stop() | Restart(z=...)``, called after every
+            accepted step (every iteration of ``"ptc"``/``"implicit_ptc"``) with a
+            :class:`~contdeq.solvers.callback.StepInfo`: observe, stop
+            (``stats.stop_reason == "callback"``) or replace the state / announce a changed
+            ``func`` (see :mod:`contdeq.solvers.callback`). Not supported by
+            ``backend="event"``.
 
     Returns:
         ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
@@ -159,6 +167,10 @@ def steady_state(
     if backend != "lean":
         allowed = TORCHDIFFEQ_FSAL_METHODS if backend == "torchdiffeq" else EVENT_METHODS
         check_choice(method, f"method (with backend={backend!r})", allowed)
+    if check_callback(callback) is not None and backend == "event":
+        raise ValueError("callback is not supported by backend='event': torchdiffeq's "
+                         "odeint_event neither shows the state after each step nor lets it be "
+                         "changed; use backend='lean' or 'torchdiffeq'")
     if method in ("ptc", "implicit_ptc") and (ode_atol is not None or ode_rtol is not None):
         raise ValueError(
             f"ode_atol and ode_rtol do not apply to method={method!r} (it chooses its steps from "
@@ -177,16 +189,17 @@ def steady_state(
         name="func", track_time=True,
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
+    hook = None if callback is None else StepHook(callback, method, counted.shape)
     jvps = linear_iterations = None
     if method == "ptc":
-        result = run_pseudo_transient(counted, z, d, progress, control)
+        result = run_pseudo_transient(counted, z, d, progress, control, hook)
     elif method == "implicit_ptc":
         result, jvps, linear_iterations = run_implicit_ptc(
-            counted, z, d, progress, first_step, max_step, t_max)
+            counted, z, d, progress, first_step, max_step, t_max, hook)
     elif backend == "lean":
-        result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control)
+        result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control, hook)
     elif backend == "torchdiffeq":
-        result = run_torchdiffeq_loop(counted, z, d, progress, method, control)
+        result = run_torchdiffeq_loop(counted, z, d, progress, method, control, hook)
     else:
         result = run_odeint_event(counted, z, d, progress, method, control)
     label = method if backend == "lean" else f"{method}[{backend}]"

@@ -26,6 +26,7 @@ from torchdiffeq import odeint_event
 from torchdiffeq._impl.misc import _all_callback_names, _null_callback, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 
+from .callback import StepHook
 from .counting import CountedODEFunc
 from .integrate import NONFINITE_SHRINK, NonFiniteTrials, StepControl
 from .progress import Progress
@@ -87,6 +88,7 @@ def run_torchdiffeq_loop(
     progress: Progress,
     method: str,
     control: StepControl,
+    hook: StepHook | None = None,
 ) -> LoopResult:
     """torchdiffeq's adaptive step, our FSAL terminator; returns like ``run_runge_kutta``."""
     mask = progress.active.to(z.dtype).unsqueeze(1)
@@ -144,6 +146,11 @@ def run_torchdiffeq_loop(
                 if nonfinite:
                     trials.reject(float(state.dt), progress.steps, float(state.t1))
             state = new_state
+            if tol is not None and hook is not None and (
+                    restart := hook(progress, state.y1)) is not None:
+                masked.last = func(state.t1, restart)
+                progress.restart(restart, sample_rms(masked.last))
+                state = state._replace(y1=restart, f1=masked.last)
         trials.check_stop(reason, progress.steps)
         if reason != "converged" or masked.last is None or bool(mask.all()):
             break
