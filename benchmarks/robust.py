@@ -31,9 +31,10 @@ lo)``), and a spirals point (16 numbers) is seen as a ``1 x 4 x 4`` image, so Sq
 the same L-inf ball as PGD.
 
 Usage: ``python benchmarks/robust.py [--quick] [--epochs 4] [--n-train 768] [--n-test 128]
-[--tasks ...] [--models ...] [--seeds 0] [--device cpu] [--append]`` writes
-``benchmarks/results/robust.md`` / ``.json`` and ``docs/robust_accuracy.png``. ``--append``
-keeps the rows of other (task, model) pairs already in the JSON, so a run can be done in parts.
+[--tasks ...] [--models ...] [--seeds 0] [--device cpu] [--merge JSON ...]`` writes
+``benchmarks/results/robust.md`` / ``.json`` and ``docs/robust_accuracy.png`` (after every
+task). ``--merge`` keeps the rows of earlier JSON results for the (task, model) pairs not run,
+so a run can be done in parts.
 """
 
 from __future__ import annotations
@@ -122,6 +123,27 @@ QUICK = {"epochs": 1, "n_train": 64, "n_test": 16, "batch": 32, "attack_steps": 
          "square_queries": 5, "train_pgd_steps": 1}
 
 
+def unflatten_state(z: Tensor, shapes: tuple[tuple[int, ...], ...]
+                    ) -> Tensor | tuple[Tensor, ...]:
+    """``(B, D)`` -> ``(B, *shape)``, or a tuple of them for several ``shapes``."""
+    sizes = [math.prod(s) for s in shapes]
+    parts = tuple(p.reshape(len(z), *s)
+                  for p, s in zip(z.split(sizes, dim=1), shapes, strict=True))
+    return parts if len(parts) > 1 else parts[0]
+
+
+class ScaleHead(nn.Module):
+    """A multi-scale head on the flat ``(B, D)`` state a multi-scale layer's solver iterates
+    (what :func:`contdeq.robust.entropy_reduction` hands its ``head``)."""
+
+    def __init__(self, head: nn.Module, shapes: tuple[tuple[int, ...], ...]) -> None:
+        super().__init__()
+        self.head, self.shapes = head, shapes
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.head(unflatten_state(z, self.shapes))
+
+
 class FlatCell(nn.Module):
     """``f`` of a task on flat ``(B, D)`` states: ``z`` is split into the task's per-sample
     state shapes (one tensor, or a tuple for a multi-scale state) and ``f``'s output flattened
@@ -135,9 +157,7 @@ class FlatCell(nn.Module):
 
     def unflatten(self, z: Tensor) -> Tensor | tuple[Tensor, ...]:
         """``(B, D)`` -> the task's state (``(B, *shape)`` or a tuple of them)."""
-        parts = tuple(p.reshape(len(z), *s)
-                      for p, s in zip(z.split(self.sizes, dim=1), self.shapes, strict=True))
-        return parts if len(parts) > 1 else parts[0]
+        return unflatten_state(z, self.shapes)
 
     @staticmethod
     def flatten(z: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -292,8 +312,8 @@ def inference_context(name: str, model: nn.Module, task: Task, cfg: Config
         return nullcontext
     _, er = hook_api()  # type: ignore[misc]
     eps = EPS[task.name][0]
-    return lambda: er(model, model.head, every=cfg.er_every, steps=2, step_size=eps / 4,
-                      eps=eps)
+    head = model.head if task.state_shapes is None else ScaleHead(model.head, task.state_shapes)
+    return lambda: er(model, head, every=cfg.er_every, steps=2, step_size=eps / 4, eps=eps)
 
 
 def train(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) -> float:
@@ -451,13 +471,15 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
     lines = [
         "# Robustness benchmark",
         "",
-        f"{machine_header()}; one run ({minutes:.0f} min wall for the last part), seeds "
-        f"{list(cfg.seeds)} (means); the machine was shared with other jobs, so the training "
-        "times are indicative only.",
+        f"{machine_header()}; one run ({minutes:.0f} min wall for the tasks of the last "
+        f"invocation), seeds {list(cfg.seeds)} (means); the machine was shared with other "
+        "jobs, so the training times are indicative only.",
         f"Training: Adam (lr {cfg.lr}, batch {cfg.batch}), epochs / training samples per task: "
         + ", ".join(f"{t} {sizes(cfg, t)[0]} / {sizes(cfg, t)[1] or 'all'}" for t in cfg.tasks)
         + f"; adversarial training with PGD-"
-        f"{cfg.train_pgd_steps} at eps1; evaluation on {cfg.n_test} test samples. "
+        f"{cfg.train_pgd_steps} at eps1; random intermediate states at a step <= "
+        f"{cfg.ris_max_steps}; entropy reduction every {cfg.er_every} solver steps; "
+        f"evaluation on {cfg.n_test} test samples. "
         f"PGD-{cfg.attack_steps} (L-inf, step 2.5 eps / steps, random start, inside the task's "
         f"input box) through the implicit gradient at eps1 and eps2, through the unrolled "
         f"solver at eps1; Square: torchattacks, {cfg.square_queries} queries, eps1. "
@@ -524,9 +546,25 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def merged(rows: list[dict[str, Any]], files: list[Path]) -> list[dict[str, Any]]:
+    """``rows`` and the rows of the JSON ``files`` for other (task, model) pairs, in table
+    order."""
+    done = {(r["task"], r["model"]) for r in rows}
+    for path in files:
+        if path.is_file():
+            for r in json.loads(path.read_text()):
+                if (r["task"], r["model"]) not in done:
+                    rows = [*rows, r]
+                    done.add((r["task"], r["model"]))
+    order = {key: i for i, key in enumerate((t, m) for t in TASKS for m in MODELS)}
+    return sorted(rows, key=lambda r: order.get((r["task"], r["model"]), len(order)))
+
+
 def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | None = FIGURE,
-        append: bool = False) -> list[dict[str, Any]]:
-    """Run the benchmark; writes ``<out>/<name>.md`` / ``.json`` and the figure."""
+        merge: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Run the benchmark; writes ``<out>/<name>.md`` / ``.json`` and the figure after every
+    task (with the rows of the JSON files ``merge`` for the pairs not run here). A model that
+    fails is noted in the Markdown and dropped; the others go on."""
     missing = [m for m in cfg.models if m in HOOK_MODELS] if hook_api() is None else []
     notes = [f"skipped {m}: this contdeq has no solver hook (random_intermediate_states / "
              "entropy_reduction)" for m in missing]
@@ -535,6 +573,17 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
               if t in cfg.tasks and m in models]
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+
+    def write() -> list[dict[str, Any]]:
+        table = merged(rows, list(merge))
+        markdown = to_markdown(table, cfg, (time.perf_counter() - start) / 60)
+        if notes:
+            markdown += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        write_results(name, markdown, table, out)
+        if figure is not None and table:
+            plot(table, figure)
+        return table
+
     with _threads(1):
         for task_name in cfg.tasks:
             task = load_task(task_name, WIDTH[task_name], sizes(cfg, task_name)[1], cfg.n_test,
@@ -545,27 +594,22 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
                 for model in models:
                     if (task_name, model) in SKIPPED:
                         continue
-                    row = run_cell(task, model, cfg, seed, trained)
+                    try:
+                        row = run_cell(task, model, cfg, seed, trained)
+                    except Exception as exc:  # a failing model must not stop the run
+                        notes.append(f"FAILED {task_name} / {model} (seed {seed}): "
+                                     f"{type(exc).__name__}: {exc}")
+                        print(notes[-1], flush=True)
+                        continue
                     print(f"{task_name:18s} {model:22s} seed {seed}: "
                           f"clean {row['clean']:.1f} pgd {row['pgd_eps1']:.1f} / "
                           f"{row['pgd_eps2']:.1f} unrolled {row['pgd_unrolled_eps1']:.1f} "
                           f"square {row['square_eps1']:.1f} ({row['train_s']:.0f} s train, "
                           f"{(time.perf_counter() - start) / 60:.1f} min)", flush=True)
                     per_model[model].append(row)
-            rows += [mean_rows(r) for r in per_model.values() if r]
-    if append and (out / f"{name}.json").is_file():
-        kept = [r for r in json.loads((out / f"{name}.json").read_text())
-                if (r["task"], r["model"]) not in {(q["task"], q["model"]) for q in rows}]
-        order = {(t, m): i for i, (t, m) in enumerate(
-            (t, m) for t in TASKS for m in MODELS)}
-        rows = sorted(kept + rows, key=lambda r: order.get((r["task"], r["model"]), 1 << 30))
-    markdown = to_markdown(rows, cfg, (time.perf_counter() - start) / 60)
-    if notes:
-        markdown += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    write_results(name, markdown, rows, out)
-    if figure is not None:
-        plot(rows, figure)
-    return rows
+            rows += [mean_rows(r) for r in per_model.values() if len(r) == len(cfg.seeds)]
+            write()
+    return write()
 
 
 def main() -> None:
@@ -577,19 +621,24 @@ def main() -> None:
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--train-pgd-steps", type=int)
     parser.add_argument("--square-queries", type=int)
+    parser.add_argument("--ris-max-steps", type=int,
+                        help="largest solver step at which RIS stops a training solve")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS)
+    parser.add_argument("--tasks", nargs="*", choices=TASKS,
+                        help="none: only merge the --merge files into the table")
     parser.add_argument("--models", nargs="+", choices=MODELS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--append", action="store_true",
-                        help="keep the other (task, model) rows of an earlier JSON")
+    parser.add_argument("--merge", type=Path, nargs="+", default=(),
+                        help="JSON results whose rows for (task, model) pairs not run here "
+                             "are kept in the table")
     parser.add_argument("--name", default=None, help="results name (default robust)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=None,
                         help=f"figure path (default {FIGURE}; quick runs: none)")
     args = parser.parse_args()
     cfg = Config(**(QUICK if args.quick else {}))
-    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "square_queries", "device"):
+    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "square_queries",
+                "ris_max_steps", "device"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     for key in ("seeds", "tasks", "models"):
@@ -597,7 +646,7 @@ def main() -> None:
             setattr(cfg, key, tuple(getattr(args, key)))
     figure = args.figure or (None if args.quick else FIGURE)
     run(cfg, args.name or ("robust_quick" if args.quick else "robust"), args.out, figure,
-        args.append)
+        tuple(args.merge))
 
 
 if __name__ == "__main__":
