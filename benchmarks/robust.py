@@ -468,6 +468,7 @@ def goal_check(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = [
         "# Robustness benchmark",
         "",
@@ -475,7 +476,7 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
         f"invocation), seeds {list(cfg.seeds)} (means); the machine was shared with other "
         "jobs, so the training times are indicative only.",
         f"Training: Adam (lr {cfg.lr}, batch {cfg.batch}), epochs / training samples per task: "
-        + ", ".join(f"{t} {sizes(cfg, t)[0]} / {sizes(cfg, t)[1] or 'all'}" for t in cfg.tasks)
+        + ", ".join(f"{t} {sizes(cfg, t)[0]} / {sizes(cfg, t)[1] or 'all'}" for t in tasks)
         + f"; adversarial training with PGD-"
         f"{cfg.train_pgd_steps} at eps1; random intermediate states at a step <= "
         f"{cfg.ris_max_steps}; entropy reduction every {cfg.er_every} solver steps; "
@@ -486,7 +487,7 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
         f"Credited: the lowest of the three eps1 attacks where they agree within {AGREE:g} "
         "points.",
         "Eps per task (input units): " + ", ".join(
-            f"{t} {EPS[t][0]:g} / {EPS[t][1]:g}" for t in cfg.tasks) + ".",
+            f"{t} {EPS[t][0]:g} / {EPS[t][1]:g}" for t in tasks) + ".",
         "",
         f"| task | model | clean | PGD-{cfg.attack_steps} eps1 | PGD-{cfg.attack_steps} eps2 | "
         f"PGD-{cfg.attack_steps} unrolled eps1 | "
