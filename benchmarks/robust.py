@@ -516,7 +516,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     markers = "os^vD<>pPX*h"
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for i, model in enumerate(models):
             for r in rows:
@@ -528,10 +528,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("clean accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("robust accuracy at eps1 (%), worst attack")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center",
+               ncol=min(len(handles), 5))
     fig.suptitle("Robust vs clean accuracy (hollow: attacks disagree, not credited)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
