@@ -106,7 +106,6 @@ def test_goal_check_needs_the_gain_under_every_attack_on_two_tasks() -> None:
     assert any("DEQ + AT + RIS: goal NOT MET" in line for line in only_a)
 
 
-@pytest.mark.slow  # 7 s measured on the shared machine (load ~8), over the 5 s budget
 def test_quick_run_writes_rows_for_every_model_and_attack(tmp_path: Path) -> None:
     """The tiny run must produce one row per requested model with every column in [0, 100]
     and the files the docs read; catches a row silently dropped, a column not filled, or an
