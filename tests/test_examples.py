@@ -28,6 +28,7 @@ FIGURES = {
     "tutorial_5_real_data.py": "real_data/training.png",
     "tutorial_6_multiscale.py": "multiscale/comparison.png",
     "tutorial_7_jiio.py": "jiio/applications.png",
+    "tutorial_8_robustness.py": "robustness/attacks.png",
 }
 
 sys.path.insert(0, str(EXAMPLES))
