@@ -132,18 +132,6 @@ def unflatten_state(z: Tensor, shapes: tuple[tuple[int, ...], ...]
     return parts if len(parts) > 1 else parts[0]
 
 
-class ScaleHead(nn.Module):
-    """A multi-scale head on the flat ``(B, D)`` state a multi-scale layer's solver iterates
-    (what :func:`contdeq.robust.entropy_reduction` hands its ``head``)."""
-
-    def __init__(self, head: nn.Module, shapes: tuple[tuple[int, ...], ...]) -> None:
-        super().__init__()
-        self.head, self.shapes = head, shapes
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.head(unflatten_state(z, self.shapes))
-
-
 class FlatCell(nn.Module):
     """``f`` of a task on flat ``(B, D)`` states: ``z`` is split into the task's per-sample
     state shapes (one tensor, or a tuple for a multi-scale state) and ``f``'s output flattened
@@ -285,22 +273,15 @@ def square_attack(model: nn.Module, task: Task, eps: float, queries: int, seed: 
     return run
 
 
-def hook_api() -> tuple[Any, Any] | None:
-    """``(random_intermediate_states, entropy_reduction)`` if this contdeq has them."""
-    ris = getattr(contdeq.robust, "random_intermediate_states", None)
-    er = getattr(contdeq.robust, "entropy_reduction", None)
-    return None if ris is None or er is None else (ris, er)
-
-
 def training_context(name: str, model: nn.Module, cfg: Config, seed: int
                      ) -> Callable[[], Any]:
     """A factory of the context each training forward runs in (random intermediate states for
     the RIS rows)."""
     if "RIS" not in name:
         return nullcontext
-    ris, _ = hook_api()  # type: ignore[misc]
     generator = torch.Generator().manual_seed(seed + 3)
-    return lambda: ris(model, max_steps=cfg.ris_max_steps, generator=generator)
+    return lambda: contdeq.robust.random_intermediate_states(
+        model, max_steps=cfg.ris_max_steps, generator=generator)
 
 
 def inference_context(name: str, model: nn.Module, task: Task, cfg: Config
@@ -310,10 +291,9 @@ def inference_context(name: str, model: nn.Module, task: Task, cfg: Config
     steps of a quarter of it."""
     if not name.endswith("+ ER"):
         return nullcontext
-    _, er = hook_api()  # type: ignore[misc]
     eps = EPS[task.name][0]
-    head = model.head if task.state_shapes is None else ScaleHead(model.head, task.state_shapes)
-    return lambda: er(model, head, every=cfg.er_every, steps=2, step_size=eps / 4, eps=eps)
+    return lambda: contdeq.robust.entropy_reduction(
+        model, model.head, every=cfg.er_every, steps=2, step_size=eps / 4, eps=eps)
 
 
 def train(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) -> float:
@@ -568,11 +548,8 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
     """Run the benchmark; writes ``<out>/<name>.md`` / ``.json`` and the figure after every
     task (with the rows of the JSON files ``merge`` for the pairs not run here). A model that
     fails is noted in the Markdown and dropped; the others go on."""
-    missing = [m for m in cfg.models if m in HOOK_MODELS] if hook_api() is None else []
-    notes = [f"skipped {m}: this contdeq has no solver hook (random_intermediate_states / "
-             "entropy_reduction)" for m in missing]
-    models = [m for m in cfg.models if m not in missing]
-    notes += [f"skipped {t} / {m}: {why}" for (t, m), why in SKIPPED.items()
+    models = list(cfg.models)
+    notes = [f"skipped {t} / {m}: {why}" for (t, m), why in SKIPPED.items()
               if t in cfg.tasks and m in models]
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
