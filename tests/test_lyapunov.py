@@ -9,6 +9,7 @@ from torchdiffeq import odeint
 
 import contdeq
 from contdeq.nn.lyapunov import ICNN, LyapunovDynamics, LyapunovFunction
+from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX
 from tests.layer_models import TanhCell
 
 D = 5
@@ -76,6 +77,36 @@ def test_v_nonincreasing_along_trajectories() -> None:
     with torch.no_grad():
         z_end = layer.equilibrium_state(x, z0)
         assert bool((field.lyapunov(z_end) <= field.lyapunov(z0) + 1e-6).all())
+
+
+@pytest.mark.parametrize(("solver", "method"), [("ode", m) for m in STEADY_STATE_METHODS]
+                         + [(m, None) for m in FIXED_POINT_METHODS])
+def test_v_along_every_solver_trajectory(solver: str, method: str | None) -> None:
+    """V at every accepted step of every forward solver (read by a step callback), from random
+    starts and inputs: the Runge-Kutta methods follow the flow, so V never rises by more than
+    their local error; every solver (ptc and the discrete ones take steps too long to follow
+    the flow) ends in the start's sublevel set. Catches a projection that a solver's steps
+    escape, or a callback that misreports the states."""
+    field = dynamics()
+    gen = torch.Generator().manual_seed(3)
+    z0 = 2 * torch.randn(8, D, dtype=F64, generator=gen)
+    x = torch.randn(8, D, dtype=F64, generator=gen)
+    values = [field.lyapunov(z0).detach()]
+
+    def record(info: contdeq.solvers.StepInfo) -> None:
+        values.append(field.lyapunov(info.z.reshape(8, D)).detach())
+
+    options = {} if method is None else {"method": method}
+    layer = contdeq.LyapunovDEQ(field.f, D, hidden=(16, 16), solver=solver, max_steps=60,
+                                on_nonconvergence="ignore", callback=record, **options).double()
+    layer.f.lyapunov = field.lyapunov
+    with torch.no_grad():
+        layer.equilibrium_state(x, z0)
+    v = torch.stack(values)  # (steps + 1, B)
+    assert len(values) > 5
+    assert bool((v[-1] <= v[0] + 1e-9).all())
+    if method in TABLEAUX:
+        assert float((v[1:] - v[:-1]).max()) <= 1e-5 * float(v[0].max())
 
 
 def test_v_is_convex_and_positive_definite_for_any_raw_weights() -> None:
