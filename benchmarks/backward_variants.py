@@ -42,7 +42,7 @@ import torch
 import contdeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, progress_bar, write_results
+from common import RESULTS, add_device_argument, machine_header, progress_bar, write_results
 from paper import Cell, Config, aggregate
 from paper_headline import ratio
 from paper_models import TOL
@@ -276,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every task (default 15, images-multiscale 14)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         epochs = {t: 2 for t in TASKS}
     if args.epochs is not None:
         epochs = {t: args.epochs for t in TASKS}
-    return run(cfg, tuple(args.models), variants, epochs, args.out, args.device)
+    return run(cfg, tuple(args.models), variants, epochs, args.out, str(args.device))
 
 
 if __name__ == "__main__":

@@ -28,19 +28,19 @@ import torch
 from contdeq.solvers import StepInfo, fixed_point, steady_state
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header, write_results
+from common import add_device_argument, machine_header, write_results
 
 METHODS = (("ode", "dopri5"), ("ode", "ptc"), ("map", "anderson"), ("map", "picard"),
            ("map", "broyden"))
 
 
-def make_solve(kind: str, method: str, batch: int, width: int, steps: int
-               ) -> Callable[[object], tuple[torch.Tensor, object]]:
+def make_solve(kind: str, method: str, batch: int, width: int, steps: int,
+               device: torch.device) -> Callable[[object], tuple[torch.Tensor, object]]:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(width, width, generator=gen)
-    w = 0.95 * w / torch.linalg.matrix_norm(w, 2)
-    x = torch.randn(batch, width, generator=gen)
-    z0 = torch.zeros(batch, width)
+    w = (0.95 * w / torch.linalg.matrix_norm(w, 2)).to(device)
+    x = torch.randn(batch, width, generator=gen).to(device)
+    z0 = torch.zeros(batch, width, device=device)
 
     def g(z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(z @ w.T + x)
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--inner", type=int, default=5)
+    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     rows = []
     for kind, method in METHODS:
-        solve = make_solve(kind, method, args.batch, args.width, args.steps)
+        solve = make_solve(kind, method, args.batch, args.width, args.steps, args.device)
         z_none, s_none = solve(None)
         z_noop, s_noop = solve(noop)
         if s_none.nfe != s_noop.nfe or not torch.equal(z_none, z_noop):

@@ -32,10 +32,12 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header, write_results
+from common import add_device_argument, machine_header, write_results
 from paper import Config, f_call_time, warm_up
 from paper_models import build_model, layer_counts
 from paper_tasks import load_task
+
+CPU = torch.device("cpu")
 
 PAIRS = (("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled"), ("NeuralODE", "NeuralODE compiled"))
 WHOLE = ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled")
@@ -63,9 +65,10 @@ def _median(values: list[float]) -> float:
     return values[len(values) // 2]
 
 
-def compare_steps(task_name: str, steps: int, batch: int, lr: float) -> list[dict[str, Any]]:
+def compare_steps(task_name: str, steps: int, batch: int, lr: float,
+                  device: torch.device = CPU) -> list[dict[str, Any]]:
     """Interleaved training steps of the eager and compiled rows of :data:`PAIRS`."""
-    task = load_task(task_name, Config().width[task_name])
+    task = load_task(task_name, Config().width[task_name], device=device)
     t_f = f_call_time(task, batch, 0)
     names = [n for pair in PAIRS for n in pair]
     models = {n: build_model(n, task, 0) for n in names}
@@ -107,9 +110,10 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float) -> list[dic
     return rows
 
 
-def whole_model(task_name: str, steps: int, batch: int, lr: float) -> list[dict[str, Any]]:
+def whole_model(task_name: str, steps: int, batch: int, lr: float,
+                device: torch.device = CPU) -> list[dict[str, Any]]:
     """``torch.compile(model)`` of the nets of :data:`WHOLE`: first call, recompiles, speed."""
-    task = load_task(task_name, Config().width[task_name])
+    task = load_task(task_name, Config().width[task_name], device=device)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for name in WHOLE:
@@ -168,14 +172,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-conv"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="compile")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Every compiled solve shares one Dynamo cache (one graph per batch shape, task and grad
     # mode); the default limit of 8 graphs would send the last ones back to eager steps.
     torch._dynamo.config.recompile_limit = 64
     cfg = Config()
-    steps = [r for t in args.tasks for r in compare_steps(t, args.steps, cfg.batch, cfg.lr)]
-    whole = [r for t in args.tasks for r in whole_model(t, args.steps, cfg.batch, cfg.lr)]
+    steps = [r for t in args.tasks
+             for r in compare_steps(t, args.steps, cfg.batch, cfg.lr, args.device)]
+    whole = [r for t in args.tasks
+             for r in whole_model(t, args.steps, cfg.batch, cfg.lr, args.device)]
     header = (f"Compiled vs eager training steps: batch {cfg.batch}, medians of {args.steps} "
               f"interleaved steps per model ({machine_header()}; the machine was shared with "
               "other jobs, so wall times are noisy; CPU time is this thread's)")

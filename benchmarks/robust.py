@@ -60,7 +60,7 @@ import contdeq
 from contdeq.robust import pgd, robust_accuracy, unrolled_gradients
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, write_results
 from paper_models import Net, build_model, layer_counts
 from paper_tasks import Task, load_task
 from robust_check import implicit_backward
@@ -607,7 +607,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", choices=TASKS,
                         help="none: only merge the --merge files into the table")
     parser.add_argument("--models", nargs="+", choices=MODELS)
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--merge", type=Path, nargs="+", default=(),
                         help="JSON results whose rows for (task, model) pairs not run here "
                              "are kept in the table")
@@ -616,6 +616,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None,
                         help=f"figure path (default {FIGURE}; quick runs: none)")
     args = parser.parse_args()
+    args.device = str(args.device)
     cfg = Config(**(QUICK if args.quick else {}))
     for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "square_queries",
                 "ris_max_steps", "device"):
