@@ -292,3 +292,20 @@ def test_ptc_on_a_hump_follows_the_rise_and_growth_cap_rules() -> None:
     hist = stats.residual_history[:, 0]
     assert float(hist.max()) > 5 * float(hist[0])  # it climbed part of the hump
     np.testing.assert_allclose(stats.time_history[:, 0].numpy(), ref, rtol=1e-9)
+
+
+def test_ptc_rejection_shrinks_at_most_tenfold() -> None:
+    """On dz/dt = -(z - 1) from 0 with a first step of 100, each trial overshoots (residual
+    x99, then x9, both with a derivative change far above the smooth-flow bound), so ptc
+    rejects and shrinks the step by the clamped factor 0.1 (not 0.9 / change): 100 -> 10 -> 1,
+    which lands exactly on the steady state at t = 1. Catches a missing lower clamp of the
+    rejection factor (mutant ptc_slow_path 70: the step would fall to 0.45 and the solve
+    take more steps)."""
+    times: list[float] = []
+    z, stats = steady_state(
+        lambda t, z: -(z - 1.0), torch.zeros(1, 1, dtype=torch.float64), method="ptc",
+        first_step=100.0, max_step=100.0, atol=1e-10, rtol=0.0,
+        callback=lambda info: times.append(float(info.t[0])))
+    assert (stats.nfe, stats.accepted, stats.rejected) == (4, 1, 2)
+    assert times == [0.0, 0.0, 1.0]
+    assert float(z) == 1.0
