@@ -194,13 +194,9 @@ class DoubleBackwardError(RuntimeError):
     """A second derivative was requested through an equilibrium layer's implicit backward."""
 
 
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """``g`` (any shape) as an output of ``anchors`` (the tensors a second derivative of ``g``
-    would flow into), whose backward raises :class:`DoubleBackwardError`."""
-
-    @staticmethod
-    def forward(g: Tensor, *anchors: Tensor) -> Tensor:  # type: ignore[override]
-        return g.clone()
+class _NotDifferentiable(torch.autograd.Function):
+    """Base of the functions of the implicit backward that cannot be differentiated again:
+    nothing is saved, and their backward raises :class:`DoubleBackwardError`."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -209,6 +205,15 @@ class _RefuseDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         raise DoubleBackwardError(_DOUBLE_BACKWARD)
+
+
+class _RefuseDoubleBackward(_NotDifferentiable):
+    """``g`` (any shape) as an output of ``anchors`` (the tensors a second derivative of ``g``
+    would flow into), whose backward raises :class:`DoubleBackwardError`."""
+
+    @staticmethod
+    def forward(g: Tensor, *anchors: Tensor) -> Tensor:  # type: ignore[override]
+        return g.clone()
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], g: Tensor, *anchors: Tensor
@@ -252,12 +257,23 @@ def _implicit_gradients_func(problem: _Problem, grad_z: Tensor, z: Tensor, x: Te
     return tuple(g if n else None for g, n in zip(pull(w), needs, strict=True))
 
 
+def _state_vjp(fz: Tensor, zr: Tensor) -> Callable[[Tensor], Tensor]:
+    """``w -> w^T df/dz`` at ``z*`` from the graph ``fz = f(zr, x)`` (kept for further calls);
+    zeros where ``f`` does not depend on ``z``."""
+
+    def vjp(w: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(fz, zr, w, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(w) if g is None else g
+
+    return vjp
+
+
 def _no_jacobian(w: Tensor) -> Tensor:
     """The ``vjp`` given to a mode with ``uses_jacobian = False`` (it never calls it)."""
     raise AssertionError("a backward mode with uses_jacobian = False called vjp")
 
 
-class _AdjointWeights(torch.autograd.Function):
+class _AdjointWeights(_NotDifferentiable):
     """The backward mode's weights ``w`` ``(B, ...)`` for ``v`` ``(B, ...)`` at ``z*``, as a
     function of tensors, so that ``torch.func`` transforms can run the solve: called as
     ``_AdjointWeights.apply(problem, v, z, x, *params)``. Not differentiable (its backward
@@ -269,21 +285,8 @@ class _AdjointWeights(torch.autograd.Function):
         with torch.enable_grad():
             zr = z.detach().requires_grad_()
             fz = _call_f(problem, zr, x.detach(), [p.detach() for p in params])
-
-        def vjp(w: Tensor) -> Tensor:
-            (g,) = torch.autograd.grad(fz, zr, w, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(w) if g is None else g
-
         with torch.no_grad(), _outside_autocast(z.device.type):
-            return problem.backward.gradient_weights(vjp, v, problem.record)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        raise DoubleBackwardError(_DOUBLE_BACKWARD)
+            return problem.backward.gradient_weights(_state_vjp(fz, zr), v, problem.record)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], problem: _Problem, v: Tensor,
@@ -310,13 +313,8 @@ def _implicit_gradients(problem: _Problem, grad_z: Tensor, z: Tensor, x: Tensor,
         fz = _call_f(problem, zr, xr, pr)
     if not fz.requires_grad:  # f depends on neither z, x nor the parameters
         return (None, *(None for _ in params))
-
-    def vjp(w: Tensor) -> Tensor:
-        (g,) = torch.autograd.grad(fz, zr, w, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(w) if g is None else g
-
     with torch.no_grad(), _outside_autocast(z.device.type):
-        w = mode.gradient_weights(vjp, grad_z.detach(), problem.record)
+        w = mode.gradient_weights(_state_vjp(fz, zr), grad_z.detach(), problem.record)
     inputs = [t for t in (xr, *pr) if t.requires_grad]
     grads = iter(torch.autograd.grad(fz, inputs, w, allow_unused=True)) if inputs else iter(())
     out: list[Tensor | None] = []
