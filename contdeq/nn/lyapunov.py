@@ -1,22 +1,25 @@
 """Lyapunov-stable equilibrium layers: :class:`LyapunovDEQ` and its parts.
 
 LyaDEQ (Chu, Wei, Liu & Zhao, "Lyapunov-Stable Deep Equilibrium Models", AAAI 2024) reads a
-DEQ as the dynamical system ``dz/dt = f(z, x) - z`` and makes it Lyapunov stable with the
-stable-dynamics projection of Kolter & Manek ("Learning Stable Deep Dynamics Models",
-NeurIPS 2019): with a learned convex, positive definite ``V``, the nominal vector field
-``r = f(z, x) - z`` is replaced by::
+DEQ as the dynamical system ``dz/dt = f(z, x) - z`` and makes its equilibrium Lyapunov stable
+with the stable-dynamics projection of Kolter & Manek ("Learning Stable Deep Dynamics
+Models", NeurIPS 2019): with a learned convex, positive definite ``V_0``, the nominal vector
+field ``r = f(z, x) - z`` is replaced by::
 
     r_V = r - grad V(z) * relu(grad V(z)^T r + alpha * V(z)) / ||grad V(z)||^2
 
-so that ``dV/dt = grad V^T r_V <= -alpha * V`` along every trajectory. An orthogonal linear
-layer after the equilibrium keeps the equilibria of different inputs apart (LyaDEQ's answer
-to stable equilibria that crowd together). See ``docs/robustness.md`` for the construction and
-where this implementation differs from the paper.
+so that ``dV/dt = grad V^T r_V <= -alpha * V`` along every trajectory. A Lyapunov function
+certifies the stability of the point where it is zero, so ``V`` is placed at the equilibrium:
+``V(z) = V_0(f(z, x) - z)`` is zero exactly at the equilibria of ``f`` and positive elsewhere,
+and every equilibrium of the projected field (where ``grad V != 0``) is an equilibrium of
+``f``. An orthogonal linear layer after the equilibrium keeps the equilibria of different
+inputs apart. See ``docs/robustness.md`` for the construction, its guarantee and where it
+differs from the paper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,10 +28,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
+from ..implicit import ForwardSolver
+from ..solvers import SolverStats
 from .checks import check_number
 from .deq import DEQ, check_state
 
-__all__ = ["ICNN", "ICNN_ACTIVATIONS", "LyapunovDEQ", "LyapunovDynamics", "LyapunovFunction"]
+__all__ = ["ICNN", "ICNN_ACTIVATIONS", "LyapunovDEQ", "LyapunovDynamics", "LyapunovFunction",
+           "LyapunovSolver", "projected_map"]
 
 #: Activations of :class:`ICNN`: convex and non-decreasing (what keeps the network convex)
 #: and smooth (``V``'s gradient drives the dynamics).
@@ -141,107 +147,215 @@ class LyapunovFunction(nn.Module):
         return smooth_relu(self.icnn(z) - g0, self.smoothing) + self.eps * (z * z).sum(dim=1)
 
 
-class LyapunovDynamics(nn.Module):
-    """The projected map ``f_V(z, x) = z + r_V`` whose residual ``f_V - z`` is ``r_V`` above.
+def _value_and_grad(fx: Callable[[Tensor], Tensor], lyapunov: nn.Module, z: Tensor,
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(r, V, grad V)`` at ``z`` for ``r = fx(z) - z`` and ``V = V_0(r)`` (flattened per
+    sample); ``(B, ...)``, ``(B,)``, ``(B, ...)``. Differentiable when grad is enabled."""
+    record = torch.is_grad_enabled()
+    with torch.enable_grad():
+        zg = z if z.requires_grad else z.detach().requires_grad_(True)
+        r = fx(zg) - zg
+        v = lyapunov(r.flatten(1))
+        (grad,) = torch.autograd.grad(v.sum(), zg, create_graph=record)
+    if not record:
+        r, v = r.detach(), v.detach()
+    return r, v, grad
 
-    Any solver of a :class:`~contdeq.DEQ` can use it in place of ``f``: its equilibria are
-    those of the projected field. ``grad V`` comes from autograd (with ``create_graph`` when
-    gradients are being recorded, so the layer's backward differentiates through it); where
-    ``grad V = 0`` (only at ``z = 0``) the correction is zero.
+
+def lyapunov_value(fx: Callable[[Tensor], Tensor], lyapunov: nn.Module, z: Tensor) -> Tensor:
+    """``V(z) = V_0(fx(z) - z)``, ``(B, ...)`` -> ``(B,)``."""
+    return lyapunov((fx(z) - z).flatten(1))
+
+
+def projected_map(fx: Callable[[Tensor], Tensor], lyapunov: nn.Module, alpha: float, z: Tensor,
+                  ) -> Tensor:
+    """``z + r_V(z)``: one evaluation of the projected map (``(B, ...)`` -> ``(B, ...)``).
+
+    ``r = fx(z) - z``, ``V = V_0(r)``; ``grad V = J_r^T grad V_0(r)`` comes from autograd (one
+    vector-Jacobian product of ``fx``). Where ``grad V = 0`` (at the equilibria of ``fx``,
+    where ``r = 0``) the correction is zero; rates within rounding error of zero count as zero.
+    """
+    r, v, grad = _value_and_grad(fx, lyapunov, z)
+    dims = tuple(range(1, z.ndim))
+    flow = (grad * r).sum(dim=dims)
+    rate = flow + alpha * v
+    scale = (grad * r).abs().sum(dim=dims) + alpha * v.abs()
+    active = rate > _ROUNDING * torch.finfo(z.dtype).eps * scale
+    excess = torch.where(active, rate, torch.zeros_like(rate))
+    norm2 = (grad * grad).sum(dim=dims).clamp_min(torch.finfo(z.dtype).tiny)
+    coef = (excess / norm2).reshape(-1, *([1] * (z.ndim - 1)))
+    return z + r - grad * coef
+
+
+class LyapunovDynamics(nn.Module):
+    """The projected map ``f_V(z, x) = z + r_V`` (module form of :func:`projected_map`).
 
     Args:
-        f: the nominal ``f(z, x)``, ``(B, D)`` states.
-        lyapunov: ``V``, ``(B, D) -> (B,)``.
-        alpha: decay rate (>= 0): ``dV/dt <= -alpha V``. ``0`` (default) keeps ``V``
-            non-increasing (Lyapunov stability); ``alpha > 0`` makes ``0`` the only
-            equilibrium (exponential stability), so every input's trajectory ends there.
+        f: the nominal ``f(z, x)``.
+        lyapunov: ``V_0``, ``(B, D) -> (B,)``, convex and positive definite; ``V(z) =
+            V_0(f(z, x) - z)``.
+        alpha: decay rate (> 0): ``dV/dt <= -alpha V`` along the projected flow.
 
     Shapes: ``z`` ``(B, D)``, ``x`` ``(B, ...)`` -> ``(B, D)``.
     """
 
-    def __init__(self, f: nn.Module, lyapunov: nn.Module, alpha: float = 0.0) -> None:
+    def __init__(self, f: nn.Module, lyapunov: nn.Module, alpha: float = 1.0) -> None:
         super().__init__()
-        check_number(alpha, "alpha", 0, finite=True)
+        check_number(alpha, "alpha", 0, strict=True, finite=True)
         self.f = f
         self.lyapunov = lyapunov
         self.alpha = float(alpha)
 
-    def value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def value(self, z: Tensor, x: Tensor) -> Tensor:
+        """``V(z) = V_0(f(z, x) - z)``, ``(B,)``."""
+        return lyapunov_value(lambda s: self.f(s, x), self.lyapunov, z)
+
+    def value_and_grad(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(V(z), grad V(z))``, ``(B,)`` and ``(B, D)``; differentiable when grad is on."""
-        record = torch.is_grad_enabled()
-        with torch.enable_grad():
-            zg = z if z.requires_grad else z.detach().requires_grad_(True)
-            v = self.lyapunov(zg)
-            (grad,) = torch.autograd.grad(v.sum(), zg, create_graph=record)
-        if not record:
-            v = v.detach()
+        _, v, grad = _value_and_grad(lambda s: self.f(s, x), self.lyapunov, z)
         return v, grad
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         """``z`` ``(B, D)``, ``x`` ``(B, ...)`` -> ``z + r_V(z, x)`` ``(B, D)``."""
-        r = self.f(z, x) - z
-        v, grad = self.value_and_grad(z)
-        rate = (grad * r).sum(dim=1) + self.alpha * v
-        # At an equilibrium of the nominal field the rate is exactly zero in exact arithmetic;
-        # its rounding error must not switch the projection (and the Jacobian) on.
-        scale = (grad * r).abs().sum(dim=1) + self.alpha * v
-        active = rate > _ROUNDING * torch.finfo(z.dtype).eps * scale
-        excess = torch.where(active, rate, torch.zeros_like(rate))
-        norm2 = (grad * grad).sum(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        return z + r - grad * (excess / norm2).unsqueeze(1)
+        return projected_map(lambda s: self.f(s, x), self.lyapunov, self.alpha, z)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}"
 
 
-class LyapunovDEQ(DEQ):
-    """Lyapunov-stable DEQ (LyaDEQ): the equilibrium of the projected field ``r_V``, started
-    from the input features, followed by an orthogonal linear layer.
+class _Projected:
+    """``z -> z + r_V(z)`` around a layer's map ``fx``; its input ``x`` is ``fx``'s, so a
+    layer callback that changes the input (``Restart(x=...)``) changes both."""
 
-    The trajectory starts at ``z0 = x`` (LyaDEQ solves from the feature extractor's output, so
-    an input perturbation is a perturbation of the initial state, which Lyapunov stability
-    controls: ``V(z(t)) <= V(z0)`` along the flow). ``f(z, x)`` still sees ``x`` as input
-    injection. The layer is a :class:`~contdeq.DEQ` whose ``f`` is :class:`LyapunovDynamics`
-    (``layer.f``; the user's map is ``layer.f.f``, ``V`` is ``layer.lyapunov``), so every
-    solver and backward mode works as for the other layers.
+    def __init__(self, fx: Callable[[Tensor], Tensor], lyapunov: nn.Module, alpha: float):
+        self.fx, self.lyapunov, self.alpha = fx, lyapunov, alpha
+
+    @property
+    def x(self) -> Tensor | None:
+        return getattr(self.fx, "x", None)
+
+    @x.setter
+    def x(self, value: Tensor) -> None:
+        self.fx.x = value  # type: ignore[attr-defined]
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return projected_map(self.fx, self.lyapunov, self.alpha, z)
+
+
+class LyapunovSolver(ForwardSolver):
+    """A forward solver that solves the projected field and keeps ``V`` from rising.
+
+    Called as ``solver(fx, z0)`` with the *nominal* map ``fx(z) = f(z, x)`` (so the implicit
+    backward differentiates ``f`` at ``z*``: there ``r = 0``, ``z*`` is an equilibrium of
+    ``f`` and the implicit function theorem of ``f`` gives its derivative), it runs the
+    configured solver on the projected map, then compares ``V(z_end)`` with ``V(z0)`` per
+    sample and returns ``z0`` for any sample whose solve ended higher (only possible for a
+    solver that does not follow the flow and did not converge, or for a start already within
+    tolerance of an equilibrium). Every returned state therefore satisfies
+    ``V(z) <= V(z0)``, whichever solver ran. Costs two evaluations of ``fx`` beyond the
+    solve (not counted in ``stats.nfe``, which counts evaluations of the projected map, each
+    one evaluation of ``fx`` and one vector-Jacobian product).
+
+    Args:
+        base: the configured solver (any ``solver`` and options of a ``DEQ``).
+        lyapunov: ``V_0``.
+        alpha: decay rate (> 0).
+    """
+
+    def __init__(self, base: ForwardSolver, lyapunov: nn.Module, alpha: float) -> None:
+        if base.options.get("backend") == "event":
+            raise ValueError("LyapunovDEQ needs the step callback of its solver to keep its "
+                             "guarantee checkable; backend='event' has none: use the default "
+                             "backend")
+        super().__init__(base.solver, on_nonconvergence=base.on_nonconvergence, **base.options)
+        self.lyapunov = lyapunov
+        self.alpha = float(alpha)
+
+    def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
+        """Solve the projected field from ``z0`` (``(B, D)``); returns ``(z, stats)``."""
+        z, stats = super().__call__(_Projected(fx, self.lyapunov, self.alpha), z0)
+        with torch.no_grad():
+            v0 = lyapunov_value(fx, self.lyapunov, z0)
+            v_end = lyapunov_value(fx, self.lyapunov, z.detach())
+        keep = (v_end <= v0).reshape(-1, *([1] * (z.ndim - 1)))
+        if bool(keep.all()):
+            return z, stats
+        return torch.where(keep, z, z0.to(z.dtype)), stats
+
+    def with_options(self, **options: Any) -> LyapunovSolver:
+        """A copy with ``options`` overriding this solver's options."""
+        return LyapunovSolver(super().with_options(**options), self.lyapunov, self.alpha)
+
+    def __repr__(self) -> str:
+        return f"Lyapunov{super().__repr__()}"
+
+
+class LyapunovDEQ(DEQ):
+    """Lyapunov-stable DEQ (LyaDEQ): the equilibrium of ``f`` reached along the projected
+    field ``r_V``, started from the input features, followed by an orthogonal linear layer.
+
+    ``V(z) = V_0(f(z, x) - z)`` with ``V_0`` convex and positive definite
+    (:class:`LyapunovFunction` by default), so ``V >= 0`` vanishes exactly at the equilibria
+    of ``f``; the projection makes ``dV/dt <= -alpha V`` along the flow, so ``V`` decays to 0
+    (``V(z(t)) <= exp(-alpha t) V(z0)``) and an equilibrium of ``f`` where ``I - df/dz`` is
+    invertible is exponentially stable for the projected flow, even where it is unstable for
+    the nominal one. Every equilibrium of the projected field with ``grad V != 0`` is an
+    equilibrium of ``f``, so the layer's gradient is the implicit one of ``f`` (``V``'s
+    parameters get gradients only from ``backward="unrolled"``). Guarantee, for every
+    solver: the returned state satisfies ``V(z) <= V(z0)`` (see :class:`LyapunovSolver`).
+
+    The trajectory starts at ``z0 = x`` (LyaDEQ solves from the feature extractor's output);
+    ``f(z, x)`` still sees ``x`` as input injection. ``layer.f`` is the nominal ``f`` and
+    ``layer.lyapunov`` is ``V_0``.
 
     Args:
         f: ``f(z, x)`` on ``(B, dim)`` states.
         dim: state size ``D`` (``x`` must be ``(B, D)`` unless ``z0`` is given).
-        hidden: hidden widths of ``V``'s ICNN.
-        alpha: decay rate of ``V`` (default 0; see :class:`LyapunovDynamics`).
-        eps: quadratic weight of ``V`` (> 0).
+        hidden: hidden widths of ``V_0``'s ICNN.
+        alpha: decay rate of ``V`` (> 0, default 1).
+        eps: quadratic weight of ``V_0`` (> 0).
         activation: the ICNN's activation, ``"softplus"`` or ``"smooth_relu"``.
+        lyapunov: a ``V_0`` module, ``(B, D) -> (B,)``, to use instead of building one
+            (``hidden``, ``eps`` and ``activation`` are then unused); it must be positive
+            definite for the stability statements above.
         out_features: outputs of the orthogonal layer (default ``D``).
         **kwargs: the options of :class:`~contdeq.DEQ` (``solver``, ``backward``, ...;
-            ``state_shape`` is ``(dim,)`` and cannot be set).
-
-    With ``alpha = 0`` most equilibria lie on a level set of ``V`` where the projection is
-    active; there ``I - df_V/dz`` is singular and the implicit backward's linear solve may not
-    converge (it warns). ``backward="jfb"`` or ``"unrolled"`` avoid that; see
-    ``docs/robustness.md``.
+            ``state_shape`` is ``(dim,)`` and cannot be set). With ``backward="implicit"``
+            the linear solve defaults to ``backward_method="gmres"`` (it converges where
+            ``f`` is not contractive, which the projection allows).
 
     Shapes: ``x`` ``(B, D)`` -> ``(B, out_features)``.
     """
 
     def __init__(self, f: nn.Module, dim: int, *, hidden: Sequence[int] = (64, 64),
-                 alpha: float = 0.0, eps: float = 1e-2, activation: str = "softplus",
-                 out_features: int | None = None, **kwargs: Any) -> None:
+                 alpha: float = 1.0, eps: float = 1e-2, activation: str = "softplus",
+                 lyapunov: nn.Module | None = None, out_features: int | None = None,
+                 **kwargs: Any) -> None:
         if "state_shape" in kwargs:
             raise TypeError("LyapunovDEQ sets state_shape=(dim,) itself; pass dim")
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
         check_number(dim, "dim", 1, integer=True)
-        lyapunov = LyapunovFunction(dim, hidden, eps=eps, activation=activation)
-        super().__init__(LyapunovDynamics(f, lyapunov, alpha), state_shape=(dim,), **kwargs)
+        check_number(alpha, "alpha", 0, strict=True, finite=True)
+        if lyapunov is None:
+            lyapunov = LyapunovFunction(dim, hidden, eps=eps, activation=activation)
+        elif not isinstance(lyapunov, nn.Module):
+            raise TypeError(f"lyapunov must be an nn.Module mapping (B, {dim}) to (B,), got "
+                            f"{type(lyapunov).__name__}")
+        if kwargs.get("backward", "implicit") == "implicit" and "backward_method" not in kwargs:
+            kwargs["backward_method"] = "gmres"
+        super().__init__(f, state_shape=(dim,), **kwargs)
+        self.lyapunov = lyapunov
+        self.alpha = float(alpha)
+        self.solver = LyapunovSolver(self.solver, lyapunov, self.alpha)
+        self.eval_solver = LyapunovSolver(self.eval_solver, lyapunov, self.alpha)
         out = dim if out_features is None else out_features
         check_number(out, "out_features", 1, integer=True)
         self.orthogonal = orthogonal(nn.Linear(dim, out, bias=False))
 
-    @property
-    def lyapunov(self) -> LyapunovFunction:
-        """The learned Lyapunov function ``V``."""
-        return self.f.lyapunov
+    def value(self, z: Tensor, x: Tensor) -> Tensor:
+        """``V(z) = V_0(f(z, x) - z)``: ``z`` ``(B, D)``, ``x`` ``(B, ...)`` -> ``(B,)``."""
+        return lyapunov_value(lambda s: self.f(s, x), self.lyapunov, z)
 
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``z0 = x`` (a given ``z0`` takes precedence)."""
@@ -258,4 +372,4 @@ class LyapunovDEQ(DEQ):
         return self.orthogonal(self.equilibrium_state(x, z0))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.f.alpha:g}"
+        return f"{super().extra_repr()}, alpha={self.alpha:g}"
