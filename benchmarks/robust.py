@@ -11,11 +11,13 @@ On the ``digits-conv``, ``spirals`` and ``images-multiscale`` tasks of ``benchma
   of the solve (:func:`contdeq.robust.random_intermediate_states`, Yang et al. 2023);
 * ``DEQ + AT + RIS + ER``: that model with *entropy reduction* along the solve at inference
   (:func:`contdeq.robust.entropy_reduction`); not retrained;
-* ``LyapunovDEQ`` and ``LyapunovDEQ + AT``: :class:`contdeq.LyapunovDEQ` (trained with JFB, see
-  ``docs/robustness.md``) on the flattened state;
+* ``LyapunovDEQ`` and ``LyapunovDEQ + AT``: :class:`contdeq.LyapunovDEQ` (implicit gradient of
+  ``f`` at the equilibrium, see ``docs/robustness.md``) on the flattened state;
 * ``NeuralODE + AT``: the paper benchmark's ``NeuralODE``, adversarially trained;
-* ``NeuralSDE``: :class:`contdeq.NeuralSDE`, ``dz = (f(z, x) - z) dt + sigma dW`` to ``t = 1``;
-* ``NoisyDEQ``: :class:`contdeq.NoisyDEQ`, noise-injected training of the continuous DEQ.
+* ``NeuralSDE``: :class:`contdeq.NeuralSDE`, ``dz = (f(z, x) - z) dt + sigma dW`` to ``t = 1``.
+
+(``NoisyDEQ`` is deprecated and no longer a row: at a unique equilibrium it computes a plain
+DEQ's output and gradient.)
 
 Columns: clean accuracy; L-inf PGD-20 robust accuracy at two eps through each layer's implicit
 gradient (every DEQ layer is switched to the implicit backward for the attack); PGD-20 through
@@ -67,7 +69,7 @@ from robust_check import implicit_backward
 
 TASKS = ("digits-conv", "spirals", "images-multiscale")
 MODELS = ("DEQ", "DEQ + AT", "DEQ + AT + RIS", "DEQ + AT + RIS + ER", "LyapunovDEQ",
-          "LyapunovDEQ + AT", "NeuralODE + AT", "NeuralSDE", "NoisyDEQ")
+          "LyapunovDEQ + AT", "NeuralODE + AT", "NeuralSDE")
 #: Rows that need the per-step solver hook (``contdeq.robust.random_intermediate_states`` /
 #: ``entropy_reduction``).
 HOOK_MODELS = ("DEQ + AT + RIS", "DEQ + AT + RIS + ER")
@@ -81,7 +83,7 @@ WIDTH: dict[str, int] = {"digits-conv": 4, "spirals": 64, "images-multiscale": 4
 #: benchmark trains 20 epochs on whole splits; only the cheap spirals task keeps that here.
 EPOCHS: dict[str, int] = {"digits-conv": 4, "spirals": 20, "images-multiscale": 4}
 N_TRAIN: dict[str, int | None] = {"digits-conv": 768, "spirals": None, "images-multiscale": 768}
-NOISE = 0.1  # sigma of NeuralSDE and NoisyDEQ
+NOISE = 0.1  # sigma of NeuralSDE
 #: (task, model) pairs left out, with the reason.
 SKIPPED: dict[tuple[str, str], str] = {
     ("images-multiscale", kind): "LyapunovDEQ's orthogonal output layer is a 1536 x 1536 "
@@ -218,13 +220,10 @@ def build(name: str, task: Task, seed: int) -> nn.Module:
     options = {"atol": 5e-3, "rtol": 5e-3, "on_nonconvergence": "ignore"}
     torch.manual_seed(seed + 2)
     if kind == "LyapunovDEQ":
-        layer: nn.Module = contdeq.LyapunovDEQ(cell, dim, hidden=(32,), backward="jfb",
-                                               solver="anderson", max_steps=100, **options)
+        layer: nn.Module = contdeq.LyapunovDEQ(cell, dim, hidden=(32,), solver="anderson",
+                                               max_steps=100, **options)
     elif kind == "NeuralSDE":
         layer = contdeq.NeuralSDE(cell, ConstantNoise(NOISE), 1.0, dt=0.05, state_shape=dim)
-    elif kind == "NoisyDEQ":
-        layer = contdeq.NoisyDEQ(cell, noise=NOISE, solver="ode", state_shape=dim,
-                                 max_steps=1000, **options)
     else:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     layer = FlatLayer(layer, cell, start_at_x=kind == "LyapunovDEQ")

@@ -31,7 +31,6 @@ from .nn import (
     MultiScaleWeightTied,
     NeuralODE,
     NeuralSDE,
-    NoisyDEQ,
     ResidualBlock,
     SkipDEQ,
     SkipRegDEQ,
@@ -69,7 +68,6 @@ __all__ = [
     "MultiScaleWeightTied",
     "NeuralODE",
     "NeuralSDE",
-    "NoisyDEQ",
     "Phantom",
     "ResidualBlock",
     "SkipDEQ",
@@ -93,3 +91,15 @@ __all__ = [
     "update_normalization",
     "weight_norm",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``NoisyDEQ``, deprecated: warns (``DeprecationWarning``) and returns it."""
+    if name == "NoisyDEQ":
+        import warnings
+
+        from .nn.noisy import DEPRECATION, NoisyDEQ
+
+        warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=2)
+        return NoisyDEQ
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,13 +103,31 @@ def test_neural_sde_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         contdeq.NeuralSDE(TanhCell(3, 3), ConstantNoise(0.1), 1.0, **kwargs)
 
 
+def noisy_deq() -> type:
+    """The deprecated ``contdeq.NoisyDEQ`` (its access warns)."""
+    with pytest.warns(DeprecationWarning, match="NoisyDEQ is deprecated"):
+        return contdeq.NoisyDEQ
+
+
+def test_noisy_deq_access_warns_and_names_the_replacements() -> None:
+    """``contdeq.NoisyDEQ``, ``contdeq.nn.NoisyDEQ`` and ``from contdeq import NoisyDEQ``
+    warn, naming DEQ and NeuralSDE; the name left the public lists: catches a removal
+    without a deprecation path or a warning that does not say what to use."""
+    for access in (lambda: contdeq.NoisyDEQ, lambda: contdeq.nn.NoisyDEQ):
+        with pytest.warns(DeprecationWarning, match="contdeq.DEQ .*contdeq.NeuralSDE"):
+            assert access() is contdeq.nn.noisy.NoisyDEQ
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        from contdeq import NoisyDEQ  # noqa: F401
+    assert "NoisyDEQ" not in contdeq.__all__ and "NoisyDEQ" not in contdeq.nn.__all__
+
+
 def test_noisy_deq_equals_the_deq_and_its_gradient() -> None:
     """Training from a noisy start reaches the same equilibrium and the same implicit
     gradient as the plain DEQ (contractive f: the start does not matter), and eval mode is
     the plain DEQ exactly: catches noise leaking into the equilibrium or the graph."""
     f = TanhCell(4, 3, lipschitz=0.5)
     options = {"state_shape": 4, "atol": 1e-9, "rtol": 1e-9, "backward_tol": 1e-10}
-    noisy = contdeq.NoisyDEQ(f, noise=0.5, noise_time=2.0, **options)
+    noisy = noisy_deq()(f, noise=0.5, noise_time=2.0, **options)
     plain = contdeq.DEQ(f, **options)
     x = torch.randn(6, 3, dtype=F64)
     out, ref = noisy(x), plain(x)
@@ -128,7 +146,7 @@ def test_noisy_deq_starts_from_a_noisy_state_in_training_only() -> None:
     """The training start is the zero state moved along a noisy trajectory (for f = 0: an
     Ornstein-Uhlenbeck sample, spread ~ sigma sqrt(T)), the eval start is zeros: catches a
     noise term that is never applied or applied in eval."""
-    layer = contdeq.NoisyDEQ(Zero(), noise=1.0, noise_time=1.0, noise_dt=0.05, state_shape=2)
+    layer = noisy_deq()(Zero(), noise=1.0, noise_time=1.0, noise_dt=0.05, state_shape=2)
     x = torch.zeros(2000, 2, dtype=F64)
     spreads = []
     for _ in range(4):
@@ -144,6 +162,6 @@ def test_noise_with_a_discrete_solver_is_refused() -> None:
     """noise needs the continuous dynamics: solver='anderson' raises naming solver='ode';
     a negative noise raises naming noise: catches silently ignored noise."""
     with pytest.raises(ValueError, match="solver='ode'"):
-        contdeq.NoisyDEQ(TanhCell(3, 3), noise=0.1, solver="anderson")
+        noisy_deq()(TanhCell(3, 3), noise=0.1, solver="anderson")
     with pytest.raises(ValueError, match="noise must be"):
-        contdeq.NoisyDEQ(TanhCell(3, 3), noise=-0.1)
+        noisy_deq()(TanhCell(3, 3), noise=-0.1)

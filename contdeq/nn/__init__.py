@@ -1,13 +1,15 @@
-"""``nn.Module`` layers: equilibrium layers (single- and multi-scale, Lyapunov-stable,
-noise-injected), neural ODE and SDE baselines, weight-tied unrolled layers, building blocks of
-multi-scale cells, weight normalizations."""
+"""``nn.Module`` layers: equilibrium layers (single- and multi-scale, Lyapunov-stable),
+neural ODE and SDE baselines, weight-tied unrolled layers, building blocks of multi-scale
+cells, weight normalizations."""
+
+import warnings
+from typing import Any
 
 from .blocks import MultiScaleCell, MultiScaleFusion, ResidualBlock
 from .deq import DEQ, SkipDEQ, SkipRegDEQ
 from .lyapunov import ICNN, LyapunovDEQ, LyapunovFunction
 from .multiscale import MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, MultiScaleSkipRegDEQ
 from .node import NeuralODE
-from .noisy import NoisyDEQ
 from .normalization import SpectralNormCap, spectral_norm_cap, update_normalization, weight_norm
 from .sde import NeuralSDE
 from .weight_tied import MultiScaleWeightTied, WeightTied
@@ -26,7 +28,6 @@ __all__ = [
     "MultiScaleWeightTied",
     "NeuralODE",
     "NeuralSDE",
-    "NoisyDEQ",
     "ResidualBlock",
     "SkipDEQ",
     "SkipRegDEQ",
@@ -36,3 +37,13 @@ __all__ = [
     "update_normalization",
     "weight_norm",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``NoisyDEQ``, deprecated: warns (``DeprecationWarning``) and returns it."""
+    if name == "NoisyDEQ":
+        from .noisy import DEPRECATION, NoisyDEQ
+
+        warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=2)
+        return NoisyDEQ
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

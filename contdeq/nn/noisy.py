@@ -1,4 +1,10 @@
-"""Noise-injected training of continuous DEQs: :class:`NoisyDEQ`."""
+"""Noise-injected training of continuous DEQs: :class:`NoisyDEQ` (deprecated).
+
+At a unique equilibrium the noisy start does not change ``z*``, so the layer's output and
+gradient are a plain :class:`~contdeq.DEQ`'s (measured within 6e-6): it is not a defence.
+Importing ``NoisyDEQ`` from ``contdeq`` or ``contdeq.nn`` warns (:data:`DEPRECATION`); it will
+be removed in the next release.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,15 @@ from .checks import check_number
 from .deq import DEQ
 from .sde import DriftDiffusion, integrate_sde
 
-__all__ = ["NoisyDEQ"]
+__all__ = ["DEPRECATION", "NoisyDEQ"]
+
+#: The warning text of the deprecated name.
+DEPRECATION = (
+    "contdeq.NoisyDEQ is deprecated and will be removed in the next release: at a unique "
+    "equilibrium the noisy start does not change z*, so its output and gradient are a plain "
+    "DEQ's (it is not a defence). Use contdeq.DEQ for the same computation, or "
+    "contdeq.NeuralSDE for noise injection along a finite-time SDE (Liu et al. 2019)."
+)
 
 
 class _ConstantNoise:
@@ -25,7 +39,7 @@ class _ConstantNoise:
 
 
 class NoisyDEQ(DEQ):
-    """Continuous DEQ trained from noisy intermediate states.
+    """Deprecated (see :data:`DEPRECATION`): continuous DEQ trained from noisy starts.
 
     In training, each call first integrates ``dz = (f(z, x) - z) dt + noise * dW`` with
     torchsde (Euler-Maruyama, step ``noise_dt``) from the initial state up to a random time
