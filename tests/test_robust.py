@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -104,6 +106,40 @@ def test_pgd_stays_in_ball_and_beats_random_noise(norm: str) -> None:
     assert adv > noisy + 1e-3 and adv > clean + 1e-3
 
 
+def test_pgd_refuses_inputs_outside_clamp() -> None:
+    """Inputs outside ``clamp`` raise a ValueError naming clamp and the inputs' range (the
+    old behaviour clamped them, returning points outside the eps-ball): catches a silent
+    violation of ||x_adv - x|| <= eps."""
+    model = classifier()
+    x, y = inputs()
+    with pytest.raises(ValueError, match=r"x must lie inside clamp=\(0.0, 1.0\)"):
+        pgd(model, 3 * x - 1, y, 0.1)
+    with pytest.raises(ValueError, match="clamp=None"):
+        pgd(model, x + 2, y, 0.0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_stays_in_the_ball_for_random_models_and_boxes(norm: str) -> None:
+    """20 random (model, input box, eps) draws, data anywhere inside its box (including on
+    its faces): every result is within eps of x in ``norm`` and inside the box: the
+    docstring's promise."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        model = nn.Sequential(nn.Linear(FEATURES, 8, dtype=torch.float64), nn.Tanh(),
+                              nn.Linear(8, CLASSES, dtype=torch.float64))
+        low = float(torch.randn((), generator=gen, dtype=torch.float64))
+        high = low + 0.1 + float(torch.rand((), generator=gen, dtype=torch.float64)) * 3
+        x = low + (high - low) * torch.rand(16, FEATURES, generator=gen, dtype=torch.float64)
+        x[:4, 0], x[4:8, 1] = low, high
+        y = torch.randint(0, CLASSES, (16,), generator=gen)
+        eps = float(torch.rand((), generator=gen)) * (high - low)
+        x_adv = pgd(model, x, y, eps, norm=norm, steps=3, clamp=(low, high))
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert bool((size <= eps * (1 + 1e-12) + 1e-12).all())
+        assert low <= float(x_adv.min()) and float(x_adv.max()) <= high
+
+
 def test_pgd_single_step_is_fgsm_on_a_linear_model() -> None:
     """One linf step of size eps from x is x + eps * sign(grad) for a linear model (FGSM);
     catches a wrong step or projection formula."""
@@ -172,10 +208,11 @@ def rin_model(solver: str, lipschitz: float = 0.7, tol: float = 1e-9
 
 
 def test_random_intermediate_state_is_k_picard_steps_then_damped_unrolled_steps() -> None:
-    """With Picard, the training output is ``k`` plain steps from zero (k drawn from the
-    generator) followed by two damped steps, and the input gradient flows through the
-    damped steps only: catches a wrong stopping step, damping, or a gradient through the
-    solve (or an implicit one)."""
+    """The variant on the layer's own solver (``solver=None``, Picard) without the plain f
+    step: the training output is ``k`` plain steps from zero (k drawn from the generator)
+    followed by two damped steps, and the input gradient flows through the damped steps
+    only: catches a wrong stopping step, damping, or a gradient through the solve (or an
+    implicit one)."""
     model, deq = rin_model("picard")
     f = deq.f
     x = torch.rand(5, FEATURES, dtype=torch.float64, requires_grad=True)
@@ -189,12 +226,41 @@ def test_random_intermediate_state_is_k_picard_steps_then_damped_unrolled_steps(
         expected = 0.7 * f(expected, x) + 0.3 * expected
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
     model.train()
-    with random_intermediate_states(model, max_steps=4, damping=0.7,
+    with random_intermediate_states(model, max_steps=4, damping=0.7, solver=None, f_step=False,
+                                    unrolled_steps=2,
                                     generator=torch.Generator().manual_seed(3)):
         out = deq(x)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     assert deq.stats.forward.steps == k and deq.stats.forward.stop_reason == "callback"
     assert deq.stats.forward.nfe == k + 1 + 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-12)
+
+
+def test_random_intermediate_state_defaults_are_the_original_code() -> None:
+    """Defaults: Broyden stopped at a random step k in 1..8 (whatever the layer's solver),
+    then one f step and 5 steps damped by 0.5, all with autograd; the input gradient is
+    that of the 6 steps: catches defaults that drift from the paper's code."""
+    model, deq = rin_model("picard")
+    f = deq.f
+    x = torch.rand(5, FEATURES, dtype=torch.float64, requires_grad=True)
+    k = int(torch.randint(1, 8 + 1, (), generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        z, _ = contdeq.solvers.fixed_point(lambda s: f(s, x), torch.zeros(5, WIDTH,
+                                           dtype=torch.float64), method="broyden",
+                                           max_steps=k, atol=1e-9, rtol=1e-9,
+                                           on_nonconvergence="ignore")
+    expected = f(z, x)
+    for _ in range(5):
+        expected = 0.5 * f(expected, x) + 0.5 * expected
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    model.train()
+    with random_intermediate_states(model, generator=torch.Generator().manual_seed(5)):
+        out = deq(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    stats = deq.stats.forward
+    assert stats.method == "broyden" and stats.steps == k
+    assert stats.nfe == k + 1 + 1 + 5  # Broyden's start, k steps, the f step, 5 damped
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-12)
 
@@ -208,7 +274,7 @@ def test_random_intermediate_states_draw_every_step(solver: str) -> None:
     x = torch.rand(4, FEATURES, dtype=torch.float64)
     model.train()
     stops = []
-    with random_intermediate_states(model, max_steps=3,
+    with random_intermediate_states(model, max_steps=3, solver=None,
                                     generator=torch.Generator().manual_seed(0)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -245,7 +311,10 @@ def test_random_intermediate_states_leave_eval_mode_and_restore(solver: str) -> 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"max_steps": 0}, "max_steps must be"),
-    ({"unrolled_steps": 0}, "unrolled_steps must be"),
+    ({"unrolled_steps": -1}, "unrolled_steps must be"),
+    ({"unrolled_steps": 0, "f_step": False}, "unrolled_steps must be"),
+    ({"f_step": 1}, "f_step must be a bool"),
+    ({"solver": "newton"}, "solver must be one of"),
     ({"damping": 1.5}, "damping must be"),
     ({"damping": 0.0}, "damping must be"),
     ({"generator": 3}, "generator must be"),
@@ -316,6 +385,82 @@ def test_entropy_reduction_gradient_is_taken_at_the_final_input() -> None:
     torch.testing.assert_close(xd.grad, xr.grad, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("rounds", [4, None])
+def test_entropy_reduction_defaults_act_on_the_raw_input(rounds: int | None) -> None:
+    """With ``encoder`` and the defaults: 10 signed steps of 2/255 on the model's raw input
+    after every 2 accepted solver steps, 4 times (``rounds=None``: until the solve ends), the
+    raw input kept within 8/255 and in [0, 1], and the layer converging on encoder(moved raw
+    input): catches ER acting in feature space, a wrong schedule, or the paper's step sizes
+    changed."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(FEATURES, FEATURES, dtype=torch.float64)
+    cell = RecordingCell(WIDTH, FEATURES, lipschitz=0.5)
+    deq = contdeq.DEQ(cell, solver="anderson", state_shape=WIDTH, atol=1e-8, rtol=1e-8,
+                      max_steps=200)
+    head = nn.Linear(WIDTH, CLASSES, dtype=torch.float64)
+    model = nn.Sequential(encoder, deq, head).eval()
+    x = torch.rand(16, FEATURES, dtype=torch.float64)
+    x[:, 0] = 1.0  # on the box's face: the clamp is exercised
+    seen: list[torch.Tensor] = []
+    hook = encoder.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))
+    with torch.no_grad():
+        plain = model(x)
+    options = {} if rounds == 4 else {"rounds": rounds}
+    with entropy_reduction(model, head, encoder=encoder, **options), torch.no_grad():
+        cell.grad_calls = 0
+        seen.clear()
+        defended = model(x)
+        grad_calls = cell.grad_calls
+    hook.remove()
+    done = deq.stats.forward.steps // 2 if rounds is None else 4
+    assert deq.stats.forward.steps >= 10 and grad_calls == 10 * done
+    raws = torch.stack(seen[2:])  # the model's call, the shape check, then the steps
+    assert float((raws - x).abs().max()) <= 8 / 255 + 1e-12
+    assert float((raws - x).abs().max()) > 4 / 255
+    assert 0.0 <= float(raws.min()) and float(raws.max()) <= 1.0
+    moved = seen[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(cell.last_x, encoder(moved), rtol=0, atol=1e-12)
+
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+    assert float(entropy(defended).mean()) < float(entropy(plain).mean())
+
+
+def test_robust_accuracy_transfer_attack_is_crafted_outside_the_defence() -> None:
+    """``defence=``: the attack runs outside the defence and the predictions inside it, and
+    the result equals a hand-made transfer evaluation: catches a defence entered while
+    crafting (an adaptive attack labelled transfer)."""
+    model = classifier()
+    x, y = inputs(10)
+    active = [False]
+    log: list[tuple[str, bool]] = []
+
+    @contextlib.contextmanager
+    def defence() -> Iterator[None]:
+        active[0] = True
+        try:
+            yield
+        finally:
+            active[0] = False
+
+    def attack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        log.append(("attack", active[0]))
+        return pgd(model, a, b, 0.2, steps=3)
+
+    torch.manual_seed(1)
+    acc = robust_accuracy(model, (x, y), attack, batch_size=4, defence=defence)
+    assert log == [("attack", False)] * 3
+    torch.manual_seed(1)
+    x_adv = torch.cat([pgd(model, x[i:i + 4], y[i:i + 4], 0.2, steps=3) for i in (0, 4, 8)])
+    with torch.no_grad():
+        expected = float((model(x_adv).argmax(1) == y).double().mean())
+    assert acc == pytest.approx(expected)
+    with pytest.raises(TypeError, match="defence must be"):
+        robust_accuracy(model, (x, y), None, defence=3)  # type: ignore[arg-type]
+
+
 class TupleHead(nn.Module):
     """Logits from a 2-scale state ``((B, 2, 4, 4), (B, 2, 2, 2))``."""
 
@@ -357,6 +502,8 @@ def test_entropy_reduction_on_a_multi_scale_layer() -> None:
     ({"rounds": 0}, "rounds must be"),
     ({"head": "linear"}, "head must be an nn.Module"),
     ({"model": nn.Linear(2, 2)}, "exactly one equilibrium layer"),
+    ({"encoder": "linear"}, "encoder must be None or the nn.Module"),
+    ({"clamp": "yes"}, "clamp must be"),
 ])
 def test_entropy_reduction_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     """Each bad argument raises naming it (and a model without exactly one DEQ layer is
