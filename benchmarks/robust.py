@@ -108,7 +108,7 @@ class Config:
     train_pgd_steps: int = 3
     attack_steps: int = 20
     square_queries: int = 200
-    ris_max_steps: int = 10
+    ris_max_steps: int = 8
     er_every: int = 2
     device: str = "cpu"
 
@@ -279,20 +279,23 @@ def training_context(name: str, model: nn.Module, cfg: Config, seed: int
     if "RIS" not in name:
         return nullcontext
     generator = torch.Generator().manual_seed(seed + 3)
-    return lambda: contdeq.robust.random_intermediate_states(
+    return lambda: contdeq.robust.random_intermediate_states(  # the original code's defaults
         model, max_steps=cfg.ris_max_steps, generator=generator)
 
 
 def inference_context(name: str, model: nn.Module, task: Task, cfg: Config
                       ) -> Callable[[], Any]:
-    """A factory of the context inference (and every attack) runs in: entropy reduction for
-    the ER rows, with the input ball of the training eps (in the injection's units) and two
-    steps of a quarter of it."""
+    """A factory of the context inference (and every adaptive attack) runs in: entropy
+    reduction for the ER rows, on the raw input (through the model's encoder), with the
+    original code's schedule (10 signed steps a round, every ``er_every`` solver steps, 4
+    rounds) and proportions (a ball of the attack's eps1, steps of eps1 / 4), inside the
+    task's input box."""
     if not name.endswith("+ ER"):
         return nullcontext
     eps = EPS[task.name][0]
     return lambda: contdeq.robust.entropy_reduction(
-        model, model.head, every=cfg.er_every, steps=2, step_size=eps / 4, eps=eps)
+        model, model.head, encoder=model.encoder, every=cfg.er_every, step_size=eps / 4,
+        eps=eps, clamp=box(task))
 
 
 def train(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) -> float:
@@ -370,6 +373,18 @@ def evaluate(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) ->
     else:  # backprop through the solver already: the attack above is the unrolled one
         row["pgd_unrolled_eps1"] = row["pgd_eps1"]
     measure("square_eps1", square_attack(model, task, eps1, cfg.square_queries, seed))
+    if name.endswith("+ ER"):  # transfer: crafted on the undefended model, defended predictions
+        torch.manual_seed(seed + 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with implicit(), parametrize.cached():
+                row["pgd_transfer_eps1"] = 100.0 * robust_accuracy(
+                    model, (x, y), pgd_attack(eps1), batch_size=cfg.batch, defence=context)
+        row["warnings"]["pgd_transfer_eps1"] = sum(
+            "converge" in str(w.message).lower() for w in caught)
+    else:  # no defence: the transfer attack is the implicit-gradient one
+        row["pgd_transfer_eps1"] = row["pgd_eps1"]
+        row["warnings"]["pgd_transfer_eps1"] = 0
     with context():
         row["infer_nfe"] = inference_nfe(model, x[:cfg.batch])
     return row
@@ -377,7 +392,8 @@ def evaluate(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) ->
 
 def credit(row: dict[str, Any]) -> None:
     """Adds ``worst_eps1`` (lowest of the three attacks), ``spread_eps1`` and ``credited``."""
-    values = [row["pgd_eps1"], row["pgd_unrolled_eps1"], row["square_eps1"]]
+    values = [row["pgd_eps1"], row["pgd_unrolled_eps1"], row["square_eps1"],
+              row.get("pgd_transfer_eps1", row["pgd_eps1"])]
     row["worst_eps1"] = min(values)
     row["spread_eps1"] = max(values) - min(values)
     row["credited"] = row["spread_eps1"] <= AGREE
@@ -399,10 +415,32 @@ def run_cell(task: Task, name: str, cfg: Config, seed: int,
     return row
 
 
+#: Accuracy columns whose per-seed values and 95 % confidence intervals are kept.
+ACCURACIES = ("clean", "pgd_eps1", "pgd_eps2", "pgd_unrolled_eps1", "square_eps1",
+              "pgd_transfer_eps1", "worst_eps1")
+#: Two-sided 95 % quantiles of Student's t with n - 1 degrees of freedom, by n.
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+        10: 2.262}
+
+
+def ci95(values: list[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean of ``values`` (Student's t over
+    seeds); ``nan`` for one value."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return T975.get(n, 1.96) * sd / math.sqrt(n)
+
+
 def mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds of one (task, model)'s rows (numbers; warnings summed)."""
+    """Means over seeds of one (task, model)'s rows (numbers; warnings summed), with the
+    per-seed accuracies (``per_seed``) and their 95 % intervals (``ci95``)."""
     out = dict(rows[0])
     out["seeds"] = [r["seed"] for r in rows]
+    out["per_seed"] = {k: [r[k] for r in rows] for k in ACCURACIES if k in rows[0]}
+    out["ci95"] = {k: ci95(v) for k, v in out["per_seed"].items()}
     for key, value in rows[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
             out[key] = sum(r[key] for r in rows) / len(rows)
@@ -431,7 +469,7 @@ def goal_check(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {task}, {model} vs DEQ + AT: robust gain "
                          + ", ".join(f"{label} {g:+.1f}" for label, g in gains.items())
                          + f" points; clean {clean:+.1f} points -> "
-                         + ("met" if ok else "missed"))
+                         + ("met" if ok else "missed") + paired(r, at))
         plain, lya = by.get((task, "DEQ")), by.get((task, "LyapunovDEQ"))
         if plain is not None and lya is not None:
             diffs = {label: lya[key] - plain[key] for key, label in attacks}
@@ -444,6 +482,27 @@ def goal_check(rows: list[dict[str, Any]]) -> list[str]:
                      f"three attacks at clean within 1 point on {len(tasks)} task(s): "
                      f"{', '.join(tasks) or 'none'}; needed 2)")
     return lines
+
+
+def paired(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """``row - base`` per seed (the same seeds: the models share data, initialisation and
+    attack seeds), mean and 95 % interval, for the worst eps1 attack and clean accuracy;
+    empty for one seed."""
+    a, b = row.get("per_seed", {}), base.get("per_seed", {})
+    if row.get("seeds") != base.get("seeds") or len(row.get("seeds", [])) < 2:
+        return ""
+    parts = []
+    for key, label in (("worst_eps1", "worst attack"), ("clean", "clean")):
+        diffs = [x - y for x, y in zip(a[key], b[key], strict=True)]
+        parts.append(f"{label} {sum(diffs) / len(diffs):+.1f} ± {ci95(diffs):.1f}")
+    return f" (paired over seeds {row['seeds']}, 95 % CI: " + "; ".join(parts) + ")"
+
+
+def cell(row: dict[str, Any], key: str) -> str:
+    """``mean`` or ``mean ± 95 % CI`` (several seeds) of an accuracy column."""
+    value = f"{row[key]:.1f}"
+    ci = row.get("ci95", {}).get(key, float("nan"))
+    return value if math.isnan(ci) else f"{value} ± {ci:.1f}"
 
 
 def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
@@ -462,24 +521,29 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
         f"evaluation on {cfg.n_test} test samples. "
         f"PGD-{cfg.attack_steps} (L-inf, step 2.5 eps / steps, random start, inside the task's "
         f"input box) through the implicit gradient at eps1 and eps2, through the unrolled "
-        f"solver at eps1; Square: torchattacks, {cfg.square_queries} queries, eps1. "
-        f"Credited: the lowest of the three eps1 attacks where they agree within {AGREE:g} "
-        "points.",
+        f"solver at eps1; Square: torchattacks, {cfg.square_queries} queries, eps1; transfer "
+        f"(ER rows): PGD crafted on the model without entropy reduction, classified with it. "
+        f"Credited: the lowest of the eps1 attacks where they agree within {AGREE:g} "
+        "points. With several seeds: mean ± half-width of the 95 % confidence interval over "
+        "seeds (Student's t).",
         "Eps per task (input units): " + ", ".join(
             f"{t} {EPS[t][0]:g} / {EPS[t][1]:g}" for t in tasks) + ".",
         "",
         f"| task | model | clean | PGD-{cfg.attack_steps} eps1 | PGD-{cfg.attack_steps} eps2 | "
         f"PGD-{cfg.attack_steps} unrolled eps1 | "
-        "Square eps1 | credited eps1 | train s | infer NFE | conv. warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Square eps1 | PGD transfer eps1 | credited eps1 | train s | infer NFE | "
+        "conv. warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        credited = (f"{r['worst_eps1']:.1f}" if r["credited"]
+        credited = (cell(r, "worst_eps1") if r["credited"]
                     else f"no (spread {r['spread_eps1']:.1f})")
         warned = sum(r["warnings"].values())
+        transfer = cell(r, "pgd_transfer_eps1") if "pgd_transfer_eps1" in r else "-"
         lines.append(
-            f"| {r['task']} | {r['model']} | {r['clean']:.1f} | {r['pgd_eps1']:.1f} | "
-            f"{r['pgd_eps2']:.1f} | {r['pgd_unrolled_eps1']:.1f} | {r['square_eps1']:.1f} | "
+            f"| {r['task']} | {r['model']} | {cell(r, 'clean')} | {cell(r, 'pgd_eps1')} | "
+            f"{cell(r, 'pgd_eps2')} | {cell(r, 'pgd_unrolled_eps1')} | "
+            f"{cell(r, 'square_eps1')} | {transfer} | "
             f"{credited} | {r['train_s']:.0f} | {r['infer_nfe']:.0f} | {warned} |")
     lines += ["", "## Goal check", "", *goal_check(rows), ""]
     return "\n".join(lines)
@@ -588,7 +652,7 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
                     per_model[model].append(row)
             rows += [mean_rows(r) for r in per_model.values() if len(r) == len(cfg.seeds)]
             write()
-    return write()
+        return write()  # inside: the header reports the run's thread count
 
 
 def main() -> None:
