@@ -470,6 +470,11 @@ def goal_check(rows: list[dict[str, Any]]) -> list[str]:
                          + ", ".join(f"{label} {g:+.1f}" for label, g in gains.items())
                          + f" points; clean {clean:+.1f} points -> "
                          + ("met" if ok else "missed") + paired(r, at))
+        ris, er = by.get((task, "DEQ + AT + RIS")), by.get((task, "DEQ + AT + RIS + ER"))
+        if ris is not None and er is not None:  # ER alone: the same trained model
+            lines.append(f"- {task}, entropy reduction alone (DEQ + AT + RIS + ER vs DEQ + AT "
+                         f"+ RIS): worst attack {er['worst_eps1'] - ris['worst_eps1']:+.1f}, "
+                         f"clean {er['clean'] - ris['clean']:+.1f} points" + paired(er, ris))
         plain, lya = by.get((task, "DEQ")), by.get((task, "LyapunovDEQ"))
         if plain is not None and lya is not None:
             diffs = {label: lya[key] - plain[key] for key, label in attacks}
