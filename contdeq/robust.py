@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .implicit import BackwardMode, ForwardSolver, Unrolled, equilibrium
 from .nn.checks import check_number
 from .nn.deq import DEQ, check_input
+from .nn.lyapunov import LyapunovSolver
 from .solvers import SolverStats, unflatten_states
 from .solvers.callback import Restart, StepInfo, Stop
 from .solvers.validation import check_choice
@@ -179,12 +180,19 @@ def _equilibrium_layers(model: nn.Module) -> Iterator[DEQ]:
     return (m for m in model.modules() if isinstance(m, DEQ))
 
 
+def _same_field(original: ForwardSolver, new: ForwardSolver) -> ForwardSolver:
+    """``new`` solving what ``original`` solves: a :class:`LyapunovDEQ`'s solver solves its
+    projected field, so a substitute is rebuilt on that field."""
+    return original.rebuild(new) if isinstance(original, LyapunovSolver) else new
+
+
 def _unrollable(solver: ForwardSolver, substitute: str) -> ForwardSolver:
     """``solver`` if autograd-safe, else ``substitute`` with the options both understand."""
     if solver.differentiable:
         return solver
     shared = {k: v for k, v in solver.options.items() if k in _SHARED_OPTIONS}
-    return ForwardSolver(substitute, on_nonconvergence=solver.on_nonconvergence, **shared)
+    return _same_field(solver, ForwardSolver(substitute, on_nonconvergence=solver.on_nonconvergence,
+                                             **shared))
 
 
 @contextmanager
@@ -350,6 +358,7 @@ class _RandomIntermediateSolver(ForwardSolver):
             options = {k: v for k, v in base.options.items() if k in _SHARED_OPTIONS}
         options["max_steps"] = max(max_steps, int(options.get("max_steps", 0)))
         super().__init__(solver, on_nonconvergence="ignore", **options)
+        self.base = base
         self.max_steps, self.f_step = max_steps, f_step
         self.unrolled_steps, self.damping = unrolled_steps, damping
         self.generator = generator
@@ -375,14 +384,15 @@ class _RandomIntermediateSolver(ForwardSolver):
         return stop_at_k
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
-        stopped = ForwardSolver(self.solver, on_nonconvergence="ignore",
-                                **{**self.options, "callback": self.draw()})
+        stopped = _same_field(self.base, ForwardSolver(
+            self.solver, on_nonconvergence="ignore", **{**self.options, "callback": self.draw()}))
         with torch.no_grad():
             z, stats = stopped(fx, z0)
+        step = self.base.step_map(fx) if isinstance(self.base, LyapunovSolver) else fx
         if self.f_step:
-            z = fx(z)
+            z = step(z)
         for _ in range(self.unrolled_steps):
-            z = torch.lerp(z, fx(z), self.damping)
+            z = torch.lerp(z, step(z), self.damping)
         stats.nfe += self.unrolled_steps + int(self.f_step)
         return z, stats
 
@@ -505,6 +515,7 @@ class _EntropyReducingSolver(ForwardSolver):
                  raw: _RawInput | None, clamp: tuple[float, float] | None) -> None:
         super().__init__(base.solver, on_nonconvergence=base.on_nonconvergence,
                          **{k: v for k, v in base.options.items() if k != "callback"})
+        self.base = base
         self.head, self.every, self.steps, self.step_size = head, every, steps, step_size
         self.eps, self.norm, self.rounds, self.raw, self.clamp = eps, norm, rounds, raw, clamp
 
@@ -553,8 +564,9 @@ class _EntropyReducingSolver(ForwardSolver):
             with torch.no_grad():
                 return Restart(x=to_layer(v).to(fx.x.dtype))  # type: ignore[attr-defined]
 
-        defended = ForwardSolver(self.solver, on_nonconvergence=self.on_nonconvergence,
-                                 **{**self.options, "callback": reduce_entropy})
+        defended = _same_field(self.base, ForwardSolver(
+            self.solver, on_nonconvergence=self.on_nonconvergence,
+            **{**self.options, "callback": reduce_entropy}))
         z, stats = defended(fx, z0)
         stats.nfe += extra[0]
         return z, stats

@@ -331,3 +331,46 @@ def test_orthogonal_layer_preserves_distances() -> None:
     layer = contdeq.LyapunovDEQ(TanhCell(D, D, dtype=torch.float32), D)
     q = layer.orthogonal.weight
     torch.testing.assert_close(q.T @ q, torch.eye(D), atol=1e-5, rtol=0)
+
+
+def test_attack_and_defence_solvers_keep_the_projected_field() -> None:
+    """Inside unrolled_gradients (Anderson replaced by the ODE solver), entropy_reduction and
+    random_intermediate_states (Broyden substituted), the layer still solves its projected
+    field through a LyapunovSolver, and the unrolled solve ends at the layer's own
+    equilibrium: catches a substituted solver that silently drops the projection (and solves
+    another field)."""
+    from contdeq.nn.lyapunov import LyapunovSolver
+    from contdeq.robust import entropy_reduction, random_intermediate_states, unrolled_gradients
+
+    torch.manual_seed(0)
+    f = TanhCell(D, D, lipschitz=0.9)
+    layer = contdeq.LyapunovDEQ(f, D, hidden=(8,), solver="anderson", atol=1e-7,
+                                rtol=1e-7).double()
+    model = nn.Sequential(layer, nn.Linear(D, 3, dtype=F64)).eval()
+    x = 2 * torch.randn(6, D, dtype=F64)
+    with torch.no_grad():
+        z_ref = layer.equilibrium_state(x)
+    calls: list[str] = []
+    original = LyapunovSolver.__call__
+
+    def spy(self: LyapunovSolver, fx: object, z0: torch.Tensor) -> object:
+        calls.append(self.solver)
+        return original(self, fx, z0)
+
+    LyapunovSolver.__call__ = spy  # type: ignore[method-assign]
+    try:
+        with unrolled_gradients(model):
+            xg = x.clone().requires_grad_(True)
+            z = layer.equilibrium_state(xg)
+            torch.autograd.grad(z.sum(), xg)
+        assert calls == ["ode"]
+        torch.testing.assert_close(z.detach(), z_ref, rtol=1e-4, atol=1e-4)
+        with entropy_reduction(model, model[1], step_size=0.01, eps=0.05), torch.no_grad():
+            model(x)
+        assert calls == ["ode", "anderson"]
+        model.train()
+        with random_intermediate_states(model):
+            model(x).sum().backward()
+        assert calls == ["ode", "anderson", "broyden"]
+    finally:
+        LyapunovSolver.__call__ = original  # type: ignore[method-assign]

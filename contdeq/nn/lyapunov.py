@@ -273,7 +273,7 @@ class LyapunovSolver(ForwardSolver):
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
         """Solve the projected field from ``z0`` (``(B, D)``); returns ``(z, stats)``."""
-        z, stats = super().__call__(_Projected(fx, self.lyapunov, self.alpha), z0)
+        z, stats = super().__call__(self.step_map(fx), z0)
         with torch.no_grad():
             v0 = lyapunov_value(fx, self.lyapunov, z0)
             v_end = lyapunov_value(fx, self.lyapunov, z.detach())
@@ -285,6 +285,15 @@ class LyapunovSolver(ForwardSolver):
     def with_options(self, **options: Any) -> LyapunovSolver:
         """A copy with ``options`` overriding this solver's options."""
         return LyapunovSolver(super().with_options(**options), self.lyapunov, self.alpha)
+
+    def rebuild(self, base: ForwardSolver) -> LyapunovSolver:
+        """``base`` (another solver, e.g. one substituted for an attack) on the same
+        projected field, with the same guarantee."""
+        return LyapunovSolver(base, self.lyapunov, self.alpha)
+
+    def step_map(self, fx: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """The projected map ``z -> z + r_V(z)`` around the nominal map ``fx``."""
+        return _Projected(fx, self.lyapunov, self.alpha)
 
     def __repr__(self) -> str:
         return f"Lyapunov{super().__repr__()}"
