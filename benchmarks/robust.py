@@ -480,7 +480,8 @@ def goal_check(rows: list[dict[str, Any]]) -> list[str]:
             diffs = {label: lya[key] - plain[key] for key, label in attacks}
             lines.append(f"- {task}, LyapunovDEQ vs DEQ (no AT): robust "
                          + ", ".join(f"{label} {d:+.1f}" for label, d in diffs.items())
-                         + f" points; clean {lya['clean'] - plain['clean']:+.1f} points")
+                         + f" points; clean {lya['clean'] - plain['clean']:+.1f} points"
+                         + paired(lya, plain))
     for model, tasks in met_tasks.items():
         verdict = "MET" if len(tasks) >= 2 else "NOT MET"
         lines.append(f"- **{model}: goal {verdict}** (>= 3 points over DEQ + AT under all "
