@@ -21,10 +21,13 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # it is not an extra of contdeq: `make test` installs it without its dependencies.
 TORCHATTACKS_SPEC ?= torchattacks==3.5.1
 # Installs contdeq with the target's EXTRAS, prints how long it took and, on the first set-up
-# of .venv, the total since the venv was created.
+# of .venv, the total since the set-up began. `--no-compile`, then one `import contdeq`
+# allowed to write bytecode: only the modules a run imports are compiled, not every file of
+# torch (what pip would do), and they are compiled even where PYTHONDONTWRITEBYTECODE is set.
 define install_extras
 	@start=$$(date +%s); \
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" && \
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]" && \
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "import contdeq" && \
 	echo "set-up: contdeq[$(EXTRAS)] installed in $$(( $$(date +%s) - start )) s" && \
 	if [ -f $(VENV)/.setup-start ]; then \
 		echo "set-up: done in $$(( $$(date +%s) - $$(cat $(VENV)/.setup-start) )) s in all"; \
@@ -36,8 +39,8 @@ endef
 	mutation mutation-subset
 
 $(BIN)/python:
+	mkdir -p $(VENV) && date +%s > $(VENV)/.setup-start
 	$(PYTHON) -m venv $(VENV)
-	date +%s > $(VENV)/.setup-start
 	@index="$(TORCH_INDEX)"; start=$$(date +%s); \
 	if [ -n "$$index" ] && ! $(PYTHON) -c 'import sys, urllib.request; \
 	urllib.request.urlopen(sys.argv[1], timeout=3)' "$$index/" >/dev/null 2>&1; then \
@@ -46,7 +49,7 @@ $(BIN)/python:
 		index=""; \
 	fi; \
 	echo "set-up: installing $(TORCH_SPEC)$${index:+ from $$index}"; \
-	$(BIN)/python -m pip install --quiet $${index:+--index-url $$index} "$(TORCH_SPEC)" && \
+	$(BIN)/python -m pip install --quiet --no-compile $${index:+--index-url $$index} "$(TORCH_SPEC)" && \
 	echo "set-up: torch installed in $$(( $$(date +%s) - start )) s"
 
 $(VENV)/.examples: EXTRAS = examples
