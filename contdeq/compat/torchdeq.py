@@ -32,6 +32,7 @@ what to use in contdeq.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -223,7 +224,7 @@ class TorchDEQ(nn.Module):
         if self.n_states > 1:
             return [max(1, f_max_iter // self.n_states)] * self.n_states
         bounds = [0, *self.indexing, f_max_iter]
-        return [max(1, b - a) for a, b in zip(bounds, bounds[1:])]
+        return [max(1, b - a) for a, b in itertools.pairwise(bounds)]
 
     def _solve(self, g: Callable[[Any], Any], z0: Tensor | tuple[Tensor, ...], max_iter: int,
                tol: float, stop_mode: str, method: str, start_zero: bool = False,
