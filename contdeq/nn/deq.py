@@ -272,7 +272,9 @@ class DEQ(PerThreadResults):
         warn(
             f"{type(self).__name__}: {self._failed_solves} forward solves in a row stopped "
             f"unconverged (last: {forward.summary()}). What usually helps: keep f contractive "
-            f"(contdeq.spectral_norm_cap(module, cap=0.9) on the layers acting on z); another "
+            f"(contdeq.spectral_norm_cap(module, cap=...) on the layers acting on z, a cap "
+            f"below 1, lower, e.g. 0.5, where a LayerNorm/GroupNorm follows them, as it "
+            f"amplifies small inputs); another "
             f"method, {other}; a larger max_steps (now {limit}); or looser atol/rtol for the "
             f"forward solve. This hint is shown once per layer.",
             ConvergenceWarning,
