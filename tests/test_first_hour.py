@@ -187,3 +187,20 @@ def test_demo_times_epochs_after_the_warm_up(monkeypatch: pytest.MonkeyPatch,
         demo.training_table(epochs=3, width=8, batch=250)
     rows = capsys.readouterr().out.strip().splitlines()[-6:]
     assert [row.split()[-1] for row in rows] == ["1.00"] * 6, rows
+
+
+def test_extras_keep_torch_and_cover_the_tests() -> None:
+    """No extra pulls a package whose metadata replaces a CPU torch (torchattacks needs
+    torchvision: installed with --no-deps instead), and `test` holds what the test modules
+    import at collection (the examples' packages, the benchmarks' tqdm, torchdeq)."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    names = {extra: {req.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip()
+                     for req in reqs} for extra, reqs in extras.items()}
+    for extra, packages in names.items():
+        assert not packages & {"torchattacks", "torchvision"}, extra
+    assert names["examples"] <= names["test"]
+    assert {"tqdm", "matplotlib", "torchdeq"} <= names["test"]
+    assert "robust" not in names
+
