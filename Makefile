@@ -1,49 +1,81 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh machine: they create
-# .venv, install torch first, then contdeq with the extras they need.
+# .venv, install torch first, then contdeq with the extras they need, and print how long the
+# set-up took.
 #
 # torch comes from TORCH_INDEX, PyTorch's CPU wheel index by default: on Linux a plain
 # `pip install torch` from PyPI pulls the CUDA build (several GB of NVIDIA libraries). The
 # index is passed to that one install only (`--index-url`); pip's own configuration (a mirror,
-# find-links) still applies. Override on the command line:
+# find-links) still applies. Before installing, the set-up asks the index for its page with a
+# 3-second timeout; where it does not answer (no network to it, a firewall), one line says so
+# and torch comes from pip's configured index instead (pip would otherwise retry for minutes).
+# Override on the command line:
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build
 #   make demo TORCH_INDEX=                                          # pip's configured index
-# If the index cannot be reached, pip warns, retries, and falls back to its other sources.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# torchattacks (the `robust` extra, for tests/test_robust.py) declares torchvision and an old
-# requests but imports neither: installed without its dependencies, it leaves torch as it is.
+# torchattacks (attacks on contdeq models, tests/test_robust.py) declares torchvision and an old
+# requests but imports neither; its metadata would replace a CPU torch with the CUDA build, so
+# it is not an extra of contdeq: `make test` installs it without its dependencies.
 TORCHATTACKS_SPEC ?= torchattacks==3.5.1
+# Installs contdeq with the target's EXTRAS, prints how long it took and, on the first set-up
+# of .venv, the total since the set-up began. `--no-compile`, then one `import contdeq`
+# allowed to write bytecode: only the modules a run imports are compiled, not every file of
+# torch (what pip would do), and they are compiled even where PYTHONDONTWRITEBYTECODE is set.
+define install_extras
+	@start=$$(date +%s); \
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]" && \
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "import contdeq" && \
+	echo "set-up: contdeq[$(EXTRAS)] installed in $$(( $$(date +%s) - start )) s" && \
+	if [ -f $(VENV)/.setup-start ]; then \
+		echo "set-up: done in $$(( $$(date +%s) - $$(cat $(VENV)/.setup-start) )) s in all"; \
+		rm $(VENV)/.setup-start; \
+	fi
+endef
 
 .PHONY: demo test lint bench-solvers bench-paper bench-paper-quick docs docs-quick clean \
 	mutation mutation-subset
 
 $(BIN)/python:
+	mkdir -p $(VENV) && date +%s > $(VENV)/.setup-start
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
-		"$(TORCH_SPEC)"
+	@index="$(TORCH_INDEX)"; start=$$(date +%s); \
+	if [ -n "$$index" ] && ! $(PYTHON) -c 'import sys, urllib.request; \
+	urllib.request.urlopen(sys.argv[1], timeout=3)' "$$index/" >/dev/null 2>&1; then \
+		echo "set-up: $$index did not answer within 3 s; installing torch from pip's" \
+			"configured index instead (on Linux PyPI's build is the CUDA one)"; \
+		index=""; \
+	fi; \
+	echo "set-up: installing $(TORCH_SPEC)$${index:+ from $$index}"; \
+	$(BIN)/python -m pip install --quiet --no-compile $${index:+--index-url $$index} "$(TORCH_SPEC)" && \
+	echo "set-up: torch installed in $$(( $$(date +%s) - start )) s"
 
+$(VENV)/.examples: EXTRAS = examples
 $(VENV)/.examples: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[examples]"
+	$(install_extras)
 	touch $@
 
+$(VENV)/.bench: EXTRAS = bench,examples
 $(VENV)/.bench: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[bench,examples]"
+	$(install_extras)
 	touch $@
 
+$(VENV)/.docs: EXTRAS = docs,examples,federated
 $(VENV)/.docs: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[docs,examples,federated]"
+	$(install_extras)
 	touch $@
 
+$(VENV)/.mutation: EXTRAS = test,examples,mutation
 $(VENV)/.mutation: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[test,examples,mutation]"
+	$(install_extras)
 	touch $@
 
+$(VENV)/.test: EXTRAS = test,examples,federated
 $(VENV)/.test: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[test,examples,federated]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(TORCHATTACKS_SPEC)"
+	$(install_extras)
 	touch $@
 
 demo: $(VENV)/.examples

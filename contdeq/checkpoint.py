@@ -143,7 +143,7 @@ def save_checkpoint(
     optimizer: Stateful | None = None,
     scheduler: Stateful | None = None,
     *,
-    epoch: int,
+    epoch: int = 0,
     batch: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -156,7 +156,8 @@ def save_checkpoint(
         model: the model (wrappers such as DDP or ``torch.compile`` are removed first).
         optimizer: its state (moments, step counts) is saved when given.
         scheduler: learning-rate scheduler, saved when given.
-        epoch: the epoch in progress (0-based), ``>= 0``.
+        epoch: the epoch in progress (0-based), ``>= 0``; default 0, for a quick save
+            (``save_checkpoint("model.pt", model)``).
         batch: batches of ``epoch`` already done, ``>= 0``.
         extra: more state to keep: ``None``, bools, ints, floats, strings, tensors, and
             lists, tuples and dicts of them (what the safe loader reads back). Anything else

@@ -151,7 +151,10 @@ def download(dataset: str, data_dir: str | Path) -> None:
     try:
         from torchvision import datasets
     except ImportError as exc:  # torchvision is optional: only this function needs it
-        raise ImportError("--download needs torchvision: pip install torchvision") from exc
+        raise ImportError(
+            "--download needs torchvision, from the index your torch came from: pip install "
+            "torchvision --index-url https://download.pytorch.org/whl/cpu for a CPU torch (from "
+            "PyPI it would replace a CPU torch with the CUDA build)") from exc
     cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[dataset]
     for train in (True, False):
         cls(str(data_dir), train=train, download=True)

@@ -516,7 +516,8 @@ def test_entropy_reduction_rejects_bad_arguments(kwargs: dict, message: str) -> 
 
 
 torchattacks = pytest.importorskip(
-    "torchattacks", reason="torchattacks is not installed (pip install contdeq[robust])")
+    "torchattacks",
+    reason="torchattacks is not installed (pip install --no-deps torchattacks==3.5.1)")
 
 
 @pytest.mark.parametrize("attack", ["PGD", "APGD", "Square"])

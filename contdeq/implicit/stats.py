@@ -27,3 +27,8 @@ class DEQStats:
         """Two short lines: forward and backward."""
         back = "not run" if self.backward is None else self.backward.summary()
         return f"forward: {self.forward.summary()}\nbackward: {back}"
+
+    def __repr__(self) -> str:
+        """Short, as :meth:`summary` on one line (the solves' per-sample tensors are in
+        ``forward`` and ``backward``)."""
+        return "DEQStats(" + self.summary().replace("\n", "; ") + ")"

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._warnings import warn
 from ..implicit import (
     BackwardConfig,
     BackwardMode,
@@ -16,11 +17,15 @@ from ..implicit import (
     first_call,
 )
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
+from ..solvers import ConvergenceWarning, SolverStats
 from ..solvers.structure import as_shape
 from ..solvers.validation import is_vmapped
 from .checks import check_number
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .per_thread import PerThreadResults
+
+#: Forward solves in a row that stop unconverged before a layer hints at what to change.
+HINT_AFTER = 3
 
 __all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape", "zeros_or_state"]
 
@@ -61,9 +66,11 @@ def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str)
         raise ValueError(f"{name} must have shape (B, *state_shape) = "
                          f"{(x.shape[0], *shape)}, got {tuple(z0.shape)}")
     if z0.dtype != x.dtype:
-        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {z0.dtype}")
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {z0.dtype}: convert it "
+                        f"with .to(x.dtype) (or convert x and the module to {z0.dtype})")
     if z0.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}, got {z0.device}")
+        raise ValueError(f"{name} must be on x's device {x.device}, got {z0.device}: move it "
+                         f"with .to(x.device)")
     if not bool(torch.isfinite(z0).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return z0
@@ -166,6 +173,8 @@ class DEQ(PerThreadResults):
                 f"solver='ode' or 'picard'; solver={solver!r} is not autograd-safe"
             )
         self.state_shape = resolve_state_shape(state_shape)
+        #: (z0, x) per-sample shape pairs a given z0 was found to fit (:meth:`_given_state`).
+        self._fitting_shapes: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
         self.jacobian_weight = float(check_number(jacobian_weight, "jacobian_weight", 0))
         self.jacobian_probes = int(check_number(jacobian_probes, "jacobian_probes", 1,
                                                 integer=True))
@@ -178,8 +187,35 @@ class DEQ(PerThreadResults):
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(z0 for the solver, explicit guess with its graph or None)``."""
         if z0 is not None:
-            return check_state(z0, x, self.state_shape, "z0"), None
+            return self._given_state(z0, x), None
         return self._zeros(x), None
+
+    def _given_state(self, z0: object, x: Tensor) -> Tensor:
+        """A ``z0`` passed to :meth:`forward`, checked up front against ``x`` and the state
+        shape: ``state_shape`` when set; otherwise, where ``z0`` is not shaped like ``x`` (the
+        default state), one call ``f(z0, x)`` must accept it and return its shape (checked
+        once per pair of shapes), so a mis-shaped ``z0`` is named here rather than inside
+        the solve."""
+        z0 = check_state(z0, x, self.state_shape, "z0")
+        key = (tuple(z0.shape[1:]), tuple(x.shape[1:]))
+        if self.state_shape is not None or key[0] == key[1] or key in self._fitting_shapes:
+            return z0
+        expected = (x.shape[0], *x.shape[1:])
+        fix = (f"pass z0 of shape {expected} (the default state is shaped like x), or set "
+               f"state_shape=... on the layer if f's state has another shape")
+        try:
+            with torch.no_grad():
+                out = self.f(z0, x)
+        except RuntimeError as exc:
+            raise ValueError(f"z0 has shape {tuple(z0.shape)}, which f(z, x) does not accept "
+                             f"with x of shape {tuple(x.shape)}: {fix}. The error was: "
+                             f"{exc}") from exc
+        if not isinstance(out, Tensor) or out.shape != z0.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"z0 has shape {tuple(z0.shape)} but f(z0, x) returns {got}: "
+                             f"{fix}")
+        self._fitting_shapes.add(key)
+        return z0
 
     # -- forward -------------------------------------------------------------------------
     # Under a whole-model ``torch.compile(model)`` the layer is one graph break: the solver
@@ -210,7 +246,39 @@ class DEQ(PerThreadResults):
                     aux["jacobian"] = self.jacobian_weight * jacobian_frobenius(
                         self.f, z, x, probes=self.jacobian_probes)
         self.stats = stats
+        self._hint_if_failing(stats.forward, solver)
         return z
+
+    def _hint_if_failing(self, forward: SolverStats, solver: ForwardSolver) -> None:
+        """After :data:`HINT_AFTER` forward solves in a row that stopped unconverged (each
+        already warned about), say once per layer what usually helps."""
+        if forward.all_converged or solver.on_nonconvergence != "warn":
+            self._failed_solves = 0
+            return
+        self._failed_solves = getattr(self, "_failed_solves", 0) + 1
+        if self._failed_solves < HINT_AFTER or getattr(self, "_hinted", False):
+            return
+        self._hinted = True
+        options = solver.options
+        if solver.solver == "ode":
+            method = options.get("method", "dopri5")
+            other = ("method='ptc' (one f call per step, steps aimed at the steady state)"
+                     if method != "ptc" else "solver='anderson'")
+            limit = options.get("max_steps", 1000)
+        else:
+            other = ("solver='ode', method='ptc'" if solver.solver != "picard"
+                     else "solver='anderson'")
+            limit = options.get("max_steps", 100)
+        warn(
+            f"{type(self).__name__}: {self._failed_solves} forward solves in a row stopped "
+            f"unconverged (last: {forward.summary()}). What usually helps: keep f contractive "
+            f"(contdeq.spectral_norm_cap(module, cap=...) on the layers acting on z, a cap "
+            f"below 1, lower, e.g. 0.5, where a LayerNorm/GroupNorm follows them, as it "
+            f"amplifies small inputs); another "
+            f"method, {other}; a larger max_steps (now {limit}); or looser atol/rtol for the "
+            f"forward solve. This hint is shown once per layer.",
+            ConvergenceWarning,
+        )
 
     def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
         return None
@@ -309,7 +377,7 @@ class SkipDEQ(_SkipBase):
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``z0 = predictor(x)`` (a given ``z0`` takes precedence and adds no skip term)."""
         if z0 is not None:
-            return check_state(z0, x, self.state_shape, "z0"), None
+            return self._given_state(z0, x), None
         guess = self.predictor(x)
         if not isinstance(guess, Tensor):
             raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
@@ -350,6 +418,6 @@ class SkipRegDEQ(_SkipBase):
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``z0 = f(0, x)`` (a given ``z0`` takes precedence and adds no skip term)."""
         if z0 is not None:
-            return check_state(z0, x, self.state_shape, "z0"), None
+            return self._given_state(z0, x), None
         guess = first_call(self.f, self._zeros(x), x)
         return guess, guess if guess.requires_grad else None

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._warnings import warn
 from .checks import check_number
 
 __all__ = [
@@ -237,11 +237,10 @@ def warn_unstable_normalization(module: nn.Module, owner: str) -> None:
                 for plist in sub.parametrizations.values() for p in plist
             )
         if unstable:
-            warnings.warn(
+            warn(
                 f"{owner}: f uses torch's spectral_norm, which runs a power iteration on every "
                 "call in training mode, so f changes between solver calls and between forward "
                 "and backward; use contdeq.spectral_norm_cap instead",
                 UserWarning,
-                stacklevel=3,
             )
             return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from .._warnings import warn
+
 if TYPE_CHECKING:
     from .stats import SolverStats
 
@@ -41,6 +43,4 @@ def report_nonconvergence(stats: SolverStats, on_nonconvergence: OnNonConvergenc
     message = f"{stats.method} did not converge: {stats.summary()}"
     if on_nonconvergence == "raise":
         raise ConvergenceError(message, stats)
-    import warnings
-
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    warn(message, ConvergenceWarning)

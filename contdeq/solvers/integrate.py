@@ -216,7 +216,7 @@ most 2x, at most ``max_step``).
             ok = (res_new < res).logical_and_(active)
             # One sync: finite, and every active sample's residual shrank (the usual case).
             probe = (res_new + tol_new).masked_fill_(ok.logical_xor(active), math.nan)
-            if math.isfinite(float(probe.sum())):
+            if math.isfinite(float(probe.sum().detach())):  # unrolled: probe carries a graph
                 trials.reset()
                 # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
                 # frozen samples, whose h no longer matters).
@@ -262,7 +262,8 @@ def _ptc_slow_path(
     if bool(rise.logical_and_(ok).any()) and progress.best is None:
         progress.keep_best(z)  # the residual is no longer monotone: keep each sample's best
     if bool((~finite).logical_and_(active).any()):
-        trials.reject(float(h.max()), progress.steps, float(progress.t.max()))  # may raise
+        trials.reject(float(h.detach().max()), progress.steps,
+                      float(progress.t.detach().max()))  # may raise
     else:
         trials.reset()
     factor = torch.where(

@@ -129,3 +129,8 @@ class SolverStats:
         if self.t_final is not None:
             parts.append(f"t_final<={float(self.t_final.max()):.3g}")
         return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        """The :meth:`summary` line: ``print(stats)`` stays short at any batch size (the
+        per-sample tensors are the attributes ``residual``, ``converged``, ...)."""
+        return f"SolverStats({self.summary()})"

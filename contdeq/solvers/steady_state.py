@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
 
+from .._warnings import warn
 from .callback import StepCallback, StepHook, check_callback
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
@@ -250,11 +250,10 @@ def _integrator_tolerances(
             "tolerances at least 10x tighter (the default)"
         )
     if ode_atol > 0.1 * atol or ode_rtol > 0.1 * rtol:
-        warnings.warn(
+        warn(
             f"ode_atol={ode_atol}, ode_rtol={ode_rtol} are less than 10x tighter than the "
             f"steady-state atol={atol}, rtol={rtol}; the solve may chatter near steady state",
             RuntimeWarning,
-            stacklevel=3,
         )
     return ode_atol, ode_rtol
 

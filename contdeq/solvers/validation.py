@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -63,9 +64,23 @@ def finite_where(x: Tensor, mask: Tensor) -> bool:
 
 
 def check_callable(value: object, name: str, signature: str) -> None:
-    """``value`` can be called (``signature`` shows how, for the message)."""
+    """``value`` can be called as ``signature`` shows (``"func(t, z) -> dz/dt"``): it is
+    callable and, where its signature can be read, takes that many positional arguments."""
     if not callable(value):
         raise TypeError(f"{name} must be callable as {signature}, got {type(value).__name__}")
+    params = signature[signature.index("(") + 1:signature.index(")")].split(", ")
+    try:
+        inspect.signature(value).bind(*params)
+    except ValueError:  # no readable signature (a builtin, some C extensions): call and see
+        return
+    except TypeError:
+        takes = f"{getattr(value, '__name__', type(value).__name__)}{inspect.signature(value)}"
+        hint = (f"; wrap a map of the state alone, e.g. {name}=lambda t, z: f(z)"
+                if params == ["t", "z"] else "")
+        count = "1 positional argument" if len(params) == 1 else (
+            f"{len(params)} positional arguments")
+        raise TypeError(f"{name} must be callable as {signature} ({count}: "
+                        f"{', '.join(params)}), but {takes} cannot take them{hint}") from None
 
 
 def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:

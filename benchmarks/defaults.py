@@ -1,0 +1,203 @@
+"""Which forward solver reaches the equilibrium soonest, with no warning, on the cells people
+bring to a DEQ layer, at initialization (a researcher's first hour).
+
+Cells (batch 64, fresh weights, 3 seeds each):
+
+* ``tanh-linear cap``: ``tanh(W z + U x)`` with ``contdeq.spectral_norm_cap(W, 0.9)``, width 128;
+* ``LayerNorm(relu)``: ``LayerNorm(relu(W z + x))``, width 128, torch's default init (the
+  torchdeq-style cell of issue 30), with ``x ~ N(0, 1)`` and with ``x ~ 0.3 N(0, 1)`` (the
+  scale an encoder's output has at initialization; the LayerNorm then amplifies the small
+  ``relu(W z + x)`` and the cell is not contractive);
+* ``GroupNorm conv``: ``GroupNorm(4, 16)(relu(conv3x3(z) + x))`` on 16 x 8 x 8;
+* ``conv tanh``: ``tanh(conv3x3(z) + x)`` on 16 x 8 x 8, torch's default init;
+* ``multi-scale``: ``MultiScaleDEQ(MultiScaleCell([8, 16], 3))`` on 3 x 8 x 8 images.
+
+Each forward configuration runs the layer in eval mode with its own default limits and
+tolerances (``atol = rtol = 1e-4``); a solve that stops unconverged is what warns. Columns:
+seeds converged, median NFE (exact), median of the fastest-of-3 forward times in ms (after a
+warm-up; wall time on a shared machine: compare within a row's cell only).
+
+Run: ``python benchmarks/defaults.py`` (about 4 minutes on 2 cores); writes
+``benchmarks/results/defaults.md`` and ``.json``; docs/performance.md quotes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+from collections.abc import Callable
+
+import torch
+from common import machine_header, time_min, write_results
+from torch import nn
+
+import contdeq
+from contdeq.solvers import ConvergenceWarning
+
+WIDTH, CHANNELS, SIDE, BATCH = 128, 16, 8, 64
+
+#: Forward configurations: name -> (DEQ keyword arguments).
+CONFIGS: dict[str, dict[str, object]] = {
+    "ode dopri5 (default)": {},
+    "ode ptc": {"method": "ptc"},
+    "anderson": {"solver": "anderson"},
+    "broyden": {"solver": "broyden"},
+    "picard": {"solver": "picard"},
+}
+
+
+class TanhLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = contdeq.spectral_norm_cap(nn.Linear(WIDTH, WIDTH), cap=0.9)
+        self.u = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.w(z) + self.u(x))
+
+
+class LayerNormCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(WIDTH, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.relu(self.w(z) + x))
+
+
+class GroupNormConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+        self.norm = nn.GroupNorm(4, CHANNELS)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.relu(self.conv(z) + x))
+
+
+class ConvTanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + x)
+
+
+def _dense(cell: type[nn.Module], scale: float = 1.0
+           ) -> Callable[[dict], tuple[nn.Module, torch.Tensor]]:
+    return lambda kw: (contdeq.DEQ(cell(), **kw), scale * torch.randn(BATCH, WIDTH))
+
+
+def _conv(cell: type[nn.Module]) -> Callable[[dict], tuple[nn.Module, torch.Tensor]]:
+    return lambda kw: (contdeq.DEQ(cell(), **kw), torch.randn(BATCH, CHANNELS, SIDE, SIDE))
+
+
+def _multiscale(kw: dict) -> tuple[nn.Module, torch.Tensor]:
+    cell = contdeq.MultiScaleCell([8, 16], 3)
+    layer = contdeq.MultiScaleDEQ(cell, state_shapes=cell.state_shapes(SIDE, SIDE), **kw)
+    return layer, torch.randn(BATCH, 3, SIDE, SIDE)
+
+
+CELLS: dict[str, Callable[[dict], tuple[nn.Module, torch.Tensor]]] = {
+    "tanh-linear cap": _dense(TanhLinear),
+    "LayerNorm(relu), x ~ N(0, 1)": _dense(LayerNormCell),
+    "LayerNorm(relu), x ~ 0.3 N(0, 1)": _dense(LayerNormCell, 0.3),
+    "GroupNorm conv": _conv(GroupNormConv),
+    "conv tanh": _conv(ConvTanh),
+    "multi-scale": _multiscale,
+}
+
+
+def measure(cell: str, config: str, seed: int, repeats: int) -> dict[str, object]:
+    """One layer, one seed: did its forward warn, its NFE and its forward time."""
+    torch.manual_seed(seed)
+    layer, x = CELLS[cell](dict(CONFIGS[config]))
+    layer.eval()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x)
+        stats = layer.stats.forward
+        warned = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        seconds = time_min(lambda: layer(x), repeats)
+    return {"cell": cell, "config": config, "seed": seed, "converged": stats.all_converged,
+            "warnings": warned, "nfe": stats.nfe, "steps": stats.steps,
+            "max_residual": stats.max_residual, "ms": seconds * 1e3}
+
+
+class CappedLayerNormCell(LayerNormCell):
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        contdeq.spectral_norm_cap(self.w, cap=cap)
+
+
+#: What the layer's hint suggests, tried on the cell no configuration solves (seed 0):
+#: name -> (cell, DEQ keyword arguments).
+REMEDIES: dict[str, tuple[Callable[[], nn.Module], dict[str, object]]] = {
+    "ptc, max_steps=10000": (LayerNormCell, {"method": "ptc", "max_steps": 10000}),
+    "anderson, max_steps=1000": (LayerNormCell, {"solver": "anderson", "max_steps": 1000}),
+    "ptc, spectral_norm_cap(W, 0.9)": (lambda: CappedLayerNormCell(0.9), {"method": "ptc"}),
+    "ptc, spectral_norm_cap(W, 0.5)": (lambda: CappedLayerNormCell(0.5), {"method": "ptc"}),
+}
+
+
+def remedy(name: str) -> dict[str, object]:
+    """One remedy on ``LayerNorm(relu(W z + x))`` with ``x ~ 0.3 N(0, 1)``, seed 0."""
+    make, kw = REMEDIES[name]
+    torch.manual_seed(0)
+    layer = contdeq.DEQ(make(), on_nonconvergence="ignore", **kw).eval()
+    with torch.no_grad():
+        layer(0.3 * torch.randn(BATCH, WIDTH))
+    stats = layer.stats.forward
+    return {"remedy": name, "converged": int(stats.converged.sum()), "batch": BATCH,
+            "nfe": stats.nfe}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: a row per cell, a column per configuration (seeds converged / NFE / ms)."""
+    seeds = len({r["seed"] for r in rows if "seed" in r})
+    head = "| cell | " + " | ".join(CONFIGS) + " |"
+    lines = [head, "|" + "---|" * (len(CONFIGS) + 1)]
+    for cell in CELLS:
+        cells = []
+        for config in CONFIGS:
+            mine = [r for r in rows if r.get("cell") == cell and r["config"] == config]
+            ok = sum(r["converged"] for r in mine)
+            nfe = statistics.median(r["nfe"] for r in mine)
+            ms = statistics.median(r["ms"] for r in mine)
+            cells.append(f"{ok}/{seeds} · {nfe:.0f} · {ms:.1f}")
+        lines.append(f"| {cell} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs (fastest kept)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 timed run")
+    args = parser.parse_args()
+    seeds, repeats = (1, 1) if args.quick else (args.seeds, args.repeats)
+    torch.set_num_threads(1)
+    rows = [measure(cell, config, seed, repeats)
+            for cell in CELLS for config in CONFIGS for seed in range(seeds)]
+    fixes = [remedy(name) for name in REMEDIES]
+    rows += fixes
+    markdown = (
+        "# Forward solvers on the cells people bring, at initialization\n\n"
+        f"`python benchmarks/defaults.py` ({machine_header()}, batch {BATCH}, eval-mode "
+        f"forward, each configuration with its default limits and atol = rtol = 1e-4). "
+        f"Each entry: seeds converged without a warning / median NFE / median of the "
+        f"fastest-of-{repeats} forward times in ms (a shared machine: compare within a "
+        "row).\n\n" + table(rows) + "\n\n"
+        "What the layer's hint suggests, on `LayerNorm(relu), x ~ 0.3 N(0, 1)` (seed 0): "
+        "samples converged / NFE.\n\n| remedy | converged | NFE |\n|---|---|---|\n"
+        + "".join(f"| {r['remedy']} | {r['converged']}/{r['batch']} | {r['nfe']} |\n"
+                  for r in fixes)
+    )
+    write_results("defaults" if not args.quick else "defaults_quick", markdown, rows)
+
+
+if __name__ == "__main__":
+    main()
