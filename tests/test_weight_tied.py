@@ -140,6 +140,26 @@ def test_masks_seeded_distinct_and_at_the_stated_sparsity() -> None:
     assert a.active_parameters() == pytest.approx(81 + 3 - round(0.8 * 81))
 
 
+def test_shared_mask_is_one_mask_at_the_stated_sparsity_applied_every_time() -> None:
+    """``masks="shared"``: every application uses the same mask (exact sparsity, seeded), and
+    the output equals the hand-unrolled cell with that one mask. Catches a shared mask that
+    differs between applications or is never applied."""
+    torch.manual_seed(0)
+    cell = LinearCell(6)
+    layer = contdeq.WeightTied(cell, 5, masks="shared", sparsity=0.5, seed=2)
+    mask = next(layer.masks.buffers())
+    assert mask.shape == (5, 6, 6)
+    for k in range(1, 5):
+        assert torch.equal(mask[k], mask[0])
+    assert int((~mask[0]).sum()) == 18
+    other = contdeq.WeightTied(cell, 5, masks="shared", sparsity=0.5, seed=3)
+    assert not torch.equal(next(other.masks.buffers())[0], mask[0])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _unrolled(cell, x, mask, 5), rtol=0, atol=1e-12)
+    assert (layer(x) - _unrolled(cell, x, None, 5)).abs().max() > 1e-3
+    assert layer.active_parameters() == pytest.approx(36 + 6 - 18)
+
+
 def test_state_dict_round_trip_restores_masks() -> None:
     """A fresh model with another seed (other weights, other masks) loaded from a state_dict
     gives the saved model's masks and outputs. Catches masks kept outside the state_dict (they
@@ -241,7 +261,7 @@ def test_nonfinite_state_raises() -> None:
     ({"depth": 0}, ValueError, "depth must be an int >= 1"),
     ({"depth": 2.0}, ValueError, "depth must be an int >= 1"),
     ({"depth": 2, "masks": "distict", "sparsity": 0.5}, ValueError,
-     "masks must be None or 'distinct'"),
+     "masks must be None, 'distinct' or 'shared'"),
     ({"depth": 2, "masks": "distinct", "sparsity": 1.0}, ValueError, r"sparsity .* \[0, 1\)"),
     ({"depth": 2, "masks": "distinct", "sparsity": -0.1}, ValueError, r"sparsity .* \[0, 1\)"),
     ({"depth": 2, "masks": "distinct", "sparsity": "0.5"}, ValueError, r"sparsity .* \[0, 1\)"),
