@@ -16,7 +16,8 @@ Methods, all with the same input step ``alpha`` (plain projected gradient steps)
   corners stall Anderson);
 * ``jiio-ode``: ``joint_inference(solver="ode", method="implicit_ptc")``: the augmented ODE's
   steady state by backward-Euler pseudo-transient continuation (Newton-Krylov steps whose
-  Jacobian-vector products differentiate ``f`` twice; counted as JVPs, not ``f`` calls).
+  Jacobian-vector products differentiate ``f`` twice; counted as JVPs, not ``f`` calls). A
+  solve that produces NaN/Inf is recorded as such (``NaN/Inf`` in the table).
 
 The joint solves stop on their joint test (``atol = rtol = gtol = 1e-4``) or their step cap;
 the nested loops' DEQ solves run to ``1e-3``, their implicit backward to the default ``1e-4``.
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 import contdeq
 from contdeq.jiio import joint_inference, nested_inference
+from contdeq.solvers import NonFiniteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
@@ -149,14 +151,23 @@ def run(app: Application, method: str) -> dict:
     else:
         ode = method == "jiio-ode"
         options = {"method": "implicit_ptc"} if ode else {}
-        z, x, stats = joint_inference(
-            cell, app.objective, app.x0, app.z0, solver="ode" if ode else app.joint_solver,
-            step_sizes=app.step, project=app.project, atol=1e-4, rtol=1e-4,
-            max_steps=app.joint_steps, on_nonconvergence="ignore", callback=record, **options)
+        try:
+            z, x, stats = joint_inference(
+                cell, app.objective, app.x0, app.z0, solver="ode" if ode else app.joint_solver,
+                step_sizes=app.step, project=app.project, atol=1e-4, rtol=1e-4,
+                max_steps=app.joint_steps, on_nonconvergence="ignore", callback=record,
+                **options)
+        except NonFiniteError:  # recorded as a failure; the finite inputs it reached kept
+            finite = [bool(torch.isfinite(x).all()) for _, _, x in timeline]
+            del timeline[finite.index(False) if False in finite else len(timeline):]
+            x = timeline[-1][2] if timeline else app.x0
+            return {"timeline": timeline, "z": None, "x": x, "failed": True,
+                    "seconds": time.perf_counter() - start, "f_calls": cell.calls,
+                    "vjps": 0, "jvps": 0}
         jvps = stats.solver.jvps or 0
     seconds = time.perf_counter() - start
     return {"timeline": timeline, "z": z, "x": x, "seconds": seconds, "f_calls": cell.calls,
-            "vjps": stats.vjps, "jvps": jvps}
+            "vjps": stats.vjps, "jvps": jvps, "failed": False}
 
 
 def true_objectives(app: Application, xs: list[Tensor]) -> Tensor:
@@ -182,7 +193,8 @@ def summarize(app: Application, method: str, result: dict, target: float) -> dic
     metric, quality = app.quality(z, result["x"])
     label = {"jiio": f"jiio ({app.joint_solver})",
              "jiio-ode": "jiio-ode (implicit_ptc)"}.get(method, method)
-    row = {"application": app.name, "method": label, "key": method, "final_objective": final,
+    row = {"application": app.name, "method": label, "key": method, "failed": result["failed"],
+           "final_objective": final,
            "target": target, "metric": metric, "quality": quality,
            "total_seconds": result["seconds"], "total_f_calls": result["f_calls"],
            "total_vjps": result["vjps"], "total_jvps": result["jvps"],
@@ -288,13 +300,15 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
         for method in METHODS:
             group = [r for r in rows if r["application"] == app and r["key"] == method]
             first = group[0]
+            calls = ", ".join("NaN/Inf" if r["failed"] else fmt(r["f_calls_to_target"], "d")
+                              for r in group)
             lines.append(
                 f"| {app} | {first['method']} | "
                 f"{interval([r['f_calls_ratio_nested-warm'] for r in group])} | "
                 f"{interval([r['seconds_ratio_nested-warm'] for r in group])} | "
                 f"{interval([r['f_calls_ratio_nested-cold'] for r in group])} | "
                 f"{interval([r['seconds_ratio_nested-cold'] for r in group])} | "
-                f"{', '.join(fmt(r['f_calls_to_target'], 'd') for r in group)} | "
+                f"{calls} | "
                 f"{', '.join(str(r['total_jvps']) for r in group)} | "
                 f"{first['final_objective']:.4f} | {first['metric']} {first['quality']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -333,3 +333,22 @@ def test_weight_tied_benchmark_smoke(tmp_path: Path) -> None:
     assert "| WeightTied(16) masks 0.8 |" in md
     assert {c["variant"] for c in result["mask_cost"]} == {
         "no masks", "masked weights materialized (dense)", "sparse kernels (never materialized)"}
+
+
+@pytest.mark.slow
+def test_masks_study_smoke(tmp_path: Path) -> None:
+    """The masks study runs its smoke preset: every row and seed trained, the equal-active row
+    within 5% of the dense row's active entries of f, the masked rows at half the entries, and
+    the table written with the paired comparisons."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import weight_tied
+
+    records = weight_tied.main(["--smoke", "--masks-study", "--out", str(tmp_path)])[
+        "masks_study"]
+    assert len(records) == 2 * len(weight_tied.STUDY_ROWS)
+    active = {r["row"]: r["f_active"] for r in records}
+    assert abs(active["distinct masks, wider"] / active["dense"] - 1) < 0.05
+    assert active["shared mask"] == active["distinct masks"] < 0.51 * active["dense"]
+    md = (tmp_path / "weight_tied_masks_smoke.md").read_text()
+    assert "| distinct masks − shared mask |" in md
