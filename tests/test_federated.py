@@ -382,7 +382,7 @@ def test_example_task_is_non_iid_and_keeps_the_test_set_apart():
     finally:
         sys.path.remove(str(ROOT / "examples"))
     task = example.make_task("digits", 4, alpha=0.3, seed=0)
-    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test]
+    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test, task.x_server]
     everything = torch.cat(rows)
     assert len(everything) == 1797 and len(torch.unique(everything, dim=0)) == len(
         torch.unique(example.load_dataset("digits")[0], dim=0))
