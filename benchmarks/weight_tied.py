@@ -210,7 +210,7 @@ STUDY_ROWS = (("dense", None, 16), ("shared mask", "shared", 16),
               ("distinct masks", "distinct", 16), ("shared mask, wider", "shared", 23),
               ("distinct masks, wider", "distinct", 23))
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"epochs": 10, "seeds": 5, "n_train": None, "n_test": None},
+    "full": {"epochs": 10, "seeds": 3, "n_train": None, "n_test": None},
     "smoke": {"epochs": 1, "seeds": 2, "n_train": 64, "n_test": 32},
 }
 #: Two-sided 95% Student t quantiles by degrees of freedom.
@@ -243,6 +243,7 @@ def mask_study(preset: str = "full", depth: int = 8, sparsity: float = 0.5,
     batch 64, the rows interleaved per seed); write ``weight_tied_masks.{md,json}``; return
     one record per (row, seed) with its final test accuracy and active parameters."""
     spec = STUDY_PRESETS[preset]
+    name = "weight_tied_masks" if preset == "full" else f"weight_tied_masks_{preset}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     records = []
@@ -275,11 +276,12 @@ def mask_study(preset: str = "full", depth: int = 8, sparsity: float = 0.5,
                     "seconds": time.perf_counter() - start, "depth": depth,
                     "sparsity": sparsity if masks else 0.0, "epochs": spec["epochs"],
                     "n_train": len(task.x_train), "n_test": len(task.x_test)})
-                print(f"seed {seed} {label}: {100 * acc:.1f}%")
+                print(f"seed {seed} {label}: {100 * acc:.1f}%", flush=True)
+            # written after every seed, so an interrupted run keeps what it measured
+            write_results(name, study_markdown(records), records,  # type: ignore[arg-type]
+                          out=out)
     finally:
         torch.set_num_threads(threads)
-    name = "weight_tied_masks" if preset == "full" else f"weight_tied_masks_{preset}"
-    write_results(name, study_markdown(records), records, out=out)  # type: ignore[arg-type]
     return records
 
 
