@@ -98,8 +98,7 @@ def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> 
                              num_rounds=args.rounds, x_test=task.x_test, y_test=task.y_test,
                              gamma=0.0 if fusion == "fedavg" else args.gamma, score=score,
                              epochs=args.epochs, history=history)
-    params = sum(v.numel() for k, v in run.final_state.items()
-                 if not k.endswith(("_u", "_v", "sigma")) and v.is_floating_point())
+    params = sum(p.numel() for p in model_fn().parameters())
     row = {"config": name, "dataset": dataset, "seed": seed, "model": model, "fusion": fusion,
            "weak_clients": weak, "clients": args.clients, "alpha": args.alpha,
            "engine": args.engine, "parameters": params, "model_bytes": run.model_bytes,

@@ -189,16 +189,20 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
 def server_scores(model_fn: Callable[[], Any], x_val: Any, y_val: Any
                   ) -> Callable[[Mapping[str, np.ndarray]], float]:
     """A scorer for :func:`fusion_weights`' ``scores``: loads a client's parameters into
-    ``model_fn()`` (the server's model, with the server's solver settings) and returns its
+    ``model_fn()`` (the server's model, with the server's solver settings; built at the first
+    score, so that creating the scorer does not draw from torch's generator) and returns its
     accuracy on the server-held ``x_val`` ``(N, ...)`` / ``y_val`` ``(N,)``."""
     import torch
 
     from .local import evaluate_classifier
 
-    model = model_fn()
+    models: list[Any] = []
 
     def score(state: Mapping[str, np.ndarray]) -> float:
-        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
-        return evaluate_classifier(model, x_val, y_val)[0]
+        if not models:
+            models.append(model_fn())
+        models[0].load_state_dict({k: torch.as_tensor(np.asarray(v))
+                                   for k, v in state.items()})
+        return evaluate_classifier(models[0], x_val, y_val)[0]
 
     return score
