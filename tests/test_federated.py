@@ -241,6 +241,7 @@ def _digits_shards(clients: int, per_client: int) -> tuple[list[LocalData], torc
     return shards, x[1400:], y[1400:]
 
 
+@pytest.mark.slow
 def test_run_in_process_learns_and_fuses_by_the_rule():
     """Two clients, 2 rounds, no Flower: the global model learns, the weights are the rule
     applied to the reports (gamma 0: n_k / sum n_j), the server's score is used when given
