@@ -1,22 +1,30 @@
-"""Federated DEQs on Flower: rounds and bytes to a target accuracy, weighted fusion vs FedAvg,
-DEQ vs an explicit network, mixed vs all-strong clients.
+"""Federated DEQs: weighted fusion (scored by the server, or from the clients' reports) vs
+FedAvg with really weak clients, DEQ vs an explicit network of equal parameter count.
 
-Every configuration is one run of ``contdeq.federated.run_federated`` (Flower's simulation
-engine) on the same non-IID shards (``examples/federated_digits.py``: Dirichlet split, weak
-clients with 4 solver steps at tolerance 0.1, strong ones with 60 steps at 1e-3):
+Every configuration is one run per seed on the same non-IID shards of a seed
+(``examples/federated_digits.py``: Dirichlet split; weak clients' forward solves get 2 steps
+at tolerance 0.1, strong ones 60 steps at 1e-3; the server holds a validation half of the
+held-out data, the other half is the test set):
 
-* ``deq weighted mixed``: the DEQ, quality-weighted fusion, half the clients weak;
-* ``deq fedavg mixed``: the same with Flower's FedAvg;
-* ``mlp fedavg``: an explicit three-layer network (more parameters; solver budgets do not
-  apply) with FedAvg;
-* ``deq weighted strong`` / ``deq fedavg strong``: the DEQ with every client strong.
+* ``deq server-scored mixed``: the DEQ, quality-weighted fusion with each client model's
+  accuracy on the server's validation set (under the server's solver) as the quality; half
+  the clients weak;
+* ``deq reported mixed``: the same rule on the accuracies the clients report (measured by
+  each client under its own budget, on its own validation split);
+* ``deq fedavg mixed``: FedAvg;
+* ``deq fedavg strong``: FedAvg with every client strong (the reference the weak clients
+  pull away from);
+* ``mlp fedavg``: an explicit network with two hidden layers and as many parameters as the
+  DEQ model (solver budgets do not apply), FedAvg.
 
-After every round the server evaluates the global model on a held-out test set; bytes are the
-parameter records carried both ways (``FederatedRun.bytes_sent``). Configurations run in turn
-for each seed (one shared machine: the figures are accuracy and bytes, not times).
+``--engine inprocess`` (default) runs the rounds with
+:func:`contdeq.federated.run_in_process` (the same clients and fusion as the Flower run, in
+one process: seconds per run instead of minutes of Ray start-up); ``--engine flower`` on
+Flower's simulation engine. After every round the server evaluates the global model on its
+test set. Intervals: 95% Student t over seeds; differences paired by seed.
 
-Usage: ``python benchmarks/federated.py [--datasets digits procedural] [--seeds 0 1]
-[--rounds 12] [--append]``; writes ``benchmarks/results/federated.{md,json,png}``.
+Usage: ``python benchmarks/federated.py [--datasets digits] [--seeds 0 1 2 3 4]
+[--rounds 10] [--engine inprocess]``; writes ``benchmarks/results/federated.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -34,60 +42,74 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from flwr.serverapp.strategy import FedAvg
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from common import RESULTS, add_device_argument, machine_header, write_results
-from federated_digits import budgets, make_task, model_factory
+from federated_digits import budgets, make_strategy, make_task, model_factory
 
-from contdeq.federated import QualityWeightedFedAvg, run_federated
+from contdeq.federated import run_federated, run_in_process, server_scores
 
 #: name -> (model, strategy, clients weak out of --clients: "mixed" = half, "strong" = none)
 CONFIGS = {
-    "deq weighted mixed": ("deq", "weighted", "mixed"),
+    "deq server-scored mixed": ("deq", "server", "mixed"),
+    "deq reported mixed": ("deq", "reported", "mixed"),
     "deq fedavg mixed": ("deq", "fedavg", "mixed"),
-    "mlp fedavg": ("mlp", "fedavg", "mixed"),
-    "deq weighted strong": ("deq", "weighted", "strong"),
     "deq fedavg strong": ("deq", "fedavg", "strong"),
+    "mlp fedavg": ("mlp", "fedavg", "mixed"),
 }
+#: Two-sided 95% Student t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 9: 2.262}
 #: Target test accuracy per dataset (procedural: no model reaches 0.6 in 12 rounds here).
 TARGETS = {"digits": 0.85, "procedural": 0.3}
+
+
+def mean_ci(values: list[float]) -> str:
+    """``mean ± half-width`` of the 95% t-interval over seeds."""
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return f"{mean:.3f}"
+    half = T95.get(n - 1, 2.0) * float(np.std(values, ddof=1)) / n ** 0.5
+    return f"{mean:.3f} ± {half:.3f}"
 
 
 def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> dict:
     """One federated run; the row of the JSON output."""
     model, fusion, mix = CONFIGS[name]
     task = make_task(dataset, args.clients, args.alpha, seed)
-    options = {"fraction_evaluate": 0.0, "min_train_nodes": args.clients,
-               "min_available_nodes": args.clients}
-    strategy = (QualityWeightedFedAvg(gamma=args.gamma, **options) if fusion == "weighted"
-                else FedAvg(**options))
     weak = args.clients // 2 if mix == "mixed" else 0
+    model_fn = model_factory(model, task, seed)
     start = time.perf_counter()
-    run = run_federated(model_factory(model, task, seed), task.shards,
-                        budgets(args.clients, weak), strategy, num_rounds=args.rounds,
-                        x_test=task.x_test, y_test=task.y_test, epochs=args.epochs,
-                        num_cpus=args.cpus)
-    params = sum(v.numel() for v in run.final_state.values())
+    history: list = []
+    if args.engine == "flower":
+        options = {"fraction_evaluate": 0.0, "min_train_nodes": args.clients,
+                   "min_available_nodes": args.clients}
+        strategy = make_strategy(fusion, args.gamma, model_fn, task, **options)
+        run = run_federated(model_fn, task.shards, budgets(args.clients, weak), strategy,
+                            num_rounds=args.rounds, x_test=task.x_test, y_test=task.y_test,
+                            epochs=args.epochs, num_cpus=args.cpus)
+        history = [{"weights": r.weights, "reports": r.reports}
+                   for r in getattr(strategy, "history", [])]
+    else:
+        score = (server_scores(model_fn, task.x_server, task.y_server) if fusion == "server"
+                 else None)
+        run = run_in_process(model_fn, task.shards, budgets(args.clients, weak),
+                             num_rounds=args.rounds, x_test=task.x_test, y_test=task.y_test,
+                             gamma=0.0 if fusion == "fedavg" else args.gamma, score=score,
+                             epochs=args.epochs, history=history)
+    params = sum(p.numel() for p in model_fn().parameters())
     row = {"config": name, "dataset": dataset, "seed": seed, "model": model, "fusion": fusion,
-           "weak_clients": weak, "clients": args.clients, "alpha": args.alpha, "parameters": params,
-           "model_bytes": run.model_bytes, "accuracy": run.accuracy,
-           "residual": run.residual, "bytes_sent": run.bytes_sent,
-           "wall_s": time.perf_counter() - start}
-    if fusion == "weighted":
-        row["weights"] = [r.weights.tolist() for r in strategy.history]
-        row["weak_weight_share"] = [_weak_share(r) for r in strategy.history]
+           "weak_clients": weak, "clients": args.clients, "alpha": args.alpha,
+           "engine": args.engine, "parameters": params, "model_bytes": run.model_bytes,
+           "accuracy": run.accuracy, "residual": run.residual, "bytes_sent": run.bytes_sent,
+           "wall_s": time.perf_counter() - start,
+           "weights": [np.asarray(h["weights"]).tolist() for h in history],
+           "weak_weight_share": [float(np.sum(np.asarray(h["weights"])[:weak]))
+                                 for h in history]}
     print(f"{dataset} seed {seed} {name}: final accuracy {run.accuracy[-1]:.3f}, "
           f"{row['wall_s']:.0f} s", flush=True)
     return row
-
-
-def _weak_share(record: object) -> float:
-    """Total fusion weight of the weak clients: those whose validation solves end with a mean
-    residual above 1e-2 (ten times the strong clients' tolerance)."""
-    return float(sum(w for w, r in zip(record.weights, record.reports, strict=True)
-                     if r.residual > 1e-2))
 
 
 def _example_share(row: dict) -> float:
@@ -108,50 +130,55 @@ def to_reach(row: dict, target: float) -> tuple[int | None, int | None]:
 
 def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namespace) -> str:
     """The Markdown table: per dataset and configuration, over the seeds."""
+    engines = sorted({r.get("engine", "flower") for r in rows})
     lines = [
-        "# Federated DEQs on Flower (benchmarks/federated.py)",
+        "# Federated DEQs (benchmarks/federated.py)",
         "",
-        f"{machine_header()}; Flower simulation engine (Ray, {args.cpus} CPUs, one per "
-        f"client); {args.clients} clients, Dirichlet alpha = {args.alpha}, {args.rounds} "
-        f"rounds of {args.epochs} local epoch(s); one run per seed and row (seeds under each "
-        "heading); machine shared with other jobs. 'mixed': half the clients weak (4 solver "
-        "steps, tol 0.1), the rest strong (60 steps, tol 1e-3). Rounds/MB to target: first "
-        "round whose global test accuracy reaches the target (median over seeds; '-' = not "
-        "reached by every seed, with how many did). MB: parameters sent, server to clients "
-        "and back. Final "
-        "accuracy: mean (min, max) over seeds. Weak clients' share of examples = their "
-        "FedAvg weight; their fusion weight under the weighted rule is the mean over rounds "
-        "and seeds.",
+        f"{machine_header()}; engine {', '.join(engines)}; {args.clients} clients, Dirichlet "
+        f"alpha = {args.alpha}, {args.rounds} rounds of {args.epochs} local epoch(s); one run "
+        "per seed and row; machine shared with other jobs (the figures are accuracies and "
+        "weights, not times). 'mixed': half the clients weak (2 solver steps, tol 0.1), the "
+        "rest strong (60 steps, tol 1e-3). Final accuracy: the global model on the server's "
+        "test set after the last round, mean ± 95% t-interval over seeds; differences paired "
+        "by seed. Weak clients' share of examples = their FedAvg weight; their fusion weight "
+        "is the mean over rounds and seeds.",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         target = targets[dataset]
         seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
-        lines += [f"## {dataset} (target accuracy {target}; seeds {seeds})", "",
-                  "| configuration | values in state_dict | KB per model | final accuracy | "
-                  "rounds to target | MB to target | weak clients: share of examples | "
-                  "weak clients: fusion weight |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {dataset} (seeds {seeds}; target accuracy {target})", "",
+                  "| configuration | parameters | final accuracy | rounds to target (median) | "
+                  "weak clients: share of examples | weak clients: fusion weight |",
+                  "|---|---|---|---|---|---|"]
+        final: dict[str, dict[int, float]] = {}
         for name in CONFIGS:
             group = [r for r in rows if r["dataset"] == dataset and r["config"] == name]
             if not group:
                 continue
-            reached = [to_reach(r, target) for r in group]
-            final = [r["accuracy"][-1] for r in group]
-            hits = sum(rounds is not None for rounds, _ in reached)
-            if hits == len(reached):
-                rounds = f"{np.median([x for x, _ in reached]):.1f}"
-                mb = f"{np.median([b for _, b in reached]) / 1e6:.2f}"
-            else:
-                rounds, mb = f"- ({hits}/{len(reached)} seeds)", "-"
-            weak = group[0]["weak_clients"] if group[0]["model"] == "deq" else 0  # no solver
+            final[name] = {r["seed"]: r["accuracy"][-1] for r in group}
+            reached = [to_reach(r, target)[0] for r in group]
+            hits = sum(x is not None for x in reached)
+            rounds = (f"{np.median(reached):.1f}" if hits == len(reached)
+                      else f"- ({hits}/{len(reached)} seeds)")
+            weak = group[0]["weak_clients"] if group[0]["model"] == "deq" else 0
             examples = "-" if not weak else f"{np.mean([_example_share(r) for r in group]):.2f}"
-            share = ("-" if "weak_weight_share" not in group[0] or not weak
-                     else f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
-            lines.append(
-                f"| {name} | {group[0]['parameters']} | {group[0]['model_bytes'] / 1e3:.1f} | "
-                f"{np.mean(final):.3f} (min {min(final):.3f}, max {max(final):.3f}) | "
-                f"{rounds} | {mb} | {examples} | {share} |")
+            share = ("-" if not weak or not group[0].get("weak_weight_share") else
+                     f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
+            lines.append(f"| {name} | {group[0]['parameters']} | "
+                         f"{mean_ci(list(final[name].values()))} | {rounds} | {examples} | "
+                         f"{share} |")
+        lines += ["", "| paired difference in final accuracy | mean ± 95% CI |", "|---|---|"]
+        for a, b in (("deq server-scored mixed", "deq fedavg mixed"),
+                     ("deq reported mixed", "deq fedavg mixed"),
+                     ("deq server-scored mixed", "deq reported mixed"),
+                     ("deq fedavg strong", "deq fedavg mixed"),
+                     ("deq fedavg mixed", "mlp fedavg"),
+                     ("deq server-scored mixed", "mlp fedavg")):
+            if a in final and b in final:
+                common = sorted(set(final[a]) & set(final[b]))
+                lines.append(f"| {a} − {b} | "
+                             f"{mean_ci([final[a][k] - final[b][k] for k in common])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -181,10 +208,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits", "procedural"])
+    parser.add_argument("--datasets", nargs="+", default=["digits"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=1)

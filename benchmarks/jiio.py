@@ -1,5 +1,5 @@
-"""JIIO benchmark: joint inference (discrete and continuous) against the naive nested loop and
-unrolled differentiation, on the four applications of ``examples/jiio_tasks.py``.
+"""JIIO benchmark: joint inference (discrete and continuous) against the nested loop, cold-
+and warm-started, on the four applications of ``examples/jiio_tasks.py``, over seeds.
 
 Applications (scikit-learn digits): reconstructing held-out images with a generative DEQ
 decoder trained by latent optimization, denoising (sigma 0.3) and inpainting (a hidden 4x4
@@ -7,25 +7,29 @@ square) with that decoder, and an L∞ attack (eps 0.1, box [0, 1]) on a DEQ cla
 
 Methods, all with the same input step ``alpha`` (plain projected gradient steps):
 
-* ``naive``: ``nested_inference``: each step an Anderson DEQ solve + implicit backward;
-* ``unrolled``: the same loop, each step a Picard solve backpropagated through its iterations;
+* ``nested-cold``: ``nested_inference``: each step an Anderson DEQ solve from ``z0`` + an
+  implicit backward;
+* ``nested-warm``: the same loop, each solve started from the previous step's ``z*`` (as the
+  original code carries ``z`` across steps): the baseline;
 * ``jiio``: ``joint_inference`` on the augmented state, by Anderson (its defaults here: memory
-  20, damping 0.5) for the latent
-  tasks and by Picard for the attack (the projection's corners stall Anderson);
-* ``jiio-ode``: ``joint_inference(solver="ode")``, the augmented ODE's steady state (bosh3). Its
-  ``alpha`` is a time scale: for the latent tasks 0.1 (with the loop's 0.5 the input flow
-  outpaces the adjoint and the ODE oscillates), for the attack the loop's.
+  20, damping 0.5) for the latent tasks and by Picard for the attack (the projection's
+  corners stall Anderson);
+* ``jiio-ode``: ``joint_inference(solver="ode", method="implicit_ptc")``: the augmented ODE's
+  steady state by backward-Euler pseudo-transient continuation (Newton-Krylov steps whose
+  Jacobian-vector products differentiate ``f`` twice; counted as JVPs, not ``f`` calls). A
+  solve that produces NaN/Inf is recorded as such (``NaN/Inf`` in the table).
 
-The joint solves run to ``atol = rtol = 1e-4`` (or their step cap); the nested loops' DEQ
-solves to ``1e-3``, their implicit backward to the default ``1e-4``.
+The joint solves stop on their joint test (``atol = rtol = gtol = 1e-4``) or their step cap;
+the nested loops' DEQ solves run to ``1e-3``, their implicit backward to the default ``1e-4``.
 
-The target is the naive loop's final objective; reported per method: wall time and ``f``
-calls until the objective at its current input reaches the target (the objective of each
-recorded input is measured afterwards, untimed, with a converged DEQ solve), the speed-up over
-the naive loop, and the final quality (MSE, PSNR, robust accuracy). Methods and applications
-are interleaved, every run repeated ``--repeats`` times; times are the fastest repeat.
+Per seed (a different batch of held-out images and corruption; the models are trained once,
+seed 0), the target is the higher of the two nested loops' final objectives; reported per
+method: wall time and ``f`` calls until the objective at its current input reaches the target (the
+objective of each recorded input is measured afterwards, untimed, with a converged DEQ
+solve), the ratios over the warm and the cold loop (mean and 95% t-interval over seeds), and
+the final quality (MSE, PSNR, robust accuracy).
 
-Usage: ``python benchmarks/jiio.py [--quick] [--repeats 2] [--out benchmarks/results]``.
+Usage: ``python benchmarks/jiio.py [--quick] [--seeds 3] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torch import Tensor, nn
 
 import contdeq
 from contdeq.jiio import joint_inference, nested_inference
+from contdeq.solvers import NonFiniteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
@@ -60,9 +65,9 @@ from jiio_tasks import (
     train_decoder,
 )
 
-METHODS = ("naive", "unrolled", "jiio", "jiio-ode")
-#: The input step of the continuous variant on the latent tasks (see above).
-LATENT_ODE_STEP = 0.1
+METHODS = ("nested-cold", "nested-warm", "jiio", "jiio-ode")
+#: Two-sided 95% Student t quantiles by degrees of freedom (for the intervals over seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 9: 2.262}
 
 
 class Counted(nn.Module):
@@ -92,14 +97,13 @@ class Application:
     naive_steps: int
     joint_steps: int
     joint_solver: str
-    ode_step: float
     quality: object  # (z, x) -> (name, value)
     objective_on: object  # (x_batch (S*B, ...)) -> objective builder for tiled targets
 
 
 def latent_application(name: str, decoder: Decoder, clean: Tensor, steps: int,
-                       joint_steps: int) -> Application:
-    observed, mask = corrupt(clean, name) if name != "reconstruct" else (clean, None)
+                       joint_steps: int, seed: int) -> Application:
+    observed, mask = corrupt(clean, name, seed) if name != "reconstruct" else (clean, None)
     x0, z0 = decoder.starts(len(clean))
 
     def quality(z: Tensor, x: Tensor) -> tuple[str, float]:
@@ -113,8 +117,8 @@ def latent_application(name: str, decoder: Decoder, clean: Tensor, steps: int,
         return decoder.objective(observed.repeat(repeats, 1), tiled_mask)
 
     return Application(name, decoder.cell, decoder.objective(observed, mask), x0, z0,
-                       LATENT_STEP, None, steps, joint_steps, "anderson", LATENT_ODE_STEP,
-                       quality, objective_on)
+                       LATENT_STEP, None, steps, joint_steps, "anderson", quality,
+                       objective_on)
 
 
 def attack_application(model: Classifier, images: Tensor, labels: Tensor, eps: float,
@@ -124,8 +128,7 @@ def attack_application(model: Classifier, images: Tensor, labels: Tensor, eps: f
 
     return Application("adversarial", model.cell, model.attack_objective(labels), images,
                        torch.zeros(len(images), model.width), ATTACK_STEP,
-                       threat(images, eps), steps, joint_steps, ATTACK_SOLVER, ATTACK_STEP,
-                       quality,
+                       threat(images, eps), steps, joint_steps, ATTACK_SOLVER, quality,
                        lambda repeats: model.attack_objective(labels.repeat(repeats)))
 
 
@@ -139,27 +142,32 @@ def run(app: Application, method: str) -> dict:
         timeline.append((time.perf_counter() - start, cell.calls, x.clone()))
 
     tol = {"atol": TOLERANCE, "rtol": TOLERANCE}
-    vjps = 0
-    if method in ("naive", "unrolled"):
-        solver = (contdeq.ForwardSolver("anderson", **tol) if method == "naive" else
-                  contdeq.ForwardSolver("picard", **tol, max_steps=200))
+    jvps = 0
+    if method.startswith("nested"):
         z, x, stats = nested_inference(
             cell, app.objective, app.x0, app.z0, steps=app.naive_steps, step_size=app.step,
-            project=app.project, solver=solver,
-            backward="implicit" if method == "naive" else "unrolled", callback=record)
-        vjps = stats.vjps
+            project=app.project, solver=contdeq.ForwardSolver("anderson", **tol),
+            warm_start=method == "nested-warm", callback=record)
     else:
         ode = method == "jiio-ode"
-        options = {"method": "bosh3"} if ode else {}
-        z, x, stats = joint_inference(
-            cell, app.objective, app.x0, app.z0, solver="ode" if ode else app.joint_solver,
-            step_sizes=app.ode_step if ode else app.step, project=app.project, atol=1e-4,
-            rtol=1e-4, max_steps=app.joint_steps, on_nonconvergence="ignore", callback=record,
-            **options)
-        vjps = stats.vjps
+        options = {"method": "implicit_ptc"} if ode else {}
+        try:
+            z, x, stats = joint_inference(
+                cell, app.objective, app.x0, app.z0, solver="ode" if ode else app.joint_solver,
+                step_sizes=app.step, project=app.project, atol=1e-4, rtol=1e-4,
+                max_steps=app.joint_steps, on_nonconvergence="ignore", callback=record,
+                **options)
+        except NonFiniteError:  # recorded as a failure; the finite inputs it reached kept
+            finite = [bool(torch.isfinite(x).all()) for _, _, x in timeline]
+            del timeline[finite.index(False) if False in finite else len(timeline):]
+            x = timeline[-1][2] if timeline else app.x0
+            return {"timeline": timeline, "z": None, "x": x, "failed": True,
+                    "seconds": time.perf_counter() - start, "f_calls": cell.calls,
+                    "vjps": 0, "jvps": 0}
+        jvps = stats.solver.jvps or 0
     seconds = time.perf_counter() - start
     return {"timeline": timeline, "z": z, "x": x, "seconds": seconds, "f_calls": cell.calls,
-            "vjps": vjps}
+            "vjps": stats.vjps, "jvps": jvps, "failed": False}
 
 
 def true_objectives(app: Application, xs: list[Tensor]) -> Tensor:
@@ -184,11 +192,13 @@ def summarize(app: Application, method: str, result: dict, target: float) -> dic
         final = float(app.objective(z, result["x"]).mean())
     metric, quality = app.quality(z, result["x"])
     label = {"jiio": f"jiio ({app.joint_solver})",
-             "jiio-ode": f"jiio-ode (bosh3, alpha {app.ode_step:g})"}.get(method, method)
-    row = {"application": app.name, "method": label, "final_objective": final,
+             "jiio-ode": "jiio-ode (implicit_ptc)"}.get(method, method)
+    row = {"application": app.name, "method": label, "key": method, "failed": result["failed"],
+           "final_objective": final,
            "target": target, "metric": metric, "quality": quality,
            "total_seconds": result["seconds"], "total_f_calls": result["f_calls"],
-           "total_vjps": result["vjps"], "seconds_to_target": None, "f_calls_to_target": None,
+           "total_vjps": result["vjps"], "total_jvps": result["jvps"],
+           "seconds_to_target": None, "f_calls_to_target": None,
            "curve": [(t, float(v)) for (t, _, _), v in zip(result["timeline"], values,
                                                            strict=True)]}
     if len(reached):
@@ -201,7 +211,7 @@ def summarize(app: Application, method: str, result: dict, target: float) -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run (tests)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     add_device_argument(parser)
     args = parser.parse_args(argv)
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {args.device}: not supported here; the decoder, classifier and "
                      "their training come from the examples' task module "
                      "(examples/jiio_tasks.py), which build their tensors on the CPU")
+    if not 1 <= args.seeds <= 10:
+        parser.error(f"--seeds must be in 1..10, got {args.seeds}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     quiet = (lambda message: None) if args.quick else print
@@ -222,59 +234,83 @@ def main(argv: list[str] | None = None) -> None:
                      adversary=None, eps=0.1, log=quiet)
     decoder.requires_grad_(False)
     model.requires_grad_(False)
-    apps = [latent_application(name, decoder, x_test[:batch], latent_steps, joint_steps)
-            for name in ("reconstruct", "denoise", "inpaint")]
-    apps.append(attack_application(model, x_test[:batch], y_test[:batch], 0.1, attack_steps,
-                                   joint_steps))
-    results: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(args.repeats):
-        for app in apps:
-            for method in METHODS:
-                results.setdefault((app.name, method), []).append(run(app, method))
     rows = []
-    for app in apps:
-        naive = results[(app.name, "naive")][0]
-        with torch.no_grad():
-            target = float(true_objectives(app, [naive["x"]])[0])
-        for method in METHODS:
-            runs = [summarize(app, method, r, target) for r in results[(app.name, method)]]
-            row = min(runs, key=lambda r: r["seconds_to_target"] or float("inf"))
-            row["repeats"] = len(runs)
-            rows.append(row)
-    for app in apps:
-        base = next(r for r in rows if r["application"] == app.name and r["method"] == "naive")
-        for row in (r for r in rows if r["application"] == app.name):
-            t = row["seconds_to_target"]
-            row["speedup"] = None if t is None else base["seconds_to_target"] / t
-            row["f_call_ratio"] = (None if row["f_calls_to_target"] is None else
-                                   base["f_calls_to_target"] / row["f_calls_to_target"])
+    for seed in range(args.seeds):
+        part = slice(seed * batch, (seed + 1) * batch)
+        apps = [latent_application(name, decoder, x_test[part], latent_steps, joint_steps, seed)
+                for name in ("reconstruct", "denoise", "inpaint")]
+        apps.append(attack_application(model, x_test[part], y_test[part], 0.1, attack_steps,
+                                       joint_steps))
+        for app in apps:
+            results = {method: run(app, method) for method in METHODS}
+            quiet(f"seed {seed} {app.name}: done")
+            with torch.no_grad():  # the looser of the two loops' final objectives
+                target = float(true_objectives(
+                    app, [results[m]["x"] for m in ("nested-warm", "nested-cold")]).max())
+            seed_rows = [summarize(app, method, results[method], target) for method in METHODS]
+            for row in seed_rows:
+                row["seed"] = seed
+                for base in ("nested-warm", "nested-cold"):
+                    ref = next(r for r in seed_rows if r["key"] == base)
+                    for what in ("seconds", "f_calls"):
+                        mine, theirs = row[f"{what}_to_target"], ref[f"{what}_to_target"]
+                        row[f"{what}_ratio_{base}"] = (None if mine is None or theirs is None
+                                                       else theirs / mine)
+            rows.extend(seed_rows)
     write_results("jiio_quick" if args.quick else "jiio", to_markdown(rows, args),
                   [{k: v for k, v in r.items() if k != "curve"} for r in rows], args.out)
-    plot(rows, args.out / ("jiio_quick.png" if args.quick else "jiio.png"))
+    plot([r for r in rows if r["seed"] == 0],
+         args.out / ("jiio_quick.png" if args.quick else "jiio.png"))
+
+
+def interval(values: list[float | None]) -> str:
+    """``mean ± half-width`` of a 95% t-interval over seeds; ``not reached (k/n)`` if some
+    seed never reached the target."""
+    missing = sum(v is None for v in values)
+    if missing:
+        return f"not reached ({missing}/{len(values)})"
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return f"{mean:.1f}x"
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return f"{mean:.1f}x ± {T95.get(n - 1, 2.0) * sd / n ** 0.5:.1f}"
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
     def fmt(value: object, spec: str, unit: str = "") -> str:
         return "not reached" if value is None else format(value, spec) + unit
 
+    seeds = sorted({r["seed"] for r in rows})
     lines = [
-        "# JIIO against the nested loop and unrolled differentiation",
+        "# JIIO against the nested loop (cold- and warm-started)",
         "",
-        f"{machine_header()}; fastest of {args.repeats} interleaved repeats, on a machine "
-        "shared with other jobs (noisy). Target: the naive loop's final objective. Time and f "
-        "calls are until the objective at the method's current input reaches the target.",
+        f"{machine_header()}; {len(seeds)} seeds (each a different batch of held-out images "
+        "and corruption; one run each), on a machine shared with other jobs (times noisy; f "
+        "calls exact). Target: the higher of the two nested loops' final objectives. Ratios: "
+        "the loop's time or f calls to the target over the method's, mean ± 95% t-interval "
+        "half-width over seeds.",
         "",
-        "| application | method | s to target | f calls to target | speed-up (time) | "
-        "f-call ratio | final objective | quality | total s | total f calls | total VJPs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| application | method | f-call ratio vs warm | time ratio vs warm | "
+        "f-call ratio vs cold | time ratio vs cold | f calls to target (per seed) | "
+        "JVPs (per seed) | final objective (seed 0) | quality (seed 0) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['application']} | {r['method']} | {fmt(r['seconds_to_target'], '.3f')} | "
-            f"{fmt(r['f_calls_to_target'], 'd')} | {fmt(r['speedup'], '.1f', 'x')} | "
-            f"{fmt(r['f_call_ratio'], '.1f', 'x')} | {r['final_objective']:.4f} | "
-            f"{r['metric']} {r['quality']:.4f} | {r['total_seconds']:.2f} | "
-            f"{r['total_f_calls']} | {r['total_vjps']} |")
+    for app in dict.fromkeys(r["application"] for r in rows):
+        for method in METHODS:
+            group = [r for r in rows if r["application"] == app and r["key"] == method]
+            first = group[0]
+            calls = ", ".join("NaN/Inf" if r["failed"] else fmt(r["f_calls_to_target"], "d")
+                              for r in group)
+            lines.append(
+                f"| {app} | {first['method']} | "
+                f"{interval([r['f_calls_ratio_nested-warm'] for r in group])} | "
+                f"{interval([r['seconds_ratio_nested-warm'] for r in group])} | "
+                f"{interval([r['f_calls_ratio_nested-cold'] for r in group])} | "
+                f"{interval([r['seconds_ratio_nested-cold'] for r in group])} | "
+                f"{calls} | "
+                f"{', '.join(str(r['total_jvps']) for r in group)} | "
+                f"{first['final_objective']:.4f} | {first['metric']} {first['quality']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

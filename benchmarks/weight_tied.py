@@ -18,8 +18,13 @@ Outputs ``benchmarks/results/weight_tied.md`` / ``.json`` and figures ``weight_t
 (accuracy against depth), ``weight_tied_sparsity.png`` (accuracy against sparsity) and
 ``weight_tied_target.png`` (time to target).
 
+``--masks-study`` runs only the study of the masks (:func:`mask_study`): dense, one shared
+mask and distinct masks, at equal width (16 channels) and at equal active parameters (masked
+rows widened to 23 channels), on ``digits-conv``, over seeds with 95% intervals:
+``benchmarks/results/weight_tied_masks.{md,json}``.
+
 Usage: ``python benchmarks/weight_tied.py [--quick | --smoke] [--tasks ...] [--epochs N]
-[--seeds 0 1] [--out DIR]``.
+[--seeds 0 1] [--out DIR] [--masks-study]``.
 """
 
 from __future__ import annotations
@@ -194,6 +199,128 @@ def _step_times(kind: str, module: nn.Module, x: Tensor, depth: int, sparsity: f
             if rnd:
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+# -- the masks study: dense / shared / distinct at equal width and equal active parameters --
+#: The study's rows: ``(label, masks, channels)``. At 16 channels all three keep ``f``'s
+#: shape (equal width: the masks just remove weights); at 23 channels a mask of sparsity 0.5
+#: leaves ``f`` with 2,403 active entries per application, the dense 16-channel ``f``'s 2,320
+#: within 4% (equal active parameters).
+STUDY_ROWS = (("dense", None, 16), ("shared mask", "shared", 16),
+              ("distinct masks", "distinct", 16), ("shared mask, wider", "shared", 23),
+              ("distinct masks, wider", "distinct", 23))
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"epochs": 10, "seeds": 3, "n_train": None, "n_test": None},
+    "smoke": {"epochs": 1, "seeds": 2, "n_train": 64, "n_test": 32},
+}
+#: Two-sided 95% Student t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """``(mean, half-width of the 95% t-interval)`` over seeds (``nan`` for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, T95.get(n - 1, 2.0) * sd / n ** 0.5
+
+
+def _study_model(masks: str | None, channels: int, depth: int, sparsity: float, seed: int,
+                 n_train: int | None, n_test: int | None) -> tuple[nn.Module, Any]:
+    task = load_task("digits-conv", channels, n_train, n_test)
+    torch.manual_seed(seed)
+    options = {"masks": masks, "sparsity": sparsity} if masks else {}
+    layer = contdeq.WeightTied(task.f(), depth, seed=seed, **options)
+    return nn.Sequential(task.encoder(), layer, task.head()), task
+
+
+def mask_study(preset: str = "full", depth: int = 8, sparsity: float = 0.5,
+               out: Path = RESULTS) -> list[dict[str, Any]]:
+    """Train every row of :data:`STUDY_ROWS` on ``digits-conv`` for each seed (Adam, lr 2e-3,
+    batch 64, the rows interleaved per seed); write ``weight_tied_masks.{md,json}``; return
+    one record per (row, seed) with its final test accuracy and active parameters."""
+    spec = STUDY_PRESETS[preset]
+    name = "weight_tied_masks" if preset == "full" else f"weight_tied_masks_{preset}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    records = []
+    try:
+        for seed in range(spec["seeds"]):
+            for label, masks, channels in STUDY_ROWS:
+                model, task = _study_model(masks, channels, depth, sparsity, seed,
+                                           spec["n_train"], spec["n_test"])
+                layer = model[1]
+                optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+                gen = torch.Generator().manual_seed(seed)
+                start = time.perf_counter()
+                for _ in range(spec["epochs"]):
+                    model.train()
+                    order = torch.randperm(len(task.x_train), generator=gen)
+                    for idx in order.split(64):
+                        loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                model.eval()
+                with torch.no_grad():
+                    acc = float((model(task.x_test).argmax(1) == task.y_test).float().mean())
+                f_params = sum(p.numel() for p in layer.f.parameters())
+                records.append({
+                    "row": label, "masks": masks, "channels": channels, "seed": seed,
+                    "accuracy": 100 * acc, "f_params": f_params,
+                    "f_active": layer.active_parameters(),
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "seconds": time.perf_counter() - start, "depth": depth,
+                    "sparsity": sparsity if masks else 0.0, "epochs": spec["epochs"],
+                    "n_train": len(task.x_train), "n_test": len(task.x_test)})
+                print(f"seed {seed} {label}: {100 * acc:.1f}%", flush=True)
+            # written after every seed, so an interrupted run keeps what it measured
+            write_results(name, study_markdown(records), records,  # type: ignore[arg-type]
+                          out=out)
+    finally:
+        torch.set_num_threads(threads)
+    return records
+
+
+def study_markdown(records: list[dict[str, Any]]) -> str:
+    """The table of the study: per row, mean accuracy ± 95% CI over seeds, and the paired
+    differences (same seed) against the dense row and between distinct and shared masks."""
+    r0 = records[0]
+    seeds = sorted({r["seed"] for r in records})
+    by = {(r["row"], r["seed"]): r["accuracy"] for r in records}
+    lines = [
+        f"## Weight-tied masks on digits-conv ({machine_header()})", "",
+        f"* depth {r0['depth']}, sparsity {max(r['sparsity'] for r in records):g} for the "
+        "masked rows, "
+        f"{r0['epochs']} epochs, Adam lr 2e-3, batch 64, {r0['n_train']} train / "
+        f"{r0['n_test']} test images, {len(seeds)} seeds (one run each; a seed fixes the "
+        "initial weights, the masks and the batch order).",
+        "* f active: the entries of f's parameters one application uses; params: the whole "
+        "model (encoder + f + head; the head grows with the channels).",
+        "* Intervals: 95% Student t over seeds; differences are paired by seed.", "",
+        "| row | channels | f params | f active | params | accuracy % (mean ± 95% CI) | "
+        "− dense (paired) |",
+        "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, _, channels in STUDY_ROWS:
+        rows = [r for r in records if r["row"] == label]
+        if not rows:
+            continue
+        mean, half = mean_ci([r["accuracy"] for r in rows])
+        diff = mean_ci([by[(label, s)] - by[("dense", s)] for s in seeds])
+        lines.append(f"| {label} | {channels} | {rows[0]['f_params']} | "
+                     f"{rows[0]['f_active']:.0f} | {rows[0]['params']} | {mean:.2f} ± "
+                     f"{half:.2f} | {diff[0]:+.2f} ± {diff[1]:.2f} |")
+    lines += ["", "Paired differences between the mask kinds (same seed, same channels):", "",
+              "| comparison | accuracy difference, points (mean ± 95% CI) |", "|---|---:|"]
+    for a, b in (("distinct masks", "shared mask"),
+                 ("distinct masks, wider", "shared mask, wider"),
+                 ("distinct masks, wider", "dense"), ("shared mask, wider", "dense")):
+        mean, half = mean_ci([by[(a, s)] - by[(b, s)] for s in seeds])
+        lines.append(f"| {a} − {b} | {mean:+.2f} ± {half:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -376,7 +503,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="interleaved rounds of the mask-cost measurement")
     add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--masks-study", action="store_true",
+                        help="only the study of dense / shared / distinct masks at equal width "
+                             "and equal active parameters (weight_tied_masks.md)")
     args = parser.parse_args(argv)
+    if args.masks_study:
+        return {"masks_study": mask_study("smoke" if args.smoke else "full", out=args.out)}
     preset = "quick" if args.quick else "smoke" if args.smoke else "full"
     return run(preset, tuple(args.tasks), args.epochs,
                None if args.seeds is None else tuple(args.seeds), args.out, args.device,

@@ -7,12 +7,15 @@ One command (needs the ``federated`` extra, ``pip install -e '.[federated,exampl
 The data (scikit-learn's digits, or ``contdeq.data.procedural_images``) is split among the
 clients by a Dirichlet(``--alpha``) draw of each class's proportions (non-IID shards); each
 client keeps 20 % of its shard for validation. ``--weak`` of the clients are *weak* devices:
-their forward solves get 4 steps and tolerance 0.1 (``SolverBudget(max_steps=4, tol=0.1)``);
+their forward solves get 2 steps and tolerance 0.1 (``SolverBudget(max_steps=2, tol=0.1)``);
 the others are *strong* (60 steps, tolerance 1e-3). All train the same model,
 ``Linear -> DEQ(tanh(W z + x), ||W|| <= 0.9) -> Linear``, on Flower's simulation engine (Ray),
-and the server fuses their models with the quality-weighted rule (``--strategy weighted``,
-default) or plain FedAvg (``--strategy fedavg``); ``--model mlp`` swaps in an explicit
-three-layer network. The global model's test accuracy is printed after every round.
+and the server fuses their models with the quality-weighted rule scored on a validation set
+the server holds (``--strategy server``, default: half of the held-out data; the other half
+is the test set), the rule on the clients' own reported accuracies (``--strategy reported``)
+or plain FedAvg (``--strategy fedavg``); ``--model mlp`` swaps in an explicit two-hidden-layer
+network with as many parameters as the DEQ model. The global model's test accuracy is printed
+after every round.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from contdeq.federated import (
     SolverBudget,
     dirichlet_split,
     run_federated,
+    server_scores,
 )
 
 #: Solver budgets of the two kinds of device.
-WEAK = SolverBudget(max_steps=4, tol=1e-1)
+WEAK = SolverBudget(max_steps=2, tol=1e-1)
 STRONG = SolverBudget(max_steps=60, tol=1e-3)
 DATASETS = ("digits", "procedural")
+#: Fusion: quality weights scored by the server, or from the clients' reports; FedAvg.
+STRATEGIES = ("server", "reported", "fedavg")
 MODELS = ("deq", "mlp")
 
 
@@ -61,11 +67,16 @@ def deq_classifier(features: int, classes: int, width: int = 48) -> nn.Module:
                          nn.Linear(width, classes))
 
 
-def mlp_classifier(features: int, classes: int, width: int = 128) -> nn.Module:
-    """``(B, features)`` -> ``(B, classes)`` logits through an explicit three-layer network."""
+def mlp_classifier(features: int, classes: int, width: int | None = None) -> nn.Module:
+    """``(B, features)`` -> ``(B, classes)`` logits through an explicit network with two
+    hidden layers; ``width`` default: the one whose parameter count is closest to
+    :func:`deq_classifier`'s."""
+    if width is None:
+        target = sum(p.numel() for p in deq_classifier(features, classes).parameters())
+        width = min(range(1, 512), key=lambda w: abs(
+            (features + 1) * w + (w + 1) * w + (w + 1) * classes - target))
     return nn.Sequential(nn.Linear(features, width), nn.Tanh(), nn.Linear(width, width),
-                         nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, classes))
+                         nn.Tanh(), nn.Linear(width, classes))
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ class Task:
     y_test: Tensor
     features: int
     classes: int
+    x_server: Tensor
+    y_server: Tensor
 
 
 def load_dataset(name: str, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -93,9 +106,10 @@ def load_dataset(name: str, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 def make_task(dataset: str, clients: int, alpha: float, seed: int = 0,
               test_fraction: float = 0.2, val_fraction: float = 0.2) -> Task:
-    """Shuffle ``dataset``, hold out ``test_fraction`` for the server, split the rest among
-    ``clients`` by :func:`~contdeq.federated.dirichlet_split` and keep ``val_fraction`` of
-    each shard for the client's validation."""
+    """Shuffle ``dataset``, hold out ``test_fraction`` for the server (half its validation
+    set ``x_server``, half the test set), split the rest among ``clients`` by
+    :func:`~contdeq.federated.dirichlet_split` and keep ``val_fraction`` of each shard for the
+    client's validation."""
     x, y = load_dataset(dataset, seed)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
@@ -108,7 +122,9 @@ def make_task(dataset: str, clients: int, alpha: float, seed: int = 0,
         n_val = max(2, int(val_fraction * len(index)))
         shards.append(LocalData(x[index[n_val:]], y[index[n_val:]],
                                 x[index[:n_val]], y[index[:n_val]]))
-    return Task(shards, x_test, y_test, x.shape[1], int(y.max()) + 1)
+    half = n_test // 2
+    return Task(shards, x_test[half:], y_test[half:], x.shape[1], int(y.max()) + 1,
+                x_test[:half], y_test[:half])
 
 
 def model_factory(model: str, task: Task, seed: int) -> Callable[[], nn.Module]:
@@ -117,6 +133,17 @@ def model_factory(model: str, task: Task, seed: int) -> Callable[[], nn.Module]:
     build = deq_classifier if model == "deq" else mlp_classifier
     torch.manual_seed(seed)
     return lambda: build(task.features, task.classes)
+
+
+def make_strategy(name: str, gamma: float, model_fn: Callable[[], nn.Module], task: Task,
+                  **options: object) -> FedAvg:
+    """The server's strategy: ``"server"`` (quality weights scored by the server on its
+    validation set), ``"reported"`` (weights from the clients' reported accuracies) or
+    ``"fedavg"``."""
+    if name == "fedavg":
+        return FedAvg(**options)
+    score = server_scores(model_fn, task.x_server, task.y_server) if name == "server" else None
+    return QualityWeightedFedAvg(gamma=gamma, score=score, **options)
 
 
 def budgets(clients: int, weak: int) -> list[SolverBudget]:
@@ -128,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
     parser.add_argument("--model", choices=MODELS, default="deq")
-    parser.add_argument("--strategy", choices=("weighted", "fedavg"), default="weighted")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="server")
     parser.add_argument("--gamma", type=float, default=1.0,
                         help="accuracy exponent of the weighted fusion rule")
     parser.add_argument("--clients", type=int, default=6)
@@ -151,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     task = make_task(args.dataset, args.clients, args.alpha, args.seed)
     options = {"fraction_evaluate": 0.0, "min_train_nodes": args.clients,
                "min_available_nodes": args.clients}
-    strategy = (QualityWeightedFedAvg(gamma=args.gamma, **options)
-                if args.strategy == "weighted" else FedAvg(**options))
-    run = run_federated(model_factory(args.model, task, args.seed), task.shards,
+    model_fn = model_factory(args.model, task, args.seed)
+    strategy = make_strategy(args.strategy, args.gamma, model_fn, task, **options)
+    run = run_federated(model_fn, task.shards,
                         budgets(args.clients, args.weak), strategy, num_rounds=args.rounds,
                         x_test=task.x_test, y_test=task.y_test, epochs=args.epochs,
                         num_cpus=args.cpus)

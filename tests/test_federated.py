@@ -217,6 +217,68 @@ def test_contdeq_does_not_import_flower_and_names_the_extra_without_it():
     assert "contdeq[federated]" in out.stdout
 
 
+def test_scores_replace_the_reported_accuracy_and_bad_scores_exclude():
+    reports = [report(10, 1.0), report(10, 1.0), report(20, 0.2)]
+    fw = fusion_weights(reports, gamma=1.0, scores=[0.2, 0.6, 0.1])
+    np.testing.assert_allclose(fw.weights, np.array([2.0, 6.0, 2.0]) / 10.0)
+    fw = fusion_weights(reports, gamma=1.0, scores=[0.5, math.nan, 1.5])
+    assert set(fw.excluded) == {1, 2} and fw.weights[0] == 1.0
+    with pytest.raises(ValueError, match="one value per report"):
+        fusion_weights(reports, scores=[0.5])
+
+
+def _digits_shards(clients: int, per_client: int) -> tuple[list[LocalData], torch.Tensor,
+                                                           torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    n, v = per_client, per_client // 4
+    shards = [LocalData(x[i * (n + v):i * (n + v) + n], y[i * (n + v):i * (n + v) + n],
+                        x[i * (n + v) + n:(i + 1) * (n + v)], y[i * (n + v) + n:(i + 1) * (n + v)])
+              for i in range(clients)]
+    return shards, x[1400:], y[1400:]
+
+
+@pytest.mark.slow
+def test_run_in_process_learns_and_fuses_by_the_rule():
+    """Two clients, 2 rounds, no Flower: the global model learns, the weights are the rule
+    applied to the reports (gamma 0: n_k / sum n_j), the server's score is used when given
+    (a client with shuffled labels scores near chance and gets less weight), bytes count
+    both ways."""
+    from contdeq.federated import run_in_process, server_scores
+
+    shards, x_test, y_test = _digits_shards(2, 160)
+    bad = shards[1]
+    shards[1] = LocalData(bad.x_train, bad.y_train[torch.randperm(len(bad.y_train),
+                                                     generator=torch.Generator().manual_seed(0))],
+                          bad.x_val, bad.y_val)
+    budgets = [SolverBudget(max_steps=30, tol=1e-3)] * 2
+
+    def model_fn() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 16),
+                             contdeq.DEQ(Cell(16), atol=1e-3, rtol=1e-3, max_steps=30,
+                                         on_nonconvergence="ignore"), nn.Linear(16, 10))
+
+    torch.manual_seed(0)
+    history: list[dict] = []
+    run = run_in_process(model_fn, shards[:1], budgets[:1], num_rounds=2, x_test=x_test,
+                         y_test=y_test, epochs=2, lr=0.02, history=history)
+    assert run.accuracy[2] > run.accuracy[0] + 0.2
+    assert run.bytes_sent == [0, 2 * run.model_bytes, 4 * run.model_bytes]
+    assert history[0]["weights"].tolist() == [1.0]
+    torch.manual_seed(0)
+    history = []
+    run_in_process(model_fn, shards, budgets, num_rounds=1, x_test=x_test, y_test=y_test,
+                   epochs=2, lr=0.02, gamma=1.0,
+                   score=server_scores(model_fn, x_test[:100], y_test[:100]),
+                   history=history)
+    scores, weights = history[0]["scores"], history[0]["weights"]
+    assert scores[0] > scores[1] + 0.1 and weights[0] > weights[1]
+    np.testing.assert_allclose(weights, np.array(scores) / sum(scores))
+
+
 # -- the Flower strategy (no engine) and a run on the simulation engine ----------------------
 
 def _reply(node: int, state: dict[str, np.ndarray], rep: ClientReport) -> object:
@@ -249,6 +311,20 @@ def test_strategy_excludes_nan_parameters_and_fuses_the_rest():
     record = strategy.history[0]
     assert list(record.excluded) == [12] and "NaN" in record.excluded[12]
     assert metrics["clients-fused"] == 2 and metrics["clients-excluded"] == 1
+
+
+def test_strategy_weights_by_the_servers_scores_not_the_reports():
+    """With ``score``, the quality is what the server measures on each client's parameters:
+    a client reporting accuracy 1.0 whose parameters score 0.1 gets the small weight."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    from contdeq.federated import QualityWeightedFedAvg
+
+    states = [{"w": np.array([1.0])}, {"w": np.array([3.0])}]
+    replies = [_reply(1, states[0], report(10, 1.0)), _reply(2, states[1], report(10, 0.5))]
+    strategy = QualityWeightedFedAvg(gamma=1.0, score=lambda s: 0.1 if s["w"][0] < 2 else 0.9)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [0.1 * 1.0 + 0.9 * 3.0])
+    assert strategy.history[0].scores == [0.1, 0.9]
 
 
 def test_federated_run_on_the_simulation_engine(tmp_path):
@@ -307,7 +383,7 @@ def test_example_task_is_non_iid_and_keeps_the_test_set_apart():
     finally:
         sys.path.remove(str(ROOT / "examples"))
     task = example.make_task("digits", 4, alpha=0.3, seed=0)
-    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test]
+    rows = [torch.cat([s.x_train, s.x_val]) for s in task.shards] + [task.x_test, task.x_server]
     everything = torch.cat(rows)
     assert len(everything) == 1797 and len(torch.unique(everything, dim=0)) == len(
         torch.unique(example.load_dataset("digits")[0], dim=0))

@@ -140,6 +140,26 @@ def test_masks_seeded_distinct_and_at_the_stated_sparsity() -> None:
     assert a.active_parameters() == pytest.approx(81 + 3 - round(0.8 * 81))
 
 
+def test_shared_mask_is_one_mask_at_the_stated_sparsity_applied_every_time() -> None:
+    """``masks="shared"``: every application uses the same mask (exact sparsity, seeded), and
+    the output equals the hand-unrolled cell with that one mask. Catches a shared mask that
+    differs between applications or is never applied."""
+    torch.manual_seed(0)
+    cell = LinearCell(6)
+    layer = contdeq.WeightTied(cell, 5, masks="shared", sparsity=0.5, seed=2)
+    mask = next(layer.masks.buffers())
+    assert mask.shape == (5, 6, 6)
+    for k in range(1, 5):
+        assert torch.equal(mask[k], mask[0])
+    assert int((~mask[0]).sum()) == 18
+    other = contdeq.WeightTied(cell, 5, masks="shared", sparsity=0.5, seed=3)
+    assert not torch.equal(next(other.masks.buffers())[0], mask[0])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _unrolled(cell, x, mask, 5), rtol=0, atol=1e-12)
+    assert (layer(x) - _unrolled(cell, x, None, 5)).abs().max() > 1e-3
+    assert layer.active_parameters() == pytest.approx(36 + 6 - 18)
+
+
 def test_state_dict_round_trip_restores_masks() -> None:
     """A fresh model with another seed (other weights, other masks) loaded from a state_dict
     gives the saved model's masks and outputs. Catches masks kept outside the state_dict (they
@@ -241,7 +261,7 @@ def test_nonfinite_state_raises() -> None:
     ({"depth": 0}, ValueError, "depth must be an int >= 1"),
     ({"depth": 2.0}, ValueError, "depth must be an int >= 1"),
     ({"depth": 2, "masks": "distict", "sparsity": 0.5}, ValueError,
-     "masks must be None or 'distinct'"),
+     "masks must be None, 'distinct' or 'shared'"),
     ({"depth": 2, "masks": "distinct", "sparsity": 1.0}, ValueError, r"sparsity .* \[0, 1\)"),
     ({"depth": 2, "masks": "distinct", "sparsity": -0.1}, ValueError, r"sparsity .* \[0, 1\)"),
     ({"depth": 2, "masks": "distinct", "sparsity": "0.5"}, ValueError, r"sparsity .* \[0, 1\)"),
@@ -313,3 +333,22 @@ def test_weight_tied_benchmark_smoke(tmp_path: Path) -> None:
     assert "| WeightTied(16) masks 0.8 |" in md
     assert {c["variant"] for c in result["mask_cost"]} == {
         "no masks", "masked weights materialized (dense)", "sparse kernels (never materialized)"}
+
+
+@pytest.mark.slow
+def test_masks_study_smoke(tmp_path: Path) -> None:
+    """The masks study runs its smoke preset: every row and seed trained, the equal-active row
+    within 5% of the dense row's active entries of f, the masked rows at half the entries, and
+    the table written with the paired comparisons."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import weight_tied
+
+    records = weight_tied.main(["--smoke", "--masks-study", "--out", str(tmp_path)])[
+        "masks_study"]
+    assert len(records) == 2 * len(weight_tied.STUDY_ROWS)
+    active = {r["row"]: r["f_active"] for r in records}
+    assert abs(active["distinct masks, wider"] / active["dense"] - 1) < 0.05
+    assert active["shared mask"] == active["distinct masks"] < 0.51 * active["dense"]
+    md = (tmp_path / "weight_tied_masks_smoke.md").read_text()
+    assert "| distinct masks − shared mask |" in md

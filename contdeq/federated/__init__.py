@@ -8,8 +8,10 @@ run the *same* model with different solver budgets. This package gives
   Flower ``ClientApp`` of :func:`make_client_app`;
 * the server side: :class:`QualityWeightedFedAvg`, Flower's FedAvg with the quality-weighted
   fusion rule of :func:`fusion_weights` (which excludes diverged/NaN clients);
-* :func:`run_federated` on Flower's simulation engine, and :func:`dirichlet_split` for
-  non-IID shards.
+* :func:`run_federated` on Flower's simulation engine, :func:`run_in_process` (the same
+  clients and fusion in one process, no Flower: for many seeds), :func:`server_scores` (a
+  quality signal the server measures itself) and :func:`dirichlet_split` for non-IID
+  shards.
 
 The pure parts (fusion rule, budgets, local training, splits) import without Flower; the
 Flower parts need the ``federated`` extra (``pip install 'contdeq[federated]'``) and raise an
@@ -21,16 +23,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .fusion import ClientReport, FusionWeights, fuse_arrays, fusion_weights
+from .fusion import ClientReport, FusionWeights, fuse_arrays, fusion_weights, server_scores
 from .local import LocalData, SolverBudget, apply_budget, evaluate_classifier, train_local
 from .partition import dirichlet_split
+from .rounds import FederatedRun, run_in_process
 
 #: Names that need Flower, by the submodule defining them (imported on first access).
 _FLOWER_NAMES = {
     "make_client_app": "client",
     "FusionRecord": "strategy",
     "QualityWeightedFedAvg": "strategy",
-    "FederatedRun": "simulation",
     "run_federated": "simulation",
 }
 
@@ -49,6 +51,8 @@ __all__ = [
     "fusion_weights",
     "make_client_app",
     "run_federated",
+    "run_in_process",
+    "server_scores",
     "train_local",
 ]
 

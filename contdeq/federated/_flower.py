@@ -17,7 +17,8 @@ try:
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg, Result
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-    from flwr.simulation import run_simulation
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 except ModuleNotFoundError as error:  # pragma: no cover - CI installs the extra
     if not (error.name or "").startswith("flwr"):
         raise
@@ -40,5 +41,23 @@ __all__ = [
     "Result",
     "ServerApp",
     "aggregate_metricrecords",
-    "run_simulation",
+    "simulate",
 ]
+
+
+def simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int,
+             backend_config: dict) -> None:
+    """Run ``server_app`` against ``num_supernodes`` simulated nodes of ``client_app`` on
+    Flower's simulation runtime (Ray), in this process.
+
+    Flower 1.42 deprecates the Python entry point ``flwr.simulation.run_simulation`` in favour
+    of ``flwr run`` (a packaged app launched from the CLI, which cannot receive this process's
+    data and model closures). Both end in the same runtime, ``_run_simulation`` (what
+    ``flwr run``'s simulation process calls); this enters it directly, without the wrapper
+    whose only other work is the deprecation notice and a telemetry event. It is a private
+    function: the ``federated`` extra pins ``flwr==1.42.0``, and
+    ``tests/test_federated.py`` runs a simulation through it.
+    """
+    _run_simulation(num_supernodes=num_supernodes,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, backend_config=backend_config)

@@ -7,7 +7,12 @@ replies of a round. For client ``k`` with ``n_k`` training examples and validati
     w_k = n_k * a_k**gamma / sum_j n_j * a_j**gamma        (sum over the included clients j)
 
 ``gamma = 0`` is FedAvg (weights proportional to ``n_k``); larger ``gamma`` shifts weight to
-the clients whose models are better. A client is *excluded* (weight 0, with a reason) when it
+the clients whose models are better. ``a_k`` is the client's own report by default; a client
+that trains with a small solver budget measures its model under that budget, on its own
+few validation samples, and can report as high an accuracy as a strong client. ``scores``
+replaces it with what the server measures itself (e.g. each client model's accuracy on a
+server-held validation set, under the server's solver: ``server_scores``), a signal the
+clients cannot inflate. A client is *excluded* (weight 0, with a reason) when it
 reports a diverged solve, a non-finite or out-of-range metric, no examples, or non-finite
 parameters; it is never averaged in.
 """
@@ -15,14 +20,15 @@ parameters; it is never averaged in.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..nn.checks import check_number
 
-__all__ = ["ClientReport", "FusionWeights", "fuse_arrays", "fusion_weights"]
+__all__ = ["ClientReport", "FusionWeights", "fuse_arrays", "fusion_weights", "server_scores"]
 
 #: Metric keys a client reports with its update (the first is Flower's FedAvg weighting key).
 NUM_EXAMPLES = "num-examples"
@@ -104,7 +110,8 @@ class FusionWeights:
 
 
 def fusion_weights(reports: Sequence[ClientReport], gamma: float = 1.0,
-                   rejected: Mapping[int, str] | None = None) -> FusionWeights:
+                   rejected: Mapping[int, str] | None = None,
+                   scores: Sequence[float] | None = None) -> FusionWeights:
     """Weights of the quality-weighted fusion rule (module docstring) for one round.
 
     Args:
@@ -112,6 +119,9 @@ def fusion_weights(reports: Sequence[ClientReport], gamma: float = 1.0,
         gamma: exponent of the accuracy in the quality factor ``a_k**gamma``; ``>= 0``.
         rejected: client index -> reason, for clients the caller already found unusable
             (e.g. NaN/Inf parameters, an unreadable reply); they are excluded too.
+        scores: ``(K,)`` quality in ``[0, 1]`` measured by the server, used instead of the
+            reported accuracies (``None``: the reports'); a non-finite or out-of-range score
+            excludes its client.
 
     Returns:
         :class:`FusionWeights` with ``weights`` ``(K,)``. All zero when every client is
@@ -122,8 +132,13 @@ def fusion_weights(reports: Sequence[ClientReport], gamma: float = 1.0,
     if any(not 0 <= k < len(reports) for k in excluded):
         raise ValueError(f"rejected must map client indices in [0, {len(reports)}) to reasons, "
                          f"got {sorted(excluded)}")
+    if scores is not None and len(scores) != len(reports):
+        raise ValueError(f"scores must have one value per report ({len(reports)}), got "
+                         f"{len(scores)}")
     for k, report in enumerate(reports):
         reason = report.problem()
+        if reason is None and scores is not None and not 0.0 <= scores[k] <= 1.0:
+            reason = f"server score must be in [0, 1], got {scores[k]}"
         if reason is not None and k not in excluded:
             excluded[k] = reason
     weights = np.zeros(len(reports))
@@ -131,7 +146,8 @@ def fusion_weights(reports: Sequence[ClientReport], gamma: float = 1.0,
     if not included:
         return FusionWeights(weights, excluded)
     counts = np.array([reports[k].num_examples for k in included], dtype=np.float64)
-    quality = np.array([reports[k].accuracy for k in included], dtype=np.float64) ** gamma
+    source = [r.accuracy for r in reports] if scores is None else list(scores)
+    quality = np.array([source[k] for k in included], dtype=np.float64) ** gamma
     raw = counts * quality
     fallback = not raw.sum() > 0
     if fallback:
@@ -168,3 +184,25 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
         total = sum(weights[k] * np.asarray(states[k][name], dtype=np.float64) for k in used)
         fused[name] = np.asarray(total).astype(np.asarray(states[used[0]][name]).dtype)
     return fused
+
+
+def server_scores(model_fn: Callable[[], Any], x_val: Any, y_val: Any
+                  ) -> Callable[[Mapping[str, np.ndarray]], float]:
+    """A scorer for :func:`fusion_weights`' ``scores``: loads a client's parameters into
+    ``model_fn()`` (the server's model, with the server's solver settings; built at the first
+    score, so that creating the scorer does not draw from torch's generator) and returns its
+    accuracy on the server-held ``x_val`` ``(N, ...)`` / ``y_val`` ``(N,)``."""
+    import torch
+
+    from .local import evaluate_classifier
+
+    models: list[Any] = []
+
+    def score(state: Mapping[str, np.ndarray]) -> float:
+        if not models:
+            models.append(model_fn())
+        models[0].load_state_dict({k: torch.as_tensor(np.asarray(v))
+                                   for k, v in state.items()})
+        return evaluate_classifier(models[0], x_val, y_val)[0]
+
+    return score

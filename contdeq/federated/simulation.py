@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -19,35 +18,15 @@ from ._flower import (
     Message,
     MetricRecord,
     ServerApp,
-    run_simulation,
+    simulate,
 )
 from .client import make_client_app
 from .local import LocalData, SolverBudget, evaluate_classifier
+from .rounds import FederatedRun
 
 __all__ = ["FederatedRun", "run_federated"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FederatedRun:
-    """What :func:`run_federated` measured, one entry per round (round 0 = initial model).
-
-    Attributes:
-        accuracy: test accuracy of the global model after each round.
-        residual: its mean forward residual on the test set (0 without equilibrium layers).
-        converged: fraction of test samples whose forward solve met its tolerance.
-        bytes_sent: cumulative bytes of model parameters sent, server to clients and back.
-        model_bytes: bytes of one copy of the model's parameters (as serialized by Flower).
-        final_state: the final global parameters as a torch ``state_dict``.
-    """
-
-    accuracy: list[float] = field(default_factory=list)
-    residual: list[float] = field(default_factory=list)
-    converged: list[float] = field(default_factory=list)
-    bytes_sent: list[int] = field(default_factory=list)
-    model_bytes: int = 0
-    final_state: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _CountingGrid:
@@ -134,8 +113,7 @@ def run_federated(model_fn: Callable[[], nn.Module], shards: Sequence[LocalData]
         "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False,
                       "logging_level": logging.ERROR, "log_to_driver": False},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(shards),
-                   backend_config=backend_config)
+    simulate(server_app, client_app, len(shards), backend_config)
     if len(run.accuracy) != num_rounds + 1:
         raise RuntimeError(f"the simulation ended after {len(run.accuracy) - 1} of {num_rounds} "
                            "rounds; see Flower's log above")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ class FusionRecord:
         excluded: node id -> why that client was left out of this round's fusion.
         failures: node id -> error of the clients whose reply was a failure (dropped out,
             crashed); they are not in ``node_ids``.
+        scores: ``(K,)`` the server's scores of the clients' models (``score`` given), or
+            ``None``.
     """
 
     server_round: int
@@ -40,6 +43,7 @@ class FusionRecord:
     weights: np.ndarray
     excluded: dict[int, str]
     failures: dict[int, str]
+    scores: list[float] | None = None
 
 
 class QualityWeightedFedAvg(FedAvg):
@@ -54,6 +58,10 @@ class QualityWeightedFedAvg(FedAvg):
     Args:
         gamma: exponent of the accuracy in the quality factor (``0`` gives FedAvg's weights,
             still with the exclusions).
+        score: ``score(state) -> [0, 1]`` measured by the server on each client's parameters
+            (name -> array), used as the quality instead of the client's reported accuracy;
+            e.g. :func:`~contdeq.federated.server_scores` (accuracy on a server-held
+            validation set). ``None`` (default): the reports'.
         **fedavg_options: options of ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
             ``min_train_nodes``, ``min_available_nodes``, ...).
 
@@ -61,9 +69,15 @@ class QualityWeightedFedAvg(FedAvg):
         history: one :class:`FusionRecord` per aggregated round.
     """
 
-    def __init__(self, gamma: float = 1.0, **fedavg_options: object) -> None:
+    def __init__(self, gamma: float = 1.0,
+                 score: Callable[[Mapping[str, np.ndarray]], float] | None = None,
+                 **fedavg_options: object) -> None:
         super().__init__(**fedavg_options)  # type: ignore[arg-type]
         self.gamma = float(check_number(gamma, "gamma", 0, finite=True))
+        if score is not None and not callable(score):
+            raise TypeError(f"score must be None or callable as score(state) -> float, got "
+                            f"{type(score).__name__}")
+        self.score = score
         self.history: list[FusionRecord] = []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -91,10 +105,14 @@ class QualityWeightedFedAvg(FedAvg):
             if not all(np.isfinite(a).all() for a in states[k].values()
                        if np.issubdtype(a.dtype, np.number)):
                 rejected[k] = "its parameters contain NaN/Inf"
-        fusion = fusion_weights(reports, self.gamma, rejected)
+        scores = None
+        if self.score is not None:
+            scores = [math.nan if k in rejected else float(self.score(state))
+                      for k, state in enumerate(states)]
+        fusion = fusion_weights(reports, self.gamma, rejected, scores)
         record = FusionRecord(server_round, node_ids, reports, fusion.weights,
                               {node_ids[k]: why for k, why in sorted(fusion.excluded.items())},
-                              failures)
+                              failures, scores)
         self.history.append(record)
         for node, why in {**failures, **record.excluded}.items():
             logger.warning("round %d: client node %d excluded from fusion: %s", server_round,

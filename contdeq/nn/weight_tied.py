@@ -6,7 +6,8 @@ solver and no implicit gradient, just ``z_{k+1} = f(z_k, x)`` for ``k = 0 .. dep
 autograd recording every application. With ``masks="distinct"`` application ``k`` uses its own
 fixed random binary mask ``M_k`` on every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` weight of ``f``
 (``W -> W * M_k``), the paper's distinct sparse masks: the iterations share one set of weights
-but each uses a different sparse subset of it.
+but each uses a different sparse subset of it. ``masks="shared"`` is the control: one mask
+``M`` at every application (a sparser weight-tied model, nothing distinct).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["MASKABLE_MODULES", "MultiScaleWeightTied", "WeightTied"]
 #: :func:`~contdeq.spectral_norm_cap`). Biases and normalization layers are never masked.
 MASKABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-_MASK_KINDS = ("distinct",)
+_MASK_KINDS = ("distinct", "shared")
 
 
 class _Masks(nn.Module):
@@ -101,9 +102,11 @@ class WeightTied(PerThreadResults):
     Args:
         f: ``nn.Module`` called as ``f(z, x)``, returning a tensor shaped like ``z``.
         depth: number of applications of ``f`` (>= 1).
-        masks: ``None`` (default: every application uses the full weights) or ``"distinct"``.
+        masks: ``None`` (default: every application uses the full weights), ``"distinct"``
+            or ``"shared"`` (one mask drawn once, used by every application: the control that
+            removes as many weights without making the applications differ).
         sparsity: fraction of each weight's entries a mask zeroes, in ``(0, 1)`` with
-            ``masks="distinct"``; must be 0 without masks.
+            masks; must be 0 without masks.
         seed: seed of the masks' random generator (the same seed draws the same masks).
         state_shape: per-sample shape of ``z`` (default: the shape of ``x``); the initial state
             is zeros of shape ``(B, *state_shape)`` with ``x``'s dtype and device.
@@ -129,16 +132,16 @@ class WeightTied(PerThreadResults):
             raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
         self.depth = int(check_number(depth, "depth", 1, integer=True))
         if masks is not None and masks not in _MASK_KINDS:
-            raise ValueError(f"masks must be None or 'distinct', got {masks!r}")
+            raise ValueError(f"masks must be None, 'distinct' or 'shared', got {masks!r}")
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
                 0.0 <= sparsity < 1.0):
             raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
         if masks is None and sparsity != 0:
-            raise ValueError(f"sparsity={sparsity!r} needs masks='distinct' (without masks "
-                             "every application uses the full weights)")
+            raise ValueError(f"sparsity={sparsity!r} needs masks='distinct' or 'shared' "
+                             "(without masks every application uses the full weights)")
         if masks is not None and sparsity == 0:
-            raise ValueError("masks='distinct' needs sparsity > 0 (with sparsity 0 every mask "
-                             "keeps every weight, so the masks would not be distinct)")
+            raise ValueError(f"masks={masks!r} needs sparsity > 0 (with sparsity 0 every mask "
+                             "keeps every weight)")
         self.seed = int(check_number(seed, "seed", 0, integer=True))
         self.f = f
         self.mask_kind = masks
@@ -162,13 +165,17 @@ class WeightTied(PerThreadResults):
                 raise ValueError(f"f's weights {weight_path!r} and {paths[-1]!r} map to the same "
                                  f"mask name {name!r}; rename a submodule")
             weight = module.weight
-            mask = _draw_mask(weight.shape, self.depth, self.sparsity, generator)
+            if self.mask_kind == "shared":  # one mask, the same at every application
+                mask = _draw_mask(weight.shape, 1, self.sparsity, generator).repeat(
+                    self.depth, *([1] * weight.ndim))
+            else:
+                mask = _draw_mask(weight.shape, self.depth, self.sparsity, generator)
             self.masks.register_buffer(name, mask.to(weight.device))
             self._masked[name] = module
             paths.append(weight_path)
         if not paths:
-            raise ValueError("masks='distinct' found no weight to mask: f has no nn.Linear or "
-                             "nn.Conv1d/2d/3d submodule")
+            raise ValueError(f"masks={self.mask_kind!r} found no weight to mask: f has no "
+                             "nn.Linear or nn.Conv1d/2d/3d submodule")
         self.masked_weights = tuple(paths)
 
     def active_parameters(self) -> float:
@@ -233,7 +240,7 @@ class MultiScaleWeightTied(_MultiScale, WeightTied):
         f: ``nn.Module``, ``f(zs, x) -> tuple`` shaped like ``zs``.
         depth: number of applications of ``f`` (>= 1).
         state_shapes: per-sample shape of each scale, e.g. ``[(16, 8, 8), (32, 4, 4)]``.
-        masks: ``None`` or ``"distinct"`` (as for :class:`WeightTied`).
+        masks: ``None``, ``"distinct"`` or ``"shared"`` (as for :class:`WeightTied`).
         sparsity: fraction of each weight a mask zeroes (as for :class:`WeightTied`).
         seed: seed of the masks.
 
