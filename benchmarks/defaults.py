@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from common import machine_header, time_min, write_results
+from common import add_device_argument, machine_header, synchronize, time_min, write_results
 from torch import nn
 
 import contdeq
@@ -55,6 +55,9 @@ class TanhLinear(nn.Module):
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.w(z) + self.u(x))
+
+
+CPU = torch.device("cpu")
 
 
 class LayerNormCell(nn.Module):
@@ -111,17 +114,18 @@ CELLS: dict[str, Callable[[dict], tuple[nn.Module, torch.Tensor]]] = {
 }
 
 
-def measure(cell: str, config: str, seed: int, repeats: int) -> dict[str, object]:
+def measure(cell: str, config: str, seed: int, repeats: int,
+            device: torch.device = CPU) -> dict[str, object]:
     """One layer, one seed: did its forward warn, its NFE and its forward time."""
     torch.manual_seed(seed)
     layer, x = CELLS[cell](dict(CONFIGS[config]))
-    layer.eval()
+    layer, x = layer.to(device).eval(), x.to(device)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layer(x)
         stats = layer.stats.forward
         warned = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-        seconds = time_min(lambda: layer(x), repeats)
+        seconds = time_min(lambda: (layer(x), synchronize(device)), repeats)
     return {"cell": cell, "config": config, "seed": seed, "converged": stats.all_converged,
             "warnings": warned, "nfe": stats.nfe, "steps": stats.steps,
             "max_residual": stats.max_residual, "ms": seconds * 1e3}
@@ -143,13 +147,13 @@ REMEDIES: dict[str, tuple[Callable[[], nn.Module], dict[str, object]]] = {
 }
 
 
-def remedy(name: str) -> dict[str, object]:
+def remedy(name: str, device: torch.device = CPU) -> dict[str, object]:
     """One remedy on ``LayerNorm(relu(W z + x))`` with ``x ~ 0.3 N(0, 1)``, seed 0."""
     make, kw = REMEDIES[name]
     torch.manual_seed(0)
-    layer = contdeq.DEQ(make(), on_nonconvergence="ignore", **kw).eval()
+    layer = contdeq.DEQ(make(), on_nonconvergence="ignore", **kw).to(device).eval()
     with torch.no_grad():
-        layer(0.3 * torch.randn(BATCH, WIDTH))
+        layer(0.3 * torch.randn(BATCH, WIDTH).to(device))
     stats = layer.stats.forward
     return {"remedy": name, "converged": int(stats.converged.sum()), "batch": BATCH,
             "nfe": stats.nfe}
@@ -177,12 +181,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (fastest kept)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 timed run")
+    add_device_argument(parser)
     args = parser.parse_args()
     seeds, repeats = (1, 1) if args.quick else (args.seeds, args.repeats)
     torch.set_num_threads(1)
-    rows = [measure(cell, config, seed, repeats)
+    rows = [measure(cell, config, seed, repeats, args.device)
             for cell in CELLS for config in CONFIGS for seed in range(seeds)]
-    fixes = [remedy(name) for name in REMEDIES]
+    fixes = [remedy(name, args.device) for name in REMEDIES]
     rows += fixes
     markdown = (
         "# Forward solvers on the cells people bring, at initialization\n\n"
