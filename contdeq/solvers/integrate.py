@@ -21,7 +21,6 @@ from torch import Tensor
 from .callback import StepHook
 from .counting import CountedODEFunc
 from .progress import Progress
-from .registry import STEADY_STATE_METHODS
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
 from .stats import LoopResult
 from .tableaux import Tableau
@@ -88,13 +87,17 @@ class NonFiniteTrials:
 
 @dataclass(frozen=True)
 class StepControl:
-    """Integrator settings of a Runge-Kutta solve (see :func:`steady_state`)."""
+    """Integrator settings of a steady-state solve (see :func:`steady_state`)."""
 
     atol: float
     rtol: float
     first_step: float | None
     max_step: float
     t_max: float
+    #: ``"lean"``, ``"torchdiffeq"`` or ``"event"`` (Runge-Kutta pairs).
+    backend: str = "lean"
+    #: Run each step compiled (methods with ``compilable``).
+    compile: bool = False
 
 
 def run_runge_kutta(
@@ -163,7 +166,6 @@ def run_runge_kutta(
     return LoopResult(progress.final_state(z), reason, accepted, rejected)
 
 
-@STEADY_STATE_METHODS.register("ptc")
 def run_pseudo_transient(
     func: CountedODEFunc,
     z: Tensor,

@@ -45,12 +45,16 @@ class LoopResult(NamedTuple):
         stop_reason: why the loop stopped.
         accepted: accepted Runge-Kutta steps (``None`` where not observable or not applicable).
         rejected: rejected Runge-Kutta steps (``None`` likewise).
+        jvps: Jacobian-vector products (Newton-Krylov methods; ``None`` elsewhere).
+        linear_iterations: GMRES iterations (``None`` where no linear system is solved).
     """
 
     z: Tensor
     stop_reason: StopReason | str
     accepted: int | None = None
     rejected: int | None = None
+    jvps: int | None = None
+    linear_iterations: int | None = None
 
 
 @dataclass
