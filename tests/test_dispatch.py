@@ -15,6 +15,7 @@ from contdeq.solvers import (
     PTC,
     STEADY_STATE_METHODS,
     LoopResult,
+    RungeKutta,
     check_options,
     fixed_point,
     option_names,
@@ -147,3 +148,25 @@ def test_solve_is_the_one_dispatch(solver):
     zs, _ = solve(solver, lambda s: (f(s[0]), 0.5 * s[1]), (z0, torch.ones_like(z0)),
                   atol=1e-9, rtol=0.0)
     assert torch.allclose(zs[0], z_ref, atol=1e-7) and zs[1].abs().max() < 1e-6
+
+
+def test_typed_solver_objects_carry_their_options():
+    f, z0 = _contraction()
+    fn = lambda t, z: f(z) - z  # noqa: E731
+    for obj, kwargs in ((PTC(max_step=0.5, first_step=0.25), {"method": "ptc"}),
+                        (RungeKutta("bosh3", max_step=0.5), {"method": "bosh3"})):
+        z_obj, s_obj = steady_state(fn, z0, method=obj)
+        extra = {"max_step": 0.5}
+        if isinstance(obj, PTC):
+            extra["first_step"] = 0.25
+        z_str, s_str = steady_state(fn, z0, **kwargs, **extra)
+        assert torch.equal(z_obj, z_str) and (s_obj.nfe, s_obj.steps) == (s_str.nfe, s_str.steps)
+        assert s_obj.method == kwargs["method"]
+    # the call's own keyword wins over the object's
+    _, s_call = steady_state(fn, z0, method=PTC(max_step=0.5), max_step=1.0)
+    _, s_default = steady_state(fn, z0, method="ptc")
+    assert s_call.nfe == s_default.nfe
+    with pytest.raises(ValueError, match="max_step"):
+        PTC(max_step=0.0)
+    with pytest.raises(ValueError, match="tableau must be one of"):
+        RungeKutta("euler")

@@ -66,23 +66,34 @@ class NonFiniteTrials:
         """
         self.count += 1
         if self.count >= MAX_NONFINITE_TRIALS:
-            raise_nonfinite(
-                self.name, step,
-                f"every one of the last {self.count} trial steps from the accepted state at "
-                f"pseudo-time t={t:.6g} was NaN/Inf, down to h={h:.3g}: {self.name} is not "
-                "finite near that state",
-            )
+            raise_trials_exhausted(
+                self.name, step, self.count,
+                f"from the accepted state at pseudo-time t={t:.6g} was NaN/Inf, down to "
+                f"h={h:.3g}")
         return h * NONFINITE_SHRINK
 
     def check_stop(self, reason: str, step: int) -> None:
         """The loop stopped for ``reason``; raise if it stopped right after non-finite trials
         (NaN never passes as a mere non-convergence)."""
-        if self.count and reason != "converged":
-            raise_nonfinite(
-                self.name, step,
-                f"the solve stopped ({reason}) right after {self.count} trial step(s) rejected "
-                "for NaN/Inf, before a finite step was found",
-            )
+        check_stop_after_trials(self.name, step, reason, self.count)
+
+
+def raise_trials_exhausted(name: str, step: int, count: int, where: str) -> None:
+    """Raise :class:`NonFiniteError`: the last ``count`` trial steps ``where`` (how they were
+    taken, for the message) were all NaN/Inf."""
+    raise_nonfinite(name, step, f"every one of the last {count} trial steps {where}: {name} is "
+                                "not finite near that state")
+
+
+def check_stop_after_trials(name: str, step: int, reason: str, count: int) -> None:
+    """Raise :class:`NonFiniteError` when a solve stopped for ``reason`` (not convergence)
+    right after ``count > 0`` trial steps rejected for NaN/Inf."""
+    if count and reason != "converged":
+        raise_nonfinite(
+            name, step,
+            f"the solve stopped ({reason}) right after {count} trial step(s) rejected "
+            "for NaN/Inf, before a finite step was found",
+        )
 
 
 @dataclass(frozen=True)
@@ -253,24 +264,39 @@ def _ptc_slow_path(
     """Acceptance and step factors of a ptc step where some active sample's residual did not
     shrink or is NaN/Inf; returns ``(accepted, factor)``, each ``(B,)``."""
     active, res = progress.active, progress.res
-    finite = torch.isfinite(res_new + tol_new)
-    descent = res_new < res
-    # Relative change of the derivative over the step; <= 1 when the step resolves the flow.
-    change = sample_rms(d_new - d).div_(res * PTC_SMOOTH_CHANGE).nan_to_num_(nan=math.inf)
     best_res = res if progress.best is None else progress.best.res
-    rise = (change <= 1.0).logical_and_(res_new <= PTC_GROWTH_CAP * best_res)
-    rise.logical_and_(~descent)
-    ok = (descent | rise).logical_and_(finite).logical_and_(active)
+    ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
     if bool(rise.logical_and_(ok).any()) and progress.best is None:
         progress.keep_best(z)  # the residual is no longer monotone: keep each sample's best
     if bool((~finite).logical_and_(active).any()):
         trials.reject(float(h.max()), progress.steps, float(progress.t.max()))  # may raise
     else:
         trials.reset()
+    return ok, factor
+
+
+def ptc_rule(
+    res: Tensor, d: Tensor, res_new: Tensor, d_new: Tensor, tol_new: Tensor, best_res: Tensor,
+    active: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ptc step rule, branch-free (the eager loop's slow path and the compiled step both
+    run it): from the residual norms ``res`` at the state and ``res_new`` at the trial
+    (``(B,)``), the derivatives ``d``, ``d_new`` (``(B, D)``), the trial's tolerance and each
+    sample's best residual, returns ``(ok, factor, finite, rise)``, each ``(B,)``: which active
+    samples accept the trial, the factor of their next step, whether the trial is finite, and
+    whether it was accepted although its residual rose (a smooth step within
+    :data:`PTC_GROWTH_CAP` of the best)."""
+    finite = torch.isfinite(res_new + tol_new)
+    descent = res_new < res
+    # Relative change of the derivative over the step; <= 1 when the step resolves the flow.
+    change = sample_rms(d_new - d).div_(res * PTC_SMOOTH_CHANGE).nan_to_num_(nan=math.inf)
+    rise = (change <= 1.0).logical_and_(res_new <= PTC_GROWTH_CAP * best_res)
+    rise.logical_and_(~descent)
+    ok = (descent | rise).logical_and_(finite).logical_and_(active)
     factor = torch.where(
         descent, (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0),
         torch.where(ok, change.reciprocal().clamp_(1.0, 2.0),
                     (0.9 / change).clamp_(NONFINITE_SHRINK, 0.5)),
     )
     factor = torch.where(finite, factor, NONFINITE_SHRINK)
-    return ok, factor
+    return ok, factor, finite, rise

@@ -24,10 +24,11 @@ from .implicit_ptc import run_implicit_ptc
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
 from .protocol import SteadyStateSolver
-from .registry import STEADY_STATE_METHODS
+from .registry import STEADY_STATE_METHODS, TABLEAUX
 from .stats import LoopResult
 from .tableaux import Tableau
 from .torchdiffeq_backend import run_odeint_event, run_torchdiffeq_loop
+from .validation import check_positive_float
 
 __all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
 
@@ -38,16 +39,26 @@ class RungeKutta:
     torchdiffeq's loop or ``odeint_event``.
 
     Args:
-        tableau: the pair's coefficients.
+        tableau: the pair's coefficients, or the name of a tableau in :data:`TABLEAUX`.
+        first_step: initial step when ``steady_state`` is given none (default: chosen from
+            the problem, :func:`~contdeq.solvers.rk.initial_step`).
+        max_step: largest step when ``steady_state`` is given none (default ``inf``).
     """
 
     local_error_control = True
-    default_max_step = math.inf
     compilable = False
 
-    def __init__(self, tableau: Tableau) -> None:
-        self.tableau = tableau
-        self.name = tableau.name
+    def __init__(self, tableau: Tableau | str, *, first_step: float | None = None,
+                 max_step: float = math.inf) -> None:
+        self.tableau = TABLEAUX[TABLEAUX.check(tableau, "tableau")] if isinstance(
+            tableau, str) else tableau
+        if not isinstance(self.tableau, Tableau):
+            raise TypeError(f"tableau must be a Tableau or a name in TABLEAUX, got {tableau!r:.80}")
+        self.name = self.tableau.name
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return f"RungeKutta({self.name!r})"
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
@@ -62,12 +73,23 @@ class RungeKutta:
 class PTC:
     """Explicit pseudo-transient continuation
     (:func:`~contdeq.solvers.integrate.run_pseudo_transient`); ``control.compile`` runs each
-    step compiled (:mod:`contdeq.solvers.compiled`)."""
+    step compiled (:mod:`contdeq.solvers.compiled`).
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
+            the Picard step of a DEQ).
+        first_step: initial step when ``steady_state`` is given none (default ``max_step``).
+    """
 
     name = "ptc"
     local_error_control = False
-    default_max_step = 1.0
     compilable = True
+
+    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None) -> None:
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r})"
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
@@ -85,8 +107,14 @@ class ImplicitPTC:
 
     name = "implicit_ptc"
     local_error_control = False
-    default_max_step = math.inf
     compilable = False
+
+    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None) -> None:
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return (f"ImplicitPTC(max_step={self.default_max_step!r}, "
+                f"first_step={self.first_step!r})")
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
@@ -95,6 +123,13 @@ class ImplicitPTC:
         result, jvps, linear_iterations = run_implicit_ptc(
             func, z, d, progress, control.first_step, control.max_step, control.t_max, hook)
         return result._replace(jvps=jvps, linear_iterations=linear_iterations)
+
+
+def _steps(first_step: float | None, max_step: float) -> tuple[float | None, float]:
+    """Checked ``(first_step, max_step)`` of a solver object."""
+    if first_step is not None:
+        first_step = check_positive_float(first_step, "first_step")
+    return first_step, check_positive_float(max_step, "max_step", allow_inf=True)
 
 
 @cache

@@ -77,9 +77,13 @@ class Progress:
         """Samples that have not converged yet."""
         return int(self.active.sum())
 
-    def stop_reason(self, t_max: float = math.inf) -> str | None:
-        """Why the loop must stop now, or ``None`` to go on."""
-        any_active = self._any_active
+    def stop_reason(self, t_max: float = math.inf, *, any_active: bool | None = None,
+                    t_min: float | None = None) -> str | None:
+        """Why the loop must stop now, or ``None`` to go on. A loop that already read whether
+        any sample is active, or the active samples' least pseudo-time, passes them (no
+        further synchronization)."""
+        if any_active is None:
+            any_active = self._any_active
         if any_active is None:
             any_active = bool(self.active.any())
         if not any_active:
@@ -88,8 +92,11 @@ class Progress:
             return "callback"
         if self.steps >= self.max_steps:
             return "max_steps"
-        if t_max < math.inf and self.t is not None and float(self.t[self.active].min()) >= t_max:
-            return "t_max"
+        if t_max < math.inf and self.t is not None:
+            if t_min is None:
+                t_min = float(self.t[self.active].min())
+            if t_min >= t_max:
+                return "t_max"
         if self.timeout is not None and time.perf_counter() - self.start >= self.timeout:
             return "timeout"
         return None
@@ -210,6 +217,16 @@ class Progress:
         # Equal to clearing the moved samples that meet their tolerance: the others keep their
         # residual and tolerance.
         self.active = self.res > self.tol
+        self._any_active = None
+        if self.res_history is not None:
+            self.res_history.append(self.res.clone())
+            if self.t_history is not None and self.t is not None:
+                self.t_history.append(self.t.clone())
+
+    def load(self, res: Tensor, tol: Tensor, active: Tensor, t: Tensor | None) -> None:
+        """Take the ``(B,)`` residual norms, tolerances, active mask and pseudo-time a loop kept
+        itself (the compiled step) as references, recording the history when kept."""
+        self.res, self.tol, self.active, self.t = res, tol, active, t
         self._any_active = None
         if self.res_history is not None:
             self.res_history.append(self.res.clone())

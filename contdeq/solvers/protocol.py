@@ -69,7 +69,8 @@ class SteadyStateSolver(Protocol):
     ``steady_state`` validates the arguments, wraps ``func`` (counting, checks), evaluates it
     at ``z0`` and builds the per-sample bookkeeping (``progress``: residuals, tolerances,
     freezing, limits, best iterate); then it calls :meth:`run` and assembles the statistics.
-    To add a method: an object with these members, registered with
+    An optional attribute ``first_step`` (``float | None``) is the first step when the caller
+    gives none. To add a method: an object with these members, registered with
     ``STEADY_STATE_METHODS.register("name", obj)``; validation, ``steady_state``, the layers'
     ``method=`` option, the backward's ``"ode"`` method and the tests' parametrizations pick
     the name up.

@@ -109,11 +109,12 @@ def steady_state(
             ``"ptc"`` and ``"implicit_ptc"`` have no local-error control and reject them.
         max_steps: limit on solver steps (accepted + rejected).
         t_max: limit on the pseudo-time.
-        first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
+        first_step: initial step; default the solver object's ``first_step`` when it has
+            one (``PTC(first_step=...)``), else chosen from ``||func(0, z0)||`` at no extra cost
             (see :func:`contdeq.solvers.rk.initial_step`); ``max_step`` for ``"ptc"``, ``1.0``
             for ``"implicit_ptc"``.
-        max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
-            the Picard step).
+        max_step: largest step (default the method's ``default_max_step``: ``inf``; ``1.0``
+            for ``"ptc"``, where ``h = 1`` is the Picard step; ``PTC(max_step=...)`` sets it).
         backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
             (torchdiffeq's stepping loop with our terminator; dopri5, bosh3, dopri8) or
             ``"event"`` (torchdiffeq's public ``odeint_event``; no per-sample freezing).
@@ -176,6 +177,8 @@ def steady_state(
         check_positive_float(timeout, "timeout")
     if first_step is not None:
         check_positive_float(first_step, "first_step")
+    else:
+        first_step = getattr(solver, "first_step", None)
     max_step = check_positive_float(
         solver.default_max_step if max_step is None else max_step, "max_step", allow_inf=True
     )
