@@ -26,6 +26,7 @@ not depend on the machine's speed or load; they change only with the code's cont
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# This tree's contdeq, not an installed copy (the script's own folder comes first on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
 
@@ -209,6 +212,40 @@ def training_row(batch: int, width: int, tol: float) -> dict[str, int]:
             "forward_nfe": with_layer["forward_nfe"]}
 
 
+def files_crossed(call: Callable[[], object]) -> list[str]:
+    """The package's files whose code runs during ``call()`` (after one warm-up call), by a
+    ``sys.setprofile`` trace of every Python call."""
+    call()
+    root = Path(contdeq.__file__).resolve().parent
+    seen: set[str] = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.add(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return sorted(str(Path(f).resolve().relative_to(root.parent)) for f in seen
+                  if Path(f).resolve().is_relative_to(root))
+
+
+def files_row(batch: int, width: int, tol: float) -> dict[str, list[str]]:
+    """Files a ``steady_state`` call (ptc) and a ``DEQ(ode, ptc)`` forward in training mode
+    cross."""
+    w, x = contractive_layer(width, batch)
+    z0 = torch.zeros(batch, width)
+    layer = contdeq.DEQ(_F(width, OpCounter()), solver="ode", method="ptc", atol=tol, rtol=tol)
+    xg = x.clone().requires_grad_(True)
+    return {
+        "steady_state": files_crossed(lambda: contdeq.solvers.steady_state(
+            lambda t, z: torch.tanh(z @ w.T + x) - z, z0, method="ptc", atol=tol, rtol=tol)),
+        "DEQ forward": files_crossed(lambda: layer(xg)),
+    }
+
+
 def to_markdown(rows: list[dict[str, float | int | str]], training: dict[str, int],
                 header: str) -> str:
     lines = [header, "", "| solve | NFE | steps | stop | aten ops | in f | non-f ops / step "
@@ -237,6 +274,10 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | st
     header = (f"Aten ops (counted, deterministic): batch {args.batch}, width {args.width}, "
               f"tol {args.tol:g}, f(z) = tanh(z W^T + x)")
     table = to_markdown(rows, training, header)
+    files = files_row(args.batch, args.width, args.tol)
+    table += "\n\nPackage files whose code runs in one call (a sys.setprofile trace):\n\n"
+    table += "\n".join(f"* {name}: {len(found)} ({', '.join(found)})"
+                        for name, found in files.items())
     print(table)
     if args.write:
         (Path(__file__).parent / "results" / "op_counts.md").write_text(table + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -177,7 +178,11 @@ def _iterate_freezing(
     residual: Tensor, hook: StepHook | None = None,
 ) -> LoopResult:
     """Iterate the samples that have not converged (the others stay put) until none is left or
-    a limit is hit; returns each sample's best iterate and the stop reason."""
+    a limit is hit; returns each sample's best iterate and the stop reason.
+
+    After a step where every active sample's residual shrank, every sample's best iterate is
+    its current one (a frozen sample froze at its best and has not moved): the best iterate is
+    copied only after a step where some active residual did not shrink."""
     best = z
     res = None
     while True:
@@ -189,9 +194,17 @@ def _iterate_freezing(
             residual = gz - z
             progress.steps += 1
             res = sample_rms(residual)
-            tol = progress.checked_tolerance(z, res, active)
-            improved = (res < progress.res).logical_and_(active)
-            best = torch.where(improved.unsqueeze(1), z, best)
+            tol = progress.condition.tolerance(z)
+            shrank = res < progress.res
+            # One sync: finite, and every active sample's residual shrank (the usual case);
+            # ``shrank < active``: active and not shrinking (or NaN).
+            probe = (res + tol).masked_fill_(shrank < active, math.nan)
+            if math.isfinite(float(probe.sum())):
+                improved, best = active, z
+            else:
+                tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
+                improved = shrank.logical_and_(active)
+                best = torch.where(improved.unsqueeze(1), z, best)
             progress.accept(improved, res, tol)
             if hook is not None and (restart := hook(progress, z)) is not None:
                 z = best = restart

@@ -206,9 +206,10 @@ most 2x, at most ``max_step``).
     """
     max_step, t_max = control.max_step, control.t_max
     h = torch.full_like(progress.res, min(control.first_step or max_step, max_step))
-    # Per-sample counts, summed once at the end (fewer tensor operations per step).
-    accepted = torch.zeros_like(progress.res, dtype=torch.long)
-    attempted = torch.zeros_like(accepted)
+    # Per-sample counts, summed once at the end (fewer tensor operations per step); rejections
+    # are counted on the slow path only.
+    rejected = torch.zeros_like(progress.res, dtype=torch.long)
+    attempted = torch.zeros_like(rejected)
     finite_t_max = t_max < math.inf
     trials = NonFiniteTrials(func.name)
     res_new = None
@@ -226,22 +227,24 @@ most 2x, at most ``max_step``).
             progress.steps += 1
             res_new = sample_rms(d_new)
             tol_new = progress.condition.tolerance(z_new)
-            ok = (res_new < res).logical_and_(active)
-            # One sync: finite, and every active sample's residual shrank (the usual case).
-            probe = (res_new + tol_new).masked_fill_(ok.logical_xor(active), math.nan)
+            # One sync: finite, and every active sample's residual shrank (the usual case);
+            # ``descent < active``: active and not shrinking (or NaN).
+            probe = (res_new + tol_new).masked_fill_((res_new < res) < active, math.nan)
             if math.isfinite(float(probe.sum())):
                 trials.reset()
                 # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
                 # frozen samples, whose h no longer matters).
                 factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
+                # Every active sample moves; a frozen one took a step of 0 from a finite
+                # state with a finite derivative, so z_new equals z there.
+                ok, z = active, z_new
             else:
                 ok, factor = _ptc_slow_path(progress, trials, z, d, d_new, res_new, tol_new, h)
+                rejected += active.logical_xor(ok)  # ok is a subset of active
+                z = torch.where(ok.unsqueeze(1), z_new, z)
             h = factor.mul_(h).clamp_(max=max_step)
-            accepted += ok
             attempted += active
-            keep = ok.unsqueeze(1)
-            z = torch.where(keep, z_new, z)
-            d = torch.where(keep, d_new, d)
+            d = torch.where(ok.unsqueeze(1), d_new, d)
             progress.accept(ok, res_new, tol_new, dt, z)
             if hook is not None and (restart := hook(progress, z)) is not None:
                 z, d = restart, func(0.0, restart)
@@ -252,9 +255,9 @@ most 2x, at most ``max_step``).
         if reason != "converged" or res_new is None or not progress.reopen_stale(z, res_new):
             break
         d = d_new
-    n_accepted = int(accepted.sum())
-    return LoopResult(progress.final_state(z), reason, n_accepted,
-                      int(attempted.sum()) - n_accepted)
+    n_rejected = int(rejected.sum())
+    return LoopResult(progress.final_state(z), reason, int(attempted.sum()) - n_rejected,
+                      n_rejected)
 
 
 def _ptc_slow_path(
