@@ -16,6 +16,7 @@ from contdeq.solvers import (
     STEADY_STATE_METHODS,
     LoopResult,
     RungeKutta,
+    Solution,
     check_options,
     fixed_point,
     option_names,
@@ -170,3 +171,18 @@ def test_typed_solver_objects_carry_their_options():
         PTC(max_step=0.0)
     with pytest.raises(ValueError, match="tableau must be one of"):
         RungeKutta("euler")
+
+
+@pytest.mark.parametrize("tuple_state", [False, True])
+def test_solvers_return_a_solution_that_unpacks(tuple_state):
+    f, z0 = _contraction()
+    state = (z0, z0[:, :1]) if tuple_state else z0
+    fx = (lambda s: (f(s[0]), 0.5 * s[1])) if tuple_state else f
+    for out in (solve("ode", fx, state), solve("picard", fx, state)):
+        assert isinstance(out, Solution)
+        z, stats = out
+        assert z is out.z and stats is out.stats
+        assert out.stop_reason == stats.stop_reason == "converged"
+        assert torch.equal(out.converged, stats.converged)
+    one = steady_state(lambda t, z: -z, torch.ones(3))  # unbatched: through solve_as_one_sample
+    assert isinstance(one, Solution) and one.z.shape == (3,)

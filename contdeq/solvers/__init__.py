@@ -11,7 +11,7 @@ from .gmres import GMRESResult, gmres
 from .methods import PTC, ImplicitPTC, RungeKutta
 from .protocol import FixedPointSolver, SteadyStateSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
-from .stats import LoopResult, SolverStats, StopReason
+from .stats import LoopResult, Solution, SolverStats, StopReason
 from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
 from .tableaux import Tableau
@@ -34,6 +34,7 @@ __all__ = [
     "Registry",
     "Restart",
     "RungeKutta",
+    "Solution",
     "SolverStats",
     "SteadyStateCondition",
     "SteadyStateSolver",

@@ -1,26 +1,28 @@
 """The compiled pseudo-transient continuation loop (``steady_state(..., compile=True)``).
 
-On small states a solver step costs its number of dispatched tensor operations (about 30 per
-ptc step besides ``func``'s), and on a GPU each one is a kernel launch. This loop hands one
-whole step (the call of ``func``, the Euler update, the RMS norms, the per-sample test, the
-step-size control and the best-iterate bookkeeping) to ``torch.compile`` as one function of
-fixed-shape tensors, so Inductor fuses it into a few kernels:
+On small states a solver step costs its number of dispatched tensor operations (about 30 per ptc
+step besides ``func``'s; ``benchmarks/op_counts.py`` counts them), and on a GPU each one is a
+kernel launch. This loop hands one whole step (the call of ``func``, the Euler update, the RMS
+norms, the per-sample test, the step-size control and the best-iterate bookkeeping) to
+``torch.compile`` as one function of fixed-shape tensors, so Inductor fuses it into a few
+kernels:
 
-* samples are frozen by masking (``dt_b = 0``), never by compacting the batch, so every step
-  has the same shapes and the compiled step is reused;
+* samples are frozen by masking (``dt_b = 0``), never by compacting the batch, so every step has
+  the same shapes and the compiled step is reused;
 * pseudo-time, step sizes and per-sample counters are tensors, never Python numbers (a Python
   float that changes would be a new constant and a recompile each step);
-* a step never synchronizes with the host: it returns a small status vector, read once per
-  step by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``),
-  the NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
+* a step never synchronizes with the host: it returns a small status vector, read once per step
+  by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``), the
+  NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
 
-The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its
-paths fused and branch-free (the slow path's quantities are computed every step; fused, they
-cost almost nothing). One difference: the NaN/Inf trial count is kept per sample (a sample's
-consecutive non-finite trials from its accepted state), where the eager loop keeps one count
-for the batch. ``func`` is checked (output, in-place modification of its input) eagerly on
-its first call at ``z0``, which :func:`steady_state` makes before the loop; inside the compiled
-step no check runs.
+The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its paths
+fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.integrate.ptc_rule`
+(the eager loop's slow path), on every step (fused, its quantities cost almost nothing), and the
+same NaN/Inf messages and stop test. One difference: the NaN/Inf trial count is kept per sample
+(a sample's consecutive non-finite trials from its accepted state), where the eager loop keeps
+one count for the batch. ``func`` is checked (output, in-place modification of its input)
+eagerly on its first call at ``z0``, which :func:`steady_state` makes before the loop; inside
+the compiled step no check runs.
 
 Warm-up: the first solve of a given shape, dtype and ``func`` compiles the step (seconds to a
 minute, depending on ``func``); later solves of the same shapes reuse it, whatever the values.

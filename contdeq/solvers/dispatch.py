@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .fixed_point import fixed_point
 from .registry import FIXED_POINT_METHODS
-from .stats import SolverStats
+from .stats import Solution
 from .steady_state import steady_state
 
 __all__ = ["CONTINUOUS", "check_options", "option_names", "solve"]
@@ -35,12 +35,11 @@ _SUPPLIED = {"steady_state": frozenset({"func", "z0"}),
 State = Tensor | tuple[Tensor, ...]
 
 
-def solve(solver: str, fx: Callable[[State], State], z0: State, **options: Any
-          ) -> tuple[State, SolverStats]:
+def solve(solver: str, fx: Callable[[State], State], z0: State, **options: Any) -> Solution:
     """Find ``z = fx(z)`` from ``z0`` (``(B, ...)`` or a tuple of such) with ``solver``:
     ``"ode"`` integrates ``dz/dt = fx(z) - z`` with :func:`steady_state`, a fixed-point method
     name iterates ``fx`` with :func:`fixed_point`; ``options`` are that function's keywords.
-    Returns ``(z, stats)``, ``z`` shaped like ``z0``."""
+    Returns the :class:`~contdeq.solvers.Solution` ``(z, stats)``, ``z`` shaped like ``z0``."""
     if solver == CONTINUOUS:
         return steady_state(_Residual(fx), z0, **options)
     return fixed_point(fx, z0, method=solver, **options)

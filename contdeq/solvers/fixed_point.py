@@ -15,7 +15,7 @@ from .errors import OnNonConvergence, report_nonconvergence
 from .progress import Progress
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS
-from .stats import LoopResult, SolverStats
+from .stats import LoopResult, Solution
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .unbatched import solve_as_one_sample
@@ -47,7 +47,7 @@ def fixed_point(
     per_sample: bool = True,
     callback: StepCallback | None = None,
     **options: float | int,
-) -> tuple[Tensor, SolverStats]:
+) -> Solution:
     """Find ``z = g(z)`` for every sample of a batch.
 
     Sample ``b`` (first dimension) has converged when
@@ -104,14 +104,15 @@ def fixed_point(
             max_linear_iterations=200, line_search_steps=10``. Unknown options raise ``TypeError``.
 
     Returns:
-        ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
+        A :class:`~contdeq.solvers.Solution` ``(z, stats)`` (it unpacks as ``z, stats = ...``):
+        ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
         every call of ``g``; ``accepted``/``rejected``/``t_final`` are ``None``).
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
-        return solve_flattened(fixed_point, locals())
+        return Solution(*solve_flattened(fixed_point, locals()))
     check_bool(per_sample, "per_sample")
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
-        return solve_as_one_sample(fixed_point, locals())
+        return Solution(*solve_as_one_sample(fixed_point, locals()))
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     FIXED_POINT_METHODS.check(method)
@@ -155,7 +156,7 @@ def fixed_point(
     stats.jvps = getattr(solver, "jvps", None)
     stats.linear_iterations = getattr(solver, "linear_iterations", None)
     report_nonconvergence(stats, on_nonconvergence)
-    return result.z.reshape(z0.shape), stats
+    return Solution(result.z.reshape(z0.shape), stats)
 
 
 def _restart(solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor
@@ -199,7 +200,7 @@ def _iterate_freezing(
             # One sync: finite, and every active sample's residual shrank (the usual case);
             # ``shrank < active``: active and not shrinking (or NaN).
             probe = (res + tol).masked_fill_(shrank < active, math.nan)
-            if math.isfinite(float(probe.sum())):
+            if math.isfinite(probe.sum().tolist()):
                 improved, best = active, z
             else:
                 tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf

@@ -21,11 +21,11 @@ from torch import Tensor
 from .callback import StepHook
 from .counting import CountedODEFunc
 from .progress import Progress
-from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
+from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size, stage_times
 from .stats import LoopResult
 from .tableaux import Tableau
 from .termination import sample_rms
-from .validation import raise_nonfinite, raise_step_underflow
+from .validation import finite_where, raise_nonfinite, raise_step_underflow
 
 #: Consecutive trial steps with NaN/Inf stages, error estimate or residual after which the
 #: solve stops: each shrinks the step by :data:`NONFINITE_SHRINK`, so the last is ``1e-29``
@@ -126,7 +126,8 @@ def run_runge_kutta(
     state stays exactly where it converged and their local error is zero. When every sample
     has converged, the frozen ones are re-tested on the last step's unmasked evaluation (no
     extra call): a sample that no longer passes (``f`` couples samples) iterates again. A
-    sample that stops unconverged returns its best accepted state.
+    sample that stops unconverged returns its best accepted state; until an active sample's
+    residual fails to shrink, every sample's best state is its current one, and none is copied.
     """
     stepper = RungeKuttaStepper(tableau)
     cap = min(control.max_step, control.t_max)
@@ -135,20 +136,33 @@ def run_runge_kutta(
     accepted = rejected = 0
     trials = NonFiniteTrials(func.name)
     mask = None
-    progress.keep_best(z)
     while True:
-        while (reason := progress.stop_reason(control.t_max)) is None:
-            if progress.n_active < z.shape[0]:
+        # One count of the active samples per step tells both whether to stop and whether to mask.
+        while (reason := progress.stop_reason(
+                control.t_max, any_active=(n_active := progress.n_active) > 0)) is None:
+            if n_active < z.shape[0]:
                 mask = progress.active.to(z.dtype).unsqueeze(1)
                 d = d * mask
             h = min(h, control.max_step, control.t_max - t)
+            times = stage_times(tableau, t, h)
+            if len(set(times)) > 2:  # else one tensor per time is no more operations
+                func.prepare_times(times)
             y1, f1, error = stepper.step(func, t, z, d, h, mask)
             progress.steps += 1
             ratio = error_ratio(error, z, y1, control.atol, control.rtol)
             tol = None
             if ratio <= 1.0:  # False for NaN
                 res = sample_rms(f1)
-                tol = progress.trial_tolerance(y1, res, progress.active)
+                tol = progress.condition.tolerance(y1)
+                # One sync: finite, and (while no best state is kept) every active sample's
+                # residual shrank; ``shrank < active``: active and not shrinking (or NaN).
+                probe = res + tol
+                if progress.best is None:
+                    probe.masked_fill_((res < progress.res) < progress.active, math.nan)
+                if not math.isfinite(probe.sum().tolist()):
+                    tol = tol if finite_where(res + tol, progress.active) else None
+                    if tol is not None and progress.best is None:
+                        progress.keep_best(z)  # a residual rose: keep each sample's best
             if tol is not None:
                 accepted += 1
                 trials.reset()
@@ -230,7 +244,7 @@ most 2x, at most ``max_step``).
             # One sync: finite, and every active sample's residual shrank (the usual case);
             # ``descent < active``: active and not shrinking (or NaN).
             probe = (res_new + tol_new).masked_fill_((res_new < res) < active, math.nan)
-            if math.isfinite(float(probe.sum())):
+            if math.isfinite(probe.sum().tolist()):
                 trials.reset()
                 # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
                 # frozen samples, whose h no longer matters).

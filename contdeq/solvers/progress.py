@@ -2,7 +2,9 @@
 
 Everything here works on ``(B,)`` vectors, so its cost is the number of tensor operations
 dispatched per iteration, not their size: the loops call :meth:`Progress.update` once per
-accepted step and keep that count small.
+accepted step and keep that count small. Host reads of 0-dim results use ``tolist()``, which
+reads the value without dispatching an operation (``float()``/``bool()`` dispatch
+``_local_scalar_dense``); the loops elsewhere in this package do the same.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Progress:
     @property
     def n_active(self) -> int:
         """Samples that have not converged yet."""
-        return int(self.active.sum())
+        return self.active.sum().tolist()
 
     def stop_reason(self, t_max: float = math.inf, *, any_active: bool | None = None,
                     t_min: float | None = None) -> str | None:
@@ -85,7 +87,7 @@ class Progress:
         if any_active is None:
             any_active = self._any_active
         if any_active is None:
-            any_active = bool(self.active.any())
+            any_active = self.active.any().tolist()
         if not any_active:
             return "converged"
         if self.halted:
@@ -244,7 +246,7 @@ class Progress:
         gap = residual_norm - tol
         rise = 0.0
         if self._last_z is None:
-            lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf show here
+            lowest, highest = (v.tolist() for v in torch.aminmax(gap))  # NaN/Inf show here
         else:  # one reduction also tells whether a residual rose
             highest, neg_lowest, rise = torch.stack(
                 (gap, gap.neg(), residual_norm - self.res)).amax(dim=1).tolist()

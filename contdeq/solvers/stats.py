@@ -1,5 +1,6 @@
 """Statistics of one solve: why it stopped (:class:`StopReason`), what a loop returns
-(:class:`LoopResult`) and the :class:`SolverStats` assembled from it."""
+(:class:`LoopResult`), the :class:`SolverStats` assembled from it and the :class:`Solution`
+the solvers return."""
 
 from __future__ import annotations
 
@@ -133,3 +134,27 @@ class SolverStats:
         if self.t_final is not None:
             parts.append(f"t_final<={float(self.t_final.max()):.3g}")
         return ", ".join(parts)
+
+
+class Solution(NamedTuple):
+    """What :func:`~contdeq.solvers.steady_state` and :func:`~contdeq.solvers.fixed_point`
+    return: a named pair that unpacks as ``z, stats = ...``.
+
+    Attributes:
+        z: the solution shaped like ``z0`` (``(B, ...)``, or a tuple of per-scale states):
+            each sample's returned state (an unconverged sample's best iterate).
+        stats: what the solve did (:class:`SolverStats`).
+    """
+
+    z: Tensor | tuple[Tensor, ...]
+    stats: SolverStats
+
+    @property
+    def stop_reason(self) -> StopReason:
+        """Why the solve stopped (``stats.stop_reason``)."""
+        return self.stats.stop_reason
+
+    @property
+    def converged(self) -> Tensor:
+        """``(B,)`` bool: which samples met their tolerance (``stats.converged``)."""
+        return self.stats.converged

@@ -16,7 +16,7 @@ from .integrate import StepControl
 from .methods import steady_state_solver
 from .progress import Progress
 from .protocol import SteadyStateSolver
-from .stats import SolverStats
+from .stats import Solution
 from .structure import solve_flattened
 from .termination import SteadyStateCondition
 from .torchdiffeq_backend import EVENT_METHODS, TORCHDIFFEQ_FSAL_METHODS
@@ -61,7 +61,7 @@ def steady_state(
     per_sample: bool = True,
     callback: StepCallback | None = None,
     compile: bool = False,
-) -> tuple[Tensor, SolverStats]:
+) -> Solution:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
     For a deep equilibrium layer ``func(t, z) = f(z, x) - z``: the steady state is the fixed
@@ -138,7 +138,8 @@ def steady_state(
             ``callback``.
 
     Returns:
-        ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
+        A :class:`~contdeq.solvers.Solution` ``(z, stats)`` (it unpacks as ``z, stats = ...``):
+        ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
         residual, tolerance and convergence of each sample and the exact number of calls
         of ``func``. A sample that stops unconverged returns its best state (smallest
         residual; the event backend: the last).
@@ -151,11 +152,11 @@ def steady_state(
             modified its input in place.
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
-        return solve_flattened(steady_state, locals())
+        return Solution(*solve_flattened(steady_state, locals()))
     check_bool(per_sample, "per_sample")
     check_bool(compile, "compile")
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
-        return solve_as_one_sample(steady_state, locals())
+        return Solution(*solve_as_one_sample(steady_state, locals()))
     solver = steady_state_solver(method)
     method = solver.name
     if compile:
@@ -215,7 +216,7 @@ def steady_state(
                             result.rejected)
     stats.jvps, stats.linear_iterations = result.jvps, result.linear_iterations
     report_nonconvergence(stats, on_nonconvergence)
-    return result.z.reshape(z0.shape), stats
+    return Solution(result.z.reshape(z0.shape), stats)
 
 
 def _integrator_tolerances(
