@@ -26,17 +26,17 @@ from ..solvers import (
     NonFiniteError,
     Registry,
     SolverStats,
+    default_tolerance,
+    gmres,
     sample_rms,
     solve,
     steady_state,
 )
 from ..solvers.errors import report_nonconvergence
-from ..solvers.gmres import gmres
 from ..solvers.validation import (
     check_on_nonconvergence,
     check_positive_float,
     check_positive_int,
-    default_tolerance,
 )
 from .options import check_solver_options
 from .stats import DEQStats
