@@ -118,9 +118,9 @@ bench-paper-quick: $(VENV)/.bench
 MUTATION_WORKERS ?= 2
 MUTANTS ?=
 MUTATION_REPORT ?= benchmarks/results/mutation.md
-# The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step control on
+# The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step rule (ptc_rule) and
 # its slow path, the Hutchinson Jacobian term, Picard's step and the steady-state test.
-MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* \
+MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* contdeq.solvers.integrate.x_ptc_rule* \
 	contdeq.regularizers.x_jacobian_frobenius* contdeq.solvers.picard.x*Picard*propose* \
 	contdeq.solvers.termination.x*SteadyStateCondition*evaluate*
 

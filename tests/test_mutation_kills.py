@@ -309,3 +309,28 @@ def test_ptc_rejection_shrinks_at_most_tenfold() -> None:
     assert (stats.nfe, stats.accepted, stats.rejected) == (4, 1, 2)
     assert times == [0.0, 0.0, 1.0]
     assert float(z) == 1.0
+
+
+def test_ptc_rule_boundaries() -> None:
+    """The ptc step rule at its boundaries, one sample each (D = 1, so rms is |x|): a mild
+    descent grows by the least factor; a change of the derivative of exactly PTC_SMOOTH_CHANGE
+    and a residual of exactly PTC_GROWTH_CAP times the best still count as a resolved rise, a
+    larger change does not; 0 / 0 is no resolved change; a residual plus tolerance that
+    overflows is not finite. Catches a boundary or a clamp moved in ``ptc_rule``, which the
+    eager loop's slow path and the compiled step share."""
+    from contdeq.solvers.integrate import PTC_GROWTH_CAP, PTC_MIN_GROWTH, ptc_rule
+
+    f32 = torch.float32
+    res = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], dtype=f32)
+    d = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0], [1.0]], dtype=f32)
+    d_new = torch.tensor([[0.95], [1.5], [1.75], [1.25], [0.0], [1.0]], dtype=f32)
+    res_new = torch.tensor([0.95, 1.5, 1.75, PTC_GROWTH_CAP * 0.25, 0.0, 3e38], dtype=f32)
+    tol_new = torch.tensor([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 3e38], dtype=f32)
+    best_res = torch.tensor([1.0, 1.0, 1.0, 0.25, 0.0, 1.0], dtype=f32)
+    active = torch.ones(6, dtype=torch.bool)
+    ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
+    assert ok.tolist() == [True, True, False, True, False, False]
+    assert rise.tolist() == [False, True, False, True, False, False]
+    assert finite.tolist() == [True, True, True, True, True, False]
+    expected = [PTC_MIN_GROWTH, 1.0, 0.5, 2.0, 0.1, 0.1]
+    torch.testing.assert_close(factor, torch.tensor(expected, dtype=f32))

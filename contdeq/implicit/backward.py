@@ -21,21 +21,22 @@ import torch
 from torch import Tensor
 
 from ..solvers import (
+    CONTINUOUS,
     FIXED_POINT_METHODS,
     NonFiniteError,
     Registry,
     SolverStats,
-    fixed_point,
+    default_tolerance,
+    gmres,
     sample_rms,
+    solve,
     steady_state,
 )
 from ..solvers.errors import report_nonconvergence
-from ..solvers.gmres import gmres
 from ..solvers.validation import (
     check_on_nonconvergence,
     check_positive_float,
     check_positive_int,
-    default_tolerance,
 )
 from .options import check_solver_options
 from .stats import DEQStats
@@ -57,7 +58,7 @@ BACKWARD_MODES: Registry[type[BackwardMode]] = Registry("backward mode", "backwa
 #: method and ``"ode"`` (the continuous adjoint).
 BACKWARD_METHODS: Registry[Any] = Registry("backward method", "backward_method",
                                            includes=(FIXED_POINT_METHODS,))
-BACKWARD_METHODS.register("ode", steady_state)
+BACKWARD_METHODS.register(CONTINUOUS, steady_state)
 BACKWARD_METHODS.register("gmres", gmres)
 #: In the ``"ode"`` backward the right-hand side is scaled to a largest per-sample RMS of 1 and
 #: the steady-state test gets this absolute floor times ``tol``: the integrator's elementwise
@@ -317,20 +318,14 @@ def solve_adjoint(
             # GMRES starts from zero unless warm-started (from v it would cost a product).
             w, stats = _solve_adjoint_gmres(vjp, vn, None if w0 is None else start_w, tol,
                                             max_steps, on_nonconvergence, **options)
-        elif method == "ode":
-            w, stats = steady_state(
-                lambda t, w: vjp(w).add_(vn).sub_(w), start_w,
-                atol=_ODE_ATOL_FLOOR * tol, rtol=tol, max_steps=max_steps,
-                on_nonconvergence=on_nonconvergence, **options,
-            )
         else:
-            # Linear and contractive where it converges: iterating a converged sample further
-            # cannot hurt it, so all samples iterate together (half the bookkeeping).
-            w, stats = fixed_point(
-                lambda w: vjp(w).add_(vn), start_w, method=method, atol=0.0, rtol=tol,
-                max_steps=max_steps, on_nonconvergence=on_nonconvergence,
-                **{"freeze_converged": False, **options},
-            )
+            # The fixed-point methods: linear and contractive where it converges, so iterating
+            # a converged sample further cannot hurt it: all samples iterate together (half
+            # the bookkeeping).
+            tolerances = ({"atol": _ODE_ATOL_FLOOR * tol, "rtol": tol} if method == CONTINUOUS
+                          else {"atol": 0.0, "rtol": tol, "freeze_converged": False})
+            w, stats = solve(method, lambda w: vjp(w).add_(vn), start_w, max_steps=max_steps,
+                             on_nonconvergence=on_nonconvergence, **{**tolerances, **options})
     return w.mul_(scale), stats
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..solvers import (
+    CONTINUOUS,
     FIXED_POINT_METHODS,
-    STEADY_STATE_METHODS,
     Registry,
     SolverStats,
-    fixed_point,
+    check_options,
+    solve,
     steady_state,
 )
 from ..solvers.callback import with_layer_input
@@ -25,13 +25,13 @@ __all__ = ["FORWARD_SOLVERS", "UNROLLABLE_SOLVERS", "ForwardSolver", "check_solv
 #: and ``"ode"`` (steady state of ``dz/dt = f(z, x) - z``).
 FORWARD_SOLVERS: Registry[Any] = Registry("forward solver", "solver",
                                           includes=(FIXED_POINT_METHODS,))
-FORWARD_SOLVERS.register("ode", steady_state)
+FORWARD_SOLVERS.register(CONTINUOUS, steady_state)
 
 
 def unrollable(solver: str) -> bool:
     """Whether autograd can record ``solver``'s steps (``backward="unrolled"``): ``"ode"``, and
     the fixed-point methods whose class sets ``differentiable = True``."""
-    return solver == "ode" or getattr(FIXED_POINT_METHODS[solver], "differentiable", False)
+    return solver == CONTINUOUS or getattr(FIXED_POINT_METHODS[solver], "differentiable", False)
 
 
 #: Forward solvers whose arithmetic is autograd-safe, so ``backward="unrolled"`` works.
@@ -77,13 +77,7 @@ class ForwardSolver:
         options = self.options
         if options.get("callback") is not None:
             options = {**options, "callback": with_layer_input(options["callback"], fx)}
-        if self.solver == "ode":
-            return steady_state(
-                lambda t, z: fx(z) - z, z0, on_nonconvergence=self.on_nonconvergence, **options,
-            )
-        return fixed_point(
-            fx, z0, method=self.solver, on_nonconvergence=self.on_nonconvergence, **options
-        )
+        return solve(self.solver, fx, z0, on_nonconvergence=self.on_nonconvergence, **options)
 
     def with_options(self, **options: Any) -> ForwardSolver:
         """A copy with ``options`` overriding this solver's options."""
@@ -96,38 +90,13 @@ class ForwardSolver:
         return f"ForwardSolver({self.solver!r}{opts})"
 
 
-_STEADY_STATE_KEYS = frozenset(
-    {"method", "atol", "rtol", "ode_atol", "ode_rtol", "max_steps", "t_max", "first_step",
-     "max_step", "backend", "record_trajectory", "timeout", "callback", "compile"}
-)
-_FIXED_POINT_KEYS = frozenset({"atol", "rtol", "max_steps", "record_trajectory", "timeout",
-                               "freeze_converged", "callback"})
-
-
 def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
-    """Reject unknown option names of ``solver`` (``"ode"`` or a fixed-point method) with a
-    ``TypeError`` (torchdeq silently ignores them, its issue #12)."""
+    """Reject unknown option names of ``solver`` (``"ode"``, a fixed-point method, or the
+    backward's ``"gmres"``) with a ``TypeError`` (torchdeq silently ignores them, its issue #12);
+    the names come from the solvers' signatures (:func:`contdeq.solvers.option_names`)."""
     if solver == "gmres":  # the backward's GMRES: only its restart length
         if set(options) - {"restart"}:
             raise TypeError(f"unknown option(s) {sorted(set(options) - {'restart'})} for "
                             "backward_method='gmres'; it accepts ['restart']")
         return
-    if solver == "ode":
-        unknown = sorted(set(options) - _STEADY_STATE_KEYS)
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {unknown} for solver='ode'; steady_state accepts "
-                f"{sorted(_STEADY_STATE_KEYS)}"
-            )
-        if "method" in options:
-            STEADY_STATE_METHODS.check(options["method"])
-        return
-    method_options = {k: v for k, v in options.items() if k not in _FIXED_POINT_KEYS}
-    solver_class = FIXED_POINT_METHODS[solver]
-    like = torch.zeros(1, 1)
-    if getattr(solver_class, "needs_map", False):
-        method_options["g"] = lambda z: z
-    try:  # the solver class validates its own option names and values
-        solver_class(like, **method_options)
-    except TypeError as exc:
-        raise TypeError(f"solver={solver!r}: {exc}") from None
+    check_options(solver, options)

@@ -31,9 +31,8 @@ from ..solvers import (
     FIXED_POINT_METHODS,
     NonFiniteError,
     SolverStats,
-    fixed_point,
     sample_rms,
-    steady_state,
+    solve,
 )
 from ..solvers.callback import StepInfo, Stop
 from ..solvers.errors import OnNonConvergence, report_nonconvergence
@@ -463,12 +462,7 @@ def joint_inference(
                   **options)
     try:
         with torch.no_grad():
-            if solver == "ode":
-                _, solve_stats = steady_state(
-                    lambda t, s: tuple(n - o for n, o in zip(augmented(s), s, strict=True)),
-                    state0, **common)
-            else:
-                _, solve_stats = fixed_point(augmented, state0, method=solver, **common)
+            _, solve_stats = solve(solver, augmented, state0, **common)
     except NonFiniteError as exc:
         raise NonFiniteError(
             f"joint_inference: f, the objective or their gradients produced NaN or Inf "

@@ -4,12 +4,14 @@ Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` buil
 """
 
 from .callback import Restart, StepInfo, Stop
+from .dispatch import CONTINUOUS, check_options, option_names, solve
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
-from .protocol import FixedPointSolver
+from .methods import PTC, ImplicitPTC, RungeKutta
+from .protocol import FixedPointSolver, SteadyStateSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
-from .stats import SolverStats, StopReason
+from .stats import LoopResult, Solution, SolverStats, StopReason
 from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
 from .tableaux import Tableau
@@ -17,28 +19,38 @@ from .termination import SteadyStateCondition, sample_rms
 from .validation import default_tolerance
 
 __all__ = [
+    "CONTINUOUS",
     "FIXED_POINT_METHODS",
+    "PTC",
     "STEADY_STATE_METHODS",
     "TABLEAUX",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointSolver",
     "GMRESResult",
+    "ImplicitPTC",
+    "LoopResult",
     "NonFiniteError",
     "Registry",
     "Restart",
+    "RungeKutta",
+    "Solution",
     "SolverStats",
     "SteadyStateCondition",
+    "SteadyStateSolver",
     "StepInfo",
     "Stop",
     "StopReason",
     "Tableau",
+    "check_options",
     "default_tolerance",
     "fixed_point",
     "flatten_states",
     "gmres",
+    "option_names",
     "registries",
     "sample_rms",
+    "solve",
     "steady_state",
     "unflatten_states",
 ]

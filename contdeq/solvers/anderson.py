@@ -109,7 +109,7 @@ def _mixing_weights(residuals: Tensor, regularization: float, newest: int) -> Te
     alpha = y.div_(y.sum(dim=1, keepdim=True))
     # NaN/Inf propagate into the sum. With a ridge the scaled Gram matrix is positive definite,
     # so only a non-finite one can be singular: the factorization status needs no extra check.
-    if not math.isfinite(float(alpha.sum())) or (regularization == 0 and bool(info.any())):
+    if not math.isfinite(alpha.sum().tolist()) or (regularization == 0 and bool(info.any())):
         failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1).squeeze(1)
         plain = torch.zeros_like(alpha)
         plain[:, newest] = 1.0

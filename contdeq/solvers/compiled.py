@@ -1,26 +1,28 @@
 """The compiled pseudo-transient continuation loop (``steady_state(..., compile=True)``).
 
-On small states a solver step costs its number of dispatched tensor operations (about 30 per
-ptc step besides ``func``'s), and on a GPU each one is a kernel launch. This loop hands one
-whole step (the call of ``func``, the Euler update, the RMS norms, the per-sample test, the
-step-size control and the best-iterate bookkeeping) to ``torch.compile`` as one function of
-fixed-shape tensors, so Inductor fuses it into a few kernels:
+On small states a solver step costs its number of dispatched tensor operations (about 30 per ptc
+step besides ``func``'s; ``benchmarks/op_counts.py`` counts them), and on a GPU each one is a
+kernel launch. This loop hands one whole step (the call of ``func``, the Euler update, the RMS
+norms, the per-sample test, the step-size control and the best-iterate bookkeeping) to
+``torch.compile`` as one function of fixed-shape tensors, so Inductor fuses it into a few
+kernels:
 
-* samples are frozen by masking (``dt_b = 0``), never by compacting the batch, so every step
-  has the same shapes and the compiled step is reused;
+* samples are frozen by masking (``dt_b = 0``), never by compacting the batch, so every step has
+  the same shapes and the compiled step is reused;
 * pseudo-time, step sizes and per-sample counters are tensors, never Python numbers (a Python
   float that changes would be a new constant and a recompile each step);
-* a step never synchronizes with the host: it returns a small status vector, read once per
-  step by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``),
-  the NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
+* a step never synchronizes with the host: it returns a small status vector, read once per step
+  by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``), the
+  NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
 
-The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its
-paths fused and branch-free (the slow path's quantities are computed every step; fused, they
-cost almost nothing). One difference: the NaN/Inf trial count is kept per sample (a sample's
-consecutive non-finite trials from its accepted state), where the eager loop keeps one count
-for the batch. ``func`` is checked (output, in-place modification of its input) eagerly on
-its first call at ``z0``, which :func:`steady_state` makes before the loop; inside the compiled
-step no check runs.
+The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its paths
+fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.integrate.ptc_rule`
+(the eager loop's slow path), on every step (fused, its quantities cost almost nothing), and the
+same NaN/Inf messages and stop test. One difference: the NaN/Inf trial count is kept per sample
+(a sample's consecutive non-finite trials from its accepted state), where the eager loop keeps
+one count for the batch. ``func`` is checked (output, in-place modification of its input)
+eagerly on its first call at ``z0``, which :func:`steady_state` makes before the loop; inside
+the compiled step no check runs.
 
 Warm-up: the first solve of a given shape, dtype and ``func`` compiles the step (seconds to a
 minute, depending on ``func``); later solves of the same shapes reuse it, whatever the values.
@@ -29,7 +31,6 @@ minute, depending on ``func``); later solves of the same shapes reuse it, whatev
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -38,16 +39,14 @@ from torch import Tensor
 from .counting import CountedODEFunc
 from .integrate import (
     MAX_NONFINITE_TRIALS,
-    NONFINITE_SHRINK,
-    PTC_GROWTH_CAP,
-    PTC_MIN_GROWTH,
-    PTC_SMOOTH_CHANGE,
     StepControl,
+    check_stop_after_trials,
+    ptc_rule,
+    raise_trials_exhausted,
 )
 from .progress import BestIterate, Progress
 from .stats import LoopResult
 from .termination import sample_rms
-from .validation import raise_nonfinite
 
 __all__ = ["compile_supported", "run_compiled_pseudo_transient"]
 
@@ -92,17 +91,7 @@ def _ptc_step(
     d_new = func(t0, z_new.reshape(shape)).reshape(z.shape)
     res_new = sample_rms(d_new)
     tol_new = sample_rms(z_new, rtol) + atol
-    finite = torch.isfinite(res_new + tol_new)
-    descent = res_new < res
-    change = (sample_rms(d_new - d) / (res * PTC_SMOOTH_CHANGE)).nan_to_num(nan=math.inf)
-    rise = (change <= 1.0) & (res_new <= PTC_GROWTH_CAP * best_res) & ~descent
-    ok = (descent | rise) & finite & active
-    factor = torch.where(
-        descent, (res / res_new).clamp(PTC_MIN_GROWTH, 2.0),
-        torch.where(ok, change.reciprocal().clamp(1.0, 2.0),
-                    (0.9 / change).clamp(NONFINITE_SHRINK, 0.5)),
-    )
-    factor = torch.where(finite, factor, NONFINITE_SHRINK)
+    ok, factor, finite, _ = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
     keep = ok.unsqueeze(1)
     improved = ok & (res_new < best_res)
     new_res = torch.where(ok, res_new, res)
@@ -175,7 +164,8 @@ def run_compiled_pseudo_transient(
     d_new = None
     first_step = progress.steps
     while True:
-        while (reason := _stop_reason(progress, n_active, t_min, t_max)) is None:
+        while (reason := progress.stop_reason(t_max, any_active=n_active > 0,
+                                              t_min=t_min)) is None:
             state, d_new, status = _run_step(
                 progress.steps == first_step,
                 func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
@@ -183,18 +173,10 @@ def run_compiled_pseudo_transient(
             progress.steps += 1
             n_active, trials, t_min = status.tolist()  # the step's one synchronization
             if trials >= MAX_NONFINITE_TRIALS:
-                raise_nonfinite(
-                    func.name, progress.steps,
-                    f"every one of the last {int(trials)} trial steps of a sample from its "
-                    f"accepted state was NaN/Inf: {func.name} is not finite near that state",
-                )
-            _record(progress, state)
-        if trials and reason != "converged":
-            raise_nonfinite(
-                func.name, progress.steps,
-                f"the solve stopped ({reason}) right after {int(trials)} trial step(s) rejected "
-                "for NaN/Inf, before a finite step was found",
-            )
+                raise_trials_exhausted(func.name, progress.steps, int(trials),
+                                       "of a sample from its accepted state was NaN/Inf")
+            progress.load(state["res"], state["tol"], state["active"], state["t"])
+        check_stop_after_trials(func.name, progress.steps, reason, int(trials))
         progress.best = BestIterate(state["best_z"], state["best_res"], state["best_tol"])
         # The last call saw every sample at the final state (frozen ones did not move).
         if reason != "converged" or d_new is None or not progress.reopen_stale(
@@ -232,26 +214,3 @@ def _best(best: BestIterate) -> dict[str, Tensor]:
     """The compiled state's copy of ``best``: copies, so that no input of the compiled step
     aliases another (an aliasing pattern that changes is a recompile)."""
     return {"best_z": best.z.clone(), "best_res": best.res.clone(), "best_tol": best.tol.clone()}
-
-
-def _stop_reason(progress: Progress, n_active: float, t_min: float, t_max: float) -> str | None:
-    """:meth:`Progress.stop_reason` from the last status read (no further synchronization)."""
-    if n_active == 0:
-        return "converged"
-    if progress.steps >= progress.max_steps:
-        return "max_steps"
-    if t_min >= t_max:
-        return "t_max"
-    if progress.timeout is not None and time.perf_counter() - progress.start >= progress.timeout:
-        return "timeout"
-    return None
-
-
-def _record(progress: Progress, state: dict[str, Tensor]) -> None:
-    """Copy the compiled step's per-sample state into ``progress`` (references, no copies)."""
-    progress.res, progress.tol = state["res"], state["tol"]
-    progress.active, progress.t = state["active"], state["t"]
-    if progress.res_history is not None:
-        progress.res_history.append(progress.res.clone())
-        if progress.t_history is not None:
-            progress.t_history.append(progress.t.clone())

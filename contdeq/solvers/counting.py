@@ -8,7 +8,7 @@ tensor's version counter before and after the call (no tensor operation).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -45,12 +45,24 @@ class CountedODEFunc:
         self.name = name
         self.calls = 0
         self._time: tuple[float, Tensor] | None = None  # the last float time and its tensor
+        self._times: dict[float, Tensor] = {}  # the times of the coming calls (prepare_times)
+
+    def prepare_times(self, times: Sequence[float]) -> None:
+        """Make the 0-dim tensors of the times the next calls will pass as floats (a
+        Runge-Kutta step's stage times) in one tensor operation instead of one per call."""
+        values = torch.tensor(times, dtype=self.dtype, device=self.device).unbind()
+        self._times = dict(zip(times, values, strict=True))
 
     def __call__(self, t: Tensor | float, z_flat: Tensor) -> Tensor:
         if not isinstance(t, Tensor):
-            if self._time is None or self._time[0] != t:
-                self._time = (t, torch.scalar_tensor(t, dtype=self.dtype, device=self.device))
-            t = self._time[1]
+            prepared = self._times.get(t)
+            if prepared is not None:
+                t = prepared
+            else:
+                if self._time is None or self._time[0] != t:
+                    self._time = (t, torch.scalar_tensor(t, dtype=self.dtype,
+                                                         device=self.device))
+                t = self._time[1]
         z = z_flat if self.shape == self.flat_shape else z_flat.reshape(self.shape)
         version = _version(z_flat)
         out = self.func(t, z)

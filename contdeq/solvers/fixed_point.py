@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,7 +15,7 @@ from .errors import OnNonConvergence, report_nonconvergence
 from .progress import Progress
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS
-from .stats import LoopResult, SolverStats
+from .stats import LoopResult, Solution
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .unbatched import solve_as_one_sample
@@ -46,7 +47,7 @@ def fixed_point(
     per_sample: bool = True,
     callback: StepCallback | None = None,
     **options: float | int,
-) -> tuple[Tensor, SolverStats]:
+) -> Solution:
     """Find ``z = g(z)`` for every sample of a batch.
 
     Sample ``b`` (first dimension) has converged when
@@ -103,14 +104,15 @@ def fixed_point(
             max_linear_iterations=200, line_search_steps=10``. Unknown options raise ``TypeError``.
 
     Returns:
-        ``(z, stats)``: ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
+        A :class:`~contdeq.solvers.Solution` ``(z, stats)`` (it unpacks as ``z, stats = ...``):
+        ``z`` shaped like ``z0`` and a :class:`SolverStats` (``nfe`` counts
         every call of ``g``; ``accepted``/``rejected``/``t_final`` are ``None``).
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
-        return solve_flattened(fixed_point, locals())
+        return Solution(*solve_flattened(fixed_point, locals()))
     check_bool(per_sample, "per_sample")
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
-        return solve_as_one_sample(fixed_point, locals())
+        return Solution(*solve_as_one_sample(fixed_point, locals()))
     check_callable(g, "g", "g(z) -> z")
     z0 = check_state(z0)
     FIXED_POINT_METHODS.check(method)
@@ -154,7 +156,7 @@ def fixed_point(
     stats.jvps = getattr(solver, "jvps", None)
     stats.linear_iterations = getattr(solver, "linear_iterations", None)
     report_nonconvergence(stats, on_nonconvergence)
-    return result.z.reshape(z0.shape), stats
+    return Solution(result.z.reshape(z0.shape), stats)
 
 
 def _restart(solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor
@@ -177,7 +179,11 @@ def _iterate_freezing(
     residual: Tensor, hook: StepHook | None = None,
 ) -> LoopResult:
     """Iterate the samples that have not converged (the others stay put) until none is left or
-    a limit is hit; returns each sample's best iterate and the stop reason."""
+    a limit is hit; returns each sample's best iterate and the stop reason.
+
+    After a step where every active sample's residual shrank, every sample's best iterate is
+    its current one (a frozen sample froze at its best and has not moved): the best iterate is
+    copied only after a step where some active residual did not shrink."""
     best = z
     res = None
     while True:
@@ -189,9 +195,17 @@ def _iterate_freezing(
             residual = gz - z
             progress.steps += 1
             res = sample_rms(residual)
-            tol = progress.checked_tolerance(z, res, active)
-            improved = (res < progress.res).logical_and_(active)
-            best = torch.where(improved.unsqueeze(1), z, best)
+            tol = progress.condition.tolerance(z)
+            shrank = res < progress.res
+            # One sync: finite, and every active sample's residual shrank (the usual case);
+            # ``shrank < active``: active and not shrinking (or NaN).
+            probe = (res + tol).masked_fill_(shrank < active, math.nan)
+            if math.isfinite(probe.sum().tolist()):
+                improved, best = active, z
+            else:
+                tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
+                improved = shrank.logical_and_(active)
+                best = torch.where(improved.unsqueeze(1), z, best)
             progress.accept(improved, res, tol)
             if hook is not None and (restart := hook(progress, z)) is not None:
                 z = best = restart

@@ -21,12 +21,11 @@ from torch import Tensor
 from .callback import StepHook
 from .counting import CountedODEFunc
 from .progress import Progress
-from .registry import STEADY_STATE_METHODS
-from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size
+from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size, stage_times
 from .stats import LoopResult
 from .tableaux import Tableau
 from .termination import sample_rms
-from .validation import raise_nonfinite, raise_step_underflow
+from .validation import finite_where, raise_nonfinite, raise_step_underflow
 
 #: Consecutive trial steps with NaN/Inf stages, error estimate or residual after which the
 #: solve stops: each shrinks the step by :data:`NONFINITE_SHRINK`, so the last is ``1e-29``
@@ -67,34 +66,49 @@ class NonFiniteTrials:
         """
         self.count += 1
         if self.count >= MAX_NONFINITE_TRIALS:
-            raise_nonfinite(
-                self.name, step,
-                f"every one of the last {self.count} trial steps from the accepted state at "
-                f"pseudo-time t={t:.6g} was NaN/Inf, down to h={h:.3g}: {self.name} is not "
-                "finite near that state",
-            )
+            raise_trials_exhausted(
+                self.name, step, self.count,
+                f"from the accepted state at pseudo-time t={t:.6g} was NaN/Inf, down to "
+                f"h={h:.3g}")
         return h * NONFINITE_SHRINK
 
     def check_stop(self, reason: str, step: int) -> None:
         """The loop stopped for ``reason``; raise if it stopped right after non-finite trials
         (NaN never passes as a mere non-convergence)."""
-        if self.count and reason != "converged":
-            raise_nonfinite(
-                self.name, step,
-                f"the solve stopped ({reason}) right after {self.count} trial step(s) rejected "
-                "for NaN/Inf, before a finite step was found",
-            )
+        check_stop_after_trials(self.name, step, reason, self.count)
+
+
+def raise_trials_exhausted(name: str, step: int, count: int, where: str) -> None:
+    """Raise :class:`NonFiniteError`: the last ``count`` trial steps ``where`` (how they were
+    taken, for the message) were all NaN/Inf."""
+    raise_nonfinite(name, step, f"every one of the last {count} trial steps {where}: {name} is "
+                                "not finite near that state")
+
+
+def check_stop_after_trials(name: str, step: int, reason: str, count: int) -> None:
+    """Raise :class:`NonFiniteError` when a solve stopped for ``reason`` (not convergence)
+    right after ``count > 0`` trial steps rejected for NaN/Inf."""
+    if count and reason != "converged":
+        raise_nonfinite(
+            name, step,
+            f"the solve stopped ({reason}) right after {count} trial step(s) rejected "
+            "for NaN/Inf, before a finite step was found",
+        )
 
 
 @dataclass(frozen=True)
 class StepControl:
-    """Integrator settings of a Runge-Kutta solve (see :func:`steady_state`)."""
+    """Integrator settings of a steady-state solve (see :func:`steady_state`)."""
 
     atol: float
     rtol: float
     first_step: float | None
     max_step: float
     t_max: float
+    #: ``"lean"``, ``"torchdiffeq"`` or ``"event"`` (Runge-Kutta pairs).
+    backend: str = "lean"
+    #: Run each step compiled (methods with ``compilable``).
+    compile: bool = False
 
 
 def run_runge_kutta(
@@ -112,7 +126,8 @@ def run_runge_kutta(
     state stays exactly where it converged and their local error is zero. When every sample
     has converged, the frozen ones are re-tested on the last step's unmasked evaluation (no
     extra call): a sample that no longer passes (``f`` couples samples) iterates again. A
-    sample that stops unconverged returns its best accepted state.
+    sample that stops unconverged returns its best accepted state; until an active sample's
+    residual fails to shrink, every sample's best state is its current one, and none is copied.
     """
     stepper = RungeKuttaStepper(tableau)
     cap = min(control.max_step, control.t_max)
@@ -121,20 +136,33 @@ def run_runge_kutta(
     accepted = rejected = 0
     trials = NonFiniteTrials(func.name)
     mask = None
-    progress.keep_best(z)
     while True:
-        while (reason := progress.stop_reason(control.t_max)) is None:
-            if progress.n_active < z.shape[0]:
+        # One count of the active samples per step tells both whether to stop and whether to mask.
+        while (reason := progress.stop_reason(
+                control.t_max, any_active=(n_active := progress.n_active) > 0)) is None:
+            if n_active < z.shape[0]:
                 mask = progress.active.to(z.dtype).unsqueeze(1)
                 d = d * mask
             h = min(h, control.max_step, control.t_max - t)
+            times = stage_times(tableau, t, h)
+            if len(set(times)) > 2:  # else one tensor per time is no more operations
+                func.prepare_times(times)
             y1, f1, error = stepper.step(func, t, z, d, h, mask)
             progress.steps += 1
             ratio = error_ratio(error, z, y1, control.atol, control.rtol)
             tol = None
             if ratio <= 1.0:  # False for NaN
                 res = sample_rms(f1)
-                tol = progress.trial_tolerance(y1, res, progress.active)
+                tol = progress.condition.tolerance(y1)
+                # One sync: finite, and (while no best state is kept) every active sample's
+                # residual shrank; ``shrank < active``: active and not shrinking (or NaN).
+                probe = res + tol
+                if progress.best is None:
+                    probe.masked_fill_((res < progress.res) < progress.active, math.nan)
+                if not math.isfinite(probe.sum().tolist()):
+                    tol = tol if finite_where(res + tol, progress.active) else None
+                    if tol is not None and progress.best is None:
+                        progress.keep_best(z)  # a residual rose: keep each sample's best
             if tol is not None:
                 accepted += 1
                 trials.reset()
@@ -163,7 +191,6 @@ def run_runge_kutta(
     return LoopResult(progress.final_state(z), reason, accepted, rejected)
 
 
-@STEADY_STATE_METHODS.register("ptc")
 def run_pseudo_transient(
     func: CountedODEFunc,
     z: Tensor,
@@ -193,9 +220,10 @@ most 2x, at most ``max_step``).
     """
     max_step, t_max = control.max_step, control.t_max
     h = torch.full_like(progress.res, min(control.first_step or max_step, max_step))
-    # Per-sample counts, summed once at the end (fewer tensor operations per step).
-    accepted = torch.zeros_like(progress.res, dtype=torch.long)
-    attempted = torch.zeros_like(accepted)
+    # Per-sample counts, summed once at the end (fewer tensor operations per step); rejections
+    # are counted on the slow path only.
+    rejected = torch.zeros_like(progress.res, dtype=torch.long)
+    attempted = torch.zeros_like(rejected)
     finite_t_max = t_max < math.inf
     trials = NonFiniteTrials(func.name)
     res_new = None
@@ -213,22 +241,24 @@ most 2x, at most ``max_step``).
             progress.steps += 1
             res_new = sample_rms(d_new)
             tol_new = progress.condition.tolerance(z_new)
-            ok = (res_new < res).logical_and_(active)
-            # One sync: finite, and every active sample's residual shrank (the usual case).
-            probe = (res_new + tol_new).masked_fill_(ok.logical_xor(active), math.nan)
-            if math.isfinite(float(probe.sum().detach())):  # unrolled: probe carries a graph
+            # One sync: finite, and every active sample's residual shrank (the usual case);
+            # ``descent < active``: active and not shrinking (or NaN).
+            probe = (res_new + tol_new).masked_fill_((res_new < res) < active, math.nan)
+            if math.isfinite(probe.sum().tolist()):
                 trials.reset()
                 # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
                 # frozen samples, whose h no longer matters).
                 factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
+                # Every active sample moves; a frozen one took a step of 0 from a finite
+                # state with a finite derivative, so z_new equals z there.
+                ok, z = active, z_new
             else:
                 ok, factor = _ptc_slow_path(progress, trials, z, d, d_new, res_new, tol_new, h)
+                rejected += active.logical_xor(ok)  # ok is a subset of active
+                z = torch.where(ok.unsqueeze(1), z_new, z)
             h = factor.mul_(h).clamp_(max=max_step)
-            accepted += ok
             attempted += active
-            keep = ok.unsqueeze(1)
-            z = torch.where(keep, z_new, z)
-            d = torch.where(keep, d_new, d)
+            d = torch.where(ok.unsqueeze(1), d_new, d)
             progress.accept(ok, res_new, tol_new, dt, z)
             if hook is not None and (restart := hook(progress, z)) is not None:
                 z, d = restart, func(0.0, restart)
@@ -239,9 +269,9 @@ most 2x, at most ``max_step``).
         if reason != "converged" or res_new is None or not progress.reopen_stale(z, res_new):
             break
         d = d_new
-    n_accepted = int(accepted.sum())
-    return LoopResult(progress.final_state(z), reason, n_accepted,
-                      int(attempted.sum()) - n_accepted)
+    n_rejected = int(rejected.sum())
+    return LoopResult(progress.final_state(z), reason, int(attempted.sum()) - n_rejected,
+                      n_rejected)
 
 
 def _ptc_slow_path(
@@ -251,14 +281,8 @@ def _ptc_slow_path(
     """Acceptance and step factors of a ptc step where some active sample's residual did not
     shrink or is NaN/Inf; returns ``(accepted, factor)``, each ``(B,)``."""
     active, res = progress.active, progress.res
-    finite = torch.isfinite(res_new + tol_new)
-    descent = res_new < res
-    # Relative change of the derivative over the step; <= 1 when the step resolves the flow.
-    change = sample_rms(d_new - d).div_(res * PTC_SMOOTH_CHANGE).nan_to_num_(nan=math.inf)
     best_res = res if progress.best is None else progress.best.res
-    rise = (change <= 1.0).logical_and_(res_new <= PTC_GROWTH_CAP * best_res)
-    rise.logical_and_(~descent)
-    ok = (descent | rise).logical_and_(finite).logical_and_(active)
+    ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
     if bool(rise.logical_and_(ok).any()) and progress.best is None:
         progress.keep_best(z)  # the residual is no longer monotone: keep each sample's best
     if bool((~finite).logical_and_(active).any()):
@@ -266,10 +290,31 @@ def _ptc_slow_path(
                       float(progress.t.detach().max()))  # may raise
     else:
         trials.reset()
+    return ok, factor
+
+
+def ptc_rule(
+    res: Tensor, d: Tensor, res_new: Tensor, d_new: Tensor, tol_new: Tensor, best_res: Tensor,
+    active: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ptc step rule, branch-free (the eager loop's slow path and the compiled step both
+    run it): from the residual norms ``res`` at the state and ``res_new`` at the trial
+    (``(B,)``), the derivatives ``d``, ``d_new`` (``(B, D)``), the trial's tolerance and each
+    sample's best residual, returns ``(ok, factor, finite, rise)``, each ``(B,)``: which active
+    samples accept the trial, the factor of their next step, whether the trial is finite, and
+    whether it was accepted although its residual rose (a smooth step within
+    :data:`PTC_GROWTH_CAP` of the best)."""
+    finite = torch.isfinite(res_new + tol_new)
+    descent = res_new < res
+    # Relative change of the derivative over the step; <= 1 when the step resolves the flow.
+    change = sample_rms(d_new - d).div_(res * PTC_SMOOTH_CHANGE).nan_to_num_(nan=math.inf)
+    rise = (change <= 1.0).logical_and_(res_new <= PTC_GROWTH_CAP * best_res)
+    rise.logical_and_(~descent)
+    ok = (descent | rise).logical_and_(finite).logical_and_(active)
     factor = torch.where(
         descent, (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0),
         torch.where(ok, change.reciprocal().clamp_(1.0, 2.0),
                     (0.9 / change).clamp_(NONFINITE_SHRINK, 0.5)),
     )
     factor = torch.where(finite, factor, NONFINITE_SHRINK)
-    return ok, factor
+    return ok, factor, finite, rise

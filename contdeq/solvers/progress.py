@@ -2,7 +2,9 @@
 
 Everything here works on ``(B,)`` vectors, so its cost is the number of tensor operations
 dispatched per iteration, not their size: the loops call :meth:`Progress.update` once per
-accepted step and keep that count small.
+accepted step and keep that count small. Host reads of 0-dim results use ``tolist()``, which
+reads the value without dispatching an operation (``float()``/``bool()`` dispatch
+``_local_scalar_dense``); the loops elsewhere in this package do the same.
 """
 
 from __future__ import annotations
@@ -75,21 +77,28 @@ class Progress:
     @property
     def n_active(self) -> int:
         """Samples that have not converged yet."""
-        return int(self.active.sum())
+        return self.active.sum().tolist()
 
-    def stop_reason(self, t_max: float = math.inf) -> str | None:
-        """Why the loop must stop now, or ``None`` to go on."""
-        any_active = self._any_active
+    def stop_reason(self, t_max: float = math.inf, *, any_active: bool | None = None,
+                    t_min: float | None = None) -> str | None:
+        """Why the loop must stop now, or ``None`` to go on. A loop that already read whether
+        any sample is active, or the active samples' least pseudo-time, passes them (no
+        further synchronization)."""
         if any_active is None:
-            any_active = bool(self.active.any())
+            any_active = self._any_active
+        if any_active is None:
+            any_active = self.active.any().tolist()
         if not any_active:
             return "converged"
         if self.halted:
             return "callback"
         if self.steps >= self.max_steps:
             return "max_steps"
-        if t_max < math.inf and self.t is not None and float(self.t[self.active].min()) >= t_max:
-            return "t_max"
+        if t_max < math.inf and self.t is not None:
+            if t_min is None:
+                t_min = float(self.t[self.active].min())
+            if t_min >= t_max:
+                return "t_max"
         if self.timeout is not None and time.perf_counter() - self.start >= self.timeout:
             return "timeout"
         return None
@@ -216,6 +225,16 @@ class Progress:
             if self.t_history is not None and self.t is not None:
                 self.t_history.append(self.t.clone())
 
+    def load(self, res: Tensor, tol: Tensor, active: Tensor, t: Tensor | None) -> None:
+        """Take the ``(B,)`` residual norms, tolerances, active mask and pseudo-time a loop kept
+        itself (the compiled step) as references, recording the history when kept."""
+        self.res, self.tol, self.active, self.t = res, tol, active, t
+        self._any_active = None
+        if self.res_history is not None:
+            self.res_history.append(self.res.clone())
+            if self.t_history is not None and self.t is not None:
+                self.t_history.append(self.t.clone())
+
     def update_all(self, z: Tensor, residual_norm: Tensor) -> None:
         """Record the residual norms (``(B,)``) of every sample (all moved together, none frozen)
         and mark which have converged; a handful of tensor operations (and the best iterate's
@@ -227,7 +246,7 @@ class Progress:
         gap = residual_norm - tol
         rise = 0.0
         if self._last_z is None:
-            lowest, highest = (float(v) for v in torch.aminmax(gap))  # NaN/Inf show here
+            lowest, highest = (v.tolist() for v in torch.aminmax(gap))  # NaN/Inf show here
         else:  # one reduction also tells whether a residual rose
             highest, neg_lowest, rise = torch.stack(
                 (gap, gap.neg(), residual_norm - self.res)).amax(dim=1).tolist()

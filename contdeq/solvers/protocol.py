@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+import math
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["FixedPointSolver"]
+if TYPE_CHECKING:
+    from .callback import StepHook
+    from .counting import CountedODEFunc
+    from .integrate import StepControl
+    from .progress import Progress
+    from .stats import LoopResult
+
+__all__ = ["FixedPointSolver", "SteadyStateSolver"]
 
 
 class FixedPointSolver(Protocol):
@@ -49,4 +57,38 @@ class FixedPointSolver(Protocol):
     def reset(self) -> None:
         """Forget the history (stored iterates, kept values of ``g``): ``g`` or the state
         changed, and the next :meth:`propose` starts afresh."""
+        ...
+
+
+@runtime_checkable
+class SteadyStateSolver(Protocol):
+    """A steady-state method of :func:`~contdeq.solvers.steady_state`: what
+    :data:`~contdeq.solvers.STEADY_STATE_METHODS` holds (a registered
+    :class:`~contdeq.solvers.Tableau` is run by :class:`~contdeq.solvers.methods.RungeKutta`).
+
+    ``steady_state`` validates the arguments, wraps ``func`` (counting, checks), evaluates it
+    at ``z0`` and builds the per-sample bookkeeping (``progress``: residuals, tolerances,
+    freezing, limits, best iterate); then it calls :meth:`run` and assembles the statistics.
+    An optional attribute ``first_step`` (``float | None``) is the first step when the caller
+    gives none. To add a method: an object with these members, registered with
+    ``STEADY_STATE_METHODS.register("name", obj)``; validation, ``steady_state``, the layers'
+    ``method=`` option, the backward's ``"ode"`` method and the tests' parametrizations pick
+    the name up.
+    """
+
+    #: The method's name (statistics, messages).
+    name: str
+    #: Whether it controls a local error (takes ``ode_atol``/``ode_rtol``).
+    local_error_control: bool
+    #: Largest step when the caller gives no ``max_step``.
+    default_max_step: float = math.inf
+    #: Whether it has a compiled loop (``compile=True``).
+    compilable: bool = False
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Step ``z`` (``(B, D)``, ``d = func(0, z)``) until ``progress`` says stop; return the
+        final state and stop reason (:meth:`Progress.final_state` gives each unconverged
+        sample's best state), counting steps in ``progress.steps`` and calling ``hook`` (when
+        given) after every accepted step."""
         ...

@@ -72,7 +72,7 @@ class RungeKuttaStepper:
             ``(y1, f1, error)``: the new state, its (masked) derivative, and the local error
             estimate, each ``(B, D)``. Frozen samples have ``y1 = y0`` and zero ``f1``/``error``.
         """
-        tab = self.tableau
+        tab = self.tableau  # the stage times are those of stage_times(tab, t, h)
         ks = [f0]
         yi = y0
         for alpha_i, beta_i in zip(tab.alpha, tab.beta, strict=True):
@@ -90,6 +90,13 @@ class RungeKuttaStepper:
         return y1, f1, error
 
 
+def stage_times(tableau: Tableau, t: float, h: float) -> list[float]:
+    """The times at which :meth:`RungeKuttaStepper.step` from ``t`` with step ``h`` evaluates
+    the function, computed as it computes them."""
+    times = [t + alpha_i * h for alpha_i in tableau.alpha]
+    return times if tableau.fsal else [*times, t + h]
+
+
 def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> float:
     """Largest per-sample RMS of ``error / (atol + rtol * max(|y0|, |y1|))``.
 
@@ -105,7 +112,7 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float)
         floor = atol if atol > 0 else torch.finfo(error.dtype).tiny
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(floor)
         per_sample = torch.linalg.vector_norm(error / scale, dim=1)
-        return float(per_sample.max()) / (error.shape[1] ** 0.5)
+        return per_sample.max().tolist() / (error.shape[1] ** 0.5)
 
 
 def next_step_size(

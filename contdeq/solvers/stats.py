@@ -1,5 +1,6 @@
 """Statistics of one solve: why it stopped (:class:`StopReason`), what a loop returns
-(:class:`LoopResult`) and the :class:`SolverStats` assembled from it."""
+(:class:`LoopResult`), the :class:`SolverStats` assembled from it and the :class:`Solution`
+the solvers return."""
 
 from __future__ import annotations
 
@@ -45,12 +46,16 @@ class LoopResult(NamedTuple):
         stop_reason: why the loop stopped.
         accepted: accepted Runge-Kutta steps (``None`` where not observable or not applicable).
         rejected: rejected Runge-Kutta steps (``None`` likewise).
+        jvps: Jacobian-vector products (Newton-Krylov methods; ``None`` elsewhere).
+        linear_iterations: GMRES iterations (``None`` where no linear system is solved).
     """
 
     z: Tensor
     stop_reason: StopReason | str
     accepted: int | None = None
     rejected: int | None = None
+    jvps: int | None = None
+    linear_iterations: int | None = None
 
 
 @dataclass
@@ -134,3 +139,27 @@ class SolverStats:
         """The :meth:`summary` line: ``print(stats)`` stays short at any batch size (the
         per-sample tensors are the attributes ``residual``, ``converged``, ...)."""
         return f"SolverStats({self.summary()})"
+
+
+class Solution(NamedTuple):
+    """What :func:`~contdeq.solvers.steady_state` and :func:`~contdeq.solvers.fixed_point`
+    return: a named pair that unpacks as ``z, stats = ...``.
+
+    Attributes:
+        z: the solution shaped like ``z0`` (``(B, ...)``, or a tuple of per-scale states):
+            each sample's returned state (an unconverged sample's best iterate).
+        stats: what the solve did (:class:`SolverStats`).
+    """
+
+    z: Tensor | tuple[Tensor, ...]
+    stats: SolverStats
+
+    @property
+    def stop_reason(self) -> StopReason:
+        """Why the solve stopped (``stats.stop_reason``)."""
+        return self.stats.stop_reason
+
+    @property
+    def converged(self) -> Tensor:
+        """``(B,)`` bool: which samples met their tolerance (``stats.converged``)."""
+        return self.stats.converged

@@ -12,20 +12,14 @@ from .._warnings import warn
 from .callback import StepCallback, StepHook, check_callback
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
-from .implicit_ptc import run_implicit_ptc
-from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
+from .integrate import StepControl
+from .methods import steady_state_solver
 from .progress import Progress
-from .registry import STEADY_STATE_METHODS
-from .stats import SolverStats
+from .protocol import SteadyStateSolver
+from .stats import Solution
 from .structure import solve_flattened
-from .tableaux import TABLEAUX
 from .termination import SteadyStateCondition
-from .torchdiffeq_backend import (
-    EVENT_METHODS,
-    TORCHDIFFEQ_FSAL_METHODS,
-    run_odeint_event,
-    run_torchdiffeq_loop,
-)
+from .torchdiffeq_backend import EVENT_METHODS, TORCHDIFFEQ_FSAL_METHODS
 from .unbatched import solve_as_one_sample
 from .validation import (
     check_bool,
@@ -51,7 +45,7 @@ def steady_state(
     func: Callable[[Tensor, Tensor], Tensor],
     z0: Tensor | tuple[Tensor, ...],
     *,
-    method: str = "dopri5",
+    method: str | SteadyStateSolver = "dopri5",
     atol: float | None = None,
     rtol: float | None = None,
     ode_atol: float | None = None,
@@ -67,7 +61,7 @@ def steady_state(
     per_sample: bool = True,
     callback: StepCallback | None = None,
     compile: bool = False,
-) -> tuple[Tensor, SolverStats]:
+) -> Solution:
     """Integrate ``dz/dt = func(t, z)`` from ``z0`` until every sample is at steady state.
 
     For a deep equilibrium layer ``func(t, z) = f(z, x) - z``: the steady state is the fixed
@@ -101,7 +95,9 @@ def steady_state(
             backward-Euler pseudo-transient continuation, each step a Newton-Krylov solve
             (GMRES with Jacobian-vector products, counted in ``stats.jvps``), for stiff
             problems (PDE discretizations) where explicit steps are stability-limited. A trial
-            step that produces NaN/Inf is rejected and shrunk, whatever the method.
+            step that produces NaN/Inf is rejected and shrunk, whatever the method. Any name
+            registered in :data:`~contdeq.solvers.STEADY_STATE_METHODS`, or a solver object
+            following :class:`~contdeq.solvers.protocol.SteadyStateSolver`.
         atol, rtol: steady-state tolerances (RMS norms); either may be 0 (not both). Default
             (``None``): :func:`~contdeq.solvers.validation.default_tolerance` of ``z0``'s dtype,
             ``1e-4`` for float32/float64, ``2 * eps`` for half precision (bf16 ``1.56e-2``,
@@ -113,11 +109,12 @@ def steady_state(
             ``"ptc"`` and ``"implicit_ptc"`` have no local-error control and reject them.
         max_steps: limit on solver steps (accepted + rejected).
         t_max: limit on the pseudo-time.
-        first_step: initial step; default chosen from ``||func(0, z0)||`` at no extra cost
+        first_step: initial step; default the solver object's ``first_step`` when it has
+            one (``PTC(first_step=...)``), else chosen from ``||func(0, z0)||`` at no extra cost
             (see :func:`contdeq.solvers.rk.initial_step`); ``max_step`` for ``"ptc"``, ``1.0``
             for ``"implicit_ptc"``.
-        max_step: largest step (default ``inf``; ``1.0`` for ``"ptc"``, where ``h = 1`` is
-            the Picard step).
+        max_step: largest step (default the method's ``default_max_step``: ``inf``; ``1.0``
+            for ``"ptc"``, where ``h = 1`` is the Picard step; ``PTC(max_step=...)`` sets it).
         backend: ``"lean"`` (default, fastest: our own stepper), ``"torchdiffeq"``
             (torchdiffeq's stepping loop with our terminator; dopri5, bosh3, dopri8) or
             ``"event"`` (torchdiffeq's public ``odeint_event``; no per-sample freezing).
@@ -141,7 +138,8 @@ def steady_state(
             ``callback``.
 
     Returns:
-        ``(z, stats)``: ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
+        A :class:`~contdeq.solvers.Solution` ``(z, stats)`` (it unpacks as ``z, stats = ...``):
+        ``z`` shaped like ``z0``; ``stats`` a :class:`SolverStats` with the
         residual, tolerance and convergence of each sample and the exact number of calls
         of ``func``. A sample that stops unconverged returns its best state (smallest
         residual; the event backend: the last).
@@ -154,22 +152,23 @@ def steady_state(
             modified its input in place.
     """
     if isinstance(z0, tuple):  # per-scale states: solve on them flattened
-        return solve_flattened(steady_state, locals())
+        return Solution(*solve_flattened(steady_state, locals()))
     check_bool(per_sample, "per_sample")
     check_bool(compile, "compile")
     if isinstance(z0, Tensor) and z0.ndim >= 1 and (z0.ndim == 1 or not per_sample):
-        return solve_as_one_sample(steady_state, locals())
+        return Solution(*solve_as_one_sample(steady_state, locals()))
+    solver = steady_state_solver(method)
+    method = solver.name
     if compile:
-        # Imported here: importing it registers "ptc" (via .integrate) ahead of "implicit_ptc".
-        from .compiled import compile_supported
+        if not solver.compilable:
+            from .compiled import compile_supported
 
-        compile_supported(method)
+            compile_supported(method)  # raises, naming the methods that compile
         if callback is not None:
             raise ValueError("compile=True does not take a callback (the compiled step has no "
                              "hook); use compile=False with callback")
     check_callable(func, "func", "func(t, z) -> dz/dt")
     z0 = check_state(z0)
-    STEADY_STATE_METHODS.check(method)
     check_choice(backend, "backend", BACKENDS)
     atol, rtol = resolve_tolerances(atol, rtol, z0)
     check_positive_int(max_steps, "max_steps")
@@ -179,9 +178,10 @@ def steady_state(
         check_positive_float(timeout, "timeout")
     if first_step is not None:
         check_positive_float(first_step, "first_step")
-    default_max_step = 1.0 if method == "ptc" else math.inf
+    else:
+        first_step = getattr(solver, "first_step", None)
     max_step = check_positive_float(
-        default_max_step if max_step is None else max_step, "max_step", allow_inf=True
+        solver.default_max_step if max_step is None else max_step, "max_step", allow_inf=True
     )
     if backend != "lean":
         allowed = TORCHDIFFEQ_FSAL_METHODS if backend == "torchdiffeq" else EVENT_METHODS
@@ -190,14 +190,15 @@ def steady_state(
         raise ValueError("callback is not supported by backend='event': torchdiffeq's "
                          "odeint_event neither shows the state after each step nor lets it be "
                          "changed; use backend='lean' or 'torchdiffeq'")
-    if method in ("ptc", "implicit_ptc") and (ode_atol is not None or ode_rtol is not None):
+    if not solver.local_error_control and (ode_atol is not None or ode_rtol is not None):
         raise ValueError(
             f"ode_atol and ode_rtol do not apply to method={method!r} (it chooses its steps from "
             "the "
             "residual, with no local-error control); drop them, or use an embedded Runge-Kutta "
             "method such as 'dopri5'"
         )
-    ode_atol, ode_rtol = _integrator_tolerances(atol, rtol, ode_atol, ode_rtol, method)
+    ode_atol, ode_rtol = _integrator_tolerances(atol, rtol, ode_atol, ode_rtol,
+                                                solver.local_error_control)
 
     condition = SteadyStateCondition(float(atol), float(rtol))
     counted = CountedODEFunc(func, z0, name="func")
@@ -207,40 +208,25 @@ def steady_state(
         condition, z, d, max_steps=max_steps, timeout=timeout, record=record_trajectory,
         name="func", track_time=True,
     )
-    control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max)
+    control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max, backend, compile)
     hook = None if callback is None else StepHook(callback, method, counted.shape)
-    jvps = linear_iterations = None
-    if method == "ptc":
-        if compile:
-            from .compiled import run_compiled_pseudo_transient
-
-            result = run_compiled_pseudo_transient(counted, z, d, progress, control)
-        else:
-            result = run_pseudo_transient(counted, z, d, progress, control, hook)
-    elif method == "implicit_ptc":
-        result, jvps, linear_iterations = run_implicit_ptc(
-            counted, z, d, progress, first_step, max_step, t_max, hook)
-    elif backend == "lean":
-        result = run_runge_kutta(counted, z, d, progress, TABLEAUX[method], control, hook)
-    elif backend == "torchdiffeq":
-        result = run_torchdiffeq_loop(counted, z, d, progress, method, control, hook)
-    else:
-        result = run_odeint_event(counted, z, d, progress, method, control)
+    result = solver.run(counted, z, d, progress, control, hook)
     label = method if backend == "lean" else f"{method}[{backend}]"
     stats = progress.finish(label, counted.calls, result.stop_reason, result.accepted,
                             result.rejected)
-    stats.jvps, stats.linear_iterations = jvps, linear_iterations
+    stats.jvps, stats.linear_iterations = result.jvps, result.linear_iterations
     report_nonconvergence(stats, on_nonconvergence)
-    return result.z.reshape(z0.shape), stats
+    return Solution(result.z.reshape(z0.shape), stats)
 
 
 def _integrator_tolerances(
-    atol: float, rtol: float, ode_atol: float | None, ode_rtol: float | None, method: str
+    atol: float, rtol: float, ode_atol: float | None, ode_rtol: float | None,
+    local_error_control: bool,
 ) -> tuple[float, float]:
     ode_atol = ODE_TOLERANCE_FACTOR * atol if ode_atol is None else ode_atol
     ode_rtol = ODE_TOLERANCE_FACTOR * rtol if ode_rtol is None else ode_rtol
     check_tolerances(ode_atol, ode_rtol, prefix="ode_")
-    if method in ("ptc", "implicit_ptc"):
+    if not local_error_control:
         return ode_atol, ode_rtol
     if ode_atol > atol or ode_rtol > rtol:
         raise ValueError(

@@ -39,7 +39,7 @@ def all_finite(x: Tensor) -> bool:
     ``isfinite(x).all()``; NaN and Inf propagate into the sum). Only a non-finite sum, which a
     sum of large finite values can also give, pays for the exact test.
     """
-    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(x.detach().sum().tolist()) or bool(torch.isfinite(x).all())
 
 
 def is_vmapped(x: Tensor) -> bool:

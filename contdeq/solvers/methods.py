@@ -1,0 +1,169 @@
+"""The steady-state methods as objects: what :data:`STEADY_STATE_METHODS` holds and
+:func:`~contdeq.solvers.steady_state` runs.
+
+A registered steady-state method is an object following
+:class:`~contdeq.solvers.protocol.SteadyStateSolver`: ``run(func, z, d, progress, control,
+hook) -> LoopResult`` plus a few attributes that :func:`steady_state`'s argument checks read
+(whether the method has local-error control, its default largest step, whether it has a
+compiled loop). The registry is the dispatch: ``steady_state`` looks the name up and calls
+``run``; nothing else names a method. A :class:`~contdeq.solvers.tableaux.Tableau` registered
+in :data:`TABLEAUX` is run by :class:`RungeKutta` (see :func:`steady_state_solver`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any
+
+from torch import Tensor
+
+from .callback import StepHook
+from .counting import CountedODEFunc
+from .implicit_ptc import run_implicit_ptc
+from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
+from .progress import Progress
+from .protocol import SteadyStateSolver
+from .registry import STEADY_STATE_METHODS, TABLEAUX
+from .stats import LoopResult
+from .tableaux import Tableau
+from .torchdiffeq_backend import run_odeint_event, run_torchdiffeq_loop
+from .validation import check_positive_float
+
+__all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
+
+
+class RungeKutta:
+    """An embedded Runge-Kutta pair given by its Butcher tableau, run by the lean loop
+    (:func:`~contdeq.solvers.integrate.run_runge_kutta`) or, with ``control.backend``,
+    torchdiffeq's loop or ``odeint_event``.
+
+    Args:
+        tableau: the pair's coefficients, or the name of a tableau in :data:`TABLEAUX`.
+        first_step: initial step when ``steady_state`` is given none (default: chosen from
+            the problem, :func:`~contdeq.solvers.rk.initial_step`).
+        max_step: largest step when ``steady_state`` is given none (default ``inf``).
+    """
+
+    local_error_control = True
+    compilable = False
+
+    def __init__(self, tableau: Tableau | str, *, first_step: float | None = None,
+                 max_step: float = math.inf) -> None:
+        self.tableau = TABLEAUX[TABLEAUX.check(tableau, "tableau")] if isinstance(
+            tableau, str) else tableau
+        if not isinstance(self.tableau, Tableau):
+            raise TypeError(f"tableau must be a Tableau or a name in TABLEAUX, got {tableau!r:.80}")
+        self.name = self.tableau.name
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return f"RungeKutta({self.name!r})"
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Integrate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
+        if control.backend == "torchdiffeq":
+            return run_torchdiffeq_loop(func, z, d, progress, self.name, control, hook)
+        if control.backend == "event":
+            return run_odeint_event(func, z, d, progress, self.name, control)
+        return run_runge_kutta(func, z, d, progress, self.tableau, control, hook)
+
+
+class PTC:
+    """Explicit pseudo-transient continuation
+    (:func:`~contdeq.solvers.integrate.run_pseudo_transient`); ``control.compile`` runs each
+    step compiled (:mod:`contdeq.solvers.compiled`).
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
+            the Picard step of a DEQ).
+        first_step: initial step when ``steady_state`` is given none (default ``max_step``).
+    """
+
+    name = "ptc"
+    local_error_control = False
+    compilable = True
+
+    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None) -> None:
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r})"
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
+        if control.compile:
+            from .compiled import run_compiled_pseudo_transient
+
+            return run_compiled_pseudo_transient(func, z, d, progress, control)
+        return run_pseudo_transient(func, z, d, progress, control, hook)
+
+
+class ImplicitPTC:
+    """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation: an adapter
+    around :func:`~contdeq.solvers.implicit_ptc.run_implicit_ptc`."""
+
+    name = "implicit_ptc"
+    local_error_control = False
+    compilable = False
+
+    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None) -> None:
+        self.first_step, self.default_max_step = _steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return (f"ImplicitPTC(max_step={self.default_max_step!r}, "
+                f"first_step={self.first_step!r})")
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
+        carries the Jacobian-vector products and GMRES iterations."""
+        result, jvps, linear_iterations = run_implicit_ptc(
+            func, z, d, progress, control.first_step, control.max_step, control.t_max, hook)
+        return result._replace(jvps=jvps, linear_iterations=linear_iterations)
+
+
+def _steps(first_step: float | None, max_step: float) -> tuple[float | None, float]:
+    """Checked ``(first_step, max_step)`` of a solver object."""
+    if first_step is not None:
+        first_step = check_positive_float(first_step, "first_step")
+    return first_step, check_positive_float(max_step, "max_step", allow_inf=True)
+
+
+@cache
+def _runge_kutta(tableau: Tableau) -> RungeKutta:
+    return RungeKutta(tableau)
+
+
+def steady_state_solver(method: str | SteadyStateSolver) -> SteadyStateSolver:
+    """The solver object of ``method``: a registered name (a tableau's is run by
+    :class:`RungeKutta`) or a solver object itself.
+
+    Raises:
+        ValueError: an unregistered name (naming the choices).
+        TypeError: a registered entry or a given object that does not follow
+            :class:`~contdeq.solvers.protocol.SteadyStateSolver`.
+    """
+    if isinstance(method, str):
+        entry: Any = STEADY_STATE_METHODS[STEADY_STATE_METHODS.check(method)]
+    else:
+        entry = method
+    if isinstance(entry, Tableau):
+        return _runge_kutta(entry)
+    if not isinstance(entry, SteadyStateSolver):
+        raise TypeError(
+            f"method must be a registered steady-state method name or a solver object with "
+            f"name, local_error_control, default_max_step, compilable and run(func, z, d, "
+            f"progress, control, hook) (see contdeq.solvers.protocol.SteadyStateSolver), got "
+            f"{entry!r:.80}")
+    return entry
+
+
+# run_implicit_ptc registers itself as a plain function; the registry holds its adapter
+# (same place in the order: before "ptc").
+if "implicit_ptc" in STEADY_STATE_METHODS:
+    STEADY_STATE_METHODS.unregister("implicit_ptc")
+STEADY_STATE_METHODS.register("implicit_ptc", ImplicitPTC())
+STEADY_STATE_METHODS.register("ptc", PTC())
