@@ -63,15 +63,36 @@ def test_counts_by_hand() -> None:
     assert stats.jvps == stats.linear_iterations == stats.steps
 
 
-def test_nonfinite_function_raises() -> None:
-    """A function that returns NaN away from z0 cannot be stepped past by shrinking the step:
-    catches an endless loop of rejected steps or a silent NaN result."""
+def test_nan_region_stalls_at_the_best_iterate() -> None:
+    """A function that returns NaN beyond ``|z| > 0.5`` while its root is at 1: NaN trials are
+    rejected and shrunk, finite ones accepted, and the solve stops as stalled (a non-convergence,
+    raised here as asked) at a finite best iterate inside the region. Catches an endless loop
+    of rejected steps, a silent NaN result, or non-convergence disguised as another error."""
+    from contdeq.solvers import ConvergenceError
+
     def func(t, z):
         return torch.where(z.abs() > 0.5, torch.nan, 1.0 - z)
 
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(ConvergenceError) as caught:
         steady_state(func, torch.zeros(2, 3, dtype=torch.float64), method="implicit_ptc",
-                     max_steps=200)
+                     max_steps=500, on_nonconvergence="raise")
+    stats = caught.value.stats
+    assert stats.stop_reason == "stalled" and stats.steps < 500
+    assert bool(torch.isfinite(stats.residual).all())
+    assert float(stats.residual.max()) <= 0.5 + 1e-12
+
+
+def test_nonfinite_function_raises() -> None:
+    """A function that is NaN at every state but ``z0``: every trial is rejected, and since the
+    function itself returned NaN at finite states the solve raises NonFiniteError (never a
+    silent NaN, never an endless loop of shrinking steps)."""
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+
+    def func(t, z):
+        return torch.where(z == 0, 1.0 - z, torch.nan)
+
+    with pytest.raises(NonFiniteError):
+        steady_state(func, z0, method="implicit_ptc", max_steps=200, on_nonconvergence="ignore")
 
 
 @pytest.mark.slow
