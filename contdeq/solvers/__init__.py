@@ -9,6 +9,7 @@ from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
+from .root import root
 from .stats import SolverStats, StopReason
 from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
@@ -38,6 +39,7 @@ __all__ = [
     "flatten_states",
     "gmres",
     "registries",
+    "root",
     "sample_rms",
     "steady_state",
     "unflatten_states",
