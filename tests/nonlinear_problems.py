@@ -260,7 +260,7 @@ def p20_scalar(x: Tensor) -> Tensor:
 
 
 def p21_freudenstein_roth(x: Tensor) -> Tensor:
-    """Problem 21 (MGH 2); a local minimum of ``||F||`` (``||F||_2 = 4.95``) attracts Newton."""
+    """Problem 21 (MGH 2); a local minimum of ``||F||`` (``||F||_inf = 4.949``) attracts Newton."""
     x1, x2 = _cols(x)
     return _stack([x1 - x2**3 + 5.0 * x2**2 - 2.0 * x2 - 13.0,
                    x1 + x2**3 + x2**2 - 14.0 * x2 - 29.0])

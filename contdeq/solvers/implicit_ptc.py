@@ -13,8 +13,8 @@ non-normal transient, a valley of ``||F||``): the residual need not fall monoton
 the flow. Only a non-finite trial (NaN/Inf state or residual) or a blow-up of the residual by
 more than :attr:`PTCOptions.blowup` is rejected and retried with a smaller step. SER sets the
 next step to ``h * ||F_old|| / ||F_new||``, bounded: at least ``min_growth`` times ``h`` after a
-step that lowered the residual (1 by default: plain SER), at most ``max_growth`` times, and at
-least ``h / max_growth`` after a rise. A sample whose smallest residual has not fallen by
+step that lowered the residual, at most ``max_growth`` times, and at least ``rise_shrink``
+times ``h`` after a rise. A sample whose smallest residual has not fallen by
 ``stall_decrease`` (relative) for ``stall_window`` steps has stalled: it stops, unconverged,
 at its best iterate (``StopReason.STALLED`` when every unconverged sample did);
 the caller's ``on_nonconvergence`` decides what happens.
@@ -65,8 +65,9 @@ class PTCOptions:
             ``benchmarks/nonlinear.py`` (``dz/dt = -F``): 20 solved with 1.0, 20 with 1.2 (one
             other), 19 with 1.5 (the former fixed value); the stiff table is unchanged.
         max_growth: most growth of ``h`` per step (SER grows it by the residual's shrink ratio,
-            which is large once Newton converges quadratically); after a rise of the residual
-            ``h`` shrinks by that ratio, at most ``max_growth``-fold.
+            which is large once Newton converges quadratically).
+        rise_shrink: after an accepted step that raised the residual, ``h`` is multiplied by
+            SER's ratio ``||F_old|| / ||F_new||`` but by no less than this.
         rejection_shrink: ``h`` is multiplied by this after a rejected trial.
         blowup: a trial whose residual exceeds ``blowup`` times the current one is rejected
             (every other finite trial is accepted).
@@ -83,8 +84,9 @@ class PTCOptions:
     """
 
     first_step: float = DEFAULT_FIRST_STEP
-    min_growth: float = 1.0
+    min_growth: float = 1.2
     max_growth: float = 10.0
+    rise_shrink: float = 0.1
     rejection_shrink: float = 0.25
     blowup: float = 1e4
     stall_window: int = 50
@@ -101,6 +103,8 @@ class PTCOptions:
         if not 1.0 <= self.min_growth <= self.max_growth:
             raise ValueError(f"PTCOptions needs 1 <= min_growth <= max_growth, got min_growth="
                              f"{self.min_growth}, max_growth={self.max_growth}")
+        if not 0.0 < self.rise_shrink <= 1.0:
+            raise ValueError(f"rise_shrink must be in (0, 1], got {self.rise_shrink}")
         if not 0.0 < self.rejection_shrink < 1.0:
             raise ValueError(f"rejection_shrink must be in (0, 1), got {self.rejection_shrink}")
         if not self.blowup > 1.0:
@@ -240,7 +244,7 @@ def _next_step(h: Tensor, ok: Tensor, res: Tensor, res_new: Tensor, opts: PTCOpt
     ratio = torch.where(torch.isfinite(ratio), ratio, opts.max_growth)
     fell = res_new < res
     growth = torch.where(fell, ratio.clamp(opts.min_growth, opts.max_growth),
-                         ratio.clamp(min=1.0 / opts.max_growth))
+                         ratio.clamp(min=opts.rise_shrink, max=1.0))
     return h * torch.where(ok, growth, opts.rejection_shrink)
 
 
