@@ -18,8 +18,9 @@ times ``h`` after a rise. A sample whose smallest residual has not fallen by
 ``stall_decrease`` (relative) for ``stall_window`` steps has stalled: it stops, unconverged,
 at its best iterate (``StopReason.STALLED`` when every unconverged sample did);
 the caller's ``on_nonconvergence`` decides what happens.
-:class:`~contdeq.solvers.errors.NonFiniteError` is raised only when ``F`` itself returned NaN
-or Inf at a finite trial state and the solve stopped right after such trials.
+:class:`~contdeq.solvers.errors.NonFiniteError` is raised only when the solve stopped right
+after trials where ``F`` (or its Jacobian-vector products) returned NaN or Inf at finite states:
+for finite products GMRES always returns a finite correction.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def run_implicit_ptc(
     assert progress.t is not None
     progress.keep_best(z)
     stall = _Stall(progress.res, opts)
-    bad_value = torch.zeros_like(progress.active)  # F was NaN/Inf at the last, finite trial
+    # The last trial was NaN/Inf: F's value at a finite trial state, or the trial state itself
+    # (GMRES is finite for finite products, so a NaN/Inf Jacobian product of F at z).
+    bad_value = torch.zeros_like(progress.active)
     while (reason := progress.stop_reason(t_max)) is None:
         res = progress.res
         active = progress.active & ~stall.stalled
@@ -184,7 +187,7 @@ def run_implicit_ptc(
         res_new = sample_rms(d_new)
         tol_new = progress.condition.tolerance(trial)
         finite = torch.isfinite(res_new + tol_new) & finite_z
-        bad_value = torch.where(active, finite_z & ~finite, bad_value)
+        bad_value = torch.where(active, ~finite, bad_value)
         ok = finite & active & (res_new <= opts.blowup * res)
         accepted += ok
         attempted += active
@@ -206,8 +209,9 @@ def run_implicit_ptc(
     unconverged = progress.res > progress.tol
     if reason != StopReason.CONVERGED and bool((bad_value & unconverged).any()):
         raise_nonfinite(counted.name, progress.steps,
-                        f"the solve stopped ({reason}) right after trial steps at finite states "
-                        "where the function returned NaN/Inf, before a finite step was found")
+                        f"the solve stopped ({reason}) right after trial steps where the function "
+                        "or its Jacobian-vector products returned NaN/Inf, before a finite step "
+                        "was found")
     n_accepted = int(accepted.sum())
     return (LoopResult(final, reason, n_accepted, int(attempted.sum()) - n_accepted), lin.jvps,
             linear_iterations)
