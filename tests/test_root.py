@@ -222,3 +222,14 @@ def test_bad_arguments() -> None:
         root(f, x0, solver="trust_region", jvp="forward")
     with pytest.raises(TypeError, match="F"):
         root(3, x0)
+
+
+@pytest.mark.parametrize("solver", ["newton", "ptc"])
+def test_parameters_requiring_grad(solver: str) -> None:
+    """F with a parameter that requires grad: the solve runs (Jacobian products still work)
+    and x comes back without autograd history."""
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    x, stats = root(lambda x: w * x - 1.0, torch.zeros(2, 3, dtype=torch.float64),
+                    solver=solver, atol=1e-10, rtol=0.0)
+    assert stats.all_converged and not x.requires_grad
+    torch.testing.assert_close(x, torch.full((2, 3), 0.5, dtype=torch.float64))

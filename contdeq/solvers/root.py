@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .callback import StepInfo, Stop
 from .counting import CountedODEFunc
-from .errors import ConvergenceError, OnNonConvergence, report_nonconvergence
+from .errors import ConvergenceError, NonFiniteError, OnNonConvergence, report_nonconvergence
 from .fixed_point import fixed_point
 from .implicit_ptc import PTCOptions, run_implicit_ptc
 from .progress import Progress
@@ -111,7 +111,9 @@ def root(
             fixed-point solvers' options (``memory``, ``damping``, ...). Unknown ones raise.
 
     Returns:
-        ``(x, stats)``: ``x`` shaped like ``x0``; a :class:`SolverStats` whose ``residual`` is
+        ``(x, stats)``: ``x`` shaped like ``x0``, without autograd history (the iterations run
+        under ``torch.no_grad()``; differentiate a root implicitly, e.g. with
+        :mod:`contdeq.implicit`); a :class:`SolverStats` whose ``residual`` is
         ``rms(F(x_b))`` per sample, ``nfe`` counts every call of ``F`` (``jvps`` the Jacobian
         products of Newton and ΨTC) and ``stop_reason`` is ``"stalled"`` when every
         unconverged sample stalled.
@@ -133,12 +135,13 @@ def root(
     batched = x0.unsqueeze(0) if unbatched else x0
     fn = (lambda x: F(x.squeeze(0)).unsqueeze(0)) if unbatched else F
     atol, rtol = resolve_tolerances(atol, rtol, batched)
-    if solver == "ptc":
-        x, stats = _solve_ptc(fn, batched, float(atol), float(rtol), max_steps, timeout,
-                              options)
-    else:
-        x, stats = _solve_fixed_point(fn, batched, solver, atol, rtol, max_steps, timeout,
-                                      options)
+    with torch.no_grad():  # the iterations are not differentiated (Jacobian products are)
+        if solver == "ptc":
+            x, stats = _solve_ptc(fn, batched, float(atol), float(rtol), max_steps, timeout,
+                                  options)
+        else:
+            x, stats = _solve_fixed_point(fn, batched, solver, atol, rtol, max_steps, timeout,
+                                          options)
     x = x.squeeze(0) if unbatched else x
     try:
         report_nonconvergence(stats, on_nonconvergence)
@@ -191,6 +194,11 @@ def _solve_fixed_point(F: Callable[[Tensor], Tensor], x0: Tensor, solver: str,
                                timeout=timeout, callback=stall, **options)
     except TypeError as exc:
         raise TypeError(f"root(solver={solver!r}): {exc}") from None
+    except NonFiniteError as exc:  # name the user's F, not the internal g = x - F(x)
+        raise NonFiniteError(
+            f"root(solver={solver!r}): {exc} (g(x) = x - F(x): F returned NaN/Inf, typically "
+            "at an iterate the fixed-point iteration diverged to; solver='newton' or 'ptc' "
+            "globalize)", exc.step) from None
     if stats.stop_reason == StopReason.CALLBACK:  # only the stall test stops by callback
         stats.stop_reason = StopReason.STALLED
     stats.method = solver
