@@ -194,3 +194,35 @@ def near_edge_cell(width: int = 64, batch: int = 4, radius: float = 0.97, seed: 
             return torch.tanh(self.lin(z) + x)
 
     return Cell(), x, z
+
+
+def reaction_diffusion(n: int = 60, b: float = 1.9, rate: float = 30.0, batch: int = 2
+                       ) -> StiffProblem:
+    """Two-species reaction-diffusion (the Brusselator with a space-dependent feed), 1-D:
+    ``u_t = u_xx + k (a(x) - (b + 1) u + u^2 v)``, ``v_t = 0.5 v_xx + k (b u - u^2 v)``,
+    ``a(x) = 1 + 0.5 sin(pi x)``, rate ``k``, ``u = 1`` and ``v = b`` at both ends; state
+    ``(B, 2, n)``.
+
+    With ``b < 1 + a^2`` everywhere the reaction is below its Hopf point and the steady state
+    is stable (``tests/test_stiff.py`` checks the eigenvalues of the Jacobian); diffusion
+    makes it stiff (eigenvalues to about ``-4 (n + 1)^2``) and the reaction's Jacobian
+    ``k [[b - 1, a^2], [-b, -a^2]]`` is far from normal: from the start states (the
+    homogeneous ``u = a``, ``v = b / a`` with a bump of ``v``, and a sharper bump) the residual
+    rises before it falls. The reference is the dense Newton solution from the homogeneous
+    state; the test checks it against scipy's BDF integration of the flow."""
+    h = 1.0 / (n + 1)
+    x = torch.linspace(h, 1 - h, n, dtype=torch.float64)
+    feed = 1.0 + 0.5 * torch.sin(torch.pi * x)
+
+    def rhs(z: Tensor) -> Tensor:
+        u, v = z[:, 0], z[:, 1]
+        uuv = u * u * v
+        du = _second_difference(u, 1.0, 1.0, h) + rate * (feed.to(z) - (b + 1.0) * u + uuv)
+        dv = 0.5 * _second_difference(v, b, b, h) + rate * (b * u - uuv)
+        return torch.stack([du, dv], dim=1)
+
+    z0 = torch.stack([torch.stack([feed, b / feed + torch.sin((2 * k + 1) * torch.pi * x) / (
+        k + 1)]) for k in range(batch)])
+    guess = torch.stack([feed, b / feed]).expand(batch, 2, n)
+    return StiffProblem("reaction_diffusion", rhs, z0, _dense_newton(rhs, guess),
+                        _numpy(rhs, (2, n), batch))

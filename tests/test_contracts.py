@@ -37,7 +37,7 @@ TIGHT = {"atol": 1e-12, "rtol": 1e-12, "max_steps": 300}
 def test_stop_reason_values_are_the_old_strings() -> None:
     """The enum keeps every string callers compare with (a renamed value breaks them)."""
     assert {r.value for r in StopReason} == {"converged", "max_steps", "t_max", "timeout",
-                                             "event", "t_end", "depth", "callback"}
+                                             "event", "t_end", "depth", "callback", "stalled"}
     for reason in StopReason:
         assert reason == reason.value and str(reason) == reason.value
         assert f"{reason:>10s}" == f"{reason.value:>10s}"

@@ -186,3 +186,27 @@ def test_solvers_return_a_solution_that_unpacks(tuple_state):
         assert torch.equal(out.converged, stats.converged)
     one = steady_state(lambda t, z: -z, torch.ones(3))  # unbatched: through solve_as_one_sample
     assert isinstance(one, Solution) and one.z.shape == (3,)
+
+
+def test_implicit_ptc_object_passes_its_options_to_the_solve() -> None:
+    """``ImplicitPTC(options=PTCOptions(...))`` changes the computation: a GMRES cap of one
+    iteration per step takes more steps than the default on a stiff linear flow, and a
+    non-PTCOptions value is refused naming the type."""
+    from contdeq.solvers import ImplicitPTC, PTCOptions
+
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    matrix = -(a @ a.T) - 0.5 * torch.eye(6, dtype=torch.float64)
+    z0 = torch.randn(3, 6, dtype=torch.float64)
+
+    def func(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z @ matrix.T + 1.0
+
+    _, default = contdeq.solvers.steady_state(func, z0, method="implicit_ptc")
+    _, capped = contdeq.solvers.steady_state(
+        func, z0, method=ImplicitPTC(options=PTCOptions(max_linear_iterations=1)),
+        on_nonconvergence="ignore")
+    assert default.all_converged
+    assert capped.linear_iterations != default.linear_iterations
+    with pytest.raises(TypeError, match="PTCOptions"):
+        ImplicitPTC(options={"restart": 5})

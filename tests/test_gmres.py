@@ -119,3 +119,65 @@ def test_gmres_backward_near_the_edge() -> None:
     assert stats.linear_iterations == stats.steps
     err = (w - exact).norm(dim=1) / exact.norm(dim=1)
     assert float(err.max()) < 1e-3
+
+
+def _rank_deficient(batch: int, dim: int, rank: int) -> torch.Tensor:
+    left = torch.randn(batch, dim, rank, dtype=torch.float64)
+    right = torch.randn(batch, rank, dim, dtype=torch.float64)
+    return left @ right
+
+
+def test_inconsistent_singular_system_is_not_claimed() -> None:
+    """The issue's ``A = [[-1, 1], [-1, 1]]``, ``b = [2, 0]`` (``b`` outside the range) beside a
+    regular sample: a finite least-squares iterate (``x2 - x1 = 1``, RMS residual 1), reported
+    unconverged, while the regular sample converges. Catches the breakdown read as "lucky"
+    (NaN with ``converged=True``)."""
+    a = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]], [[2.0, 0.0], [1.0, 3.0]]], dtype=torch.float64)
+    b = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    out = gmres(_matvec(a), b, rtol=1e-10)
+    assert bool(torch.isfinite(out.solution).all())
+    assert out.converged.tolist() == [False, True]
+    true_res = (b - _matvec(a)(out.solution)).pow(2).mean(1).sqrt()
+    torch.testing.assert_close(out.residual, true_res, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(true_res[0], torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("restart", [60, 5])
+def test_rank_deficient_systems(dtype: torch.dtype, restart: int) -> None:
+    """Random rank-5 systems of size 20: with ``b`` in the range GMRES converges; with a part
+    outside it every sample ends finite, unconverged, its reported residual the true one and
+    no larger than the least-squares optimum by much (restarts and float32 included)."""
+    torch.manual_seed(0)
+    a = _rank_deficient(4, 20, 5)
+    consistent = _matvec(a)(torch.randn(4, 20, dtype=torch.float64))
+    outside = consistent + torch.randn(4, 20, dtype=torch.float64)
+    lstsq = torch.linalg.pinv(a) @ outside.unsqueeze(2)
+    best = (outside - _matvec(a)(lstsq.squeeze(2))).pow(2).mean(1).sqrt()
+    a_d = a.to(dtype)
+    ok = gmres(_matvec(a_d), consistent.to(dtype), rtol=1e-4, restart=restart,
+               max_iterations=500)
+    assert bool(ok.converged.all())
+    out = gmres(_matvec(a_d), outside.to(dtype), rtol=1e-6, restart=restart, max_iterations=500)
+    assert bool(torch.isfinite(out.solution).all())
+    assert not bool(out.converged.any())
+    true_res = (outside.to(dtype) - _matvec(a_d)(out.solution)).pow(2).mean(1).sqrt()
+    torch.testing.assert_close(out.residual, true_res, rtol=1e-3, atol=1e-5)
+    assert bool((true_res.double() <= 1.5 * best + 1e-5).all())
+
+
+def test_adjoint_gmres_on_a_singular_system() -> None:
+    """The implicit backward's GMRES path on ``(I - J)^T w = v`` with ``I - J`` singular and
+    ``v`` outside its range: a finite ``w``, ``stats.converged`` False, ConvergenceError raised
+    when asked (never NaN passed on as a gradient)."""
+    from contdeq.implicit import solve_adjoint
+    from contdeq.solvers import ConvergenceError
+
+    # I - J = [[-1, 1], [1, -1]]: singular
+    jac = torch.tensor([[2.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
+    v = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    w, stats = solve_adjoint(lambda w: w @ jac, v, method="gmres", tol=1e-8,
+                             on_nonconvergence="ignore")
+    assert bool(torch.isfinite(w).all()) and not bool(stats.converged.any())
+    with pytest.raises(ConvergenceError):
+        solve_adjoint(lambda w: w @ jac, v, method="gmres", tol=1e-8, on_nonconvergence="raise")

@@ -97,9 +97,39 @@ def test_forward_mode_products_agree() -> None:
 
 @pytest.mark.parametrize(("option", "value", "match"), [
     ("restart", 0, "restart"), ("jvp", "central", "jvp"),
-    ("line_search_steps", 1.5, "line_search_steps"),
+    ("line_search_steps", 1.5, "line_search_steps"), ("line_search_steps", -1, "line_search"),
+    ("forcing", 1.0, "forcing"), ("globalization", "dogleg", "globalization"),
+    ("trust_radius", -1.0, "trust_radius"),
 ])
 def test_bad_options(option: str, value: object, match: str) -> None:
     """Bad options raise at construction and name the option."""
     with pytest.raises((ValueError, TypeError), match=match):
         fixed_point(lambda z: z / 2, torch.ones(2, 3), method="newton", **{option: value})
+
+
+def test_full_steps_count() -> None:
+    """``line_search_steps=0``: one evaluation per iteration (the full step, no backtracking),
+    plus the one at z0 and the one recording its graph; exact linear solves (``forcing``) make
+    a linear map converge in one iteration."""
+    a = spd_batch(3, 12, torch.float64, hi=50.0)
+    b = torch.randn(3, 12, dtype=torch.float64)
+    g = CallCounter(lambda z: z - (torch.bmm(a, z.unsqueeze(2)).squeeze(2) - b))
+    z, stats = fixed_point(g, torch.zeros(3, 12, dtype=torch.float64), method="newton",
+                           line_search_steps=0, forcing=1e-10, atol=1e-9, rtol=0.0)
+    assert stats.all_converged and stats.steps == 1 and stats.nfe == g.calls == 3
+    torch.testing.assert_close(z, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+
+
+def test_trust_region_on_a_nonconvex_map() -> None:
+    """The dogleg trust region per sample: every sample of ``F(z) = z^3 - c`` (as the map
+    ``z - F(z)``) from a far start converges to the cube roots with the residual's norm never
+    rising between accepted iterates (a trust region only accepts decreases)."""
+    c = torch.tensor([[1.0, 8.0], [27.0, -8.0]], dtype=torch.float64)
+    z, stats = fixed_point(lambda z: z - (z**3 - c), torch.full((2, 2), 10.0,
+                                                                dtype=torch.float64),
+                           method="newton", globalization="trust_region", atol=1e-10,
+                           rtol=0.0, max_steps=200, record_trajectory=True)
+    assert stats.all_converged
+    torch.testing.assert_close(z, torch.sign(c) * c.abs() ** (1 / 3))
+    history = stats.residual_history
+    assert bool((history[1:] <= history[:-1] * (1 + 1e-12)).all())

@@ -8,9 +8,11 @@ from .dispatch import CONTINUOUS, check_options, option_names, solve
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
+from .implicit_ptc import PTCOptions
 from .methods import PTC, ImplicitPTC, RungeKutta
 from .protocol import FixedPointSolver, SteadyStateSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
+from .root import root
 from .stats import LoopResult, Solution, SolverStats, StopReason
 from .steady_state import steady_state
 from .structure import flatten_states, unflatten_states
@@ -31,6 +33,7 @@ __all__ = [
     "ImplicitPTC",
     "LoopResult",
     "NonFiniteError",
+    "PTCOptions",
     "Registry",
     "Restart",
     "RungeKutta",
@@ -49,6 +52,7 @@ __all__ = [
     "gmres",
     "option_names",
     "registries",
+    "root",
     "sample_rms",
     "solve",
     "steady_state",

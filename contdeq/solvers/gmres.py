@@ -11,6 +11,16 @@ other), which made a solve 20x slower; on large ones (scipy's 75x75 PDE) ``bmm``
 (the broadcast's temporaries took half the solve's time). The small Hessenberg problem is kept in
 float64 and reduced by Givens rotations accumulated in an explicit orthogonal matrix, so
 applying all earlier rotations to a new column is one batched product.
+
+**Breakdown.** When a new Arnoldi vector vanishes (its norm falls below a few rounding units of
+``||A v||``) the sample's Krylov space is exhausted. If ``A`` is nonsingular on it this is the
+"lucky" breakdown and the iterate is exact; if ``A`` is singular and ``b`` has a part outside
+its range (an inconsistent system), the small triangular factor is singular too. Either way the
+sample stops, its correction is the minimum-norm least-squares solution of the small problem
+(by a pseudo-inverse where the triangle is numerically singular, so it stays finite), its
+residual is the small problem's true least-squares residual (never the Givens estimate, which
+reads zero at such a breakdown), and it is not restarted: ``converged`` is then ``False`` unless
+that residual meets the tolerance.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from .validation import check_positive_int
 #: A vector whose norm drops below this fraction by one Gram-Schmidt pass is orthogonalised
 #: again (Daniel, Gragg, Kaufman & Stewart 1976; Giraud et al. 2005 use 1/sqrt(2)).
 _REORTHOGONALIZE_BELOW = 0.7
+#: A new Arnoldi vector shorter than this many rounding units of ``||A v||`` is a breakdown.
+_BREAKDOWN_ULPS = 16.0
 #: Basis products by broadcasting up to this many elements per sample, by ``torch.bmm`` above.
 _BROADCAST_MAX_ELEMENTS = 16384
 
@@ -37,9 +49,11 @@ class GMRESResult:
 
     Attributes:
         solution: ``(B, D)`` approximate solutions ``x``.
-        residual: ``(B,)`` RMS of ``b - A x`` per sample (the Arnoldi estimate, which equals the
-            true residual up to rounding).
-        converged: ``(B,)`` bool, ``residual <= atol + rtol * rms(b)``.
+        residual: ``(B,)`` RMS of ``b - A x`` per sample (the small least-squares problem's
+            residual, which equals the true residual up to rounding).
+        converged: ``(B,)`` bool, ``residual <= atol + rtol * rms(b)``; ``False`` for a sample
+            whose Krylov space broke down short of the tolerance (a singular, inconsistent
+            system: its ``solution`` is then a finite least-squares iterate).
         iterations: ``(B,)`` Arnoldi steps (products with ``A``) each sample took part in.
         steps: batched Arnoldi steps (calls of ``matvec`` that extend a Krylov space).
         matvecs: batched calls of ``matvec`` (``steps``, plus one per restart and one for a
@@ -67,7 +81,9 @@ def gmres(
     """Solve ``A_b x_b = b_b`` per sample by restarted GMRES, ``A`` known only by products.
 
     Sample ``b`` stops (its Krylov space is frozen and its vectors are zero in later products)
-    once ``rms(b_b - A_b x_b) <= atol_b + rtol_b * rms(b_b)``.
+    once ``rms(b_b - A_b x_b) <= atol_b + rtol_b * rms(b_b)``, or when its Krylov space breaks
+    down (see the module docstring: a finite least-squares iterate, ``converged`` ``False``
+    unless the tolerance is met).
 
     Args:
         matvec: ``v -> A v`` on ``(B, D)`` tensors, acting on each sample separately and
@@ -98,22 +114,25 @@ def gmres(
     iterations = torch.zeros(batch, dtype=torch.long, device=b.device)
     r_norm = torch.linalg.vector_norm(r, dim=1).double()
     active = r_norm > target
+    stuck = torch.zeros_like(active)  # broke down short of the tolerance: not restarted
     steps = 0
     while bool(active.any()) and steps < max_iterations:
         if steps > 0:  # a restart: the true residual of the current x
             r = b - matvec(x)
             matvecs += 1
-            r_norm = torch.linalg.vector_norm(r, dim=1).double()
-            active = r_norm > target
+            r_norm = torch.where(stuck, r_norm,
+                                 torch.linalg.vector_norm(r, dim=1).double())
+            active = (r_norm > target) & ~stuck
             if not bool(active.any()):
                 break
         length = min(restart, max_iterations - steps)
-        dx, r_norm, used = _cycle(matvec, r, r_norm, active, target, length)
+        dx, r_norm, used, broke = _cycle(matvec, r, r_norm, active, target, length)
         x = x + dx
         matvecs += int(used.max())
         steps += int(used.max())
         iterations += used
-        active = r_norm > target
+        stuck |= broke & (r_norm > target)
+        active = (r_norm > target) & ~stuck
     return GMRESResult(
         solution=x, residual=(r_norm / root_d).to(b.dtype), converged=r_norm <= target,
         iterations=iterations, steps=steps, matvecs=matvecs,
@@ -136,11 +155,12 @@ def _per_sample(value: float | Tensor, name: str, b: Tensor) -> Tensor:
 def _cycle(
     matvec: Callable[[Tensor], Tensor], r: Tensor, r_norm: Tensor, active: Tensor,
     target: Tensor, length: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One GMRES cycle of at most ``length`` Arnoldi steps from residual ``r`` (``(B, D)``).
 
-    Returns the correction ``(B, D)``, the estimated residual norms ``(B,)`` (L2, float64) and
-    the number of steps each sample took ``(B,)``.
+    Returns the correction ``(B, D)``, the residual norms ``(B,)`` of the small least-squares
+    problem (L2, float64), the number of steps each sample took ``(B,)`` and which samples'
+    Krylov spaces broke down ``(B,)`` bool.
     """
     batch, dim = r.shape
     dtype = r.dtype
@@ -150,9 +170,12 @@ def _cycle(
     tri = torch.zeros(batch, length, length, dtype=torch.float64, device=r.device)
     q_t = torch.eye(length + 1, dtype=torch.float64, device=r.device).repeat(batch, 1, 1)
     used = torch.zeros(batch, dtype=torch.long, device=r.device)
+    broke = torch.zeros_like(active)
     estimate = r_norm.clone()
+    ulp = torch.finfo(dtype).eps * _BREAKDOWN_ULPS
     for j in range(length):
         w = matvec(basis[:, j])
+        scale = torch.linalg.vector_norm(w, dim=1)
         h, w = _orthogonalize(w, basis[:, : j + 1])
         h_next = torch.linalg.vector_norm(w, dim=1)
         column = torch.cat([h.double(), h_next.double().unsqueeze(1)], dim=1)  # (B, j + 2)
@@ -170,9 +193,11 @@ def _cycle(
                                     - sin.unsqueeze(1) * row_j, row_next)
         used += active
         estimate = torch.where(active, r_norm * q_t[:, j + 1, 0].abs(), estimate)
-        active = active & (estimate > target)
-        keep = active & (h_next > 0)
-        basis[:, j + 1] = (w / torch.where(keep, h_next, 1.0).unsqueeze(1)) * keep.unsqueeze(1)
+        exhausted = active & (h_next <= ulp * scale)
+        broke |= exhausted
+        active = active & (estimate > target) & ~exhausted
+        basis[:, j + 1] = (w / torch.where(active, h_next, 1.0).unsqueeze(1)
+                           ) * active.unsqueeze(1)
         if not bool(active.any()):
             break
     steps = int(used.max())
@@ -182,10 +207,32 @@ def _cycle(
     square = own.unsqueeze(2) & own.unsqueeze(1)
     eye = torch.eye(steps, dtype=torch.float64, device=r.device).expand(batch, -1, -1)
     tri_k = torch.where(square, tri[:, :steps, :steps], eye)
-    rhs = torch.where(own, r_norm.unsqueeze(1) * q_t[:, :steps, 0], 0.0)
-    y = torch.linalg.solve_triangular(tri_k, rhs.unsqueeze(2), upper=True)
-    correction = _combine(y.squeeze(2).to(dtype), basis[:, :steps])
-    return correction, estimate, used
+    g = r_norm.unsqueeze(1) * q_t[:, : steps + 1, 0]  # Q^T (||r|| e_1), (B, steps + 1)
+    rhs = torch.where(own, g[:, :steps], 0.0)
+    y = _triangular_least_squares(tri_k, rhs, torch.finfo(dtype).eps * _BREAKDOWN_ULPS)
+    # The small problem's least-squares residual ||Q^T ||r|| e_1 - [R y; 0]||: equal to the
+    # Givens estimate unless R is singular, where the estimate would read zero.
+    fitted = torch.cat([(tri_k @ y.unsqueeze(2)).squeeze(2), g.new_zeros(batch, 1)], dim=1)
+    # (An idle sample has y = 0 and g = (||r||, 0, ...): its residual stays ||r||.)
+    estimate = torch.linalg.vector_norm(g - fitted, dim=1)
+    correction = _combine(y.to(dtype), basis[:, :steps])
+    return correction, estimate, used, broke
+
+
+def _triangular_least_squares(tri: Tensor, rhs: Tensor, rcond: float) -> Tensor:
+    """``(B, k)`` minimum-norm least-squares solutions of ``tri_b y_b = rhs_b`` (``tri``:
+    ``(B, k, k)`` upper triangular, float64): by back substitution, or by a pseudo-inverse
+    (singular values below ``rcond`` times the largest dropped) for the samples whose triangle
+    is numerically singular (a diagonal entry below ``rcond`` times the largest)."""
+    diag = tri.diagonal(dim1=1, dim2=2).abs()
+    singular = (diag <= rcond * diag.amax(dim=1, keepdim=True)).any(dim=1)
+    safe = torch.where(singular.view(-1, 1, 1), torch.eye(
+        tri.shape[1], dtype=tri.dtype, device=tri.device), tri)
+    y = torch.linalg.solve_triangular(safe, rhs.unsqueeze(2), upper=True).squeeze(2)
+    if bool(singular.any()):
+        pinv = torch.linalg.pinv(tri[singular], rtol=rcond)
+        y[singular] = (pinv @ rhs[singular].unsqueeze(2)).squeeze(2)
+    return y
 
 
 def _orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:

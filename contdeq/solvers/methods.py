@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .callback import StepHook
 from .counting import CountedODEFunc
-from .implicit_ptc import run_implicit_ptc
+from .implicit_ptc import PTCOptions, run_implicit_ptc
 from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
 from .progress import Progress
 from .protocol import SteadyStateSolver
@@ -102,26 +102,40 @@ class PTC:
 
 
 class ImplicitPTC:
-    """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation: an adapter
-    around :func:`~contdeq.solvers.implicit_ptc.run_implicit_ptc`."""
+    """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation, Kelley & Keyes'
+    ΨTC: an adapter around :func:`~contdeq.solvers.implicit_ptc.run_implicit_ptc`.
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``inf``).
+        first_step: initial step when ``steady_state`` is given none (default
+            ``options.first_step``).
+        options: ΨTC's tunables (step growth, stall test, GMRES restart and cap, JVP mode,
+            preconditioner): a :class:`~contdeq.solvers.implicit_ptc.PTCOptions`.
+    """
 
     name = "implicit_ptc"
     local_error_control = False
     compilable = False
 
-    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None) -> None:
+    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None,
+                 options: PTCOptions | None = None) -> None:
         self.first_step, self.default_max_step = _steps(first_step, max_step)
+        if options is not None and not isinstance(options, PTCOptions):
+            raise TypeError(f"options must be a PTCOptions, got {type(options).__name__}; "
+                            "build one with contdeq.solvers.PTCOptions(...)")
+        self.options = options
 
     def __repr__(self) -> str:
         return (f"ImplicitPTC(max_step={self.default_max_step!r}, "
-                f"first_step={self.first_step!r})")
+                f"first_step={self.first_step!r}, options={self.options!r})")
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
         carries the Jacobian-vector products and GMRES iterations."""
         result, jvps, linear_iterations = run_implicit_ptc(
-            func, z, d, progress, control.first_step, control.max_step, control.t_max, hook)
+            func, z, d, progress, control.first_step, control.max_step, control.t_max, hook,
+            options=self.options)
         return result._replace(jvps=jvps, linear_iterations=linear_iterations)
 
 

@@ -33,6 +33,9 @@ class StopReason(str, enum.Enum):
     DEPTH = "depth"
     #: A step callback returned :class:`~contdeq.solvers.callback.Stop`.
     CALLBACK = "callback"
+    #: Every unconverged sample stopped making progress (no new smallest residual over the
+    #: solver's stall window); each returns its best iterate.
+    STALLED = "stalled"
 
     def __str__(self) -> str:
         return self.value
@@ -72,7 +75,7 @@ class SolverStats:
         wall_time: seconds spent in the solve.
         stop_reason: a :class:`StopReason` (equal to its string: ``"converged"``,
             ``"max_steps"``, ``"t_max"``, ``"timeout"``, ``"event"``, ``"t_end"``,
-            ``"depth"``, ``"callback"``); a string given here is converted.
+            ``"depth"``, ``"callback"``, ``"stalled"``); a string given here is converted.
         accepted: accepted Runge-Kutta steps (``None`` where it does not apply).
         rejected: rejected Runge-Kutta steps (``None`` where it does not apply).
         t_final: ``(B,)`` pseudo-time at which each sample stopped (ODE solves only).

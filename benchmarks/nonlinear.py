@@ -1,0 +1,156 @@
+"""The 23 nonlinear test problems of SciML's NonlinearProblemLibrary.jl: contdeq's ``root``
+solvers beside ``scipy.optimize.root`` (hybr, lm, krylov).
+
+Each solver runs every problem from its start point at ``atol=1e-8, rtol=0`` (scipy: ``tol``
+or ``fatol`` 1e-8, its other options at their defaults), in float64. Success is judged
+independently after each solve: ``||F(x)||_inf <= 1e-6`` evaluated afresh (SciMLBenchmarks'
+test). A *false claim* is a solve that reported success (contdeq: ``stats.all_converged``;
+scipy: ``success``) where the check fails. NFE counts calls of ``F`` (scipy: ``nfev``; lm's
+finite-difference Jacobian calls included; contdeq's Jacobian-vector products are counted
+apart, in the ``JVPs`` column). Runs are interleaved (repeat r runs every solver on every
+problem once); times are medians over the repeats of the per-solver total.
+
+Usage: ``python benchmarks/nonlinear.py [--repeats N] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, machine_header, write_results
+
+from contdeq.solvers import NonFiniteError, root
+from tests.nonlinear_problems import PROBLEMS, Problem, solved
+
+#: contdeq configurations: (label, root's solver, its options).
+CONTDEQ = (
+    ("contdeq newton", "newton", {}),
+    ("contdeq trust_region", "trust_region", {}),
+    ("contdeq ptc", "ptc", {}),
+    ("contdeq ptc (first_step=10)", "ptc", {"first_step": 10.0}),
+    ("contdeq anderson", "anderson", {}),
+    ("contdeq broyden", "broyden", {}),
+)
+SCIPY = ("hybr", "lm", "krylov")
+TOL = 1e-8
+
+
+def _run_contdeq(problem: Problem, solver: str, options: dict) -> dict:
+    calls = [0]
+
+    def func(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return problem.func(x)
+
+    try:
+        x, stats = root(func, problem.x0(), solver=solver, atol=TOL, rtol=0.0,
+                        on_nonconvergence="ignore", **options)
+    except NonFiniteError as exc:
+        return {"claimed": False, "solved": False, "nfe": calls[0], "jvps": None,
+                "outcome": f"NonFiniteError: {str(exc)[:50]}"}
+    return {"claimed": stats.all_converged, "solved": solved(problem, x), "nfe": stats.nfe,
+            "jvps": stats.jvps, "outcome": str(stats.stop_reason)}
+
+
+def _run_scipy(problem: Problem, method: str) -> dict:
+    from scipy.optimize import root as scipy_root
+
+    calls = [0]
+
+    def func(x: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return problem.func(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+
+    x0 = np.asarray(problem.start, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if method == "krylov":
+                sol = scipy_root(func, x0, method="krylov", options={"fatol": TOL})
+            else:
+                sol = scipy_root(func, x0, method=method, tol=TOL)
+        except Exception as exc:  # an outcome to record
+            return {"claimed": False, "solved": False, "nfe": calls[0], "jvps": None,
+                    "outcome": f"raised {type(exc).__name__}"}
+    return {"claimed": bool(sol.success), "solved": solved(problem, torch.from_numpy(sol.x)),
+            "nfe": calls[0], "jvps": None, "outcome": "success" if sol.success else "failure"}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    runners = {label: (lambda p, s=solver, o=options: _run_contdeq(p, s, o))
+               for label, solver, options in CONTDEQ}
+    runners.update({f"scipy {m}": (lambda p, m=m: _run_scipy(p, m)) for m in SCIPY})
+    results: dict[str, dict[int, dict]] = {name: {} for name in runners}
+    totals: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            total = 0.0
+            for problem in PROBLEMS:
+                start = time.perf_counter()
+                out = run(problem)
+                out["time_s"] = time.perf_counter() - start
+                total += out["time_s"]
+                results[name][problem.number] = out
+            totals[name].append(total)
+    rows = []
+    for name, per_problem in results.items():
+        for number, out in per_problem.items():
+            rows.append({"solver": name, "problem": number, **out, "runs": args.repeats})
+    write_results("nonlinear", _markdown(results, totals, args.repeats), rows, args.out)
+    return rows
+
+
+def _markdown(results: dict[str, dict[int, dict]], totals: dict[str, list[float]],
+              repeats: int) -> str:
+    lm_time = statistics.median(totals["scipy lm"])
+    lines = [
+        "# The 23 problems of NonlinearProblemLibrary.jl (atol=1e-8, rtol=0; success: "
+        f"||F(x)||_inf <= 1e-6 checked afresh; {machine_header()}, shared machine, noisy; "
+        f"times: median of {repeats} interleaved runs of the whole set)",
+        "",
+        "Regenerate with `python benchmarks/nonlinear.py` (problems: "
+        "`tests/nonlinear_problems.py`).",
+        "",
+        "| solver | solved of 23 | false claims | NonFiniteError | NFE (total) | JVPs (total) "
+        "| time (s, total) | time / scipy lm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per_problem in results.items():
+        outs = list(per_problem.values())
+        n_solved = sum(o["solved"] for o in outs)
+        false = sum(o["claimed"] and not o["solved"] for o in outs)
+        nonfinite = sum(str(o["outcome"]).startswith("NonFiniteError") for o in outs)
+        nfe = sum(o["nfe"] or 0 for o in outs)
+        jvps = sum(o["jvps"] or 0 for o in outs) if any(o["jvps"] for o in outs) else None
+        t = statistics.median(totals[name])
+        lines.append(f"| {name} | {n_solved} | {false} | {nonfinite} | {nfe} | "
+                     f"{'–' if jvps is None else jvps} | {t:.3g} | {t / lm_time:.2f} |")
+    lines += ["", "Per problem (✓ solved, ✗ not; the stop reason or scipy's outcome when not):",
+              "", "| problem | " + " | ".join(results) + " |",
+              "|---|" + "---|" * len(results)]
+    for problem in PROBLEMS:
+        cells = []
+        for per_problem in results.values():
+            out = per_problem[problem.number]
+            cells.append("✓" if out["solved"] else f"✗ {out['outcome']}"[:28])
+        lines.append(f"| {problem.number} {problem.title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

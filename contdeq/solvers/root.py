@@ -1,0 +1,236 @@
+"""``root``: solve ``F(x) = 0`` per sample, by Newton (line search or trust region), ΨTC or a
+fixed-point iteration.
+
+**Sign convention of ΨTC.** ``solver="ptc"`` integrates the pseudo-transient flow
+``dx/dt = -F(x)`` by backward Euler (:mod:`contdeq.solvers.implicit_ptc`), each step solving
+``(I / h + J_F) delta = -F(x)``: SciML's ``PseudoTransient`` and Kelley & Keyes' ΨTC use the
+same sign. Why ``-F``: as ``h -> inf`` the step becomes Newton's for either sign, but for small
+``h`` it follows the flow, and a root ``x*`` is a stable equilibrium of ``dx/dt = -F`` exactly
+when the eigenvalues of ``J_F(x*)`` have positive real part (``F`` is the gradient of a
+convex function, a monotone operator, a discretized elliptic operator ``-Δu + ...``). With
+``dx/dt = +F`` such roots repel. Measured on the 23 problems of ``benchmarks/nonlinear.py``:
+``-F`` solved 20, ``+F`` 10 (contdeq before this module; see ``docs/root_finding.md``). A
+problem whose Jacobian has eigenvalues of negative real part at the root wants ``root(lambda
+x: -F(x), ...)``, which has the same roots. The user passes ``F``; ``root`` applies the sign.
+
+The fixed-point solvers (``"anderson"``, ``"broyden"``, ``"picard"``) iterate
+``g(x) = x - F(x)``, whose fixed points are the roots (Picard converges when ``I - J_F`` is a
+contraction). Newton runs on the same ``g``: its linear systems are ``J_F delta = -F``.
+
+Every solver stops a sample whose smallest ``rms(F)`` has not fallen by ``stall_decrease`` (a
+relative ``1e-3``) for ``stall_window`` iterations, and the fixed-point and Newton solvers one
+whose residual grew past ``1e4`` times its smallest (diverging): it is reported unconverged
+(stop reason ``"stalled"`` when no other limit came first) at its best iterate, never as an
+error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .callback import StepInfo, Stop
+from .counting import CountedODEFunc
+from .errors import ConvergenceError, NonFiniteError, OnNonConvergence, report_nonconvergence
+from .fixed_point import fixed_point
+from .implicit_ptc import PTCOptions, run_implicit_ptc
+from .progress import Progress
+from .stats import SolverStats, StopReason
+from .termination import SteadyStateCondition
+from .validation import (
+    check_callable,
+    check_choice,
+    check_on_nonconvergence,
+    check_positive_float,
+    check_positive_int,
+    check_state,
+    resolve_tolerances,
+)
+
+__all__ = ["ROOT_SOLVERS", "root"]
+
+#: The values of ``root``'s ``solver``.
+ROOT_SOLVERS = ("newton", "trust_region", "ptc", "anderson", "broyden", "picard")
+#: Newton's linear solves in ``root``: relative tolerance 1e-6 (nearly exact). The
+#: Eisenstat-Walker forcing term (Newton's default in ``fixed_point``) solved 22 of the 23
+#: problems and took 849 iterations on the generalized Rosenbrock problem, where the inexact
+#: early steps break its chain structure; with 1e-6: 23 of 23.
+NEWTON_FORCING = 1e-6
+#: Stall test of the fixed-point solvers: iterations without a new smallest residual, and the
+#: relative decrease that counts as new (ΨTC's are :class:`PTCOptions` fields, same defaults).
+STALL_WINDOW = PTCOptions.stall_window
+STALL_DECREASE = PTCOptions.stall_decrease
+#: A fixed-point or Newton iterate whose residual exceeds this many times the sample's best has
+#: diverged and stops at once (ΨTC rejects such a trial instead: ``PTCOptions.blowup``).
+DIVERGED = PTCOptions.blowup
+
+
+def root(
+    F: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    solver: str = "newton",
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_steps: int = 1000,
+    on_nonconvergence: OnNonConvergence = "warn",
+    timeout: float | None = None,
+    **options: Any,
+) -> tuple[Tensor, SolverStats]:
+    """Find ``x`` with ``F(x) = 0`` for every sample of a batch.
+
+    Sample ``b`` (first dimension) has converged when
+    ``rms(F(x_b)) <= atol + rtol * rms(x_b)``; converged samples are frozen while the others
+    go on, and each unconverged sample returns its best iterate (smallest residual).
+    A 1-D ``x0`` is one system (returned 1-D, statistics of shape ``(1,)``).
+
+    Args:
+        F: ``F(x) -> residual``, shape, dtype and device of ``x`` preserved, acting on each
+            sample separately (for a coupled batch pass it as one 1-D system).
+        x0: ``(B, D)`` (or ``(B, ...)``) initial guesses, batch first, or ``(D,)``.
+        solver: ``"newton"`` (default: Newton-Krylov with a backtracking line search, linear
+            solves to relative ``1e-6``), ``"trust_region"`` (Newton with Powell's dogleg),
+            ``"ptc"`` (ΨTC on ``dx/dt = -F(x)``, see the module docstring), or a fixed-point
+            iteration on ``x - F(x)``: ``"anderson"``, ``"broyden"``, ``"picard"``.
+        atol, rtol: tolerances (RMS norms); default
+            :func:`~contdeq.solvers.validation.default_tolerance` of ``x0``'s dtype.
+        max_steps: iteration limit (ΨTC: steps, rejected ones included).
+        on_nonconvergence: ``"ignore"``, ``"warn"`` (default) or ``"raise"``
+            (:class:`~contdeq.solvers.ConvergenceError`, with ``.stats`` and ``.x``, the
+            best iterates).
+        timeout: wall-clock limit in seconds.
+        **options: ``stall_window=50``, ``stall_decrease=1e-3`` (every solver); Newton's
+            options (``jvp``, ``restart``, ``max_linear_iterations``, ``line_search_steps``,
+            ``forcing=1e-6``, ``trust_radius``; see :class:`~contdeq.solvers.newton.Newton`);
+            ΨTC's :class:`~contdeq.solvers.implicit_ptc.PTCOptions` fields (``first_step``,
+            ``min_growth``, ``max_growth``, ``restart``, ``preconditioner``, ...); the
+            fixed-point solvers' options (``memory``, ``damping``, ...). Unknown ones raise.
+
+    Returns:
+        ``(x, stats)``: ``x`` shaped like ``x0``, without autograd history (the iterations run
+        under ``torch.no_grad()``; differentiate a root implicitly, e.g. with
+        :mod:`contdeq.implicit`); a :class:`SolverStats` whose ``residual`` is
+        ``rms(F(x_b))`` per sample, ``nfe`` counts every call of ``F`` (``jvps`` the Jacobian
+        products of Newton and ΨTC) and ``stop_reason`` is ``"stalled"`` when every
+        unconverged sample stalled.
+
+    Raises:
+        ConvergenceError: with ``on_nonconvergence="raise"`` (``.x``: the best iterates).
+        NonFiniteError: ``F`` returned NaN/Inf at ``x0``, or at finite trial points with no
+            finite way forward.
+        ValueError, TypeError: bad arguments (the message names the argument).
+    """
+    check_callable(F, "F", "F(x) -> residual")
+    check_choice(solver, "solver", ROOT_SOLVERS)
+    x0 = check_state(x0, "x0")
+    check_positive_int(max_steps, "max_steps")
+    check_on_nonconvergence(on_nonconvergence)
+    if timeout is not None:
+        check_positive_float(timeout, "timeout")
+    unbatched = x0.ndim == 1
+    batched = x0.unsqueeze(0) if unbatched else x0
+    fn = (lambda x: F(x.squeeze(0)).unsqueeze(0)) if unbatched else F
+    atol, rtol = resolve_tolerances(atol, rtol, batched)
+    with torch.no_grad():  # the iterations are not differentiated (Jacobian products are)
+        if solver == "ptc":
+            x, stats = _solve_ptc(fn, batched, float(atol), float(rtol), max_steps, timeout,
+                                  options)
+        else:
+            x, stats = _solve_fixed_point(fn, batched, solver, atol, rtol, max_steps, timeout,
+                                          options)
+    x = x.squeeze(0) if unbatched else x
+    try:
+        report_nonconvergence(stats, on_nonconvergence)
+    except ConvergenceError as error:
+        error.x = x  # type: ignore[attr-defined]
+        raise
+    return x, stats
+
+
+def _solve_ptc(F: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rtol: float,
+               max_steps: int, timeout: float | None, options: dict[str, Any]
+               ) -> tuple[Tensor, SolverStats]:
+    """ΨTC on ``dx/dt = -F(x)``; ``x0`` batched."""
+    try:
+        opts = PTCOptions(**options)
+    except TypeError as exc:
+        raise TypeError(f"root(solver='ptc'): {exc}") from None
+    counted = CountedODEFunc(lambda t, x: -F(x), x0, name="F")
+    z = x0.reshape(counted.flat_shape)
+    d = counted(0.0, z)
+    progress = Progress(SteadyStateCondition(atol, rtol), z, d, max_steps=max_steps,
+                        timeout=timeout, record=False, name="F", track_time=True)
+    result, jvps, linear_iterations = run_implicit_ptc(
+        counted, z, d, progress, None, math.inf, math.inf, None, options=opts)
+    stats = progress.finish("ptc", counted.calls, result.stop_reason, result.accepted,
+                            result.rejected)
+    stats.jvps, stats.linear_iterations = jvps, linear_iterations
+    return result.z.reshape(x0.shape), stats
+
+
+def _solve_fixed_point(F: Callable[[Tensor], Tensor], x0: Tensor, solver: str,
+                       atol: float, rtol: float, max_steps: int, timeout: float | None,
+                       options: dict[str, Any]) -> tuple[Tensor, SolverStats]:
+    """Newton (either globalization) or a fixed-point iteration on ``g(x) = x - F(x)``."""
+    options = dict(options)
+    stall = _StallStop(options.pop("stall_window", STALL_WINDOW),
+                       options.pop("stall_decrease", STALL_DECREASE))
+    method = solver
+    if solver in ("newton", "trust_region"):
+        method = "newton"
+        options.setdefault("forcing", NEWTON_FORCING)
+        if solver == "trust_region":
+            if "globalization" in options:
+                raise TypeError("root(solver='trust_region') sets globalization itself; use "
+                                "solver='newton' for the line search")
+            options["globalization"] = "trust_region"
+    try:
+        x, stats = fixed_point(lambda x: x - F(x), x0, method=method, atol=atol, rtol=rtol,
+                               max_steps=max_steps, on_nonconvergence="ignore",
+                               timeout=timeout, callback=stall, **options)
+    except TypeError as exc:
+        raise TypeError(f"root(solver={solver!r}): {exc}") from None
+    except NonFiniteError as exc:  # name the user's F, not the internal g = x - F(x)
+        raise NonFiniteError(
+            f"root(solver={solver!r}): {exc} (g(x) = x - F(x): F returned NaN/Inf, typically "
+            "at an iterate the fixed-point iteration diverged to; solver='newton' or 'ptc' "
+            "globalize)", exc.step) from None
+    if stats.stop_reason == StopReason.CALLBACK:  # only the stall test stops by callback
+        stats.stop_reason = StopReason.STALLED
+    stats.method = solver
+    return x, stats
+
+
+class _StallStop:
+    """Step callback: ``Stop()`` once every active sample has gone ``window`` iterations
+    without its residual falling below ``(1 - decrease)`` times its smallest so far."""
+
+    def __init__(self, window: object, decrease: object) -> None:
+        self.window = check_positive_int(window, "stall_window")
+        if isinstance(decrease, bool) or not isinstance(decrease, (int, float)) or not (
+                0.0 <= decrease < 1.0):
+            raise ValueError(f"stall_decrease must be a float in [0, 1), got {decrease!r}")
+        self.factor = 1.0 - float(decrease)
+        self.best: Tensor | None = None
+        self.since: Tensor | None = None
+
+    def __call__(self, info: StepInfo) -> Stop | None:
+        if self.best is None or self.since is None:
+            self.best = info.residual.clone()
+            self.since = torch.zeros_like(info.residual, dtype=torch.long)
+            return None
+        improved = info.residual < self.factor * self.best
+        self.best = torch.where(improved, info.residual, self.best)
+        self.since = torch.where(improved, 0, self.since + 1)
+        # A residual grown past ``blowup`` times the best is diverging (a fixed-point iteration
+        # whose I - J_F is no contraction): stop it at its best iterate before it overflows.
+        diverged = ~(info.residual <= DIVERGED * self.best)
+        self.since = torch.where(diverged, self.window, self.since)
+        stalled = self.since >= self.window
+        if bool(info.active.any()) and bool(stalled[info.active].all()):
+            return Stop()
+        return None
