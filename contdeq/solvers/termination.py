@@ -27,7 +27,9 @@ def sample_rms(x: Tensor, factor: float = 1.0) -> Tensor:
     scale = factor / flat.shape[1] ** 0.5
     if flat.dtype == torch.float64:
         return torch.linalg.vector_norm(flat, dim=1) * scale
-    rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).mul_(scale)
+    # Out of place: the norm's backward reads its output (an unrolled solve differentiates
+    # through the residual norms of its step control).
+    rms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64) * scale
     return rms.to(flat.dtype)
 
 
