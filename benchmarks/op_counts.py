@@ -37,6 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # This tree's contdeq, not an installed copy (the script's own folder comes first on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import add_device_argument
+
 import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
 
@@ -94,12 +96,14 @@ class OpCounter(TorchDispatchMode):
             todo.extend(next_node for next_node, _ in node.next_functions)
 
 
-def contractive_layer(width: int, batch: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(W, x)``: ``W`` ``(width, width)`` with ``||W||_2 = 0.9`` and ``x`` ``(batch, width)``."""
+def contractive_layer(width: int, batch: int, seed: int = 0, device: str | torch.device = "cpu"
+                      ) -> tuple[Tensor, Tensor]:
+    """``(W, x)``: ``W`` ``(width, width)`` with ``||W||_2 = 0.9`` and ``x`` ``(batch, width)``,
+    drawn on the CPU (the same numbers on every device) and moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(width, width, generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
-    return w, torch.randn(batch, width, generator=gen)
+    return w.to(device), torch.randn(batch, width, generator=gen).to(device)
 
 
 def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
@@ -123,10 +127,11 @@ def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
             "stop": str(stats.stop_reason)}
 
 
-def solver_rows(batch: int, width: int, tol: float) -> list[dict[str, float | int | str]]:
+def solver_rows(batch: int, width: int, tol: float, device: str | torch.device = "cpu"
+                ) -> list[dict[str, float | int | str]]:
     """One row per registered steady-state and fixed-point method."""
-    w, x = contractive_layer(width, batch)
-    z0 = torch.zeros(batch, width)
+    w, x = contractive_layer(width, batch, device=device)
+    z0 = torch.zeros_like(x)
 
     def f(z: Tensor) -> Tensor:
         return torch.tanh(z @ w.T + x)
@@ -170,7 +175,7 @@ class _F(nn.Module):
 
 
 def training_step_ops(batch: int, width: int, tol: float, seed: int = 0,
-                      layer: bool = True) -> dict[str, int]:
+                      layer: bool = True, device: str | torch.device = "cpu") -> dict[str, int]:
     """Aten ops of one training step (forward, backward, Adam step) of ``Linear -> DEQ(ode,
     ptc) -> Linear`` (``layer=False``: ``Linear -> Linear``), split into ``f``'s and the rest."""
     torch.manual_seed(seed)
@@ -182,10 +187,12 @@ def training_step_ops(batch: int, width: int, tol: float, seed: int = 0,
     middle: nn.Module = (contdeq.DEQ(f, solver="ode", method="ptc", atol=tol, rtol=tol,
                                      on_nonconvergence="ignore") if layer else nn.Identity())
     model = nn.Sequential(nn.Linear(width, width), middle, nn.Linear(width, n_classes))
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, width, generator=gen)
     y = torch.randint(0, n_classes, (batch,), generator=gen)
+    x, y = x.to(device), y.to(device)
 
     def step() -> None:
         opt.zero_grad()
@@ -203,10 +210,11 @@ def training_step_ops(batch: int, width: int, tol: float, seed: int = 0,
     return {"ops": counter.ops, "f_ops": counter.f_ops, "forward_nfe": nfe}
 
 
-def training_row(batch: int, width: int, tol: float) -> dict[str, int]:
+def training_row(batch: int, width: int, tol: float, device: str | torch.device = "cpu"
+                 ) -> dict[str, int]:
     """The training step's ops: total, ``f``'s, the model's without the layer, the rest."""
-    with_layer = training_step_ops(batch, width, tol)
-    without = training_step_ops(batch, width, tol, layer=False)
+    with_layer = training_step_ops(batch, width, tol, device=device)
+    without = training_step_ops(batch, width, tol, layer=False, device=device)
     return {"total": with_layer["ops"], "f": with_layer["f_ops"], "model": without["ops"],
             "rest": with_layer["ops"] - with_layer["f_ops"] - without["ops"],
             "forward_nfe": with_layer["forward_nfe"]}
@@ -268,9 +276,10 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | st
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--tol", type=float, default=5e-3)
     parser.add_argument("--write", action="store_true", help="write results/op_counts.md")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    rows = solver_rows(args.batch, args.width, args.tol)
-    training = training_row(args.batch, args.width, args.tol)
+    rows = solver_rows(args.batch, args.width, args.tol, args.device)
+    training = training_row(args.batch, args.width, args.tol, args.device)
     header = (f"Aten ops (counted, deterministic): batch {args.batch}, width {args.width}, "
               f"tol {args.tol:g}, f(z) = tanh(z W^T + x)")
     table = to_markdown(rows, training, header)
