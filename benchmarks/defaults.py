@@ -39,8 +39,8 @@ WIDTH, CHANNELS, SIDE, BATCH = 128, 16, 8, 64
 
 #: Forward configurations: name -> (DEQ keyword arguments).
 CONFIGS: dict[str, dict[str, object]] = {
-    "ode dopri5 (default)": {},
-    "ode ptc": {"method": "ptc"},
+    "ode dopri5": {"method": "dopri5"},
+    "ode ptc (default)": {},
     "anderson": {"solver": "anderson"},
     "broyden": {"solver": "broyden"},
     "picard": {"solver": "picard"},

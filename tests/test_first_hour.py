@@ -166,16 +166,18 @@ def test_failing_layer_hints_once() -> None:
     """A layer whose forward solves keep failing says once what to try (a norm cap, another
     method, max_steps); converged solves reset the count."""
     torch.manual_seed(0)
-    layer = contdeq.DEQ(Expanding(), max_steps=3)
     x = torch.randn(4, 8)
-    hints = []
-    for _ in range(HINT_AFTER + 2):
-        caught = _caught(lambda: layer(x))
-        hints += [w for w in caught if "What usually helps" in str(w.message)]
-    assert len(hints) == 1
-    message = str(hints[0].message)
-    assert "spectral_norm_cap" in message and "method='ptc'" in message
-    assert "max_steps (now 3)" in message and hints[0].filename == __file__
+    # The default method (ptc) is pointed at Anderson; dopri5 at ptc.
+    for options, other in (({}, "solver='anderson'"), ({"method": "dopri5"}, "method='ptc'")):
+        layer = contdeq.DEQ(Expanding(), max_steps=3, **options)
+        hints = []
+        for _ in range(HINT_AFTER + 2):
+            caught = _caught(lambda layer=layer: layer(x))
+            hints += [w for w in caught if "What usually helps" in str(w.message)]
+        assert len(hints) == 1
+        message = str(hints[0].message)
+        assert "spectral_norm_cap" in message and other in message
+        assert "max_steps (now 3)" in message and hints[0].filename == __file__
 
 
 def _load_demo() -> types.ModuleType:

@@ -202,8 +202,9 @@ def rin_model(solver: str, lipschitz: float = 0.7, tol: float = 1e-9
               ) -> tuple[nn.Sequential, contdeq.DEQ]:
     """A DEQ of a :class:`RecordingCell` and a linear head, float64."""
     torch.manual_seed(0)
+    options = {"method": "dopri5"} if solver == "ode" else {}  # continuous pseudo-times
     deq = contdeq.DEQ(RecordingCell(WIDTH, FEATURES, lipschitz=lipschitz), solver=solver,
-                      state_shape=WIDTH, atol=tol, rtol=tol, max_steps=200)
+                      state_shape=WIDTH, atol=tol, rtol=tol, max_steps=200, **options)
     return nn.Sequential(deq, nn.Linear(WIDTH, CLASSES, dtype=torch.float64)), deq
 
 

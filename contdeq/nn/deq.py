@@ -124,7 +124,8 @@ class DEQ(PerThreadResults):
         jacobian_weight: weight of the Jacobian regularizer (0 = off, the default).
         jacobian_probes: Hutchinson probes of the Jacobian regularizer.
         **solver_options: options of the forward solver: for ``"ode"`` those of
-            :func:`contdeq.solvers.steady_state` (``method``, ``atol``, ``rtol``,
+            :func:`contdeq.solvers.steady_state` (``method``, default ``"ptc"`` for the
+            layers, measured in ``docs/performance.md``; ``atol``, ``rtol``,
             ``max_steps``, ...), otherwise of :func:`contdeq.solvers.fixed_point`; among
             them ``callback``, a per-step callback that also sees and may change the layer's
             input (:mod:`contdeq.solvers.callback`; ``eval_options`` may set another one).
@@ -159,6 +160,8 @@ class DEQ(PerThreadResults):
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
         self.f = f
+        if solver == "ode":  # the measured default (docs/performance.md)
+            solver_options.setdefault("method", "ptc")
         self.solver = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
         self.eval_solver = (
             self.solver.with_options(**eval_options) if eval_options else self.solver
@@ -261,7 +264,7 @@ class DEQ(PerThreadResults):
         self._hinted = True
         options = solver.options
         if solver.solver == "ode":
-            method = options.get("method", "dopri5")
+            method = options["method"]
             other = ("method='ptc' (one f call per step, steps aimed at the steady state)"
                      if method != "ptc" else "solver='anderson'")
             limit = options.get("max_steps", 1000)
