@@ -34,14 +34,15 @@ from paper_tasks import TanhCell
 def layer_factories(width: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """Each layer kind, built around a given ``f``."""
     return {
-        "DEQ(ode, dopri5)": lambda f: contdeq.DEQ(f),
+        "DEQ(ode, dopri5)": lambda f: contdeq.DEQ(f, method="dopri5"),
         "DEQ(ode, ptc)": lambda f: contdeq.DEQ(f, method="ptc"),
-        "DEQ(ode, dopri5) unrolled": lambda f: contdeq.DEQ(f, backward="unrolled"),
+        "DEQ(ode, dopri5) unrolled": lambda f: contdeq.DEQ(f, method="dopri5",
+                                                             backward="unrolled"),
         "DEQ(anderson)": lambda f: contdeq.DEQ(f, solver="anderson"),
         "DEQ(anderson) jfb": lambda f: contdeq.DEQ(f, solver="anderson", backward="jfb"),
         "SkipDEQ(ode)": lambda f: contdeq.SkipDEQ(
-            f, nn.Sequential(nn.Linear(width, width), nn.Tanh())),
-        "SkipRegDEQ(ode)": lambda f: contdeq.SkipRegDEQ(f),
+            f, nn.Sequential(nn.Linear(width, width), nn.Tanh()), method="dopri5"),
+        "SkipRegDEQ(ode)": lambda f: contdeq.SkipRegDEQ(f, method="dopri5"),
         "NeuralODE": lambda f: contdeq.NeuralODE(f),
         "NeuralODE adjoint": lambda f: contdeq.NeuralODE(f, adjoint=True),
     }

@@ -135,7 +135,9 @@ def _deq(solver: str, backward: str = "implicit", **kw: Any) -> Callable[..., nn
     def make(f: nn.Module, predictor: Callable[[], nn.Module], kind: type = contdeq.DEQ
              ) -> nn.Module:
         args = (f, predictor()) if kind is contdeq.SkipDEQ else (f,)
-        return kind(*args, backward=backward, **_shared_options(solver), **kw)
+        # Rows without a method are dopri5's (the layers' default before it became ptc).
+        method = {"method": "dopri5"} if solver == "ode" and "method" not in kw else {}
+        return kind(*args, backward=backward, **_shared_options(solver), **method, **kw)
     return make
 
 
@@ -235,7 +237,8 @@ def _multiscale(kind: type, solver: str = "ode", **kw: Any) -> Callable[..., nn.
 
     def make(f: nn.Module, predictor: Callable[[], nn.Module], shapes: Any) -> nn.Module:
         args = (f, predictor()) if kind is contdeq.MultiScaleSkipDEQ else (f,)
-        return kind(*args, state_shapes=shapes, **_shared_options(solver), **kw)
+        method = {"method": "dopri5"} if solver == "ode" and "method" not in kw else {}
+        return kind(*args, state_shapes=shapes, **_shared_options(solver), **method, **kw)
     return make
 
 

@@ -78,7 +78,7 @@ def training_table(epochs: int = 3, width: int = 64, batch: int = 128) -> None:
     n_train = min(1500, len(y) * 5 // 6)  # 1500 of the 1797 digits
     train, test = perm[:n_train], perm[n_train:]
     layers = {
-        "DEQ (ode, dopri5)": lambda f: contdeq.DEQ(f),
+        "DEQ (ode, dopri5)": lambda f: contdeq.DEQ(f, method="dopri5"),
         "DEQ (ode, ptc)": lambda f: contdeq.DEQ(f, method="ptc"),
         "DEQ (anderson)": lambda f: contdeq.DEQ(f, solver="anderson"),
         "SkipDEQ (ode)": lambda f: contdeq.SkipDEQ(

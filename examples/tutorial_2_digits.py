@@ -88,7 +88,7 @@ def make_model(kind: str) -> nn.Sequential:
     cell = TanhCell(WIDTH)
     if kind == "DEQ":
         # ODE forward (dopri5) to rms(dz/dt) <= 1e-3 + 1e-3 rms(z), implicit backward.
-        layer: nn.Module = contdeq.DEQ(cell, atol=1e-3, rtol=1e-3)
+        layer: nn.Module = contdeq.DEQ(cell, method="dopri5", atol=1e-3, rtol=1e-3)
     else:
         # The same integrator tolerances as the DEQ's (10x tighter than its steady-state
         # test); backpropagation through the solver's steps.
