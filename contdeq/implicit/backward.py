@@ -29,11 +29,11 @@ from ..solvers import (
     SolverStats,
     default_tolerance,
     gmres,
+    report_nonconvergence,
     sample_rms,
     solve,
     steady_state,
 )
-from ..solvers.errors import report_nonconvergence
 from ..solvers.validation import (
     check_on_nonconvergence,
     check_positive_float,

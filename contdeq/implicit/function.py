@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..solvers import SolverStats
-from ..solvers.validation import function_precision
+from ..solvers import SolverStats, function_precision
 from .backward import BackwardConfig, BackwardMode
 from .diagnostics import CheckedCall
 from .options import UNROLLABLE_SOLVERS, ForwardSolver
