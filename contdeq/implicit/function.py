@@ -369,7 +369,8 @@ def equilibrium(
     the forward's autocast state.
     """
     _check_equilibrium_arguments(f, x, z0, solver)
-    mode = BackwardConfig("implicit" if backward is None else backward)
+    mode = backward if isinstance(backward, BackwardMode) else BackwardConfig(
+        "implicit" if backward is None else backward)
     transform = _inside_transform()
     # Under a transform every parameter goes to ImplicitFunction (vmap must see mapped ones,
     # which need not require grad); otherwise only those that require grad.

@@ -86,14 +86,6 @@ class Restart:
 StepCallback = Callable[[StepInfo], "Stop | Restart | None"]
 
 
-def check_callback(callback: object) -> StepCallback | None:
-    """``callback`` is ``None`` or callable (else ``TypeError`` naming the argument)."""
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be None or callable as callback(info) -> None | Stop() | "
-                        f"Restart(...), got {type(callback).__name__}")
-    return callback
-
-
 class StepHook:
     """Runs a step callback for a loop on flat ``(B, D)`` states and interprets its answer.
 

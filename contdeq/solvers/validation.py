@@ -12,17 +12,22 @@ import inspect
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ON_NONCONVERGENCE_CHOICES, NonFiniteError
 
+if TYPE_CHECKING:
+    from .callback import StepCallback
+
 __all__ = [
     "Shapes",
     "as_shape",
     "check_bool",
     "check_callable",
+    "check_callback",
     "check_choice",
     "check_func_output",
     "check_on_nonconvergence",
@@ -130,6 +135,14 @@ def check_callable(value: object, name: str, signature: str) -> None:
             f"{len(params)} positional arguments")
         raise TypeError(f"{name} must be callable as {signature} ({count}: "
                         f"{', '.join(params)}), but {takes} cannot take them{hint}") from None
+
+
+def check_callback(callback: object) -> StepCallback | None:
+    """``callback`` is ``None`` or callable (else ``TypeError`` naming the argument)."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(info) -> None | Stop() | "
+                        f"Restart(...), got {type(callback).__name__}")
+    return callback
 
 
 def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:
