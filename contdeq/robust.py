@@ -36,8 +36,7 @@ from .implicit import BackwardMode, ForwardSolver, Unrolled, equilibrium
 from .nn.checks import check_number
 from .nn.deq import DEQ, check_input
 from .nn.lyapunov import LyapunovSolver
-from .solvers import SolverStats, unflatten_states
-from .solvers.callback import Restart, StepInfo, Stop
+from .solvers import Restart, SolverStats, StepInfo, Stop, unflatten_states
 from .solvers.validation import check_choice
 
 __all__ = ["AUTO", "NORMS", "entropy_reduction", "pgd", "random_intermediate_states",

@@ -12,6 +12,7 @@ import pytest
 
 import contdeq
 import contdeq.solvers
+import contdeq.solvers.validation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,9 +36,9 @@ def _api_entries() -> set[str]:
 
 API_ENTRIES = _api_entries()
 
-PUBLIC = [("contdeq", name) for name in contdeq.__all__] + [
-    ("contdeq.solvers", name) for name in contdeq.solvers.__all__
-]
+MODULES = {module.__name__: module
+           for module in (contdeq, contdeq.solvers, contdeq.solvers.validation)}
+PUBLIC = [(module, name) for module, mod in MODULES.items() for name in mod.__all__]
 #: How a docstring states a tensor's shape: ``(B, ...)``, ``(B,)``, ``(N, 64)``, ``(out, ...)``,
 #: "shaped like ``z``", or a 0-dim / scalar result.
 SHAPE = re.compile(r"``\((B|N|K|out)\b[^`]*\)``|shaped like|0-dim|scalar tensor")
@@ -59,7 +60,7 @@ def _constant_doc(module: ModuleType, name: str) -> str:
 
 def _doc(module: ModuleType, name: str) -> str:
     obj = getattr(module, name)
-    if isinstance(obj, ModuleType) or inspect.isclass(obj) or callable(obj):
+    if isinstance(obj, ModuleType) or inspect.isclass(obj) or inspect.isroutine(obj):
         return inspect.getdoc(obj) or ""
     return _constant_doc(module, name)
 
@@ -89,20 +90,20 @@ def _full_doc(obj: object) -> str:
 
 @pytest.mark.parametrize(("module", "name"), PUBLIC, ids=[f"{m}.{n}" for m, n in PUBLIC])
 def test_public_name_has_docstring(module: str, name: str) -> None:
-    mod = contdeq if module == "contdeq" else contdeq.solvers
-    assert _doc(mod, name).strip(), f"{module}.{name} has no docstring"
+    assert _doc(MODULES[module], name).strip(), f"{module}.{name} has no docstring"
 
 
 @pytest.mark.parametrize(("module", "name"), PUBLIC, ids=[f"{m}.{n}" for m, n in PUBLIC])
 def test_public_name_in_api_reference(module: str, name: str) -> None:
-    qualified = f"{module}.{name}" if name != "solvers" else "contdeq.solvers"
+    obj = getattr(MODULES[module], name)
+    qualified = obj.__name__ if isinstance(obj, ModuleType) else f"{module}.{name}"
     assert qualified in API_ENTRIES, f"{qualified} has no entry in docs/api.rst"
 
 
 def _missing_shapes() -> set[str]:
     missing = set()
     for module, name in PUBLIC:
-        obj = getattr(contdeq if module == "contdeq" else contdeq.solvers, name)
+        obj = getattr(MODULES[module], name)
         if (inspect.isfunction(obj) or inspect.isclass(obj)) and _takes_tensors(obj):
             if not SHAPE.search(_full_doc(obj)):
                 missing.add(name)

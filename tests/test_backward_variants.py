@@ -203,3 +203,39 @@ def test_gradcheck_warm_implicit(start: str) -> None:
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4,
                                     nondet_tol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ode_backward_takes_its_integrator_from_options(seed: int) -> None:
+    """Implicit("ode", options={"method": "bosh3"}) integrates the adjoint with bosh3 (it
+    raised TypeError: ``method`` reached solve_adjoint twice) and its gradient matches the
+    default integrator's and the tight fixed-point solve's."""
+    lipschitz = (0.3, 0.6, 0.9)[seed]
+    exact, *_ = layer_gradients(contdeq.Implicit(tol=1e-12, max_steps=300), lipschitz, seed=seed)
+    for options in ({}, {"method": "bosh3"}):
+        mode = contdeq.Implicit("ode", tol=1e-8, max_steps=2000, options=options,
+                                on_nonconvergence="raise")
+        grads, *_ = layer_gradients(mode, lipschitz, seed=seed)
+        for ours, ref in zip(grads, exact, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(seed)
+    layer = contdeq.DEQ(TanhCell(4, 3, lipschitz=lipschitz), state_shape=4, **TIGHT,
+                        backward_method="ode", backward_options={"method": "bosh3"})
+    layer(torch.randn(3, 3, dtype=torch.float64)).sum().backward()
+    assert layer.stats.backward.method == "bosh3"
+
+
+def test_solve_adjoint_options_mapping_and_deprecated_keywords() -> None:
+    """solve_adjoint(options=...) carries the "ode" integrator; the old keyword spelling of a
+    solver option still works, with a DeprecationWarning naming ``options=``."""
+    a = 0.4 * torch.eye(3, dtype=torch.float64) + 0.1
+    v = torch.randn(2, 3, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(3, dtype=torch.float64) - a.T, v.T).T
+    w, stats = solve_adjoint(lambda w: w @ a, v, method="ode", tol=1e-6, max_steps=2000,
+                             options={"method": "bosh3"}, on_nonconvergence="raise")
+    assert stats.method == "bosh3"
+    torch.testing.assert_close(w, exact, rtol=1e-4, atol=1e-6)
+    new, _ = solve_adjoint(lambda w: w @ a, v, tol=1e-10, options={"memory": 3})
+    with pytest.warns(DeprecationWarning, match="options="):
+        old, _ = solve_adjoint(lambda w: w @ a, v, tol=1e-10, memory=3)
+    assert torch.equal(old, new)

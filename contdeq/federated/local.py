@@ -15,7 +15,7 @@ from ..implicit import ForwardSolver
 from ..nn.checks import check_number
 from ..nn.deq import DEQ
 from ..regularizers import aux_loss
-from ..solvers.errors import NonFiniteError
+from ..solvers import NonFiniteError
 from .fusion import ClientReport
 
 __all__ = ["LocalData", "SolverBudget", "apply_budget", "evaluate_classifier", "train_local"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,11 +29,11 @@ from ..solvers import (
     SolverStats,
     default_tolerance,
     gmres,
+    report_nonconvergence,
     sample_rms,
     solve,
     steady_state,
 )
-from ..solvers.errors import report_nonconvergence
 from ..solvers.validation import (
     check_on_nonconvergence,
     check_positive_float,
@@ -146,7 +147,7 @@ class Implicit(BackwardMode):
         start = time.perf_counter()
         w, stats = solve_adjoint(
             vjp, v, method=self.method, tol=self.tol, max_steps=self.max_steps,
-            on_nonconvergence="ignore", w0=w0, **self.options,
+            on_nonconvergence="ignore", w0=w0, options=self.options,
         )
         stats.wall_time = time.perf_counter() - start
         if record is not None:
@@ -258,7 +259,8 @@ def solve_adjoint(
     max_steps: int = 100,
     on_nonconvergence: str = "warn",
     w0: Tensor | None = None,
-    **options: Any,
+    options: Mapping[str, Any] | None = None,
+    **keywords: Any,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``w = vjp(w) + v``, i.e. ``(I - J)^T w = v`` with ``vjp(w) = J^T w``.
 
@@ -277,8 +279,12 @@ def solve_adjoint(
         w0: ``(B, ...)`` initial guess shaped like ``v`` (a warm start); default ``v``. It
             changes the iterations needed, not the answer's tolerance (a sample whose ``v``
             is zero starts, and ends, at zero).
-        **options: passed to :func:`~contdeq.solvers.fixed_point` or
-            :func:`~contdeq.solvers.steady_state`.
+        options: the linear solver's own options (:class:`Implicit`'s ``options``), passed
+            to :func:`~contdeq.solvers.fixed_point` or :func:`~contdeq.solvers.steady_state`
+            (for ``"ode"``, ``{"method": "bosh3"}`` picks the integrator), or ``restart`` of
+            ``"gmres"``.
+        **keywords: deprecated spelling of ``options`` (it cannot carry ``"ode"``'s
+            ``method``); a ``DeprecationWarning`` names ``options=``.
 
     Returns:
         ``(w, stats)``: ``w`` shaped like ``v``; ``stats.nfe`` counts the VJPs.
@@ -288,11 +294,15 @@ def solve_adjoint(
     exactly). The discrete methods iterate all samples together (``freeze_converged=False``
     unless ``options`` says otherwise).
     """
+    if keywords:
+        warnings.warn(f"solve_adjoint's option keywords {sorted(keywords)} are deprecated; pass "
+                      f"options={keywords!r}", DeprecationWarning, stacklevel=2)
+    options = {**keywords, **(options or {})}
     if v.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
         w, stats = solve_adjoint(
             lambda w: vjp(w.squeeze(1)).unsqueeze(1), v.unsqueeze(1), method=method, tol=tol,
             max_steps=max_steps, on_nonconvergence=on_nonconvergence,
-            w0=None if w0 is None else w0.unsqueeze(1), **options,
+            w0=None if w0 is None else w0.unsqueeze(1), options=options,
         )
         return w.squeeze(1), stats
     if tol is None:

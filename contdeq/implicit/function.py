@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..solvers import SolverStats
-from ..solvers.validation import function_precision
+from ..solvers import SolverStats, function_precision
 from .backward import BackwardConfig, BackwardMode
 from .diagnostics import CheckedCall
 from .options import UNROLLABLE_SOLVERS, ForwardSolver
@@ -370,7 +369,8 @@ def equilibrium(
     the forward's autocast state.
     """
     _check_equilibrium_arguments(f, x, z0, solver)
-    mode = BackwardConfig("implicit" if backward is None else backward)
+    mode = backward if isinstance(backward, BackwardMode) else BackwardConfig(
+        "implicit" if backward is None else backward)
     transform = _inside_transform()
     # Under a transform every parameter goes to ImplicitFunction (vmap must see mapped ones,
     # which need not require grad); otherwise only those that require grad.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -11,12 +12,15 @@ from ..solvers import (
     CONTINUOUS,
     FIXED_POINT_METHODS,
     Registry,
+    Restart,
     SolverStats,
+    StepCallback,
+    StepInfo,
+    Stop,
     check_options,
     solve,
     steady_state,
 )
-from ..solvers.callback import with_layer_input
 from ..solvers.validation import check_on_nonconvergence
 
 __all__ = ["FORWARD_SOLVERS", "UNROLLABLE_SOLVERS", "ForwardSolver", "check_solver_options"]
@@ -100,3 +104,31 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
                             "backward_method='gmres'; it accepts ['restart']")
         return
     check_options(solver, options)
+
+
+def with_layer_input(callback: StepCallback, fx: Any) -> StepCallback:
+    """A solver-level callback around a layer's ``callback``: shows it the layer's current
+    input (``fx.x``, ``fx`` the layer's map ``z -> f(z, x)``) in
+    :attr:`~contdeq.solvers.StepInfo.x`, and applies a :class:`~contdeq.solvers.Restart`
+    ``(x=...)`` by setting ``fx.x`` (then asks the solver for a restart)."""
+
+    def layer_callback(info: StepInfo) -> Stop | Restart | None:
+        x = getattr(fx, "x", None)
+        action = callback(replace(info, x=x))
+        if not isinstance(action, Restart) or action.x is None:
+            return action
+        new = action.x
+        if x is None:
+            raise ValueError("callback returned Restart(x=...), but this layer's map has no "
+                             "input to change")
+        if not isinstance(new, Tensor) or new.shape != x.shape or new.dtype != x.dtype or (
+                new.device != x.device):
+            got = (f"{tuple(new.shape)}, {new.dtype}, {new.device}" if isinstance(new, Tensor)
+                   else type(new).__name__)
+            raise ValueError(f"callback returned Restart(x=...) with x of shape, dtype, device "
+                             f"{got}; expected the layer input's {tuple(x.shape)}, {x.dtype}, "
+                             f"{x.device}")
+        fx.x = new.detach()
+        return Restart(z=action.z)
+
+    return layer_callback

@@ -30,12 +30,14 @@ from torch import Tensor
 from ..solvers import (
     FIXED_POINT_METHODS,
     NonFiniteError,
+    OnNonConvergence,
     SolverStats,
+    StepInfo,
+    Stop,
+    report_nonconvergence,
     sample_rms,
     solve,
 )
-from ..solvers.callback import StepInfo, Stop
-from ..solvers.errors import OnNonConvergence, report_nonconvergence
 from ..solvers.validation import (
     check_callable,
     check_choice,

@@ -18,8 +18,7 @@ from ..implicit import (
 )
 from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
 from ..solvers import ConvergenceWarning, SolverStats
-from ..solvers.structure import as_shape
-from ..solvers.validation import is_vmapped
+from ..solvers.validation import as_shape, is_vmapped
 from .checks import check_number
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .per_thread import PerThreadResults

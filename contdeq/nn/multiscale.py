@@ -16,14 +16,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..solvers.structure import (
-    Shapes,
-    check_state_shapes,
-    concat_states,
-    flatten_states,
-    split_states,
-    unflatten_states,
-)
+from ..solvers import concat_states, flatten_states, split_states, unflatten_states
+from ..solvers.validation import Shapes, check_state_shapes
 from .deq import DEQ, SkipDEQ, SkipRegDEQ, check_state
 from .node import NeuralODE
 

@@ -14,9 +14,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ..implicit import DEQStats, first_call
-from ..solvers import ConvergenceError, NonFiniteError, SolverStats
-from ..solvers.rk import initial_step
-from ..solvers.tableaux import TABLEAUX
+from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
 from .checks import check_number
 from .deq import check_input, resolve_state_shape, zeros_or_state
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
@@ -110,7 +108,7 @@ class NeuralODE(PerThreadResults):
     It integrates the *same* vector field as a continuous :class:`~contdeq.DEQ` with the same
     ``f``, but to a fixed time instead of to steady state (``residual=False`` integrates
     ``dz/dt = f(z, x)`` instead). The step-size rule for the first step is the steady-state
-    solver's (:func:`contdeq.solvers.rk.initial_step`, from the derivative at ``z0``, which
+    solver's (:func:`contdeq.solvers.initial_step`, from the derivative at ``z0``, which
     torchdiffeq then reuses as its first stage), so benchmarks compare like with like.
 
     Args:

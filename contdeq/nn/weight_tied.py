@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..implicit import DEQStats, first_call
-from ..solvers import NonFiniteError, SolverStats
-from ..solvers.termination import sample_rms
+from ..solvers import NonFiniteError, SolverStats, sample_rms
 from .checks import check_number
 from .deq import check_input, resolve_state_shape, zeros_or_state
 from .multiscale import _MultiScale

@@ -1,24 +1,35 @@
 """Tensor-in, tensor-out solvers: steady states of ODEs and fixed points of maps.
 
 Nothing here knows about ``nn.Module`` layers; the layers in :mod:`contdeq` build on it.
+Other packages use only the names exported here and :mod:`contdeq.solvers.validation` (the
+one module of argument checks); the other submodules are internal
+(``tests/test_public_api.py`` checks it).
 """
 
-from .callback import Restart, StepInfo, Stop
+from . import validation
+from .callback import Restart, StepCallback, StepInfo, Stop
 from .dispatch import CONTINUOUS, check_options, option_names, solve
-from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from .errors import (
+    ConvergenceError,
+    ConvergenceWarning,
+    NonFiniteError,
+    OnNonConvergence,
+    report_nonconvergence,
+)
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
 from .implicit_ptc import PTCOptions
 from .methods import PTC, ImplicitPTC, RungeKutta
 from .protocol import FixedPointSolver, SteadyStateSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
+from .rk import initial_step
 from .root import root
 from .stats import LoopResult, Solution, SolverStats, StopReason
 from .steady_state import steady_state
-from .structure import flatten_states, unflatten_states
+from .structure import concat_states, flatten_states, split_states, unflatten_states
 from .tableaux import Tableau
 from .termination import SteadyStateCondition, sample_rms
-from .validation import default_tolerance
+from .validation import default_tolerance, function_precision
 
 __all__ = [
     "CONTINUOUS",
@@ -33,6 +44,7 @@ __all__ = [
     "ImplicitPTC",
     "LoopResult",
     "NonFiniteError",
+    "OnNonConvergence",
     "PTCOptions",
     "Registry",
     "Restart",
@@ -41,20 +53,27 @@ __all__ = [
     "SolverStats",
     "SteadyStateCondition",
     "SteadyStateSolver",
+    "StepCallback",
     "StepInfo",
     "Stop",
     "StopReason",
     "Tableau",
     "check_options",
+    "concat_states",
     "default_tolerance",
     "fixed_point",
     "flatten_states",
+    "function_precision",
     "gmres",
+    "initial_step",
     "option_names",
     "registries",
+    "report_nonconvergence",
     "root",
     "sample_rms",
     "solve",
+    "split_states",
     "steady_state",
     "unflatten_states",
+    "validation",
 ]

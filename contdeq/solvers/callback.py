@@ -25,13 +25,13 @@ Without a callback the loops do nothing extra: one ``is None`` test per step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Restart", "StepCallback", "StepHook", "StepInfo", "Stop", "with_layer_input"]
+__all__ = ["Restart", "StepCallback", "StepHook", "StepInfo", "Stop"]
 
 
 @dataclass(slots=True)
@@ -86,14 +86,6 @@ class Restart:
 StepCallback = Callable[[StepInfo], "Stop | Restart | None"]
 
 
-def check_callback(callback: object) -> StepCallback | None:
-    """``callback`` is ``None`` or callable (else ``TypeError`` naming the argument)."""
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be None or callable as callback(info) -> None | Stop() | "
-                        f"Restart(...), got {type(callback).__name__}")
-    return callback
-
-
 class StepHook:
     """Runs a step callback for a loop on flat ``(B, D)`` states and interprets its answer.
 
@@ -139,31 +131,3 @@ class StepHook:
             raise ValueError(f"callback returned Restart(z=...) with z of shape, dtype, device "
                              f"{got}; expected {tuple(self.shape)}, {z.dtype}, {z.device}")
         return new.reshape(z.shape)
-
-
-def with_layer_input(callback: StepCallback, fx: Any) -> StepCallback:
-    """A solver-level callback around a layer's ``callback``: shows it the layer's current
-    input (``fx.x``, ``fx`` the layer's map ``z -> f(z, x)``) in :attr:`StepInfo.x`, and
-    applies a :class:`Restart` ``(x=...)`` by setting ``fx.x`` (then asks the solver for a
-    restart)."""
-
-    def layer_callback(info: StepInfo) -> Stop | Restart | None:
-        x = getattr(fx, "x", None)
-        action = callback(replace(info, x=x))
-        if not isinstance(action, Restart) or action.x is None:
-            return action
-        new = action.x
-        if x is None:
-            raise ValueError("callback returned Restart(x=...), but this layer's map has no "
-                             "input to change")
-        if not isinstance(new, Tensor) or new.shape != x.shape or new.dtype != x.dtype or (
-                new.device != x.device):
-            got = (f"{tuple(new.shape)}, {new.dtype}, {new.device}" if isinstance(new, Tensor)
-                   else type(new).__name__)
-            raise ValueError(f"callback returned Restart(x=...) with x of shape, dtype, device "
-                             f"{got}; expected the layer input's {tuple(x.shape)}, {x.dtype}, "
-                             f"{x.device}")
-        fx.x = new.detach()
-        return Restart(z=action.z)
-
-    return layer_callback

@@ -9,6 +9,8 @@ from .._warnings import warn
 if TYPE_CHECKING:
     from .stats import SolverStats
 
+#: What a solve does when it stops before every sample met its tolerance: ``"ignore"``,
+#: ``"warn"`` (a :class:`ConvergenceWarning`) or ``"raise"`` (a :class:`ConvergenceError`).
 OnNonConvergence = Literal["ignore", "warn", "raise"]
 ON_NONCONVERGENCE_CHOICES = ("ignore", "warn", "raise")
 
@@ -37,7 +39,9 @@ class NonFiniteError(FloatingPointError):
 
 
 def report_nonconvergence(stats: SolverStats, on_nonconvergence: OnNonConvergence) -> None:
-    """Warn or raise, as the user chose, when ``stats`` shows unconverged samples."""
+    """Warn (:class:`ConvergenceWarning`) or raise (:class:`ConvergenceError`), as
+    ``on_nonconvergence`` says, when ``stats`` shows unconverged samples; the message is
+    ``stats.method`` and :meth:`SolverStats.summary`."""
     if on_nonconvergence == "ignore" or stats.all_converged:
         return
     message = f"{stats.method} did not converge: {stats.summary()}"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import anderson, broyden, newton, picard  # noqa: F401  (each registers its method)
-from .callback import StepCallback, StepHook, check_callback
+from .callback import StepCallback, StepHook
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
 from .progress import Progress
@@ -22,6 +22,7 @@ from .unbatched import solve_as_one_sample
 from .validation import (
     check_bool,
     check_callable,
+    check_callback,
     check_on_nonconvergence,
     check_positive_float,
     check_positive_int,

@@ -81,6 +81,8 @@ class Registry(Mapping[str, T], Generic[T]):
     def check(self, value: object, argument: str | None = None) -> str:
         """``value`` is a registered name; otherwise ``ValueError`` naming ``argument`` (default
         :attr:`argument`) and the choices."""
+        if isinstance(value, str) and value in self:
+            return value
         return check_choice(value, argument or self.argument, tuple(self))
 
     def __getitem__(self, name: str) -> T:

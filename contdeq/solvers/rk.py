@@ -128,7 +128,8 @@ def next_step_size(
 def initial_step(
     f0: Tensor, z0: Tensor, atol: float, rtol: float, order: int, cap: float = 1.0
 ) -> float:
-    """First step from the problem, at no extra function evaluation.
+    """First step from the problem, at no extra function evaluation: ``f0`` is the derivative
+    ``(B, ...)`` at the state ``z0`` (shaped like ``f0``); returns a float.
 
     ``h0 = min(cap, 0.5 * (1 / max_b(||f0_b|| / (atol + rtol * ||z0_b||)))^(1/order))``.
     For ``dz/dt = f(z) - z`` the solution relaxes on a time scale of 1, so the local error of a

@@ -9,7 +9,7 @@ from typing import Literal
 from torch import Tensor
 
 from .._warnings import warn
-from .callback import StepCallback, StepHook, check_callback
+from .callback import StepCallback, StepHook
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
 from .integrate import StepControl
@@ -24,6 +24,7 @@ from .unbatched import solve_as_one_sample
 from .validation import (
     check_bool,
     check_callable,
+    check_callback,
     check_choice,
     check_on_nonconvergence,
     check_positive_float,

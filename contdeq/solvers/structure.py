@@ -19,33 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_state_shapes", "flatten_states", "solve_flattened", "solver_arguments",
-           "unflatten_states"]
+from .validation import Shapes, check_state_shapes
 
-Shapes = tuple[tuple[int, ...], ...]
-
-
-def as_shape(value: object) -> tuple[int, ...] | None:
-    """``value`` as one per-sample shape (a positive int, or a non-empty sequence of positive
-    ints), or ``None`` when it is not one; callers raise with their own wording."""
-    shape = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) == 0:
-        return None
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        return None
-    return tuple(shape)
-
-
-def check_state_shapes(shapes: object, name: str = "shapes") -> Shapes:
-    """``shapes`` is a non-empty sequence of per-sample shapes (each a positive int or a
-    non-empty sequence of them); returns it as a tuple of tuples."""
-    valid = isinstance(shapes, Sequence) and not isinstance(shapes, str) and len(shapes) > 0
-    result = [as_shape(shape) for shape in shapes] if valid else []  # type: ignore[union-attr]
-    if not valid or any(shape is None for shape in result):
-        raise ValueError(f"{name} must be a non-empty sequence of per-sample shapes, one per "
-                         f"scale, each a tuple of positive ints (e.g. [(16, 8, 8), (32, 4, 4)]); "
-                         f"got {shapes!r}")
-    return tuple(result)  # type: ignore[arg-type]
+__all__ = ["concat_states", "flatten_states", "solve_flattened", "solver_arguments",
+           "split_states", "unflatten_states"]
 
 
 def flatten_states(

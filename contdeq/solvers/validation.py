@@ -1,4 +1,9 @@
-"""Argument checks shared by the solvers; every message names the argument."""
+"""The argument checks of contdeq, in one module; every message names the argument.
+
+Public (``__all__``): the checks the layers, the implicit backward, joint inference and the
+other packages share with the solvers. The rest (finiteness fast paths, the NaN and
+step-underflow errors, tolerance defaults) is internal to :mod:`contdeq.solvers`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,63 @@ import inspect
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ON_NONCONVERGENCE_CHOICES, NonFiniteError
 
+if TYPE_CHECKING:
+    from .callback import StepCallback
+
+__all__ = [
+    "Shapes",
+    "as_shape",
+    "check_bool",
+    "check_callable",
+    "check_callback",
+    "check_choice",
+    "check_func_output",
+    "check_on_nonconvergence",
+    "check_positive_float",
+    "check_positive_int",
+    "check_state",
+    "check_state_shapes",
+    "check_tolerances",
+    "is_vmapped",
+]
+
+#: A per-sample shape for each scale of a tuple state: ``((C_1, H_1, W_1), (C_2, ...), ...)``.
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def as_shape(value: object) -> tuple[int, ...] | None:
+    """``value`` as one per-sample shape (a positive int, or a non-empty sequence of positive
+    ints), or ``None`` when it is not one; callers raise with their own wording."""
+    shape = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) == 0:
+        return None
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        return None
+    return tuple(shape)
+
+
+def check_state_shapes(shapes: object, name: str = "shapes") -> Shapes:
+    """``shapes`` is a non-empty sequence of per-sample shapes (each a positive int or a
+    non-empty sequence of them); returns it as a tuple of tuples."""
+    valid = isinstance(shapes, Sequence) and not isinstance(shapes, str) and len(shapes) > 0
+    result = [as_shape(shape) for shape in shapes] if valid else []  # type: ignore[union-attr]
+    if not valid or any(shape is None for shape in result):
+        raise ValueError(f"{name} must be a non-empty sequence of per-sample shapes, one per "
+                         f"scale, each a tuple of positive ints (e.g. [(16, 8, 8), (32, 4, 4)]); "
+                         f"got {shapes!r}")
+    return tuple(result)  # type: ignore[arg-type]
+
 
 def check_state(z0: object, name: str = "z0") -> Tensor:
-    """``z0`` must be a finite floating-point tensor with a batch dimension."""
+    """``z0`` must be a finite floating-point tensor ``(B, ...)`` (batch dimension first) or
+    one 1-D state; returns it."""
     if not isinstance(z0, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(z0).__name__}")
     if not torch.is_floating_point(z0):
@@ -43,7 +96,8 @@ def all_finite(x: Tensor) -> bool:
 
 
 def is_vmapped(x: Tensor) -> bool:
-    """Whether ``x`` is mapped by an active ``torch.func.vmap`` (at any transform level).
+    """Whether ``x`` (``(B, ...)``, any shape) is mapped by an active ``torch.func.vmap`` (at
+    any transform level).
 
     Data-dependent checks (``bool(...)`` of a tensor) cannot run on such a tensor; the
     equilibrium layers skip their input's finiteness test there and let the batched solve
@@ -81,6 +135,14 @@ def check_callable(value: object, name: str, signature: str) -> None:
             f"{len(params)} positional arguments")
         raise TypeError(f"{name} must be callable as {signature} ({count}: "
                         f"{', '.join(params)}), but {takes} cannot take them{hint}") from None
+
+
+def check_callback(callback: object) -> StepCallback | None:
+    """``callback`` is ``None`` or callable (else ``TypeError`` naming the argument)."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable as callback(info) -> None | Stop() | "
+                        f"Restart(...), got {type(callback).__name__}")
+    return callback
 
 
 def check_tolerances(atol: float, rtol: float, prefix: str = "") -> None:
@@ -189,7 +251,8 @@ def check_on_nonconvergence(value: object) -> str:
 
 def check_func_output(out: object, z: Tensor, name: str, state: str = "the state",
                       shape_hint: str = "", dtype_hint: str = "") -> Tensor:
-    """The user's function returned a tensor shaped, typed and placed like ``z``.
+    """The user's function returned a tensor ``out`` shaped like ``z`` (``(B, ...)``), with its
+    dtype and device; returns it.
 
     ``state`` names ``z`` in the messages; the hints are appended to the shape and dtype
     messages (the layers explain there how their state shape and dtype are chosen).
