@@ -1,5 +1,7 @@
 """``root``: solve ``F(x) = 0`` per sample, by Newton (line search or trust region), ΨTC or a
-fixed-point iteration.
+fixed-point iteration; by default (``solver="auto"``) Newton, then ΨTC restarted from ``x0`` on
+the samples Newton left unconverged (on the 23 problems of ``benchmarks/nonlinear.py``: Newton
+22, ΨTC 20, both in turn 23).
 
 **Sign convention of ΨTC.** ``solver="ptc"`` integrates the pseudo-transient flow
 ``dx/dt = -F(x)`` by backward Euler (:mod:`contdeq.solvers.implicit_ptc`), each step solving
