@@ -34,6 +34,7 @@ from tests.nonlinear_problems import PROBLEMS, Problem, solved
 
 #: contdeq configurations: (label, root's solver, its options).
 CONTDEQ = (
+    ("contdeq auto (newton, then ptc)", "auto", {}),
     ("contdeq newton", "newton", {}),
     ("contdeq trust_region", "trust_region", {}),
     ("contdeq ptc", "ptc", {}),

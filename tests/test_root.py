@@ -45,11 +45,11 @@ def test_known_solutions_are_roots() -> None:
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=[f"p{p.number}" for p in PROBLEMS])
 def test_newton_on_each_problem(problem) -> None:
-    """Newton (root's default) from the library's start point at atol=1e-8: every problem but
+    """Newton from the library's start point at atol=1e-8: every problem but
     Freudenstein-Roth is solved by the independent check; on Freudenstein-Roth it reaches the
     local minimum of ||F|| and stops there as stalled within 60 iterations (the stall window is
     50), its best iterate returned. No claim is false, no NaN."""
-    x, stats = root(problem.func, problem.x0(), atol=1e-8, rtol=0.0,
+    x, stats = root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0,
                     on_nonconvergence="ignore")
     ok = _check_honest(problem, x, stats)
     if problem is FREUDENSTEIN_ROTH:
@@ -57,6 +57,40 @@ def test_newton_on_each_problem(problem) -> None:
         assert float(problem.func(x).norm()) < float(problem.func(problem.x0()).norm())
     else:
         assert ok and stats.all_converged and stats.stop_reason == "converged"
+
+
+def test_auto_default_solves_all_23() -> None:
+    """root's default (solver="auto": Newton, then ΨTC from x0 where Newton did not converge)
+    solves all 23 by the independent check, claims convergence on each, and where Newton alone
+    converges returns exactly Newton's x and NFE (the second stage never ran)."""
+    n_solved = 0
+    for problem in PROBLEMS:
+        x, stats = root(problem.func, problem.x0(), atol=1e-8, rtol=0.0,
+                        on_nonconvergence="ignore")
+        n_solved += _check_honest(problem, x, stats)
+        assert stats.method == "auto" and stats.all_converged
+        if problem in (PROBLEMS[0], PROBLEMS[12]):
+            nx, newton = root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0)
+            assert torch.equal(nx, x) and newton.nfe == stats.nfe
+    assert n_solved == 23
+
+
+def test_auto_sums_both_stages_on_freudenstein_roth() -> None:
+    """On Freudenstein-Roth Newton stalls and ΨTC, restarted from x0, solves it: NFE, JVPs and
+    steps are the sums of the two stages run alone."""
+    problem = FREUDENSTEIN_ROTH
+    x, stats = root(problem.func, problem.x0(), atol=1e-8, rtol=0.0)
+    _, newton = root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0,
+                     on_nonconvergence="ignore")
+    px, ptc = root(problem.func, problem.x0(), solver="ptc", atol=1e-8, rtol=0.0)
+    assert stats.all_converged and solved(problem, x) and torch.equal(x, px)
+    assert stats.nfe == newton.nfe + ptc.nfe and stats.jvps == newton.jvps + ptc.jvps
+    assert stats.steps == newton.steps + ptc.steps and stats.stop_reason == "converged"
+    # In a batch with a sample Newton solves, that sample keeps Newton's root exactly.
+    near = torch.tensor([5.1, 3.9], dtype=torch.float64)
+    xb, batch = root(problem.func, torch.stack([problem.x0(), near]), atol=1e-8, rtol=0.0)
+    xn, _ = root(problem.func, near, solver="newton", atol=1e-8, rtol=0.0)
+    assert batch.all_converged and solved(problem, xb[0]) and torch.equal(xb[1], xn)
 
 
 @pytest.mark.slow
@@ -95,7 +129,7 @@ def test_trust_region_solves_rosenbrock() -> None:
     assert _check_honest(problem, x, stats) and stats.all_converged
 
 
-@pytest.mark.parametrize("solver", ["newton", "trust_region", "ptc"])
+@pytest.mark.parametrize("solver", ["newton", "trust_region", "ptc", "auto"])
 def test_batch_keeps_converged_samples(solver: str) -> None:
     """A batch of ``F(x) = x^2 + c_b`` (``c_b`` per sample, as a layer's input would be):
     samples with a real root converge and are returned converged at it, the sample without one
@@ -117,15 +151,17 @@ def test_nonconvergence_policies_and_best_iterate() -> None:
     seen, not the last."""
     problem = FREUDENSTEIN_ROTH
     with pytest.raises(ConvergenceError) as caught:
-        root(problem.func, problem.x0(), atol=1e-8, rtol=0.0, on_nonconvergence="raise")
+        root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0,
+             on_nonconvergence="raise")
     error = caught.value
     assert error.x.shape == (2,) and error.stats.stop_reason == "stalled"
     torch.testing.assert_close(error.stats.residual, sample_rms(problem.func(error.x)[None]))
     with pytest.warns(ConvergenceWarning):
-        root(problem.func, problem.x0(), atol=1e-8, rtol=0.0)
+        root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        root(problem.func, problem.x0(), atol=1e-8, rtol=0.0, on_nonconvergence="ignore")
+        root(problem.func, problem.x0(), solver="newton", atol=1e-8, rtol=0.0,
+             on_nonconvergence="ignore")
 
 
 @pytest.mark.parametrize("first_step", [0.1, 1.0])
@@ -183,7 +219,7 @@ def test_ptc_stall_and_nonfinite_policy() -> None:
     assert float(x.abs().max()) < 0.1 and stats.steps < 200
 
 
-@pytest.mark.parametrize("solver", ["newton", "trust_region", "ptc", "anderson"])
+@pytest.mark.parametrize("solver", ["newton", "trust_region", "ptc", "anderson", "auto"])
 def test_unbatched_and_batched_agree(solver: str) -> None:
     """A 1-D x0 is one system: x comes back 1-D, statistics of shape (1,); the same system in
     a batch of one gives the same x."""
@@ -209,6 +245,8 @@ def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="ptc"):
         root(f, x0, solver="ptc", memory=3)
     with pytest.raises(TypeError, match="newton"):
+        root(f, x0, solver="newton", bogus=1)
+    with pytest.raises(TypeError, match=r"auto.*bogus"):
         root(f, x0, bogus=1)
     with pytest.raises(ValueError, match="stall_window"):
         root(f, x0, stall_window=0)
@@ -217,14 +255,14 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="jvp"):
         PTCOptions(jvp="central")
     with pytest.raises(ValueError, match="forcing"):
-        root(f, x0, forcing=1.5)
+        root(f, x0, solver="newton", forcing=1.5)
     with pytest.raises(ValueError, match="trust_region"):
         root(f, x0, solver="trust_region", jvp="forward")
     with pytest.raises(TypeError, match="F"):
         root(3, x0)
 
 
-@pytest.mark.parametrize("solver", ["newton", "ptc"])
+@pytest.mark.parametrize("solver", ["newton", "ptc", "auto"])
 def test_parameters_requiring_grad(solver: str) -> None:
     """F with a parameter that requires grad: the solve runs (Jacobian products still work)
     and x comes back without autograd history."""

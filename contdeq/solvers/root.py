@@ -1,5 +1,7 @@
 """``root``: solve ``F(x) = 0`` per sample, by Newton (line search or trust region), ΨTC or a
-fixed-point iteration.
+fixed-point iteration; by default (``solver="auto"``) Newton, then ΨTC restarted from ``x0`` on
+the samples Newton left unconverged (on the 23 problems of ``benchmarks/nonlinear.py``: Newton
+22, ΨTC 20, both in turn 23).
 
 **Sign convention of ΨTC.** ``solver="ptc"`` integrates the pseudo-transient flow
 ``dx/dt = -F(x)`` by backward Euler (:mod:`contdeq.solvers.implicit_ptc`), each step solving
@@ -27,6 +29,7 @@ error.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +57,9 @@ from .validation import (
 __all__ = ["ROOT_SOLVERS", "root"]
 
 #: The values of ``root``'s ``solver``.
-ROOT_SOLVERS = ("newton", "trust_region", "ptc", "anderson", "broyden", "picard")
+ROOT_SOLVERS = ("newton", "trust_region", "ptc", "anderson", "broyden", "picard", "auto")
+#: The options ``solver="auto"`` passes on to both of its stages (it runs each at its defaults).
+AUTO_OPTIONS = ("stall_window", "stall_decrease")
 #: Newton's linear solves in ``root``: relative tolerance 1e-6 (nearly exact). The
 #: Eisenstat-Walker forcing term (Newton's default in ``fixed_point``) solved 22 of the 23
 #: problems and took 849 iterations on the generalized Rosenbrock problem, where the inexact
@@ -73,7 +78,7 @@ def root(
     F: Callable[[Tensor], Tensor],
     x0: Tensor,
     *,
-    solver: str = "newton",
+    solver: str = "auto",
     atol: float | None = None,
     rtol: float | None = None,
     max_steps: int = 1000,
@@ -92,10 +97,13 @@ def root(
         F: ``F(x) -> residual``, shape, dtype and device of ``x`` preserved, acting on each
             sample separately (for a coupled batch pass it as one 1-D system).
         x0: ``(B, D)`` (or ``(B, ...)``) initial guesses, batch first, or ``(D,)``.
-        solver: ``"newton"`` (default: Newton-Krylov with a backtracking line search, linear
+        solver: ``"newton"`` (Newton-Krylov with a backtracking line search, linear
             solves to relative ``1e-6``), ``"trust_region"`` (Newton with Powell's dogleg),
             ``"ptc"`` (ΨTC on ``dx/dt = -F(x)``, see the module docstring), or a fixed-point
-            iteration on ``x - F(x)``: ``"anderson"``, ``"broyden"``, ``"picard"``.
+            iteration on ``x - F(x)``: ``"anderson"``, ``"broyden"``, ``"picard"``; or
+            ``"auto"`` (default): Newton, then ΨTC on the batch, the samples Newton left
+            unconverged restarted from ``x0`` (each stage at its defaults, ``max_steps``
+            each; statistics summed, each sample keeps the stage with the smaller residual).
         atol, rtol: tolerances (RMS norms); default
             :func:`~contdeq.solvers.validation.default_tolerance` of ``x0``'s dtype.
         max_steps: iteration limit (ΨTC: steps, rejected ones included).
@@ -108,7 +116,8 @@ def root(
             ``forcing=1e-6``, ``trust_radius``; see :class:`~contdeq.solvers.newton.Newton`);
             ΨTC's :class:`~contdeq.solvers.implicit_ptc.PTCOptions` fields (``first_step``,
             ``min_growth``, ``max_growth``, ``restart``, ``preconditioner``, ...); the
-            fixed-point solvers' options (``memory``, ``damping``, ...). Unknown ones raise.
+            fixed-point solvers' options (``memory``, ``damping``, ...); ``"auto"`` takes
+            only ``stall_window`` and ``stall_decrease``. Unknown ones raise.
 
     Returns:
         ``(x, stats)``: ``x`` shaped like ``x0``, without autograd history (the iterations run
@@ -116,7 +125,7 @@ def root(
         :mod:`contdeq.implicit`); a :class:`SolverStats` whose ``residual`` is
         ``rms(F(x_b))`` per sample, ``nfe`` counts every call of ``F`` (``jvps`` the Jacobian
         products of Newton and ΨTC) and ``stop_reason`` is ``"stalled"`` when every
-        unconverged sample stalled.
+        unconverged sample stalled (``"auto"``: the stop reason of its last stage).
 
     Raises:
         ConvergenceError: with ``on_nonconvergence="raise"`` (``.x``: the best iterates).
@@ -139,6 +148,8 @@ def root(
         if solver == "ptc":
             x, stats = _solve_ptc(fn, batched, float(atol), float(rtol), max_steps, timeout,
                                   options)
+        elif solver == "auto":
+            x, stats = _solve_auto(fn, batched, atol, rtol, max_steps, timeout, options)
         else:
             x, stats = _solve_fixed_point(fn, batched, solver, atol, rtol, max_steps, timeout,
                                           options)
@@ -170,6 +181,41 @@ def _solve_ptc(F: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rtol: flo
                             result.rejected)
     stats.jvps, stats.linear_iterations = jvps, linear_iterations
     return result.z.reshape(x0.shape), stats
+
+
+def _solve_auto(F: Callable[[Tensor], Tensor], x0: Tensor, atol: Tensor, rtol: Tensor,
+                max_steps: int, timeout: float | None, options: dict[str, Any]
+                ) -> tuple[Tensor, SolverStats]:
+    """Newton, then ΨTC restarted from ``x0`` on the samples Newton left unconverged (a
+    two-stage polyalgorithm like NonlinearSolve.jl's default); ``x0`` batched."""
+    unknown = sorted(set(options) - set(AUTO_OPTIONS))
+    if unknown:
+        raise TypeError(f"root(solver='auto') got unexpected options {unknown}: it runs Newton "
+                        f"and ΨTC at their defaults and takes only {list(AUTO_OPTIONS)}; pass "
+                        "solver='newton' or solver='ptc' to tune one")
+    start = time.perf_counter()
+    x, stats = _solve_fixed_point(F, x0, "newton", atol, rtol, max_steps, timeout, options)
+    stats.method = "auto"
+    if stats.all_converged:
+        return x, stats
+    # The whole batch goes on (F may hold per-sample data, e.g. a layer's input): the samples
+    # Newton converged start at its root, converged at once and frozen; the others at x0.
+    newton_done = stats.converged.reshape((-1,) + (1,) * (x0.ndim - 1))
+    remaining = None if timeout is None else max(timeout - (time.perf_counter() - start), 1e-3)
+    x_ptc, ptc = _solve_ptc(F, torch.where(newton_done, x, x0), float(atol), float(rtol),
+                            max_steps, remaining, dict(options))
+    take = ~stats.converged & (ptc.converged | (ptc.residual < stats.residual))
+    x = torch.where(take.reshape(newton_done.shape), x_ptc, x)
+    for name in ("residual", "tolerance", "converged"):
+        setattr(stats, name, torch.where(take, getattr(ptc, name), getattr(stats, name)))
+    stats.nfe += ptc.nfe
+    stats.steps += ptc.steps
+    stats.jvps = (stats.jvps or 0) + (ptc.jvps or 0)
+    stats.linear_iterations = (stats.linear_iterations or 0) + (ptc.linear_iterations or 0)
+    stats.accepted = stats.rejected = None  # Newton has no rejections; a sum would mislead
+    stats.wall_time = time.perf_counter() - start
+    stats.stop_reason = StopReason.CONVERGED if stats.all_converged else ptc.stop_reason
+    return x, stats
 
 
 def _solve_fixed_point(F: Callable[[Tensor], Tensor], x0: Tensor, solver: str,
