@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, machine_header, write_results
+from common import RESULTS, add_device_argument, machine_header, write_results
 
 from contdeq.solvers import NonFiniteError, root
 from tests.nonlinear_problems import PROBLEMS, Problem, solved
@@ -46,7 +46,11 @@ SCIPY = ("hybr", "lm", "krylov")
 TOL = 1e-8
 
 
-def _run_contdeq(problem: Problem, solver: str, options: dict) -> dict:
+CPU = torch.device("cpu")
+
+
+def _run_contdeq(problem: Problem, solver: str, options: dict,
+                 device: torch.device = CPU) -> dict:
     calls = [0]
 
     def func(x: torch.Tensor) -> torch.Tensor:
@@ -54,12 +58,12 @@ def _run_contdeq(problem: Problem, solver: str, options: dict) -> dict:
         return problem.func(x)
 
     try:
-        x, stats = root(func, problem.x0(), solver=solver, atol=TOL, rtol=0.0,
+        x, stats = root(func, problem.x0().to(device), solver=solver, atol=TOL, rtol=0.0,
                         on_nonconvergence="ignore", **options)
     except NonFiniteError as exc:
         return {"claimed": False, "solved": False, "nfe": calls[0], "jvps": None,
                 "outcome": f"NonFiniteError: {str(exc)[:50]}"}
-    return {"claimed": stats.all_converged, "solved": solved(problem, x), "nfe": stats.nfe,
+    return {"claimed": stats.all_converged, "solved": solved(problem, x.cpu()), "nfe": stats.nfe,
             "jvps": stats.jvps, "outcome": str(stats.stop_reason)}
 
 
@@ -91,9 +95,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_device_argument(parser)  # contdeq's solves; scipy's run on the CPU
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runners = {label: (lambda p, s=solver, o=options: _run_contdeq(p, s, o))
+    runners = {label: (lambda p, s=solver, o=options: _run_contdeq(p, s, o, args.device))
                for label, solver, options in CONTDEQ}
     runners.update({f"scipy {m}": (lambda p, m=m: _run_scipy(p, m)) for m in SCIPY})
     results: dict[str, dict[int, dict]] = {name: {} for name in runners}
