@@ -57,8 +57,10 @@ class Linearization:
         self.raw = raw
         self.mode = jvp
         self.jvps = 0
-        # Reverse mode: the last point evaluated with a graph, and u -> J^T u built on it.
+        # Reverse mode: the last point evaluated with a graph, and u -> J^T u built on it;
+        # ``_primal`` is ``(z, F(z))`` of that graph (None where F does not depend on z).
         self._graph: tuple[Tensor, Tensor, Tensor] | None = None
+        self._primal: tuple[Tensor, Tensor] | None = None
 
     def evaluate(self, z: Tensor) -> Tensor:
         """``F(z)``, ``(B, D)``: one counted call (in reverse mode with a graph, which a
@@ -72,13 +74,15 @@ class Linearization:
                 u = torch.zeros_like(out, requires_grad=True)
                 (jt_u,) = torch.autograd.grad(out, zr, u, create_graph=True)
                 self._graph = (z, u, jt_u)
+                self._primal = (zr, out)
             else:  # F does not depend on z: J = 0
                 self._graph = (z, out, out)
+                self._primal = None
         return out.detach()
 
     def forget(self) -> None:
         """``F`` changed: drop the kept graph, so the next product evaluates ``F`` afresh."""
-        self._graph = None
+        self._graph = self._primal = None
 
     def product_at(self, z: Tensor) -> Callable[[Tensor], Tensor]:
         """``v -> J(z) v`` on ``(B, D)`` tensors (reverse mode: one counted call of ``F``

@@ -250,29 +250,12 @@ class _GradientLinearization(Linearization):
     """A :class:`Linearization` that also gives vector-Jacobian products ``J^T w`` at the
     point its last :meth:`evaluate` saw (reverse mode), from the same graph."""
 
-    def evaluate(self, z: Tensor) -> Tensor:
-        """``F(z)`` as :meth:`Linearization.evaluate`, keeping the graph for :meth:`vjp_at`."""
-        if self.mode != "reverse":
-            return super().evaluate(z)
-        with torch.enable_grad():
-            zr = z.detach().requires_grad_(True)
-            out = self.counted(zr)
-            if out.requires_grad:
-                u = torch.zeros_like(out, requires_grad=True)
-                (jt_u,) = torch.autograd.grad(out, zr, u, create_graph=True)
-                self._graph = (z, u, jt_u)
-                self._primal = (zr, out)
-            else:  # F does not depend on z: J = 0
-                self._graph = (z, out, out)
-                self._primal = None
-        return out.detach()
-
     def vjp_at(self, z: Tensor, w: Tensor) -> Tensor:
         """``J(z)^T w`` (``(B, D)``), one backward pass (counted in ``jvps``)."""
         if self._graph is None or not (self._graph[0] is z or torch.equal(self._graph[0], z)):
             self.evaluate(z)
         self.jvps += 1
-        primal = getattr(self, "_primal", None)
+        primal = self._primal
         if primal is None:
             return torch.zeros_like(w)
         zr, out = primal
