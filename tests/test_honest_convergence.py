@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from contdeq.solvers import NonFiniteError, fixed_point, sample_rms, steady_state
+from contdeq.solvers import (
+    FIXED_POINT_METHODS,
+    STEADY_STATE_METHODS,
+    NonFiniteError,
+    fixed_point,
+    sample_rms,
+    steady_state,
+)
 
 ODE = [("dopri5", "lean"), ("tsit5", "lean"), ("bosh3", "lean"), ("dopri8", "lean"),
        ("adaptive_heun", "lean"), ("ptc", "lean"), ("dopri5", "torchdiffeq"),
@@ -142,18 +149,26 @@ def test_per_sample_false_is_one_batch_wide_test(solver: str) -> None:
     assert true <= float(stats.tolerance[0])
 
 
-@pytest.mark.parametrize("solver", ["picard", "dopri5"])
+@pytest.mark.parametrize("solver", [*FIXED_POINT_METHODS, *STEADY_STATE_METHODS])
 def test_frozen_samples_are_retested_when_all_converged(solver: str) -> None:
     """Catches samples flagged converged while others, moving later, changed their residual
-    through a batch mean (up to 10.9x over the tolerance): each claim is re-checked."""
+    through a batch mean (up to 10.9x over the tolerance; implicit_ptc did not re-test): each
+    claim is re-checked, by every registered method."""
     z0 = torch.zeros(16, 8, dtype=torch.float64)
-    if solver == "picard":
-        z, stats = fixed_point(_batch_mean_map, z0, method=solver, max_steps=300)
+    if solver in FIXED_POINT_METHODS:
+        z, stats = fixed_point(_batch_mean_map, z0, method=solver, max_steps=300,
+                               on_nonconvergence="ignore")
     else:
-        z, stats = steady_state(lambda t, z: _batch_mean_map(z) - z, z0, method=solver)
-    assert stats.all_converged
+        z, stats = steady_state(lambda t, z: _batch_mean_map(z) - z, z0, method=solver,
+                                on_nonconvergence="ignore")
     true = _rms64(_batch_mean_map(z) - z)
-    assert bool((true <= stats.tolerance * 1.0001).all()), (true / stats.tolerance).max()
+    claimed = stats.converged
+    assert bool((true[claimed] <= stats.tolerance[claimed] * 1.0001).all()), (
+        (true / stats.tolerance)[claimed].max())
+    # Per-sample ptc stalls on this batch-coupled map (7 of 16 converge, then every step is
+    # rejected), honestly reported; per_sample=False is the documented way for such a map
+    # (test_per_sample_false_is_one_batch_wide_test). Every other method converges.
+    assert stats.all_converged or solver == "ptc"
 
 
 @pytest.mark.parametrize("solver", ["bosh3", "ptc", "picard", "anderson"])
@@ -313,3 +328,26 @@ def test_picard_unrolled_gradient_matches_the_implicit_one() -> None:
     expected = torch.ones(1, 4, dtype=torch.float64) @ torch.linalg.solve(
         torch.eye(4, dtype=torch.float64) - jac_z, jac_x)
     assert torch.allclose(grad, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize(("solver", "max_steps"), [
+    ("picard", 16), ("dopri5", 24), ("tsit5", 22), ("implicit_ptc", 34), ("implicit_ptc", 1000),
+    ("ptc", 14), ("ptc", 1000)])
+def test_frozen_claims_are_retested_when_a_limit_stops_the_solve(solver: str,
+                                                                  max_steps: int) -> None:
+    """Catches a solve stopped at ``max_steps`` returning samples frozen earlier as converged
+    although others, moving later through a batch mean, pushed them off (each configuration
+    here returned such claims, per-sample ptc up to 1.66x the tolerance): every claim holds
+    at the returned state. (Where a limit stop returns other samples' best iterates, a
+    coupled map's residuals there differ again: such maps take ``per_sample=False``.)"""
+    z0 = torch.zeros(16, 8, dtype=torch.float64)
+    if solver in FIXED_POINT_METHODS:
+        z, stats = fixed_point(_batch_mean_map, z0, method=solver, max_steps=max_steps,
+                               on_nonconvergence="ignore")
+    else:
+        z, stats = steady_state(lambda t, z: _batch_mean_map(z) - z, z0, method=solver,
+                                max_steps=max_steps, on_nonconvergence="ignore")
+    true = _rms64(_batch_mean_map(z) - z)
+    claimed = stats.converged
+    assert bool((true[claimed] <= stats.tolerance[claimed] * 1.0001).all()), (
+        (true / stats.tolerance)[claimed].max())

@@ -179,8 +179,8 @@ def run_compiled_pseudo_transient(
         check_stop_after_trials(func.name, progress.steps, reason, int(trials))
         progress.best = BestIterate(state["best_z"], state["best_res"], state["best_tol"])
         # The last call saw every sample at the final state (frozen ones did not move).
-        if reason != "converged" or d_new is None or not progress.reopen_stale(
-                state["z"], sample_rms(d_new)):
+        if d_new is None or not progress.reopen_stale(
+                state["z"], sample_rms(d_new)) or reason != "converged":
             break
         state = {**state, "d": d_new, "res": progress.res, "tol": progress.tol,
                  "active": progress.active, **_best(progress.best)}

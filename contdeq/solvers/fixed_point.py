@@ -53,8 +53,9 @@ def fixed_point(
 
     Sample ``b`` (first dimension) has converged when
     ``rms(g(z_b) - z_b) <= atol + rtol * rms(z_b)``; converged samples stay where they are
-    while the others iterate; when all have converged, the frozen ones are re-tested on the
-    last call's residual (no extra call) and iterate again if they no longer pass. The
+    while the others iterate; when the loop stops, the frozen ones are re-tested on the last
+    call's residual (no extra call): when all had converged, those that no longer pass iterate
+    again; at a limit they are returned unconverged. The
     returned ``z`` of each sample is its iterate with the smallest residual, and
     ``stats.residual`` is that residual. With ``freeze_converged=False`` every sample iterates
     until all have converged at once: about half the tensor operations per iteration (what a
@@ -212,9 +213,10 @@ def _iterate_freezing(
                 z = best = restart
                 gz, residual = _restart(solver, g, progress, z)
                 res = progress.res
-        # All converged: every sample froze at its best iterate, so ``z == best``, and the last
-        # call saw them all there; re-test the frozen ones (a g coupling samples).
-        if reason != "converged" or res is None or not progress.reopen_stale(z, res):
+        # Every frozen sample froze at its best iterate (``z == best`` there) and the last call
+        # saw it there: re-test the frozen ones (a g coupling samples); at a limit those that no
+        # longer pass are returned unconverged, when all converged they iterate again.
+        if res is None or not progress.reopen_stale(z, res) or reason != "converged":
             return LoopResult(best, reason)
         best = z
 

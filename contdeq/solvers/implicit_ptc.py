@@ -169,45 +169,55 @@ def run_implicit_ptc(
     # The last trial was NaN/Inf: F's value at a finite trial state, or the trial state itself
     # (GMRES is finite for finite products, so a NaN/Inf Jacobian product of F at z).
     bad_value = torch.zeros_like(progress.active)
-    while (reason := progress.stop_reason(t_max)) is None:
-        res = progress.res
-        active = progress.active & ~stall.stalled
-        if t_max < math.inf:
-            active &= progress.t < t_max
-        if not bool(active.any()):
-            reason = StopReason.STALLED if bool(stall.stalled.any()) else StopReason.T_MAX
+    # Residuals of the last evaluation, which saw every sample (frozen ones where they froze).
+    last_res: Tensor | None = None
+    while True:
+        while (reason := progress.stop_reason(t_max)) is None:
+            res = progress.res
+            active = progress.active & ~stall.stalled
+            if t_max < math.inf:
+                active &= progress.t < t_max
+            if not bool(active.any()):
+                reason = StopReason.STALLED if bool(stall.stalled.any()) else StopReason.T_MAX
+                break
+            dt = (torch.minimum(h.to(progress.t.dtype), t_max - progress.t)
+                  if t_max < math.inf else h)
+            delta, iterations = _step(lin, z, d * active.unsqueeze(1), dt, res, res_prev, eta,
+                                      progress.tol, opts)
+            eta = delta[1]
+            linear_iterations += iterations
+            z_new = z + delta[0]
+            finite_z = torch.isfinite(z_new).all(dim=1)
+            trial = z_new if bool(finite_z.all()) else torch.where(finite_z.unsqueeze(1), z_new, z)
+            d_new = lin.evaluate(trial)
+            progress.steps += 1
+            res_new = last_res = sample_rms(d_new)
+            tol_new = progress.condition.tolerance(trial)
+            finite = torch.isfinite(res_new + tol_new) & finite_z
+            bad_value = torch.where(active, ~finite, bad_value)
+            ok = finite & active & (res_new <= opts.blowup * res)
+            accepted += ok
+            attempted += active
+            res_prev = torch.where(ok, res, res_prev if res_prev is not None else res)
+            h = torch.where(active, _next_step(h, ok, res, res_new, opts), h).clamp_(max=max_step)
+            if bool(torch.equal(ok, active)):  # inactive samples had a zero correction
+                z, d = trial, d_new  # the same tensor: reverse-mode products reuse its graph
+            else:
+                keep = ok.unsqueeze(1)
+                z, d = torch.where(keep, trial, z), torch.where(keep, d_new, d)
+            progress.accept(ok, res_new, tol_new, dt * ok, z)
+            stall.update(progress.res, active)
+            if hook is not None and (restart := hook(progress, z)) is not None:
+                z, d = restart, lin.evaluate(restart)
+                last_res = sample_rms(d)
+                progress.restart(z, last_res)
+                stall = _Stall(progress.res, opts)
+                res_prev = eta = None
+        # Re-test the frozen samples on the last evaluation (an F coupling samples): at a limit
+        # those that no longer pass are returned unconverged, when all converged they iterate.
+        if last_res is None or not progress.reopen_stale(z, last_res) or (
+                reason != StopReason.CONVERGED):
             break
-        dt = torch.minimum(h.to(progress.t.dtype), t_max - progress.t) if t_max < math.inf else h
-        delta, iterations = _step(lin, z, d * active.unsqueeze(1), dt, res, res_prev, eta,
-                                  progress.tol, opts)
-        eta = delta[1]
-        linear_iterations += iterations
-        z_new = z + delta[0]
-        finite_z = torch.isfinite(z_new).all(dim=1)
-        trial = z_new if bool(finite_z.all()) else torch.where(finite_z.unsqueeze(1), z_new, z)
-        d_new = lin.evaluate(trial)
-        progress.steps += 1
-        res_new = sample_rms(d_new)
-        tol_new = progress.condition.tolerance(trial)
-        finite = torch.isfinite(res_new + tol_new) & finite_z
-        bad_value = torch.where(active, ~finite, bad_value)
-        ok = finite & active & (res_new <= opts.blowup * res)
-        accepted += ok
-        attempted += active
-        res_prev = torch.where(ok, res, res_prev if res_prev is not None else res)
-        h = torch.where(active, _next_step(h, ok, res, res_new, opts), h).clamp_(max=max_step)
-        if bool(torch.equal(ok, active)):  # inactive samples had a zero correction
-            z, d = trial, d_new  # the same tensor: reverse-mode products reuse its graph
-        else:
-            keep = ok.unsqueeze(1)
-            z, d = torch.where(keep, trial, z), torch.where(keep, d_new, d)
-        progress.accept(ok, res_new, tol_new, dt * ok, z)
-        stall.update(progress.res, active)
-        if hook is not None and (restart := hook(progress, z)) is not None:
-            z, d = restart, lin.evaluate(restart)
-            progress.restart(z, sample_rms(d))
-            stall = _Stall(progress.res, opts)
-            res_prev = eta = None
     final = progress.final_state(z)
     unconverged = progress.res > progress.tol
     if reason != StopReason.CONVERGED and bool((bad_value & unconverged).any()):

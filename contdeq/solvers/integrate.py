@@ -182,10 +182,11 @@ def run_runge_kutta(
             if t + h == t:
                 raise_step_underflow(func.name, progress.steps, t, h)
         trials.check_stop(reason, progress.steps)
-        if reason != "converged" or mask is None:
-            break
-        assert stepper.last_evaluation is not None
-        if not progress.reopen_stale(z, sample_rms(stepper.last_evaluation)):
+        # Frozen samples are re-tested on the last evaluation, which saw them where they froze
+        # (an f coupling samples may have moved them off): at a limit they are returned
+        # unconverged, when all converged they iterate again.
+        if mask is None or stepper.last_evaluation is None or not progress.reopen_stale(
+                z, sample_rms(stepper.last_evaluation)) or reason != "converged":
             break
         d, mask = stepper.last_evaluation, None
     return LoopResult(progress.final_state(z), reason, accepted, rejected)
@@ -265,8 +266,10 @@ most 2x, at most ``max_step``).
                 d_new, res_new = d, sample_rms(d)
                 progress.restart(z, res_new)
         trials.check_stop(reason, progress.steps)
-        # The last call saw every sample at the final state (frozen ones did not move).
-        if reason != "converged" or res_new is None or not progress.reopen_stale(z, res_new):
+        # The last call saw every sample at the final state (frozen ones did not move): frozen
+        # samples that no longer pass are returned unconverged at a limit, iterate again when
+        # all converged.
+        if res_new is None or not progress.reopen_stale(z, res_new) or reason != "converged":
             break
         d = d_new
     n_rejected = int(rejected.sum())

@@ -162,15 +162,18 @@ class Progress:
         returned. Costs no evaluation: the loops pass the residual their last call computed.
         """
         tol = self.condition.tolerance(z)
-        stale = residual_norm > tol
+        stale = (residual_norm > tol).logical_and_(~self.active)
         if not bool(stale.any()):
             return False
         self.res = torch.where(stale, residual_norm, self.res)
         self.tol = torch.where(stale, tol, self.tol)
-        self.active = stale
+        self.active = self.active | stale
         self._any_active = True
         if self.best is not None:
-            self.best = BestIterate(z, self.res, self.tol)
+            best = self.best
+            self.best = BestIterate(torch.where(stale.unsqueeze(1), z, best.z),
+                                    torch.where(stale, residual_norm, best.res),
+                                    torch.where(stale, tol, best.tol))
         return True
 
     def restart(self, z: Tensor, residual_norm: Tensor) -> None:

@@ -70,8 +70,9 @@ def steady_state(
     ``rms(dz_b/dt) <= atol + rtol * rms(z_b)`` (RMS over all other dimensions); it is then
     frozen (its derivative is masked to zero) while the others go on. The test uses the
     derivative the last accepted step already computed (FSAL), so termination costs no extra
-    evaluation. When every sample has converged, the frozen ones are re-tested on the last
-    step's evaluation (again no extra call) and iterate again if they no longer pass.
+    evaluation. When the loop stops, the frozen ones are re-tested on the last step's
+    evaluation (again no extra call): when every sample had converged, those that no longer
+    pass iterate again; at a limit they are returned unconverged.
 
     A 1-D ``z0`` is one unbatched state (torchdiffeq's convention): it is tested and stepped
     as a whole, and ``z`` is 1-D. ``per_sample=False`` does the same for a whole batch, for a

@@ -152,9 +152,8 @@ def run_torchdiffeq_loop(
                 progress.restart(restart, sample_rms(masked.last))
                 state = state._replace(y1=restart, f1=masked.last)
         trials.check_stop(reason, progress.steps)
-        if reason != "converged" or masked.last is None or bool(mask.all()):
-            break
-        if not progress.reopen_stale(state.y1, sample_rms(masked.last)):
+        if masked.last is None or bool(mask.all()) or not progress.reopen_stale(
+                state.y1, sample_rms(masked.last)) or reason != "converged":
             break
         state = state._replace(f1=masked.last)
     return LoopResult(progress.final_state(state.y1), reason, accepted, rejected)
