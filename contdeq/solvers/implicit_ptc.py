@@ -165,7 +165,7 @@ def run_implicit_ptc(
     eta: Tensor | None = None
     assert progress.t is not None
     progress.keep_best(z)
-    stall = _Stall(progress.res, opts)
+    stall = Stall(progress.res, opts.stall_window, opts.stall_decrease)
     # The last trial was NaN/Inf: F's value at a finite trial state, or the trial state itself
     # (GMRES is finite for finite products, so a NaN/Inf Jacobian product of F at z).
     bad_value = torch.zeros_like(progress.active)
@@ -211,7 +211,7 @@ def run_implicit_ptc(
                 z, d = restart, lin.evaluate(restart)
                 last_res = sample_rms(d)
                 progress.restart(z, last_res)
-                stall = _Stall(progress.res, opts)
+                stall = Stall(progress.res, opts.stall_window, opts.stall_decrease)
                 res_prev = eta = None
         # Re-test the frozen samples on the last evaluation (an F coupling samples): at a limit
         # those that no longer pass are returned unconverged, when all converged they iterate.
@@ -265,15 +265,22 @@ def _next_step(h: Tensor, ok: Tensor, res: Tensor, res_new: Tensor, opts: PTCOpt
     return h * torch.where(ok, growth, opts.rejection_shrink)
 
 
-class _Stall:
-    """Per sample, the smallest residual so far and the steps since it last fell by the
-    options' ``stall_decrease``; ``stalled`` after ``stall_window`` such steps."""
+class Stall:
+    """The stall test of ΨTC and of :func:`~contdeq.solvers.root`: per sample, the smallest
+    residual so far and the steps since it last fell by the relative ``decrease``; ``stalled``
+    after ``window`` such steps.
 
-    def __init__(self, res: Tensor, opts: PTCOptions) -> None:
+    Args:
+        res: ``(B,)`` residual norms at the start.
+        window: steps without progress after which a sample has stalled.
+        decrease: relative decrease of the smallest residual that counts as progress.
+    """
+
+    def __init__(self, res: Tensor, window: int, decrease: float) -> None:
         self.best = res.clone()
         self.since = torch.zeros_like(res, dtype=torch.long)
-        self.window = opts.stall_window
-        self.factor = 1.0 - opts.stall_decrease
+        self.window = window
+        self.factor = 1.0 - decrease
         self.stalled = torch.zeros_like(res, dtype=torch.bool)
 
     def update(self, res: Tensor, stepped: Tensor) -> None:

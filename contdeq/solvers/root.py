@@ -40,7 +40,7 @@ from .callback import StepInfo, Stop
 from .counting import CountedODEFunc
 from .errors import ConvergenceError, NonFiniteError, OnNonConvergence, report_nonconvergence
 from .fixed_point import fixed_point
-from .implicit_ptc import PTCOptions, run_implicit_ptc
+from .implicit_ptc import PTCOptions, Stall, run_implicit_ptc
 from .progress import Progress
 from .stats import SolverStats, StopReason
 from .termination import SteadyStateCondition
@@ -260,23 +260,20 @@ class _StallStop:
         if isinstance(decrease, bool) or not isinstance(decrease, (int, float)) or not (
                 0.0 <= decrease < 1.0):
             raise ValueError(f"stall_decrease must be a float in [0, 1), got {decrease!r}")
-        self.factor = 1.0 - float(decrease)
-        self.best: Tensor | None = None
-        self.since: Tensor | None = None
+        self.decrease = float(decrease)
+        self.stall: Stall | None = None
 
     def __call__(self, info: StepInfo) -> Stop | None:
-        if self.best is None or self.since is None:
-            self.best = info.residual.clone()
-            self.since = torch.zeros_like(info.residual, dtype=torch.long)
+        if self.stall is None:
+            self.stall = Stall(info.residual, self.window, self.decrease)
             return None
-        improved = info.residual < self.factor * self.best
-        self.best = torch.where(improved, info.residual, self.best)
-        self.since = torch.where(improved, 0, self.since + 1)
+        stall = self.stall
+        stall.update(info.residual, torch.ones_like(info.active))
         # A residual grown past ``blowup`` times the best is diverging (a fixed-point iteration
         # whose I - J_F is no contraction): stop it at its best iterate before it overflows.
-        diverged = ~(info.residual <= DIVERGED * self.best)
-        self.since = torch.where(diverged, self.window, self.since)
-        stalled = self.since >= self.window
+        diverged = ~(info.residual <= DIVERGED * stall.best)
+        stall.since = torch.where(diverged, self.window, stall.since)
+        stalled = stall.since >= self.window
         if bool(info.active.any()) and bool(stalled[info.active].all()):
             return Stop()
         return None
