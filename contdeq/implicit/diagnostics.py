@@ -5,48 +5,58 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
+from ..solvers import BoundInput
 from ..solvers.validation import check_func_output
 
-__all__ = ["CheckedCall", "check_output", "first_call"]
+__all__ = ["LayerInput", "check_output", "first_call"]
 
 
-class CheckedCall:
-    """``fx(z) = f(z, x)`` whose first output is checked with a message naming ``f``.
+class LayerInput(BoundInput):
+    """``fx(z) = f(z, x)``: a layer's ``f`` bound to its input, checked with the layer's hints.
+
+    The solve's counted wrapper calls ``f(z, x)`` directly (counting, checks, autocast in one
+    wrapper, :mod:`contdeq.solvers.counting`); the first call explains a failure inside
+    ``f`` or a badly shaped output in terms of how the layer chooses its state
+    (:func:`first_call`, :func:`check_output`).
 
     Args:
         f: called as ``f(z, x)``.
         x: ``(B, ...)`` the input passed to every call.
         name: ``f``'s name in messages.
+        autocast: ``(device_type, dtype)`` of the ``torch.autocast`` ``f`` computes in (its
+            output cast to the state's dtype), ``None`` outside autocast.
     """
 
-    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], x: Tensor, name: str = "f"):
-        self.f = f
-        self.x = x
-        self.name = name
-        self.checked = False
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], x: Tensor, name: str = "f",
+                 autocast: tuple[str, torch.dtype] | None = None) -> None:
+        super().__init__(f, x, name, autocast)
 
-    def __call__(self, z: Tensor) -> Tensor:
-        """``f(z, x)`` for a ``(B, ...)`` state ``z``, shaped like ``z``."""
-        if self.checked:
-            return self.f(z, self.x)
-        out = first_call(self.f, z, self.x, self.name)
+    def first_call(self, z: Tensor, x: Tensor) -> Tensor:
+        """``f(z, x)`` with the layer's hints on a failure or a badly shaped output."""
+        out = first_call(self.evaluate, z, x, self.name, hint_module=self.f)
         self.checked = True
         return out
 
+    def check(self, out: object, z: Tensor) -> Tensor:
+        return check_output(out, z, self.name)
 
-def first_call(f: Callable[[Tensor, Tensor], Tensor], z: Tensor, x: Tensor, name: str = "f"
-               ) -> Tensor:
+
+def first_call(f: Callable[[Tensor, Tensor], Tensor], z: Tensor, x: Tensor, name: str = "f",
+               hint_module: object = None) -> Tensor:
     """``f(z, x)``, with shape errors inside ``f`` and a badly shaped output explained in
-    terms of the state shape (the usual cause: ``state_shape`` left to default to ``x``'s)."""
+    terms of the state shape (the usual cause: ``state_shape`` left to default to ``x``'s);
+    ``hint_module``: the module whose parameters the dtype/device hint names (default
+    ``f``)."""
     try:
         out = f(z, x)
     except RuntimeError as exc:
         raise RuntimeError(
             f"{name}(z, x) failed with the state z of shape {tuple(z.shape)} and x of shape "
             f"{tuple(x.shape)}; if f's state is not shaped like x, set state_shape=... on the "
-            f"layer or pass z0.{_dtype_device_hint(f, z, x)} The error was: {exc}"
+            f"layer or pass z0.{_dtype_device_hint(hint_module or f, z, x)} The error was: {exc}"
         ) from exc
     return check_output(out, z, name)
 

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from ..solvers import SolverStats, function_precision
 from .backward import BackwardConfig, BackwardMode
-from .diagnostics import CheckedCall
+from .diagnostics import LayerInput
 from .options import UNROLLABLE_SOLVERS, ForwardSolver
 from .stats import DEQStats
 
@@ -29,12 +29,9 @@ class _Problem:
     backward: BackwardMode
     names: tuple[str, ...]
     buffers: dict[str, Tensor]
+    #: Filled in by the backward pass (``record.backward``), which the caller reads after
+    #: ``backward()`` (the documented :attr:`DEQStats.backward`).
     record: DEQStats | None = None
-    forward_stats: SolverStats | None = None
-    #: The input the solve ended with, where a step callback changed it (``Restart(x=...)``,
-    #: e.g. :func:`contdeq.robust.entropy_reduction`): the backward linearizes ``f`` at
-    #: ``(z*, final_input)``, passing the gradient straight through the change to ``x``.
-    final_input: Tensor | None = None
 
 
 class _WithParameters(nn.Module):
@@ -56,20 +53,13 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
             torch.get_autocast_dtype(device_type))
 
 
-def _checked(f: nn.Module, x: Tensor) -> CheckedCall:
-    """``fx(z) = f(z, x)`` with its first output checked. Under ``torch.autocast`` only ``f``
-    runs in autocast and its output is cast to the state's dtype: the solver's state, its
-    arithmetic and its tests keep ``x``'s dtype (run the solve in :func:`_outside_autocast`)."""
+def _bound(f: nn.Module, x: Tensor) -> LayerInput:
+    """``fx(z) = f(z, x)``, which the solve's one counted wrapper calls (counting, checks with
+    the layer's hints, autocast). Under ``torch.autocast`` only ``f`` runs in autocast and its
+    output is cast to the state's dtype: the solver's state, its arithmetic and its tests keep
+    ``x``'s dtype (run the solve in :func:`_outside_autocast`)."""
     device_type, enabled, dtype = _autocast_state(x.device.type)
-    if not enabled:
-        return CheckedCall(f, x)
-
-    def in_state_dtype(z: Tensor, x: Tensor) -> Tensor:
-        with torch.autocast(device_type, dtype=dtype):
-            out = f(z, x)
-        return out.to(z.dtype) if isinstance(out, Tensor) and out.is_floating_point() else out
-
-    return CheckedCall(in_state_dtype, x)
+    return LayerInput(f, x, autocast=(device_type, dtype) if enabled else None)
 
 
 @contextlib.contextmanager
@@ -87,7 +77,9 @@ def _outside_autocast(device_type: str) -> Iterator[None]:
 
 def _solve(problem: _Problem, z0: Tensor, x: Tensor, params: tuple[Tensor, ...]
            ) -> tuple[Tensor, SolverStats]:
-    """The forward solve of ``f(., x)`` from ``z0`` with the parameter tensors ``params``.
+    """The forward solve of ``f(., x)`` from ``z0`` with the parameter tensors ``params``:
+    ``(z*, stats)``, ``stats.final_input`` the input a layer step callback left the solve at
+    (``Restart(x=...)``; ``None`` where none changed it).
 
     Outside torch.func these are ``f``'s own parameters and ``f`` is called as it is; inside a
     transform (``torch.func.grad``, ``vjp``, ``vmap``) they are the unwrapped tensors the
@@ -95,26 +87,27 @@ def _solve(problem: _Problem, z0: Tensor, x: Tensor, params: tuple[Tensor, ...]
     solve, so that no solver step sees the transform's wrapped tensors.
     """
     own = dict(problem.f.named_parameters())
-    fx = _checked(problem.f, x)
+    fx = _bound(problem.f, x)
     with _outside_autocast(x.device.type):
         if all(own.get(name) is p for name, p in zip(problem.names, params, strict=True)):
-            result = problem.solver(fx, z0)
-        else:
-            tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
-            runner = _WithParameters(problem.f, lambda: problem.solver(fx, z0))
-            result = functional_call(runner, tensors, ())
-    problem.final_input = None if fx.x is x else fx.x
-    return result
+            return problem.solver(fx, z0)
+        tensors = {f"f.{name}": p for name, p in zip(problem.names, params, strict=True)}
+        runner = _WithParameters(problem.f, lambda: problem.solver(fx, z0))
+        return functional_call(runner, tensors, ())
 
 
 class ImplicitFunction(torch.autograd.Function):
     """``z* = solve(f(., x), z0)`` with gradients ``w^T df/d(x, params)`` at ``z*``, the
     weights ``w`` given by the backward mode (implicit function theorem, JFB, ...).
 
-    Called as ``ImplicitFunction.apply(problem, z0, x, *params)`` by :func:`equilibrium`
-    (``z0`` and ``x`` ``(B, ...)``; ``z0`` gets no gradient); the gradients of ``x`` and of
-    ``params`` (``f``'s parameters, by name in ``problem.names``) come from one
-    vector-Jacobian product of ``f`` at ``z*``.
+    Called as ``z, stats = ImplicitFunction.apply(problem, z0, x, *params)`` by
+    :func:`equilibrium` (``z0`` and ``x`` ``(B, ...)``; ``z0`` gets no gradient): it returns
+    ``z*`` and the forward solve's :class:`~contdeq.solvers.SolverStats` (a non-tensor
+    output, which transforms pass through). The gradients of ``x`` and of ``params`` (``f``'s
+    parameters, by name in ``problem.names``) come from one vector-Jacobian product of ``f``
+    at ``(z*, x)``, ``x`` the input the solve ended with (``stats.final_input`` where a layer
+    step callback changed it, e.g. :func:`contdeq.robust.entropy_reduction`: the gradient
+    passes straight through that change to ``x``).
 
     It composes with ``torch.func``: ``grad``, ``vjp`` and ``jacrev`` (``forward`` takes no
     ``ctx``, :meth:`setup_context` saves the tensors), and ``vmap`` by :meth:`vmap`, which
@@ -125,21 +118,23 @@ class ImplicitFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(problem: _Problem, z0: Tensor, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(problem: _Problem, z0: Tensor, x: Tensor, *params: Tensor  # type: ignore[override]
+                ) -> tuple[Tensor, SolverStats]:
         z, stats = _solve(problem, z0, x, params)
-        problem.forward_stats = stats
-        return z
+        return z, stats
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, SolverStats]
+                      ) -> None:
         problem, _, x, *params = inputs
+        z, stats = output
         ctx.problem = problem
         ctx.autocast = _autocast_state(x.device.type)
-        final_x = x if problem.final_input is None else problem.final_input
-        ctx.save_for_backward(output, final_x, *params)
+        final_x = x if stats.final_input is None else stats.final_input
+        ctx.save_for_backward(z, final_x, *params)
 
     @staticmethod
-    def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_z: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         problem: _Problem = ctx.problem
         z, x, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
@@ -157,7 +152,8 @@ class ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], problem: _Problem, z0: Tensor,
-             x: Tensor, *params: Tensor) -> tuple[Tensor, int]:
+             x: Tensor, *params: Tensor
+             ) -> tuple[tuple[Tensor, SolverStats], tuple[int, None]]:
         """``vmap`` over ``z0`` and ``x``: the mapped dimension ``N`` is folded into the batch,
         ``(N, B, ...) -> (N * B, ...)``, and solved at once (the samples of a batch are
         independent). Mapping over ``f``'s parameters is refused (each map index would be
@@ -166,8 +162,8 @@ class ImplicitFunction(torch.autograd.Function):
         size = info.batch_size
         z0 = _fold(z0, in_dims[1], size)
         x = _fold(x, in_dims[2], size)
-        z = ImplicitFunction.apply(problem, z0, x, *params)
-        return z.reshape(size, -1, *z.shape[1:]), 0
+        z, stats = ImplicitFunction.apply(problem, z0, x, *params)
+        return (z.reshape(size, -1, *z.shape[1:]), stats), (0, None)
 
 
 _DOUBLE_BACKWARD = (
@@ -378,7 +374,7 @@ def equilibrium(
     z0 = _state_under_autocast(z0)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or len(params) > 0)
     if not need_grad and not transform:  # vmap needs ImplicitFunction's rule
-        fx = _checked(f, x)
+        fx = _bound(f, x)
         with torch.no_grad(), _outside_autocast(x.device.type):
             z, stats = solver(fx, z0)
         return z, DEQStats(stats)
@@ -388,15 +384,14 @@ def equilibrium(
                 f"backward={mode!r} needs an autograd-safe forward solver {UNROLLABLE_SOLVERS}; "
                 f"solver={solver.solver!r} updates its history in place"
             )
-        fx = _checked(f, x)
+        fx = _bound(f, x)
         with _outside_autocast(x.device.type):
             z, stats = solver(fx, z0)
         return z, DEQStats(stats)
     record = DEQStats.__new__(DEQStats)
     problem = _Problem(f, solver, mode, names, dict(f.named_buffers()), record)
-    z = ImplicitFunction.apply(problem, z0.detach(), x, *params)
-    assert problem.forward_stats is not None
-    record.forward = problem.forward_stats
+    z, stats = ImplicitFunction.apply(problem, z0.detach(), x, *params)
+    record.forward = stats
     record.backward = None
     return z, record
 

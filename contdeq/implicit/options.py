@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -12,11 +11,7 @@ from ..solvers import (
     CONTINUOUS,
     FIXED_POINT_METHODS,
     Registry,
-    Restart,
     SolverStats,
-    StepCallback,
-    StepInfo,
-    Stop,
     check_options,
     solve,
     steady_state,
@@ -44,7 +39,8 @@ UNROLLABLE_SOLVERS = tuple(name for name in FORWARD_SOLVERS if unrollable(name))
 
 
 class ForwardSolver:
-    """A configured forward solver: ``solver(fx, z0) -> (z*, stats)`` with ``fx(z) = f(z, x)``.
+    """A configured forward solver: ``solver(fx, z0) -> (z*, stats)`` with ``fx(z) = f(z, x)``
+    (a :class:`~contdeq.solvers.BoundInput`, whose ``f`` the solve's one counted wrapper calls).
 
     Args:
         solver: ``"ode"`` integrates ``dz/dt = fx(z) - z`` to steady state with
@@ -57,7 +53,9 @@ class ForwardSolver:
             Unknown names raise ``TypeError`` here, not at the first call. A ``callback``
             option is a layer step callback: it also sees the layer's input
             (:attr:`~contdeq.solvers.callback.StepInfo.x`) and may change it
-            (``Restart(x=...)``, see :mod:`contdeq.solvers.callback`).
+            (``Restart(x=...)``, see :mod:`contdeq.solvers.callback`): the solve evaluates
+            ``f`` at the new input from then on and reports the final one in
+            ``stats.final_input``; ``fx`` is not changed.
     """
 
     def __init__(self, solver: str = "ode", *, on_nonconvergence: str = "warn", **options: Any):
@@ -78,10 +76,8 @@ class ForwardSolver:
         if z0.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
             z, stats = self(lambda z: fx(z.squeeze(1)).unsqueeze(1), z0.unsqueeze(1))
             return z.squeeze(1), stats
-        options = self.options
-        if options.get("callback") is not None:
-            options = {**options, "callback": with_layer_input(options["callback"], fx)}
-        return solve(self.solver, fx, z0, on_nonconvergence=self.on_nonconvergence, **options)
+        return solve(self.solver, fx, z0, on_nonconvergence=self.on_nonconvergence,
+                     **self.options)
 
     def with_options(self, **options: Any) -> ForwardSolver:
         """A copy with ``options`` overriding this solver's options."""
@@ -104,31 +100,3 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
                             "backward_method='gmres'; it accepts ['restart']")
         return
     check_options(solver, options)
-
-
-def with_layer_input(callback: StepCallback, fx: Any) -> StepCallback:
-    """A solver-level callback around a layer's ``callback``: shows it the layer's current
-    input (``fx.x``, ``fx`` the layer's map ``z -> f(z, x)``) in
-    :attr:`~contdeq.solvers.StepInfo.x`, and applies a :class:`~contdeq.solvers.Restart`
-    ``(x=...)`` by setting ``fx.x`` (then asks the solver for a restart)."""
-
-    def layer_callback(info: StepInfo) -> Stop | Restart | None:
-        x = getattr(fx, "x", None)
-        action = callback(replace(info, x=x))
-        if not isinstance(action, Restart) or action.x is None:
-            return action
-        new = action.x
-        if x is None:
-            raise ValueError("callback returned Restart(x=...), but this layer's map has no "
-                             "input to change")
-        if not isinstance(new, Tensor) or new.shape != x.shape or new.dtype != x.dtype or (
-                new.device != x.device):
-            got = (f"{tuple(new.shape)}, {new.dtype}, {new.device}" if isinstance(new, Tensor)
-                   else type(new).__name__)
-            raise ValueError(f"callback returned Restart(x=...) with x of shape, dtype, device "
-                             f"{got}; expected the layer input's {tuple(x.shape)}, {x.dtype}, "
-                             f"{x.device}")
-        fx.x = new.detach()
-        return Restart(z=action.z)
-
-    return layer_callback

@@ -225,7 +225,8 @@ class LyapunovDynamics(nn.Module):
 
 class _Projected:
     """``z -> z + r_V(z)`` around a layer's map ``fx``; its input ``x`` is ``fx``'s, so a
-    layer callback that changes the input (``Restart(x=...)``) changes both."""
+    layer callback that changes the input (``Restart(x=...)``) rebinds both
+    (:meth:`with_input`)."""
 
     def __init__(self, fx: Callable[[Tensor], Tensor], lyapunov: nn.Module, alpha: float):
         self.fx, self.lyapunov, self.alpha = fx, lyapunov, alpha
@@ -234,9 +235,9 @@ class _Projected:
     def x(self) -> Tensor | None:
         return getattr(self.fx, "x", None)
 
-    @x.setter
-    def x(self, value: Tensor) -> None:
-        self.fx.x = value  # type: ignore[attr-defined]
+    def with_input(self, x: Tensor) -> _Projected:
+        """The projected map around ``fx`` bound to the input ``x``."""
+        return _Projected(self.fx.with_input(x), self.lyapunov, self.alpha)  # type: ignore[attr-defined]
 
     def __call__(self, z: Tensor) -> Tensor:
         return projected_map(self.fx, self.lyapunov, self.alpha, z)

@@ -8,7 +8,7 @@ one module of argument checks); the other submodules are internal
 
 from . import validation
 from .callback import Restart, StepCallback, StepInfo, Stop
-from .dispatch import CONTINUOUS, check_options, option_names, solve
+from .dispatch import CONTINUOUS, BoundInput, check_options, option_names, solve
 from .errors import (
     ConvergenceError,
     ConvergenceWarning,
@@ -37,6 +37,7 @@ __all__ = [
     "PTC",
     "STEADY_STATE_METHODS",
     "TABLEAUX",
+    "BoundInput",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointSolver",

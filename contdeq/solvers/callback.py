@@ -93,20 +93,27 @@ class StepHook:
         callback: the user's callback.
         method: the method's name, for :attr:`StepInfo.method`.
         shape: the state's shape as the callback sees it (the counted function's ``shape``).
+        function: the solve's counted function (:mod:`contdeq.solvers.counting`); where it is
+            bound to an input ``x`` (a layer's ``f(., x)``), the callback sees that input
+            (:attr:`StepInfo.x`) and a ``Restart(x=...)`` rebinds the function to the new one
+            for the rest of the solve. ``None``: the solve has no input.
     """
 
-    def __init__(self, callback: StepCallback, method: str, shape: torch.Size) -> None:
+    def __init__(self, callback: StepCallback, method: str, shape: torch.Size,
+                 function: Any = None) -> None:
         self.callback = callback
         self.method = method
         self.shape = shape
+        self.function = function
 
     def __call__(self, progress: Any, z: Tensor) -> Tensor | None:
         """Call back after a step at flat state ``z`` (``progress``: the loop's
         :class:`~contdeq.solvers.progress.Progress`). Returns ``None`` to go on (after a
         :class:`Stop`, ``progress`` is halted), or the flat ``(B, D)`` state to restart from."""
         view = z if z.shape == self.shape else z.reshape(self.shape)
+        x = None if self.function is None else self.function.input
         info = StepInfo(progress.steps, view, progress.res, progress.active, progress.t,
-                        self.method)
+                        self.method, x)
         action = self.callback(info)
         if action is None:
             return None
@@ -117,10 +124,7 @@ class StepHook:
             raise TypeError(f"callback must return None, Stop() or Restart(...), got "
                             f"{type(action).__name__}")
         if action.x is not None:
-            raise ValueError("callback returned Restart(x=...), but this solve has no input x: "
-                             "x is a layer's input (set layer.callback); for steady_state or "
-                             "fixed_point, change what the function captures and return "
-                             "Restart()")
+            self._rebind(action.x, x)
         if action.z is None:
             return z
         new = action.z
@@ -131,3 +135,20 @@ class StepHook:
             raise ValueError(f"callback returned Restart(z=...) with z of shape, dtype, device "
                              f"{got}; expected {tuple(self.shape)}, {z.dtype}, {z.device}")
         return new.reshape(z.shape)
+
+    def _rebind(self, new: object, x: Tensor | None) -> None:
+        """Apply ``Restart(x=new)``: the counted function is evaluated at ``new`` (detached)
+        from now on; ``x`` is the input it had."""
+        if x is None:
+            raise ValueError("callback returned Restart(x=...), but this solve has no input x: "
+                             "x is a layer's input (set layer.callback); for steady_state or "
+                             "fixed_point, change what the function captures and return "
+                             "Restart()")
+        if not isinstance(new, Tensor) or new.shape != x.shape or new.dtype != x.dtype or (
+                new.device != x.device):
+            got = (f"{tuple(new.shape)}, {new.dtype}, {new.device}" if isinstance(new, Tensor)
+                   else type(new).__name__)
+            raise ValueError(f"callback returned Restart(x=...) with x of shape, dtype, device "
+                             f"{got}; expected the layer input's {tuple(x.shape)}, {x.dtype}, "
+                             f"{x.device}")
+        self.function.rebind(new.detach())

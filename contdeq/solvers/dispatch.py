@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .counting import BoundInput, Residual
 from .fixed_point import fixed_point
 from .registry import FIXED_POINT_METHODS
 from .stats import Solution
 from .steady_state import steady_state
 
-__all__ = ["CONTINUOUS", "check_options", "option_names", "solve"]
+__all__ = ["CONTINUOUS", "BoundInput", "check_options", "option_names", "solve"]
 
 #: The solver choice that integrates the continuous dynamics (:func:`steady_state`).
 CONTINUOUS = "ode"
@@ -39,23 +40,14 @@ def solve(solver: str, fx: Callable[[State], State], z0: State, **options: Any) 
     """Find ``z = fx(z)`` from ``z0`` (``(B, ...)`` or a tuple of such) with ``solver``:
     ``"ode"`` integrates ``dz/dt = fx(z) - z`` with :func:`steady_state`, a fixed-point method
     name iterates ``fx`` with :func:`fixed_point`; ``options`` are that function's keywords.
-    Returns the :class:`~contdeq.solvers.Solution` ``(z, stats)``, ``z`` shaped like ``z0``."""
+    Returns the :class:`~contdeq.solvers.Solution` ``(z, stats)``, ``z`` shaped like ``z0``.
+
+    Each call of ``fx`` goes through one counted wrapper (for ``"ode"`` it subtracts ``z``
+    itself); an ``fx`` that is a :class:`~contdeq.solvers.counting.BoundInput` ``f(., x)`` has
+    its ``f`` called from there directly."""
     if solver == CONTINUOUS:
-        return steady_state(_Residual(fx), z0, **options)
+        return steady_state(Residual(fx), z0, **options)
     return fixed_point(fx, z0, method=solver, **options)
-
-
-class _Residual:
-    """``func(t, z) = fx(z) - z`` (per part for a tuple state)."""
-
-    def __init__(self, fx: Callable[[State], State]) -> None:
-        self.fx = fx
-
-    def __call__(self, t: Tensor, z: State) -> State:
-        out = self.fx(z)
-        if isinstance(z, tuple):
-            return tuple(o - s for o, s in zip(out, z, strict=True))
-        return out - z
 
 
 def _keywords(fn: Callable[..., Any]) -> list[str]:

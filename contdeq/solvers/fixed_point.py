@@ -152,11 +152,12 @@ def fixed_point(
     )
     iterate = _iterate_freezing if freeze_converged else _iterate_together
     loop_map = getattr(solver, "map", counted) if getattr(cls, "needs_map", False) else counted
-    hook = None if callback is None else StepHook(callback, method, counted.shape)
+    hook = None if callback is None else StepHook(callback, method, counted.shape, counted)
     result = iterate(solver, loop_map, progress, z, gz, residual, hook)
     stats = progress.finish(method, counted.calls, result.stop_reason)
     stats.jvps = getattr(solver, "jvps", None)
     stats.linear_iterations = getattr(solver, "linear_iterations", None)
+    stats.final_input = counted.final_input
     report_nonconvergence(stats, on_nonconvergence)
     return Solution(result.z.reshape(z0.shape), stats)
 

@@ -86,6 +86,9 @@ class SolverStats:
         linear_iterations: GMRES iterations summed over the solve's linear systems (each
             one batched product with the system's matrix; ``None`` where no linear system is
             solved).
+        final_input: the input a step callback's ``Restart(x=...)`` left the function bound
+            to (a layer's ``f(., x)``, :mod:`~contdeq.solvers.callback`); ``None`` where no
+            callback changed it.
     """
 
     method: str
@@ -103,6 +106,7 @@ class SolverStats:
     time_history: Tensor | None = None
     jvps: int | None = None
     linear_iterations: int | None = None
+    final_input: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.stop_reason = StopReason(self.stop_reason)

@@ -211,12 +211,13 @@ def steady_state(
         name="func", track_time=True,
     )
     control = StepControl(ode_atol, ode_rtol, first_step, max_step, t_max, backend, compile)
-    hook = None if callback is None else StepHook(callback, method, counted.shape)
+    hook = None if callback is None else StepHook(callback, method, counted.shape, counted)
     result = solver.run(counted, z, d, progress, control, hook)
     label = method if backend == "lean" else f"{method}[{backend}]"
     stats = progress.finish(label, counted.calls, result.stop_reason, result.accepted,
                             result.rejected)
     stats.jvps, stats.linear_iterations = result.jvps, result.linear_iterations
+    stats.final_input = counted.final_input
     report_nonconvergence(stats, on_nonconvergence)
     return Solution(result.z.reshape(z0.shape), stats)
 
