@@ -21,7 +21,7 @@ from .._warnings import warn
 from ..implicit import BackwardConfig, BackwardMode, ForwardSolver, equilibrium
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, SolverStats
-from ..solvers.validation import is_vmapped
+from ..solvers.validation import check_positive_float, is_vmapped
 from .checks import check_number
 from .init import FZero, InitialState, Predictor, resolve_init
 from .modifiers import Modifier, check_modifiers
@@ -175,6 +175,12 @@ class DEQ(PerThreadResults):
                 self.add_module(name, module)
         backward_rtol = renamed(type(self).__name__, "backward_tol", backward_tol,
                                 "backward_rtol", backward_rtol)
+        if backward_rtol is not None:  # named as the caller spelled it
+            spelled = "backward_tol" if backward_tol is not None else "backward_rtol"
+            if isinstance(backward, BackwardMode):
+                raise TypeError(f"backward={backward!r} is a backward mode object; set its "
+                                f"options on the object (Implicit(tol=...)), not with {spelled}")
+            check_positive_float(backward_rtol, spelled)
         if solver == "ode":  # the measured default (docs/performance.md)
             solver_options.setdefault("method", "ptc")
         base = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
