@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 import contdeq
 from contdeq.nn import (
+    DEQ,
     INITIAL_STATES,
     MODIFIERS,
-    DEQ,
     FZero,
     InitialState,
     LyapunovFunction,
@@ -266,7 +266,7 @@ def test_bad_compositions_are_named() -> None:
         DEQ(TanhCell(D, D), modifiers=(lambda z: z,))
     with pytest.raises(TypeError, match="structure must be"):
         DEQ(TanhCell(D, D), structure=(2, 3))
-    with pytest.raises(TypeError, match="state_shape=... or structure=..., not both"):
+    with pytest.raises(TypeError, match=r"state_shape=\.\.\. or structure=\.\.\., not both"):
         DEQ(TanhCell(D, D), state_shape=D, structure=Scales(SHAPES))
     with pytest.raises(TypeError, match=r"called as f\(zs, x\) with zs a tuple"):
         DEQ(lambda zs, x: zs, structure=Scales(SHAPES))
@@ -302,7 +302,7 @@ def test_old_keyword_spellings_warn_and_keep_working() -> None:
     assert old.backward_mode == DEQ(f, backward_rtol=1e-7).backward_mode
     with pytest.warns(DeprecationWarning, match="use backward_rtol="):
         contdeq.SkipRegDEQ(f, backward_tol=1e-7)
-    with pytest.raises(TypeError, match="pass backward_rtol=... only"), warnings.catch_warnings():
+    with pytest.raises(TypeError, match=r"pass backward_rtol=\.\.\. only"), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         DEQ(f, backward_tol=1e-7, backward_rtol=1e-7)
     with pytest.raises(TypeError, match="not with backward_rtol"):
@@ -313,7 +313,7 @@ def test_old_keyword_spellings_warn_and_keep_working() -> None:
         node = contdeq.NeuralODE(f, max_num_steps=7)
     assert record[0].filename == __file__
     assert node.max_steps == 7 == contdeq.NeuralODE(f, max_steps=7).max_steps
-    with pytest.raises(TypeError, match="pass max_steps=... only"), warnings.catch_warnings():
+    with pytest.raises(TypeError, match=r"pass max_steps=\.\.\. only"), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         contdeq.NeuralODE(f, max_num_steps=7, max_steps=8)
 
