@@ -302,9 +302,10 @@ def test_old_keyword_spellings_warn_and_keep_working() -> None:
     assert old.backward_mode == DEQ(f, backward_rtol=1e-7).backward_mode
     with pytest.warns(DeprecationWarning, match="use backward_rtol="):
         contdeq.SkipRegDEQ(f, backward_tol=1e-7)
-    with pytest.raises(TypeError, match=r"pass backward_rtol=\.\.\. only"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        DEQ(f, backward_tol=1e-7, backward_rtol=1e-7)
+    with pytest.raises(TypeError, match=r"pass backward_rtol=\.\.\. only"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            DEQ(f, backward_tol=1e-7, backward_rtol=1e-7)
     with pytest.raises(TypeError, match="not with backward_rtol"):
         DEQ(f, backward=contdeq.Implicit(), backward_rtol=1e-7)
     with pytest.raises(ValueError, match="backward_rtol must be finite and > 0"):
