@@ -406,3 +406,29 @@ def test_state_dict_keys_of_saved_models_are_unchanged(name: str) -> None:
     other.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, strict=True)
     for (k, a), b in zip(layer.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+# -- the batch convention of 1-D inputs ------------------------------------------------------
+@pytest.mark.parametrize("solver", ["ode", "anderson"])
+def test_one_dimensional_inputs_follow_the_documented_convention(solver: str) -> None:
+    """docs/layers.md: a layer reads a 1-D ``x`` ``(B,)`` as ``B`` samples (per-sample stats),
+    the functions read a 1-D state as one unbatched sample (one stat), and both reach the
+    same equilibrium: catches either convention changing silently."""
+    x = torch.randn(6, dtype=F64)
+
+    class Scalar(nn.Module):
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            return torch.tanh(0.5 * z + x)
+
+    layer = DEQ(Scalar(), solver=solver, atol=1e-10, rtol=1e-10)
+    z = layer(x)
+    assert z.shape == (6,) and layer.stats.forward.converged.shape == (6,)
+    z0 = torch.zeros(6, dtype=F64)
+    if solver == "ode":
+        z_fn, stats = contdeq.solvers.steady_state(lambda t, s: torch.tanh(0.5 * s + x) - s, z0,
+                                                   method="ptc", atol=1e-10, rtol=1e-10)
+    else:
+        z_fn, stats = contdeq.solvers.fixed_point(lambda s: torch.tanh(0.5 * s + x), z0,
+                                                  method=solver, atol=1e-10, rtol=1e-10)
+    assert stats.converged.shape == (1,)
+    torch.testing.assert_close(z_fn, z, rtol=0, atol=1e-8)

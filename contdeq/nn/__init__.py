@@ -7,8 +7,8 @@ import warnings
 from typing import Any
 
 from .blocks import MultiScaleCell, MultiScaleFusion, ResidualBlock
-from .deq import DEQ, SkipDEQ, SkipRegDEQ
-from .init import INITIAL_STATES, FZero, InitialState, Input, Predictor, Zeros
+from .deq import DEQ, INITIAL_STATES, InitialState, Single, Zeros
+from .init import FZero, Input, Predictor
 from .lyapunov import ICNN, LyapunovDEQ, LyapunovFunction, LyapunovProjection
 from .modifiers import MODIFIERS, Modifier
 from .multiscale import MultiScaleDEQ, MultiScaleNeuralODE, MultiScaleSkipDEQ, MultiScaleSkipRegDEQ
@@ -16,7 +16,8 @@ from .node import NeuralODE
 from .noisy import Noise
 from .normalization import SpectralNormCap, spectral_norm_cap, update_normalization, weight_norm
 from .sde import NeuralSDE
-from .structure import Scales, Single, Structure
+from .skip import SkipDEQ, SkipRegDEQ
+from .structure import Scales, Structure
 from .weight_tied import MultiScaleWeightTied, WeightTied
 
 __all__ = [

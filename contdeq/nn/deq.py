@@ -1,15 +1,21 @@
-"""The equilibrium layer :class:`DEQ`, composed of small objects, and its short names
-:class:`SkipDEQ` and :class:`SkipRegDEQ`.
+"""The equilibrium layer :class:`DEQ`, composed of small objects, with its default parts.
 
 A layer is the cell ``f``, a forward solver (:class:`~contdeq.implicit.ForwardSolver`), a
 backward mode (:class:`~contdeq.Implicit`, :class:`~contdeq.JFB`, ...), an initial-state
 policy (:mod:`contdeq.nn.init`), a state structure (:mod:`contdeq.nn.structure`: one tensor or
 one per scale) and dynamics modifiers (:mod:`contdeq.nn.modifiers`). The named layers
 (``SkipDEQ``, ``MultiScaleDEQ``, ``LyapunovDEQ``, ...) only choose these objects.
+
+The defaults a plain ``DEQ(f)(x)`` runs with live here, so its forward needs no other module
+of the package's layers: the policy :class:`Zeros` (with the base :class:`InitialState` and
+the registry :data:`INITIAL_STATES`, which ``init.py`` fills with the other policies), the
+structure :class:`Single`, and :class:`PerThreadResults`, the base of every layer (``stats``
+and auxiliary terms kept per thread).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,23 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from .._warnings import warn
-from ..implicit import BackwardConfig, BackwardMode, ForwardSolver, equilibrium
+from ..implicit import BackwardConfig, BackwardMode, DEQStats, ForwardSolver, equilibrium
 from ..regularizers import jacobian_frobenius
-from ..solvers import ConvergenceWarning, SolverStats
+from ..solvers import ConvergenceWarning, Registry, SolverStats
 from ..solvers.validation import check_positive_float, is_vmapped
 from .checks import check_number
-from .init import FZero, InitialState, Predictor, resolve_init
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .per_thread import PerThreadResults
-from .structure import Single, Structure, check_state, resolve_state_shape
+from .structure import Structure, check_state, resolve_state_shape
 
 #: Forward solves in a row that stop unconverged before a layer hints at what to change.
 HINT_AFTER = 3
 
-__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "check_state", "resolve_state_shape",
-           "zeros_or_state"]
+__all__ = ["DEQ", "INITIAL_STATES", "InitialState", "PerThreadResults", "Single", "Zeros",
+           "check_input", "check_state", "resolve_init", "resolve_state_shape", "zeros_or_state"]
 
 
 def check_input(x: object, name: str = "x") -> Tensor:
@@ -58,6 +62,125 @@ def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tens
     if z0 is not None:
         return check_state(z0, x, shape, "z0")
     return x.new_zeros((x.shape[0], *(shape if shape is not None else x.shape[1:])))
+
+
+class PerThreadResults(nn.Module):
+    """Base of the contdeq layers: :attr:`stats` and the aux terms of the calling thread's
+    last call. Neither is pickled or deep-copied (a copy starts without results).
+
+    A layer shared by several threads (a model served by a thread pool, Hogwild-style
+    training) runs several calls at once; plain attributes would hold whichever call finished
+    last, in any thread. The results are kept in a ``threading.local``, so ``layer.stats`` and
+    ``contdeq.aux_loss(model)`` read the last call made *in the calling thread*."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._results = threading.local()
+
+    @property
+    def stats(self) -> DEQStats | None:
+        """Statistics of the last call made in this thread (``None`` before one)."""
+        return getattr(self._results, "stats", None)
+
+    @stats.setter
+    def stats(self, value: DEQStats | None) -> None:
+        self._results.stats = value
+
+    @property
+    def _aux(self) -> dict[str, Tensor]:
+        """Auxiliary loss terms of this thread's last training call, by name."""
+        return getattr(self._results, "aux", {})
+
+    @_aux.setter
+    def _aux(self, value: dict[str, Tensor]) -> None:
+        self._results.aux = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_results", None)  # a threading.local; its tensors hold graphs
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._results = threading.local()
+
+
+#: Initial-state policies by name: ``DEQ(f, init="zeros")`` is ``DEQ(f, init=Zeros())``.
+INITIAL_STATES: Registry[type[InitialState]] = Registry("initial-state policy", "init")
+
+
+class InitialState:
+    """Base of the initial-state policies: ``policy(layer, x) -> (z0, guess or None)``."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Networks this policy needs, by the attribute name the layer registers them under."""
+        return {}
+
+    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
+        """The auxiliary loss of a predicted start (``None``: none)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@INITIAL_STATES.register("zeros")
+class Zeros(InitialState):
+    """``z0 = 0`` of shape ``(B, *state_shape)``, ``x``'s dtype and device (the default)."""
+
+    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return layer.zeros(x), None
+
+
+def resolve_init(init: InitialState | str | None) -> InitialState:
+    """``init`` as a policy object: ``None`` is :class:`Zeros`, a name is looked up in
+    :data:`INITIAL_STATES` (its class built with default arguments)."""
+    if init is None:
+        return Zeros()
+    if isinstance(init, str):
+        policy: Any = INITIAL_STATES[INITIAL_STATES.check(init)]
+        return policy()
+    if not isinstance(init, InitialState):
+        raise TypeError(f"init must be an initial-state policy (contdeq.nn.init.Zeros(), "
+                        f"Predictor(net), FZero(), Input()) or one of their names "
+                        f"{tuple(INITIAL_STATES)}, got {type(init).__name__}")
+    return init
+
+
+class Single(Structure):
+    """One tensor per sample, ``(B, *state_shape)`` (default ``state_shape``: ``x``'s)."""
+
+    def __init__(self, state_shape: int | Sequence[int] | None = None) -> None:
+        self.state_shape = resolve_state_shape(state_shape)
+
+    def pack(self, z0: Any) -> Any:
+        return z0
+
+    def unpack(self, z: Tensor) -> Any:
+        return z
+
+    def prediction(self, guess: object, x: Tensor) -> Tensor:
+        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype."""
+        if not isinstance(guess, Tensor):
+            raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
+        if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
+            self.state_shape is not None and tuple(guess.shape[1:]) != self.state_shape
+        ):
+            expected = ("(B, ...) with B = " + str(x.shape[0]) if self.state_shape is None
+                        else str((x.shape[0], *self.state_shape)))
+            raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
+                             f"{tuple(guess.shape)}")
+        if guess.dtype != x.dtype:
+            raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
+        if not bool(torch.isfinite(guess).all()):
+            raise ValueError("predictor(x) returned NaN or Inf values")
+        return guess
+
+    def __repr__(self) -> str:
+        return f"Single(state_shape={self.state_shape})"
 
 
 class DEQ(PerThreadResults):
@@ -381,96 +504,3 @@ class DEQ(PerThreadResults):
             parts.append(f"jacobian_weight={self.jacobian_weight:g}, "
                          f"jacobian_probes={self.jacobian_probes}")
         return ", ".join(parts)
-
-
-
-
-class SkipDEQ(DEQ):
-    """DEQ whose initial state is an explicit prediction: ``z0 = predictor(x)``; the short
-    name of ``DEQ(f, init=Predictor(predictor, weight=skip_weight, norm=skip_norm,
-    detach=skip_detach))``.
-
-    Training adds ``skip_weight * mean((predictor(x) - sg(z*))^2)`` (``skip_norm="l2"``) or
-    ``skip_weight * mean(|predictor(x) - sg(z*)|)`` (``"l1"``) to :func:`contdeq.aux_loss`;
-    ``sg`` is stop-gradient, so the term trains the predictor (and, through ``predictor(x)``,
-    whatever computes ``x``, e.g. an encoder before the layer), and ``z*`` (independent of
-    ``z0`` at convergence) gets no gradient from it: ``f`` is not trained by the term.
-    ``skip_detach=False`` lets the gradient reach ``z*`` too, as in Pal et al. (2022) /
-    DeepEquilibriumNetworks.jl (which use ``skip_norm="l1"`` and ``skip_weight`` 5 on MNIST):
-    ``f`` is then also pulled toward equilibria the predictor reaches, which cuts solver steps
-    at some cost in accuracy. See ``docs/layers.md`` for the sources.
-
-    Args:
-        f: as for :class:`DEQ`.
-        predictor: ``nn.Module``, ``x -> (B, *state_shape)``; defines the state shape when
-            ``state_shape`` is not given.
-        skip_weight: the weight ``lambda`` of the skip term (default 1).
-        skip_norm: ``"l2"`` (default) or ``"l1"``.
-        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
-        **kwargs: the options of :class:`DEQ` (``structure``, ``modifiers``, ...).
-
-    Shapes: ``x`` ``(B, ...)`` -> ``z*`` shaped like ``predictor(x)``.
-    """
-
-    def __init__(self, f: nn.Module, predictor: nn.Module, *, skip_weight: float = 1.0,
-                 skip_norm: str = "l2", skip_detach: bool = True, **kwargs: Any) -> None:
-        init = Predictor(predictor, weight=skip_weight, norm=skip_norm, detach=skip_detach)
-        super().__init__(f, init=init, **kwargs)
-
-    @property
-    def skip_weight(self) -> float:
-        """The skip term's weight."""
-        return self.init.weight
-
-    @property
-    def skip_norm(self) -> str:
-        """The skip term's norm, ``"l2"`` or ``"l1"``."""
-        return self.init.norm
-
-    @property
-    def skip_detach(self) -> bool:
-        """Whether the skip term's gradient stops at ``z*``."""
-        return self.init.detach
-
-    def extra_repr(self) -> str:
-        return _skip_repr(self)
-
-
-class SkipRegDEQ(DEQ):
-    """DEQ with the Skip-Reg initial state ``z0 = f(0, x)``: no extra network; the short name
-    of ``DEQ(f, init=FZero(weight=skip_weight, norm=skip_norm, detach=skip_detach))``.
-
-    Training adds ``skip_weight * mean((f(0, x) - sg(z*))^2)`` (or the ``"l1"`` mean absolute
-    difference) to :func:`contdeq.aux_loss`; it trains ``f`` so that one application from zero
-    already lands near the equilibrium (``skip_detach=False``: and the equilibrium near that
-    first application, as in :class:`SkipDEQ`). DeepEquilibriumNetworks.jl builds this layer as
-    ``DEQ(model, solver; init=nothing)``, whose initial condition is ``model((zero(x), x))``.
-
-    Args:
-        f: as for :class:`DEQ`.
-        skip_weight: the weight ``lambda`` (default 1).
-        skip_norm: ``"l2"`` (default) or ``"l1"``.
-        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
-        **kwargs: the options of :class:`DEQ` (``state_shape`` sets the shape of the zero
-            state passed to ``f``; default ``x``'s shape).
-
-    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
-    """
-
-    def __init__(self, f: nn.Module, *, skip_weight: float = 1.0, skip_norm: str = "l2",
-                 skip_detach: bool = True, **kwargs: Any) -> None:
-        init = FZero(weight=skip_weight, norm=skip_norm, detach=skip_detach)
-        super().__init__(f, init=init, **kwargs)
-
-    skip_weight = SkipDEQ.skip_weight
-    skip_norm = SkipDEQ.skip_norm
-    skip_detach = SkipDEQ.skip_detach
-
-    def extra_repr(self) -> str:
-        return _skip_repr(self)
-
-
-def _skip_repr(layer: DEQ) -> str:
-    skip = layer.init
-    return (f"{DEQ.extra_repr(layer)}, skip_weight={skip.weight:g}, "  # type: ignore[attr-defined]
-            f"skip_norm={skip.norm!r}, skip_detach={skip.detach}")  # type: ignore[attr-defined]

@@ -17,14 +17,15 @@ after which ``DEQ(f, init="mean")`` and ``DEQ(f, init=Mean())`` both work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from ..implicit import first_call
 from ..regularizers import SKIP_NORMS, skip_loss
-from ..solvers import Registry
 from .checks import check_number
+from .deq import INITIAL_STATES, InitialState, Zeros, resolve_init
+from .structure import check_state
 
 if TYPE_CHECKING:
     from .deq import DEQ
@@ -32,44 +33,12 @@ if TYPE_CHECKING:
 __all__ = ["INITIAL_STATES", "FZero", "InitialState", "Input", "Predictor", "Zeros",
            "resolve_init"]
 
-#: Initial-state policies by name: ``DEQ(f, init="zeros")`` is ``DEQ(f, init=Zeros())``.
-INITIAL_STATES: Registry[type[InitialState]] = Registry("initial-state policy", "init")
-
-
-class InitialState:
-    """Base of the initial-state policies: ``policy(layer, x) -> (z0, guess or None)``."""
-
-    def modules(self) -> dict[str, nn.Module]:
-        """Networks this policy needs, by the attribute name the layer registers them under."""
-        return {}
-
-    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError
-
-    def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
-        """The auxiliary loss of a predicted start (``None``: none)."""
-        return None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-@INITIAL_STATES.register("zeros")
-class Zeros(InitialState):
-    """``z0 = 0`` of shape ``(B, *state_shape)``, ``x``'s dtype and device (the default)."""
-
-    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        return layer.zeros(x), None
-
-
 @INITIAL_STATES.register("input")
 class Input(InitialState):
     """``z0 = x``: the solve starts at the input features (LyaDEQ's start; ``x`` must have
     the state's shape)."""
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        from .deq import check_state
-
         name = f"x (the initial state of {type(layer).__name__})"
         return check_state(x, x, layer.state_shape, name), None
 
@@ -140,19 +109,3 @@ class FZero(_Skip):
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = first_call(layer.f, layer.zeros(x), x)
         return guess, guess if guess.requires_grad else None
-
-
-def resolve_init(init: InitialState | str | None) -> InitialState:
-    """``init`` as a policy object: ``None`` is :class:`Zeros`, a name is looked up in
-    :data:`INITIAL_STATES` (its class built with default arguments)."""
-    if init is None:
-        return Zeros()
-    if isinstance(init, str):
-        policy: Any = INITIAL_STATES[INITIAL_STATES.check(init)]
-        return policy()
-    if not isinstance(init, InitialState):
-        raise TypeError(f"init must be an initial-state policy (contdeq.nn.init.Zeros(), "
-                        f"Predictor(net), FZero(), Input()) or one of their names "
-                        f"{tuple(INITIAL_STATES)}, got {type(init).__name__}")
-    return init
-

@@ -16,8 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from .deq import DEQ, SkipDEQ, SkipRegDEQ
+from .deq import DEQ
 from .node import NeuralODE
+from .skip import SkipDEQ, SkipRegDEQ
 from .structure import MultiScaleRepr, scales
 
 __all__ = ["MultiScaleDEQ", "MultiScaleNeuralODE", "MultiScaleSkipDEQ", "MultiScaleSkipRegDEQ"]

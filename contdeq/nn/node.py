@@ -16,11 +16,10 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from ..implicit import DEQStats, first_call
 from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
 from .checks import check_number
-from .deq import check_input, zeros_or_state
+from .deq import PerThreadResults, Single, check_input, zeros_or_state
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .per_thread import PerThreadResults
-from .structure import Single, Structure
+from .structure import Structure
 
 __all__ = ["NeuralODE"]
 

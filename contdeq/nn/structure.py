@@ -1,5 +1,5 @@
-"""State structures of the layers: one tensor (:class:`Single`) or one tensor per scale
-(:class:`Scales`, multi-scale).
+"""State structures of the layers: one tensor (``Single``, the default, in ``deq.py``) or one
+tensor per scale (:class:`Scales`, multi-scale).
 
 The solvers always see one flat-per-sample state; a structure says how the user's ``f``,
 ``z0``, predictions and results map to it. :class:`Scales` wraps ``f(zs, x)`` in
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..solvers import concat_states, flatten_states, split_states, unflatten_states
 from ..solvers.validation import Shapes, as_shape, check_state_shapes
 
-__all__ = ["MultiScaleRepr", "Scales", "ScalesCell", "Single", "Structure", "check_state",
+__all__ = ["MultiScaleRepr", "Scales", "ScalesCell", "Structure", "check_state",
            "resolve_state_shape", "scales"]
 
 
@@ -77,33 +77,6 @@ class Structure:
 
     def prediction(self, guess: object, x: Tensor) -> Tensor:
         raise NotImplementedError
-
-
-class Single(Structure):
-    """One tensor per sample, ``(B, *state_shape)`` (default ``state_shape``: ``x``'s)."""
-
-    def __init__(self, state_shape: int | Sequence[int] | None = None) -> None:
-        self.state_shape = resolve_state_shape(state_shape)
-
-    def prediction(self, guess: object, x: Tensor) -> Tensor:
-        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype."""
-        if not isinstance(guess, Tensor):
-            raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
-        if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
-            self.state_shape is not None and tuple(guess.shape[1:]) != self.state_shape
-        ):
-            expected = ("(B, ...) with B = " + str(x.shape[0]) if self.state_shape is None
-                        else str((x.shape[0], *self.state_shape)))
-            raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
-                             f"{tuple(guess.shape)}")
-        if guess.dtype != x.dtype:
-            raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
-        if not bool(torch.isfinite(guess).all()):
-            raise ValueError("predictor(x) returned NaN or Inf values")
-        return guess
-
-    def __repr__(self) -> str:
-        return f"Single(state_shape={self.state_shape})"
 
 
 class ScalesCell(nn.Module):

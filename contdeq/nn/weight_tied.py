@@ -25,10 +25,9 @@ from torch import Tensor, nn
 from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats, sample_rms
 from .checks import check_number
-from .deq import check_input, zeros_or_state
+from .deq import PerThreadResults, Single, check_input, zeros_or_state
 from .normalization import fixed_normalization, update_normalization
-from .per_thread import PerThreadResults
-from .structure import MultiScaleRepr, Single, Structure, scales
+from .structure import MultiScaleRepr, Structure, scales
 
 __all__ = ["MASKABLE_MODULES", "MultiScaleWeightTied", "WeightTied"]
 
