@@ -492,7 +492,9 @@ class DEQ(PerThreadResults):
         parts = [f"solver={self.solver.solver!r}"]
         parts += [f"{k}={v!r}" for k, v in self.solver.options.items()]
         parts.append(f"backward={self.backward_mode!r}")
-        if self.state_shape is not None:
+        if type(self) is DEQ and not isinstance(self.structure, Single):
+            parts.append(f"structure={self.structure!r}")
+        elif self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
         if self._eval_options:
             parts.append(f"eval_options={self.eval_solver.options!r}")
