@@ -117,6 +117,8 @@ class InitialState:
         return {}
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``(B, ...)`` -> ``(z0, guess)``: the flat start ``(B, *layer.state_shape)``
+        and the prediction to train by :meth:`skip_term` (with its graph) or ``None``."""
         raise NotImplementedError
 
     def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:

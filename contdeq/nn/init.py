@@ -35,8 +35,8 @@ __all__ = ["INITIAL_STATES", "FZero", "InitialState", "Input", "Predictor", "Zer
 
 @INITIAL_STATES.register("input")
 class Input(InitialState):
-    """``z0 = x``: the solve starts at the input features (LyaDEQ's start; ``x`` must have
-    the state's shape)."""
+    """``z0 = x``: the solve starts at the input features (LyaDEQ's start; ``x`` must be
+    ``(B, *state_shape)``)."""
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         name = f"x (the initial state of {type(layer).__name__})"
@@ -103,8 +103,12 @@ class Predictor(_Skip):
 
 @INITIAL_STATES.register("f0")
 class FZero(_Skip):
-    """``z0 = f(0, x)`` (Skip-Reg DEQ: no extra network), trained by the skip term; ``0`` is
-    the zero state (a tuple of zeros on a multi-scale layer)."""
+    """``z0 = f(0, x)`` ``(B, *state_shape)`` (Skip-Reg DEQ: no extra network), trained by the
+    skip term; ``0`` is the zero state (a tuple of zeros on a multi-scale layer).
+
+    Args:
+        weight, norm, detach: the skip term (see :class:`~contdeq.SkipRegDEQ`).
+    """
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = first_call(layer.f, layer.zeros(x), x)
