@@ -272,6 +272,19 @@ def test_bad_compositions_are_named() -> None:
         DEQ(lambda zs, x: zs, structure=Scales(SHAPES))
 
 
+def test_solver_object_is_the_same_solve() -> None:
+    """``DEQ(f, solver=ForwardSolver(...))`` solves exactly as the string and keywords do, and
+    refuses keywords beside an object: catches options of the object being ignored."""
+    torch.manual_seed(0)
+    f, x = TanhCell(D, D), torch.randn(5, D, dtype=F64)
+    by_object = DEQ(f, solver=contdeq.ForwardSolver("anderson", atol=1e-9, rtol=1e-9))
+    by_name = DEQ(f, solver="anderson", atol=1e-9, rtol=1e-9)
+    assert torch.equal(by_object(x), by_name(x))
+    assert by_object.stats.forward.nfe == by_name.stats.forward.nfe
+    with pytest.raises(TypeError, match="set its options on the object"):
+        DEQ(f, solver=contdeq.ForwardSolver("anderson"), atol=1e-9)
+
+
 # -- a defence is a modifier entered for a block --------------------------------------------
 def test_using_enters_and_leaves_a_modifier() -> None:
     """``layer.using(m)`` applies ``m``'s solver and backward hooks within the block only,

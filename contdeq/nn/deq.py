@@ -209,7 +209,9 @@ class DEQ(PerThreadResults):
         modifiers: dynamics modifiers (:mod:`contdeq.nn.modifiers`), applied in order:
             ``Noise(...)``, ``LyapunovProjection(...)``, ...
         solver: ``"ode"`` or a fixed-point method: ``"anderson"``, ``"broyden"``, ``"picard"``,
-            ``"newton"`` (Newton-Krylov).
+            ``"newton"`` (Newton-Krylov); or a configured solver object,
+            ``ForwardSolver("anderson", atol=1e-6)`` (its options and
+            ``on_nonconvergence`` are then its own: no ``**solver_options`` beside it).
         backward: how gradients are computed: a backward mode object,
             :class:`~contdeq.Implicit` (``Implicit("broyden", tol=1e-6)``),
             :class:`~contdeq.JFB` or :class:`~contdeq.Unrolled`, or the name of a registered
@@ -264,7 +266,7 @@ class DEQ(PerThreadResults):
         init: InitialState | str | None = None,
         structure: Structure | None = None,
         modifiers: Sequence[Modifier] = (),
-        solver: str = "ode",
+        solver: str | ForwardSolver = "ode",
         backward: str | BackwardMode = "implicit",
         state_shape: int | Sequence[int] | None = None,
         backward_method: str | None = None,
@@ -306,9 +308,15 @@ class DEQ(PerThreadResults):
                 raise TypeError(f"backward={backward!r} is a backward mode object; set its "
                                 f"options on the object (Implicit(tol=...)), not with {spelled}")
             check_positive_float(backward_rtol, spelled)
-        if solver == "ode":  # the measured default (docs/performance.md)
-            solver_options.setdefault("method", "ptc")
-        base = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
+        if isinstance(solver, ForwardSolver):
+            if solver_options:
+                raise TypeError(f"solver={solver!r} is a solver object; set its options on the "
+                                f"object, not with {sorted(solver_options)}")
+            base = solver
+        else:
+            if solver == "ode":  # the measured default (docs/performance.md)
+                solver_options.setdefault("method", "ptc")
+            base = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
         base_eval = base.with_options(**eval_options) if eval_options else base
         self.backward_mode = BackwardConfig(
             backward, backward_method, backward_rtol, backward_max_steps, backward_options,
@@ -317,7 +325,7 @@ class DEQ(PerThreadResults):
         if self.backward_mode.differentiates_solver and not base.differentiable:
             raise ValueError(
                 f"backward={self.backward_mode!r} (unrolled through the solver's steps) needs "
-                f"solver='ode' or 'picard'; solver={solver!r} is not autograd-safe"
+                f"solver='ode' or 'picard'; solver={base.solver!r} is not autograd-safe"
             )
         self.solver, self.eval_solver = base, base_eval
         self._eval_options = dict(eval_options or {})
