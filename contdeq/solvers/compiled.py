@@ -15,8 +15,8 @@ kernels:
   by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``), the
   NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
 
-The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its paths
-fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.integrate.ptc_rule`
+The step follows :func:`~contdeq.solvers.ptc.PseudoTransientSteps` with both of its paths
+fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.ptc.ptc_rule`
 (the eager loop's slow path), on every step (fused, its quantities cost almost nothing), and the
 same NaN/Inf messages and stop test. One difference: the NaN/Inf trial count is kept per sample
 (a sample's consecutive non-finite trials from its accepted state), where the eager loop keeps
@@ -37,14 +37,14 @@ import torch
 from torch import Tensor
 
 from .counting import CountedODEFunc
-from .integrate import (
+from .loop import (
     MAX_NONFINITE_TRIALS,
     StepControl,
     check_stop_after_trials,
-    ptc_rule,
     raise_trials_exhausted,
 )
 from .progress import BestIterate, Progress
+from .ptc import ptc_rule
 from .stats import LoopResult
 from .termination import sample_rms
 
@@ -133,7 +133,7 @@ def run_compiled_pseudo_transient(
     progress: Progress,
     control: StepControl,
 ) -> LoopResult:
-    """:func:`~contdeq.solvers.integrate.run_pseudo_transient` with each step compiled.
+    """:func:`~contdeq.solvers.ptc.PseudoTransientSteps` with each step compiled.
 
     Args:
         func: the counted right-hand side (already called once at ``z``, which checked it).

@@ -21,9 +21,11 @@ from torch import Tensor
 from .callback import StepHook
 from .counting import CountedODEFunc
 from .implicit_ptc import PTCOptions, run_implicit_ptc
-from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
+from .integrate import RungeKuttaSteps
+from .loop import StepControl, run_loop
 from .progress import Progress
 from .protocol import SteadyStateSolver
+from .ptc import PseudoTransientSteps
 from .registry import STEADY_STATE_METHODS, TABLEAUX
 from .stats import LoopResult
 from .tableaux import Tableau
@@ -34,9 +36,9 @@ __all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
 
 
 class RungeKutta:
-    """An embedded Runge-Kutta pair given by its Butcher tableau, run by the lean loop
-    (:func:`~contdeq.solvers.integrate.run_runge_kutta`) or, with ``control.backend``,
-    torchdiffeq's loop or ``odeint_event``.
+    """An embedded Runge-Kutta pair given by its Butcher tableau, stepped on the one loop
+    (:class:`~contdeq.solvers.integrate.RungeKuttaSteps`) or, with ``control.backend``,
+    by torchdiffeq's step on the same loop or by ``odeint_event``.
 
     Args:
         tableau: the pair's coefficients, or the name of a tableau in :data:`TABLEAUX`.
@@ -67,13 +69,14 @@ class RungeKutta:
             return run_torchdiffeq_loop(func, z, d, progress, self.name, control, hook)
         if control.backend == "event":
             return run_odeint_event(func, z, d, progress, self.name, control)
-        return run_runge_kutta(func, z, d, progress, self.tableau, control, hook)
+        return run_loop(RungeKuttaSteps(func, z, d, progress, self.tableau, control), z,
+                        progress, hook)
 
 
 class PTC:
     """Explicit pseudo-transient continuation
-    (:func:`~contdeq.solvers.integrate.run_pseudo_transient`); ``control.compile`` runs each
-    step compiled (:mod:`contdeq.solvers.compiled`).
+    (:class:`~contdeq.solvers.ptc.PseudoTransientSteps` on the one loop); ``control.compile``
+    runs each step compiled (:mod:`contdeq.solvers.compiled`).
 
     Args:
         max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
@@ -98,7 +101,7 @@ class PTC:
             from .compiled import run_compiled_pseudo_transient
 
             return run_compiled_pseudo_transient(func, z, d, progress, control)
-        return run_pseudo_transient(func, z, d, progress, control, hook)
+        return run_loop(PseudoTransientSteps(func, z, d, progress, control), z, progress, hook)
 
 
 class ImplicitPTC:

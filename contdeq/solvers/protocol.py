@@ -10,7 +10,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .callback import StepHook
     from .counting import CountedODEFunc
-    from .integrate import StepControl
+    from .loop import StepControl
     from .progress import Progress
     from .stats import LoopResult
 

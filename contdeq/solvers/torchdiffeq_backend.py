@@ -12,7 +12,7 @@ Both are slower than the lean loop (see ``benchmarks/solvers.py``); they exist s
 loop can be checked and measured against them. Both reject a trial step whose error estimate is
 NaN/Inf (the norm given to torchdiffeq maps NaN to ``inf``, so its controller shrinks the step
 instead of taking a NaN step size), with the lean loop's bound on such trials in a row
-(:class:`~contdeq.solvers.integrate.NonFiniteTrials`), and both honour ``timeout``.
+(:class:`~contdeq.solvers.loop.NonFiniteTrials`), and both honour ``timeout``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 
 from .callback import StepHook
 from .counting import CountedODEFunc
-from .integrate import NONFINITE_SHRINK, NonFiniteTrials, StepControl
+from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl
 from .progress import Progress
 from .rk import initial_step
 from .stats import LoopResult
