@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .callback import StepHook
 from .counting import CountedODEFunc
-from .implicit_ptc import PTCOptions, run_implicit_ptc
+from .implicit_ptc import ImplicitPTCSteps, PTCOptions
 from .integrate import RungeKuttaSteps
 from .loop import StepControl, run_loop
 from .progress import Progress
@@ -106,7 +106,7 @@ class PTC:
 
 class ImplicitPTC:
     """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation, Kelley & Keyes'
-    ΨTC: an adapter around :func:`~contdeq.solvers.implicit_ptc.run_implicit_ptc`.
+    ΨTC: :class:`~contdeq.solvers.implicit_ptc.ImplicitPTCSteps` on the one loop.
 
     Args:
         max_step: largest per-sample step when ``steady_state`` is given none (default ``inf``).
@@ -136,10 +136,9 @@ class ImplicitPTC:
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
         carries the Jacobian-vector products and GMRES iterations."""
-        result, jvps, linear_iterations = run_implicit_ptc(
-            func, z, d, progress, control.first_step, control.max_step, control.t_max, hook,
-            options=self.options)
-        return result._replace(jvps=jvps, linear_iterations=linear_iterations)
+        steps = ImplicitPTCSteps(func, z, d, progress, control.first_step, control.max_step,
+                                 control.t_max, options=self.options)
+        return run_loop(steps, z, progress, hook)
 
 
 def _steps(first_step: float | None, max_step: float) -> tuple[float | None, float]:
@@ -178,9 +177,5 @@ def steady_state_solver(method: str | SteadyStateSolver) -> SteadyStateSolver:
     return entry
 
 
-# run_implicit_ptc registers itself as a plain function; the registry holds its adapter
-# (same place in the order: before "ptc").
-if "implicit_ptc" in STEADY_STATE_METHODS:
-    STEADY_STATE_METHODS.unregister("implicit_ptc")
 STEADY_STATE_METHODS.register("implicit_ptc", ImplicitPTC())
 STEADY_STATE_METHODS.register("ptc", PTC())
