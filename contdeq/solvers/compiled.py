@@ -45,10 +45,10 @@ from .loop import (
 )
 from .progress import BestIterate, Progress
 from .ptc import ptc_rule
-from .stats import LoopResult
+from .stats import LoopResult, StopReason
 from .termination import sample_rms
 
-__all__ = ["compile_supported", "run_compiled_pseudo_transient"]
+__all__ = ["CompiledPseudoTransientSteps", "compile_supported"]
 
 #: Steady-state methods with a compiled loop.
 COMPILED_METHODS = ("ptc",)
@@ -126,68 +126,82 @@ def _ptc_step(
 _compiled_ptc_step = torch.compile(_ptc_step, dynamic=False)
 
 
-def run_compiled_pseudo_transient(
-    func: CountedODEFunc,
-    z: Tensor,
-    d: Tensor,
-    progress: Progress,
-    control: StepControl,
-) -> LoopResult:
-    """:func:`~contdeq.solvers.ptc.PseudoTransientSteps` with each step compiled.
+class CompiledPseudoTransientSteps:
+    """:class:`~contdeq.solvers.ptc.PseudoTransientSteps` with each step compiled, on the one
+    loop.
 
     Args:
         func: the counted right-hand side (already called once at ``z``, which checked it).
         z: ``(B, D)`` initial state.
         d: ``(B, D)`` derivative at ``z``.
-        progress: the solve's bookkeeping (its ``res``, ``tol``, ``active``, ``t``, ``best`` and
-            ``steps`` are updated from the compiled state once per step).
+        progress: the solve's bookkeeping (its ``res``, ``tol``, ``active``, ``t``, ``best`` are
+            updated from the compiled state once per step).
         control: ``max_step``, ``t_max`` and ``first_step`` (default ``max_step``).
 
-    Returns:
-        ``LoopResult(z, stop_reason, accepted, rejected)``, steps counted over (sample, step)
-        pairs, the returned state each unconverged sample's best.
+    :meth:`result` counts steps over (sample, step) pairs; the returned state is each
+    unconverged sample's best.
     """
-    assert progress.t is not None
-    max_step, t_max = control.max_step, control.t_max
-    first = min(control.first_step or max_step, max_step)
-    counts = torch.zeros_like(progress.res, dtype=torch.long)
-    state = {
-        "z": z, "d": d, "h": torch.full_like(progress.res, first), "res": progress.res,
-        "tol": progress.tol, "t": progress.t, "active": progress.active,
-        **_best(BestIterate(z, progress.res, progress.tol)),
-        # Distinct tensors: an aliasing pattern that changes after the first step recompiles.
-        "accepted": counts, "attempted": counts.clone(), "trials": counts.clone(),
-    }
-    t0 = torch.zeros((), dtype=z.dtype, device=z.device)
-    atol, rtol = progress.condition.atol, progress.condition.rtol
-    n_active, trials, t_min = float(progress.active.sum()), 0.0, 0.0
-    d_new = None
-    first_step = progress.steps
-    while True:
-        while (reason := progress.stop_reason(t_max, any_active=n_active > 0,
-                                              t_min=t_min)) is None:
-            state, d_new, status = _run_step(
-                progress.steps == first_step,
-                func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
-            func.calls += 1
-            progress.steps += 1
-            n_active, trials, t_min = status.tolist()  # the step's one synchronization
-            if trials >= MAX_NONFINITE_TRIALS:
-                raise_trials_exhausted(func.name, progress.steps, int(trials),
-                                       "of a sample from its accepted state was NaN/Inf")
-            progress.load(state["res"], state["tol"], state["active"], state["t"])
-        check_stop_after_trials(func.name, progress.steps, reason, int(trials))
+
+    def __init__(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+                 control: StepControl) -> None:
+        assert progress.t is not None
+        self.func = func
+        self.max_step, self.t_max = control.max_step, control.t_max
+        first = min(control.first_step or self.max_step, self.max_step)
+        counts = torch.zeros_like(progress.res, dtype=torch.long)
+        self.state = {
+            "z": z, "d": d, "h": torch.full_like(progress.res, first), "res": progress.res,
+            "tol": progress.tol, "t": progress.t, "active": progress.active,
+            **_best(BestIterate(z, progress.res, progress.tol)),
+            # Distinct tensors: an aliasing pattern that changes after the first step recompiles.
+            "accepted": counts, "attempted": counts.clone(), "trials": counts.clone(),
+        }
+        self.t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+        self.atol, self.rtol = progress.condition.atol, progress.condition.rtol
+        self.n_active, self.trials, self.t_min = float(progress.active.sum()), 0.0, 0.0
+        self.d_new: Tensor | None = None
+        self.first_step = progress.steps + 1  # the loop counts a step before taking it
+
+    def stop_reason(self, progress: Progress) -> StopReason | str | None:
+        return progress.stop_reason(self.t_max, any_active=self.n_active > 0, t_min=self.t_min)
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        func = self.func
+        self.state, self.d_new, status = _run_step(
+            progress.steps == self.first_step, func.func, tuple(func.shape), self.t0,
+            self.state, self.atol, self.rtol, self.max_step, self.t_max)
+        func.calls += 1
+        self.n_active, self.trials, self.t_min = status.tolist()  # the step's one sync
+        if self.trials >= MAX_NONFINITE_TRIALS:
+            raise_trials_exhausted(func.name, progress.steps, int(self.trials),
+                                   "of a sample from its accepted state was NaN/Inf")
+        state = self.state
+        progress.load(state["res"], state["tol"], state["active"], state["t"])
+        return state["z"], False
+
+    def restart(self, z: Tensor, progress: Progress) -> None:  # pragma: no cover
+        raise AssertionError("compile=True takes no callback")
+
+    def retest(self, z: Tensor, progress: Progress) -> bool:
+        state = self.state
         progress.best = BestIterate(state["best_z"], state["best_res"], state["best_tol"])
         # The last call saw every sample at the final state (frozen ones did not move).
-        if d_new is None or not progress.reopen_stale(
-                state["z"], sample_rms(d_new)) or reason != "converged":
-            break
-        state = {**state, "d": d_new, "res": progress.res, "tol": progress.tol,
-                 "active": progress.active, **_best(progress.best)}
-        n_active = float(progress.active.sum())
-    n_accepted = int(state["accepted"].sum())
-    return LoopResult(progress.final_state(state["z"]), reason, n_accepted,
-                      int(state["attempted"].sum()) - n_accepted)
+        return self.d_new is not None and progress.reopen_stale(z, sample_rms(self.d_new))
+
+    def resume(self, z: Tensor, progress: Progress) -> None:
+        assert self.d_new is not None and progress.best is not None
+        self.state = {**self.state, "d": self.d_new, "res": progress.res, "tol": progress.tol,
+                      "active": progress.active, **_best(progress.best)}
+        self.n_active = float(progress.active.sum())
+
+    def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
+        check_stop_after_trials(self.func.name, progress.steps, reason, int(self.trials))
+
+    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
+        state = self.state
+        n_accepted = int(state["accepted"].sum())
+        return LoopResult(progress.final_state(z), reason, n_accepted,
+                          int(state["attempted"].sum()) - n_accepted)
 
 
 def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:

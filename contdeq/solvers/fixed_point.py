@@ -239,7 +239,7 @@ class FreezingIteration(_Iteration):
         # saw it there.
         return self.res is not None and progress.reopen_stale(z, self.res)
 
-    def resume(self, z: Tensor) -> None:
+    def resume(self, z: Tensor, progress: Progress) -> None:
         self.best = z
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
@@ -263,8 +263,8 @@ class TogetherIteration(_Iteration):
     def retest(self, z: Tensor, progress: Progress) -> bool:
         return False  # nothing was frozen
 
-    def resume(self, z: Tensor) -> None:  # pragma: no cover - retest never reopens
-        raise AssertionError("nothing to resume")
+    def resume(self, z: Tensor, progress: Progress) -> None:  # pragma: no cover
+        raise AssertionError("nothing to resume: retest never reopens")
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
         return LoopResult(progress.final_state(z), reason)

@@ -228,7 +228,7 @@ class ImplicitPTCSteps:
     def retest(self, z: Tensor, progress: Progress) -> bool:
         return self.last_res is not None and progress.reopen_stale(z, self.last_res)
 
-    def resume(self, z: Tensor) -> None:
+    def resume(self, z: Tensor, progress: Progress) -> None:
         """Go on with the derivative at ``z`` already kept."""
 
     def check_stop(self, reason: StopReason | str, progress: Progress) -> None:

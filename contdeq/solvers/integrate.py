@@ -114,7 +114,7 @@ class RungeKuttaSteps:
         return self.mask is not None and last is not None and progress.reopen_stale(
             z, sample_rms(last))
 
-    def resume(self, z: Tensor) -> None:
+    def resume(self, z: Tensor, progress: Progress) -> None:
         assert self.stepper.last_evaluation is not None
         self.d, self.mask = self.stepper.last_evaluation, None
 

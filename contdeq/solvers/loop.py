@@ -97,7 +97,7 @@ class Stepper(Protocol):
         ``True`` when some no longer pass (``False`` when nothing was frozen)."""
         ...
 
-    def resume(self, z: Tensor) -> None:
+    def resume(self, z: Tensor, progress: Progress) -> None:
         """Go on from ``z`` after :meth:`retest` reopened samples."""
         ...
 
@@ -126,7 +126,7 @@ def run_loop(stepper: Stepper, z: Tensor, progress: Progress,
         stepper.check_stop(reason, progress)
         if not stepper.retest(z, progress) or reason != StopReason.CONVERGED:
             return stepper.result(z, reason, progress)
-        stepper.resume(z)
+        stepper.resume(z, progress)
 
 
 class NonFiniteTrials:

@@ -29,7 +29,7 @@ from .ptc import PseudoTransientSteps
 from .registry import STEADY_STATE_METHODS, TABLEAUX
 from .stats import LoopResult
 from .tableaux import Tableau
-from .torchdiffeq_backend import run_odeint_event, run_torchdiffeq_loop
+from .torchdiffeq_backend import TorchdiffeqSteps, run_odeint_event
 from .validation import check_positive_float
 
 __all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
@@ -66,7 +66,8 @@ class RungeKutta:
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Integrate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
         if control.backend == "torchdiffeq":
-            return run_torchdiffeq_loop(func, z, d, progress, self.name, control, hook)
+            return run_loop(TorchdiffeqSteps(func, z, d, progress, self.name, control), z,
+                            progress, hook)
         if control.backend == "event":
             return run_odeint_event(func, z, d, progress, self.name, control)
         return run_loop(RungeKuttaSteps(func, z, d, progress, self.tableau, control), z,
@@ -98,9 +99,10 @@ class PTC:
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
         if control.compile:
-            from .compiled import run_compiled_pseudo_transient
+            from .compiled import CompiledPseudoTransientSteps
 
-            return run_compiled_pseudo_transient(func, z, d, progress, control)
+            return run_loop(CompiledPseudoTransientSteps(func, z, d, progress, control), z,
+                            progress)
         return run_loop(PseudoTransientSteps(func, z, d, progress, control), z, progress, hook)
 
 

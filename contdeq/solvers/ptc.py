@@ -114,7 +114,7 @@ class PseudoTransientSteps:
     def retest(self, z: Tensor, progress: Progress) -> bool:
         return self.res_new is not None and progress.reopen_stale(z, self.res_new)
 
-    def resume(self, z: Tensor) -> None:
+    def resume(self, z: Tensor, progress: Progress) -> None:
         assert self.d_new is not None
         self.d = self.d_new
 
