@@ -211,6 +211,9 @@ class FreezingIteration(_Iteration):
         super().__init__(solver, g, gz, residual)
         self.best = z
         self.res: Tensor | None = None  # residual norms of the last call (every sample)
+        # What a frozen sample contributes to the step's probe (made once: a Python scalar in
+        # ``torch.where`` is one more tensor operation per step).
+        self.frozen = torch.full((), -math.inf, dtype=z.dtype, device=z.device)
 
     def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
         active = progress.active
@@ -218,16 +221,19 @@ class FreezingIteration(_Iteration):
         res = self.res = self.evaluate(z)
         tol = progress.condition.tolerance(z)
         shrank = res < progress.res
-        # One sync: finite, and every active sample's residual shrank (the usual case);
-        # ``shrank < active``: active and not shrinking (or NaN).
-        probe = (res + tol).masked_fill_(shrank < active, math.nan)
-        if math.isfinite(probe.sum().tolist()):
-            improved, self.best = active, z
+        # The step's one sync: every active sample finite with a shrinking residual (the usual
+        # case; ``shrank < active``: active and not shrinking, or NaN), and whether any stays
+        # active (frozen samples count as -inf).
+        gap = (res - tol).masked_fill_(shrank < active, math.nan)
+        probe = torch.where(active, gap, self.frozen).amax().tolist()
+        any_active = None
+        if math.isfinite(probe):
+            improved, self.best, any_active = active, z, probe > 0
         else:
             tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
             improved = shrank.logical_and_(active)
             self.best = torch.where(improved.unsqueeze(1), z, self.best)
-        progress.accept(improved, res, tol)
+        progress.accept(improved, res, tol, any_active=any_active)
         return z, True
 
     def restart(self, z: Tensor, progress: Progress) -> None:

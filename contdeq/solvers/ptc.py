@@ -67,6 +67,9 @@ class PseudoTransientSteps:
         # move), so the final re-test uses it.
         self.d_new: Tensor | None = None
         self.res_new: Tensor | None = None
+        # What a frozen sample contributes to the step's probe (made once: a Python scalar in
+        # ``torch.where`` is one more tensor operation per step).
+        self.frozen = torch.full((), -math.inf, dtype=progress.res.dtype, device=z.device)
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
         return progress.stop_reason(self.t_max)
@@ -83,18 +86,21 @@ class PseudoTransientSteps:
         d_new = self.func(0.0, z_new)
         res_new = sample_rms(d_new)
         tol_new = progress.condition.tolerance(z_new)
-        # One sync: finite, and every active sample's residual shrank (the usual case);
-        # ``descent < active``: active and not shrinking (or NaN).
-        probe = (res_new + tol_new).masked_fill_((res_new < res) < active, math.nan)
-        if math.isfinite(probe.sum().tolist()):
+        # The step's one sync: every active sample finite with a shrinking residual (the usual
+        # case; ``descent < active``: active and not shrinking, or NaN), and whether any stays
+        # active (its residual above its tolerance; frozen samples count as -inf).
+        gap = (res_new - tol_new).masked_fill_((res_new < res) < active, math.nan)
+        probe = torch.where(active, gap, self.frozen).amax().tolist()
+        if math.isfinite(probe):
             self.trials.reset()
             # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
             # frozen samples, whose h no longer matters).
             factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
             # Every active sample moves; a frozen one took a step of 0 from a finite state with
             # a finite derivative, so z_new equals z there.
-            ok, z = active, z_new
+            ok, z, any_active = active, z_new, probe > 0
         else:
+            any_active = None
             ok, factor = _ptc_slow_path(progress, self.trials, z, self.d, d_new, res_new,
                                         tol_new, h)
             self.rejected += active.logical_xor(ok)  # ok is a subset of active
@@ -102,7 +108,7 @@ class PseudoTransientSteps:
         self.h = factor.mul_(h).clamp_(max=self.max_step)
         self.attempted += active
         self.d = torch.where(ok.unsqueeze(1), d_new, self.d)
-        progress.accept(ok, res_new, tol_new, dt, z)
+        progress.accept(ok, res_new, tol_new, dt, z, any_active=any_active)
         self.d_new, self.res_new = d_new, res_new
         return z, True
 
