@@ -211,9 +211,10 @@ class FreezingIteration(_Iteration):
         super().__init__(solver, g, gz, residual)
         self.best = z
         self.res: Tensor | None = None  # residual norms of the last call (every sample)
-        # What a frozen sample contributes to the step's probe (made once: a Python scalar in
-        # ``torch.where`` is one more tensor operation per step).
+        # What a frozen and a not shrinking sample contribute to the step's probe (made once:
+        # a Python scalar in ``torch.where`` is one more tensor operation per step).
         self.frozen = torch.full((), -math.inf, dtype=z.dtype, device=z.device)
+        self.nan = torch.full((), math.nan, dtype=z.dtype, device=z.device)
 
     def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
         active = progress.active
@@ -222,9 +223,9 @@ class FreezingIteration(_Iteration):
         tol = progress.condition.tolerance(z)
         shrank = res < progress.res
         # The step's one sync: every active sample finite with a shrinking residual (the usual
-        # case; ``shrank < active``: active and not shrinking, or NaN), and whether any stays
-        # active (frozen samples count as -inf).
-        gap = (res - tol).masked_fill_(shrank < active, math.nan)
+        # case; an active sample not shrinking, or NaN, makes the probe NaN), and whether any
+        # stays active (frozen samples count as -inf).
+        gap = torch.where(shrank, res - tol, self.nan)
         probe = torch.where(active, gap, self.frozen).amax().tolist()
         any_active = None
         if math.isfinite(probe):

@@ -67,9 +67,10 @@ class PseudoTransientSteps:
         # move), so the final re-test uses it.
         self.d_new: Tensor | None = None
         self.res_new: Tensor | None = None
-        # What a frozen sample contributes to the step's probe (made once: a Python scalar in
-        # ``torch.where`` is one more tensor operation per step).
+        # What a frozen and a not shrinking sample contribute to the step's probe (made once:
+        # a Python scalar in ``torch.where`` is one more tensor operation per step).
         self.frozen = torch.full((), -math.inf, dtype=progress.res.dtype, device=z.device)
+        self.nan = torch.full((), math.nan, dtype=progress.res.dtype, device=z.device)
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
         return progress.stop_reason(self.t_max)
@@ -87,9 +88,9 @@ class PseudoTransientSteps:
         res_new = sample_rms(d_new)
         tol_new = progress.condition.tolerance(z_new)
         # The step's one sync: every active sample finite with a shrinking residual (the usual
-        # case; ``descent < active``: active and not shrinking, or NaN), and whether any stays
-        # active (its residual above its tolerance; frozen samples count as -inf).
-        gap = (res_new - tol_new).masked_fill_((res_new < res) < active, math.nan)
+        # case; an active sample not shrinking, or NaN, makes the probe NaN), and whether any
+        # stays active (its residual above its tolerance; frozen samples count as -inf).
+        gap = torch.where(res_new < res, res_new - tol_new, self.nan)
         probe = torch.where(active, gap, self.frozen).amax().tolist()
         if math.isfinite(probe):
             self.trials.reset()
