@@ -24,6 +24,16 @@ one count for the batch. ``func`` is checked (output, in-place modification of i
 eagerly on its first call at ``z0``, which :func:`steady_state` makes before the loop; inside
 the compiled step no check runs.
 
+**Several steps per call.** On small states a compiled call costs more in its Python wrapper
+(Dynamo's guards, AOTAutograd's runtime wrapper: a few hundred microseconds on a CPU) than in
+its kernels. ``PTC(steps_per_call=k)`` takes ``k`` steps in one compiled call with one host
+read: the wrapper is paid once per ``k`` steps and the limits, the timeout and the NaN/Inf
+bound are checked between calls. Samples that converge inside a call are frozen there (the
+mask is inside the step), so the returned states are those of one step per call; but the solve
+stops only at the end of a call, so it takes (and counts in ``stats.nfe`` and
+``stats.steps``) up to ``k - 1`` evaluations more than the eager loop, and a recorded
+trajectory has one entry per call.
+
 Warm-up: the first solve of a given shape, dtype and ``func`` compiles the step (seconds to a
 minute, depending on ``func``); later solves of the same shapes reuse it, whatever the values.
 """
@@ -121,9 +131,28 @@ def _ptc_step(
     return new, d_new, status
 
 
-#: The compiled step, shared by every solve (Dynamo caches one graph per shape, dtype and func
-#: code; ``dynamic=False``: no symbolic shapes).
-_compiled_ptc_step = torch.compile(_ptc_step, dynamic=False)
+def _ptc_steps(
+    func: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    t0: Tensor,
+    state: dict[str, Tensor],
+    atol: float,
+    rtol: float,
+    max_step: float,
+    t_max: float,
+    n: int,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """``n`` :func:`_ptc_step` in a row (one compiled call, one host read for all of them):
+    the status, the state and ``d_new`` are those after the last."""
+    state, d_new, status = _ptc_step(func, shape, t0, state, atol, rtol, max_step, t_max)
+    for _ in range(n - 1):
+        state, d_new, status = _ptc_step(func, shape, t0, state, atol, rtol, max_step, t_max)
+    return state, d_new, status
+
+
+#: The compiled steps, shared by every solve (Dynamo caches one graph per shape, dtype, func
+#: code and number of steps per call; ``dynamic=False``: no symbolic shapes).
+_compiled_ptc_steps = torch.compile(_ptc_steps, dynamic=False)
 
 
 class CompiledPseudoTransientSteps:
@@ -143,9 +172,10 @@ class CompiledPseudoTransientSteps:
     """
 
     def __init__(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
-                 control: StepControl) -> None:
+                 control: StepControl, steps_per_call: int = 1) -> None:
         assert progress.t is not None
         self.func = func
+        self.steps_per_call = steps_per_call
         self.max_step, self.t_max = control.max_step, control.t_max
         first = min(control.first_step or self.max_step, self.max_step)
         counts = torch.zeros_like(progress.res, dtype=torch.long)
@@ -167,10 +197,13 @@ class CompiledPseudoTransientSteps:
 
     def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
         func = self.func
+        # The loop counted one step; a call takes up to steps_per_call, within max_steps.
+        n = min(self.steps_per_call, progress.max_steps - progress.steps + 1)
         self.state, self.d_new, status = _run_step(
             progress.steps == self.first_step, func.func, tuple(func.shape), self.t0,
-            self.state, self.atol, self.rtol, self.max_step, self.t_max)
-        func.calls += 1
+            self.state, self.atol, self.rtol, self.max_step, self.t_max, n)
+        func.calls += n
+        progress.steps += n - 1
         self.n_active, self.trials, self.t_min = status.tolist()  # the step's one sync
         if self.trials >= MAX_NONFINITE_TRIALS:
             raise_trials_exhausted(func.name, progress.steps, int(self.trials),
@@ -205,7 +238,7 @@ class CompiledPseudoTransientSteps:
 
 
 def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """The compiled step on ``args``.
+    """The compiled steps on ``args``.
 
     Dynamo's guards (on func's module, its parameters, every input) cost more than the step on
     small states, and within a solve nothing they check changes: they are evaluated on the
@@ -217,11 +250,11 @@ def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, 
     if not guarded:
         try:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return _compiled_ptc_step(*args)
+                return _compiled_ptc_steps(*args)
         except RuntimeError as exc:
             if "skip_guard_eval_unsafe" not in str(exc):
                 raise
-    return _compiled_ptc_step(*args)
+    return _compiled_ptc_steps(*args)
 
 
 def _best(best: BestIterate) -> dict[str, Tensor]:

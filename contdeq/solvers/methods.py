@@ -30,7 +30,7 @@ from .registry import STEADY_STATE_METHODS, TABLEAUX
 from .stats import LoopResult
 from .tableaux import Tableau
 from .torchdiffeq_backend import TorchdiffeqSteps, run_odeint_event
-from .validation import check_positive_float
+from .validation import check_positive_float, check_positive_int
 
 __all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
 
@@ -83,17 +83,25 @@ class PTC:
         max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
             the Picard step of a DEQ).
         first_step: initial step when ``steady_state`` is given none (default ``max_step``).
+        steps_per_call: with ``compile=True``, steps taken per compiled call (default 1): the
+            call's wrapper cost is paid once per ``steps_per_call`` steps, and the solve may
+            take up to ``steps_per_call - 1`` evaluations more (it stops at the end of a call;
+            see :mod:`contdeq.solvers.compiled`). Ignored without ``compile``.
     """
 
     name = "ptc"
     local_error_control = False
     compilable = True
 
-    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None) -> None:
+    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None,
+                 steps_per_call: int = 1) -> None:
         self.first_step, self.default_max_step = _steps(first_step, max_step)
+        self.steps_per_call = check_positive_int(steps_per_call, "steps_per_call")
 
     def __repr__(self) -> str:
-        return f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r})"
+        calls = "" if self.steps_per_call == 1 else f", steps_per_call={self.steps_per_call}"
+        return (f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r}"
+                f"{calls})")
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
@@ -101,8 +109,9 @@ class PTC:
         if control.compile:
             from .compiled import CompiledPseudoTransientSteps
 
-            return run_loop(CompiledPseudoTransientSteps(func, z, d, progress, control), z,
-                            progress)
+            steps = CompiledPseudoTransientSteps(func, z, d, progress, control,
+                                                 self.steps_per_call)
+            return run_loop(steps, z, progress)
         return run_loop(PseudoTransientSteps(func, z, d, progress, control), z, progress, hook)
 
 
