@@ -50,6 +50,7 @@ from .counting import CountedODEFunc
 from .loop import (
     MAX_NONFINITE_TRIALS,
     StepControl,
+    Stepper,
     check_stop_after_trials,
     raise_trials_exhausted,
 )
@@ -155,7 +156,7 @@ def _ptc_steps(
 _compiled_ptc_steps = torch.compile(_ptc_steps, dynamic=False)
 
 
-class CompiledPseudoTransientSteps:
+class CompiledPseudoTransientSteps(Stepper):
     """:class:`~contdeq.solvers.ptc.PseudoTransientSteps` with each step compiled, on the one
     loop.
 
@@ -211,9 +212,6 @@ class CompiledPseudoTransientSteps:
         state = self.state
         progress.load(state["res"], state["tol"], state["active"], state["t"])
         return state["z"], False
-
-    def restart(self, z: Tensor, progress: Progress) -> None:  # pragma: no cover
-        raise AssertionError("compile=True takes no callback")
 
     def retest(self, z: Tensor, progress: Progress) -> bool:
         state = self.state

@@ -12,7 +12,7 @@ from . import anderson, broyden, newton, picard  # noqa: F401  (each registers i
 from .callback import StepCallback, StepHook
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
-from .loop import run_loop
+from .loop import Stepper, run_loop
 from .progress import Progress
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS
@@ -163,16 +163,13 @@ def fixed_point(
     return Solution(result.z.reshape(z0.shape), stats)
 
 
-class _Iteration:
+class _Iteration(Stepper):
     """What both fixed-point steppers share: the method, the counted map, ``g(z)`` and the
     residual at the current state, and the restart after a step callback."""
 
     def __init__(self, solver: FixedPointSolver, g: CountedMap, gz: Tensor, residual: Tensor
                  ) -> None:
         self.solver, self.g, self.gz, self.residual = solver, g, gz, residual
-
-    def stop_reason(self, progress: Progress) -> StopReason | str | None:
-        return progress.stop_reason()
 
     def propose(self, z: Tensor) -> Tensor:
         return self.solver.propose(z, self.gz, self.residual)
@@ -193,9 +190,6 @@ class _Iteration:
                             "FixedPointSolver)")
         reset()
         progress.restart(z, self.evaluate(z))
-
-    def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
-        """Nothing to check: a NaN/Inf residual raised at once (no step to shrink)."""
 
 
 class FreezingIteration(_Iteration):
@@ -267,11 +261,3 @@ class TogetherIteration(_Iteration):
         progress.update_all(z, self.evaluate(z))
         return z, True
 
-    def retest(self, z: Tensor, progress: Progress) -> bool:
-        return False  # nothing was frozen
-
-    def resume(self, z: Tensor, progress: Progress) -> None:  # pragma: no cover
-        raise AssertionError("nothing to resume: retest never reopens")
-
-    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
-        return LoopResult(progress.final_state(z), reason)

@@ -35,6 +35,7 @@ from torch import Tensor
 from .counting import CountedODEFunc
 from .gmres import gmres
 from .linearize import JVP_MODES, Linearization, forcing_term
+from .loop import Stepper
 from .progress import Progress
 from .stats import LoopResult, StopReason
 from .termination import sample_rms
@@ -124,7 +125,7 @@ class PTCOptions:
                             f"(B, D) tensor, got {type(self.preconditioner).__name__}")
 
 
-class ImplicitPTCSteps:
+class ImplicitPTCSteps(Stepper):
     """ΨTC stepping one solve on flat ``(B, D)`` states, on the one loop (see the module
     docstring).
 
@@ -227,12 +228,6 @@ class ImplicitPTCSteps:
 
     def retest(self, z: Tensor, progress: Progress) -> bool:
         return self.last_res is not None and progress.reopen_stale(z, self.last_res)
-
-    def resume(self, z: Tensor, progress: Progress) -> None:
-        """Go on with the derivative at ``z`` already kept."""
-
-    def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
-        """Checked in :meth:`result`, on the returned samples."""
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
         final = progress.final_state(z)

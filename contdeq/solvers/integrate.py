@@ -15,7 +15,7 @@ import math
 from torch import Tensor
 
 from .counting import CountedODEFunc
-from .loop import NonFiniteTrials, StepControl
+from .loop import NonFiniteTrials, StepControl, Stepper
 from .progress import Progress
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size, stage_times
 from .stats import LoopResult, StopReason
@@ -24,7 +24,7 @@ from .termination import sample_rms
 from .validation import finite_where, raise_step_underflow
 
 
-class RungeKuttaSteps:
+class RungeKuttaSteps(Stepper):
     """An embedded pair stepping one solve to steady state, one global step size.
 
     Converged samples are frozen: their stage derivatives are multiplied by zero, so their

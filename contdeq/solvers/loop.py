@@ -33,7 +33,6 @@ an unconverged sample's last trials were NaN/Inf (its linear solves make a trial
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 from torch import Tensor
 
@@ -68,47 +67,50 @@ class StepControl:
     compile: bool = False
 
 
-class Stepper(Protocol):
+class Stepper:
     """One solve's method state, stepped by :func:`run_loop` on flat ``(B, D)`` states.
 
-    The stepper keeps what it needs between steps (the derivative or ``g(z)`` at the current
-    state, step sizes, history); the loop passes only the state ``z`` and the shared
-    ``progress``.
+    A method's steady-state ``run`` (or ``fixed_point``) builds one per solve: its
+    ``__init__`` is the method's *init* (step sizes, history, counters; it keeps what it needs
+    between steps, such as the derivative at the current state), and the loop passes only the
+    state ``z`` and the shared ``progress``. Subclasses implement :meth:`step`; the other
+    members have defaults for a method that freezes nothing by itself, keeps no extra state to
+    re-test and has no NaN/Inf trials to account for.
     """
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
         """Why the loop must stop before the next step (``progress.stop_reason`` plus the
         method's own limits), or ``None``."""
-        ...
+        return progress.stop_reason()
 
     def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
         """One step from ``z`` (``progress.steps`` already counts it): record the residuals
         in ``progress``; return the new state and whether the step callback runs now (after
         an accepted step)."""
-        ...
+        raise NotImplementedError
 
     def restart(self, z: Tensor, progress: Progress) -> None:
         """A step callback replaced the state (or the function) with ``z``: evaluate there,
         judge every sample afresh (``progress.restart``), forget the history."""
-        ...
+        raise TypeError(f"{type(self).__name__} cannot restart from a step callback's "
+                        "Restart (it has no restart())")
 
     def retest(self, z: Tensor, progress: Progress) -> bool:
         """Re-test the frozen samples on the last evaluation (``progress.reopen_stale``);
-        ``True`` when some no longer pass (``False`` when nothing was frozen)."""
-        ...
+        ``True`` when some no longer pass (default: ``False``, nothing to re-test)."""
+        return False
 
     def resume(self, z: Tensor, progress: Progress) -> None:
         """Go on from ``z`` after :meth:`retest` reopened samples."""
-        ...
 
     def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
         """Raise :class:`NonFiniteError` when the loop stopped for ``reason`` right after
-        NaN/Inf trials."""
-        ...
+        NaN/Inf trials (default: nothing to check)."""
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
-        """The :class:`LoopResult` of a loop that stopped at ``z`` for ``reason``."""
-        ...
+        """The :class:`LoopResult` of a loop that stopped at ``z`` for ``reason`` (default:
+        each unconverged sample's best iterate, when ``progress`` keeps one)."""
+        return LoopResult(progress.final_state(z), reason)
 
 
 def run_loop(stepper: Stepper, z: Tensor, progress: Progress,

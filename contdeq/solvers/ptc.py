@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .counting import CountedODEFunc
-from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl
+from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl, Stepper
 from .progress import Progress
 from .stats import LoopResult, StopReason
 from .termination import sample_rms
@@ -25,7 +25,7 @@ PTC_SMOOTH_CHANGE = 0.5
 PTC_GROWTH_CAP = 10.0
 
 
-class PseudoTransientSteps:
+class PseudoTransientSteps(Stepper):
     """Explicit pseudo-transient continuation: forward Euler with per-sample pseudo-time steps.
 
     Each sample takes ``z <- z + h_b * dz/dt`` (with ``h_b = 1`` this is exactly the Picard step

@@ -27,7 +27,7 @@ from torchdiffeq._impl.misc import _all_callback_names, _null_callback, _Perturb
 from torchdiffeq._impl.odeint import SOLVERS
 
 from .counting import CountedODEFunc
-from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl
+from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl, Stepper
 from .progress import Progress
 from .rk import initial_step
 from .stats import LoopResult, StopReason
@@ -80,7 +80,7 @@ class _MaskedFunc(torch.nn.Module):
         return self.last * self.mask
 
 
-class TorchdiffeqSteps:
+class TorchdiffeqSteps(Stepper):
     """torchdiffeq's adaptive step (``_adaptive_step``) on the one loop, our FSAL terminator;
     :meth:`result` as :class:`~contdeq.solvers.integrate.RungeKuttaSteps`'s.
 
