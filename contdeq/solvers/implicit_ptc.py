@@ -64,7 +64,7 @@ class PTCOptions:
             problems of ``benchmarks/nonlinear.py`` (``dz/dt = -F``): 20 solved with 1.0 and
             with 1.2, 19 with 1.5 (the former fixed value); 1.2 is the default because with
             1.0 a slowly falling residual keeps a small step small: the reaction-diffusion
-            flow of ``benchmarks/stiff_problems.py`` at rate 10 from ``first_step=1e-3``
+            flow of ``tests/stiff_problems.py`` at rate 10 from ``first_step=1e-3``
             stalled from both starts tried with 1.0 (after 77 and 277 steps) and converged with
             1.2 (47 and 55 steps). The stiff table is unchanged.
         max_growth: most growth of ``h`` per step (SER grows it by the residual's shrink ratio,
