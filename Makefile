@@ -120,7 +120,7 @@ MUTANTS ?=
 MUTATION_REPORT ?= benchmarks/results/mutation.md
 # The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step rule (ptc_rule) and
 # its slow path, the Hutchinson Jacobian term, Picard's step and the steady-state test.
-MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* contdeq.solvers.integrate.x_ptc_rule* \
+MUTATION_SUBSET := contdeq.solvers.ptc.x__ptc_slow_path* contdeq.solvers.ptc.x_ptc_rule* \
 	contdeq.regularizers.x_jacobian_frobenius* contdeq.solvers.picard.x*Picard*propose* \
 	contdeq.solvers.termination.x*SteadyStateCondition*evaluate*
 

@@ -19,6 +19,7 @@ from .errors import (
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
 from .implicit_ptc import PTCOptions
+from .loop import Stepper, run_loop
 from .methods import PTC, ImplicitPTC, RungeKutta
 from .protocol import FixedPointSolver, SteadyStateSolver
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
@@ -55,6 +56,7 @@ __all__ = [
     "SteadyStateSolver",
     "StepCallback",
     "StepInfo",
+    "Stepper",
     "Stop",
     "StopReason",
     "Tableau",
@@ -70,6 +72,7 @@ __all__ = [
     "registries",
     "report_nonconvergence",
     "root",
+    "run_loop",
     "sample_rms",
     "solve",
     "split_states",

@@ -20,23 +20,25 @@ from torch import Tensor
 
 from .callback import StepHook
 from .counting import CountedODEFunc
-from .implicit_ptc import PTCOptions, run_implicit_ptc
-from .integrate import StepControl, run_pseudo_transient, run_runge_kutta
+from .implicit_ptc import ImplicitPTCSteps, PTCOptions
+from .integrate import RungeKuttaSteps
+from .loop import StepControl, run_loop
 from .progress import Progress
 from .protocol import SteadyStateSolver
+from .ptc import PseudoTransientSteps
 from .registry import STEADY_STATE_METHODS, TABLEAUX
 from .stats import LoopResult
 from .tableaux import Tableau
-from .torchdiffeq_backend import run_odeint_event, run_torchdiffeq_loop
-from .validation import check_positive_float
+from .torchdiffeq_backend import TorchdiffeqSteps, run_odeint_event
+from .validation import check_positive_float, check_positive_int
 
 __all__ = ["PTC", "ImplicitPTC", "RungeKutta", "steady_state_solver"]
 
 
 class RungeKutta:
-    """An embedded Runge-Kutta pair given by its Butcher tableau, run by the lean loop
-    (:func:`~contdeq.solvers.integrate.run_runge_kutta`) or, with ``control.backend``,
-    torchdiffeq's loop or ``odeint_event``.
+    """An embedded Runge-Kutta pair given by its Butcher tableau, stepped on the one loop
+    (:class:`~contdeq.solvers.integrate.RungeKuttaSteps`) or, with ``control.backend``,
+    by torchdiffeq's step on the same loop or by ``odeint_event``.
 
     Args:
         tableau: the pair's coefficients, or the name of a tableau in :data:`TABLEAUX`.
@@ -64,46 +66,58 @@ class RungeKutta:
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Integrate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
         if control.backend == "torchdiffeq":
-            return run_torchdiffeq_loop(func, z, d, progress, self.name, control, hook)
+            return run_loop(TorchdiffeqSteps(func, z, d, progress, self.name, control), z,
+                            progress, hook)
         if control.backend == "event":
             return run_odeint_event(func, z, d, progress, self.name, control)
-        return run_runge_kutta(func, z, d, progress, self.tableau, control, hook)
+        return run_loop(RungeKuttaSteps(func, z, d, progress, self.tableau, control), z,
+                        progress, hook)
 
 
 class PTC:
     """Explicit pseudo-transient continuation
-    (:func:`~contdeq.solvers.integrate.run_pseudo_transient`); ``control.compile`` runs each
-    step compiled (:mod:`contdeq.solvers.compiled`).
+    (:class:`~contdeq.solvers.ptc.PseudoTransientSteps` on the one loop); ``control.compile``
+    runs each step compiled (:mod:`contdeq.solvers.compiled`).
 
     Args:
         max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
             the Picard step of a DEQ).
         first_step: initial step when ``steady_state`` is given none (default ``max_step``).
+        steps_per_call: with ``compile=True``, steps taken per compiled call (default 1): the
+            call's wrapper cost is paid once per ``steps_per_call`` steps, and the solve may
+            take up to ``steps_per_call - 1`` evaluations more (it stops at the end of a call;
+            see :mod:`contdeq.solvers.compiled`). Ignored without ``compile``.
     """
 
     name = "ptc"
     local_error_control = False
     compilable = True
 
-    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None) -> None:
+    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None,
+                 steps_per_call: int = 1) -> None:
         self.first_step, self.default_max_step = _steps(first_step, max_step)
+        self.steps_per_call = check_positive_int(steps_per_call, "steps_per_call")
 
     def __repr__(self) -> str:
-        return f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r})"
+        calls = "" if self.steps_per_call == 1 else f", steps_per_call={self.steps_per_call}"
+        return (f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r}"
+                f"{calls})")
 
     def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
         if control.compile:
-            from .compiled import run_compiled_pseudo_transient
+            from .compiled import CompiledPseudoTransientSteps
 
-            return run_compiled_pseudo_transient(func, z, d, progress, control)
-        return run_pseudo_transient(func, z, d, progress, control, hook)
+            steps = CompiledPseudoTransientSteps(func, z, d, progress, control,
+                                                 self.steps_per_call)
+            return run_loop(steps, z, progress)
+        return run_loop(PseudoTransientSteps(func, z, d, progress, control), z, progress, hook)
 
 
 class ImplicitPTC:
     """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation, Kelley & Keyes'
-    ΨTC: an adapter around :func:`~contdeq.solvers.implicit_ptc.run_implicit_ptc`.
+    ΨTC: :class:`~contdeq.solvers.implicit_ptc.ImplicitPTCSteps` on the one loop.
 
     Args:
         max_step: largest per-sample step when ``steady_state`` is given none (default ``inf``).
@@ -133,10 +147,9 @@ class ImplicitPTC:
             control: StepControl, hook: StepHook | None) -> LoopResult:
         """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
         carries the Jacobian-vector products and GMRES iterations."""
-        result, jvps, linear_iterations = run_implicit_ptc(
-            func, z, d, progress, control.first_step, control.max_step, control.t_max, hook,
-            options=self.options)
-        return result._replace(jvps=jvps, linear_iterations=linear_iterations)
+        steps = ImplicitPTCSteps(func, z, d, progress, control.first_step, control.max_step,
+                                 control.t_max, options=self.options)
+        return run_loop(steps, z, progress, hook)
 
 
 def _steps(first_step: float | None, max_step: float) -> tuple[float | None, float]:
@@ -175,9 +188,5 @@ def steady_state_solver(method: str | SteadyStateSolver) -> SteadyStateSolver:
     return entry
 
 
-# run_implicit_ptc registers itself as a plain function; the registry holds its adapter
-# (same place in the order: before "ptc").
-if "implicit_ptc" in STEADY_STATE_METHODS:
-    STEADY_STATE_METHODS.unregister("implicit_ptc")
 STEADY_STATE_METHODS.register("implicit_ptc", ImplicitPTC())
 STEADY_STATE_METHODS.register("ptc", PTC())

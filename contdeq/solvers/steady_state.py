@@ -12,7 +12,7 @@ from .._warnings import warn
 from .callback import StepCallback, StepHook
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
-from .integrate import StepControl
+from .loop import StepControl
 from .methods import steady_state_solver
 from .progress import Progress
 from .protocol import SteadyStateSolver
