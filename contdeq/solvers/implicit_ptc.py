@@ -32,16 +32,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .callback import StepHook
 from .counting import CountedODEFunc
 from .gmres import gmres
 from .linearize import JVP_MODES, Linearization, forcing_term
-from .loop import Stepper
+from .loop import StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
+from .registry import STEADY_STATE_METHODS
 from .stats import LoopResult, StopReason
 from .termination import sample_rms
 from .validation import check_positive_float, check_positive_int, raise_nonfinite
 
-__all__ = ["ImplicitPTCSteps", "PTCOptions", "Preconditioner"]
+__all__ = ["ImplicitPTC", "ImplicitPTCSteps", "PTCOptions", "Preconditioner"]
 
 #: ``preconditioner(v, z, h) -> approx. (I / h - J(z))^{-1} v`` on flat ``(B, D)`` tensors
 #: (``h``: ``(B,)``), linear in ``v`` per sample, a zero row giving a zero row.
@@ -302,3 +304,43 @@ class Stall:
         self.best = torch.where(improved & stepped, res, self.best)
         self.since = torch.where(improved, 0, self.since + stepped)
         self.stalled = self.since >= self.window
+
+
+class ImplicitPTC:
+    """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation, Kelley & Keyes'
+    ΨTC: :class:`ImplicitPTCSteps` on the one loop.
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``inf``).
+        first_step: initial step when ``steady_state`` is given none (default
+            ``options.first_step``).
+        options: ΨTC's tunables (step growth, stall test, GMRES restart and cap, JVP mode,
+            preconditioner): a :class:`~contdeq.solvers.implicit_ptc.PTCOptions`.
+    """
+
+    name = "implicit_ptc"
+    local_error_control = False
+    compilable = False
+
+    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None,
+                 options: PTCOptions | None = None) -> None:
+        self.first_step, self.default_max_step = check_steps(first_step, max_step)
+        if options is not None and not isinstance(options, PTCOptions):
+            raise TypeError(f"options must be a PTCOptions, got {type(options).__name__}; "
+                            "build one with contdeq.solvers.PTCOptions(...)")
+        self.options = options
+
+    def __repr__(self) -> str:
+        return (f"ImplicitPTC(max_step={self.default_max_step!r}, "
+                f"first_step={self.first_step!r}, options={self.options!r})")
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
+        carries the Jacobian-vector products and GMRES iterations."""
+        steps = ImplicitPTCSteps(func, z, d, progress, control.first_step, control.max_step,
+                                 control.t_max, options=self.options)
+        return run_loop(steps, z, progress, hook)
+
+
+STEADY_STATE_METHODS.register("implicit_ptc", ImplicitPTC())

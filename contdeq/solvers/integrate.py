@@ -14,13 +14,16 @@ import math
 
 from torch import Tensor
 
+from .callback import StepHook
 from .counting import CountedODEFunc
-from .loop import NonFiniteTrials, StepControl, Stepper
+from .loop import NonFiniteTrials, StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
+from .registry import TABLEAUX
 from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size, stage_times
 from .stats import LoopResult, StopReason
 from .tableaux import Tableau
 from .termination import sample_rms
+from .torchdiffeq_backend import TorchdiffeqSteps, run_odeint_event
 from .validation import finite_where, raise_step_underflow
 
 
@@ -123,3 +126,42 @@ class RungeKuttaSteps(Stepper):
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
         return LoopResult(progress.final_state(z), reason, self.accepted, self.rejected)
+
+
+class RungeKutta:
+    """An embedded Runge-Kutta pair given by its Butcher tableau, stepped on the one loop
+    (:class:`~contdeq.solvers.integrate.RungeKuttaSteps`) or, with ``control.backend``,
+    by torchdiffeq's step on the same loop or by ``odeint_event``.
+
+    Args:
+        tableau: the pair's coefficients, or the name of a tableau in :data:`TABLEAUX`.
+        first_step: initial step when ``steady_state`` is given none (default: chosen from
+            the problem, :func:`~contdeq.solvers.rk.initial_step`).
+        max_step: largest step when ``steady_state`` is given none (default ``inf``).
+    """
+
+    local_error_control = True
+    compilable = False
+
+    def __init__(self, tableau: Tableau | str, *, first_step: float | None = None,
+                 max_step: float = math.inf) -> None:
+        self.tableau = TABLEAUX[TABLEAUX.check(tableau, "tableau")] if isinstance(
+            tableau, str) else tableau
+        if not isinstance(self.tableau, Tableau):
+            raise TypeError(f"tableau must be a Tableau or a name in TABLEAUX, got {tableau!r:.80}")
+        self.name = self.tableau.name
+        self.first_step, self.default_max_step = check_steps(first_step, max_step)
+
+    def __repr__(self) -> str:
+        return f"RungeKutta({self.name!r})"
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Integrate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
+        if control.backend == "torchdiffeq":
+            return run_loop(TorchdiffeqSteps(func, z, d, progress, self.name, control), z,
+                            progress, hook)
+        if control.backend == "event":
+            return run_odeint_event(func, z, d, progress, self.name, control)
+        return run_loop(RungeKuttaSteps(func, z, d, progress, self.tableau, control), z,
+                        progress, hook)

@@ -39,7 +39,7 @@ from torch import Tensor
 from .callback import StepHook
 from .progress import Progress
 from .stats import LoopResult, StopReason
-from .validation import raise_nonfinite
+from .validation import check_positive_float, raise_nonfinite
 
 __all__ = ["MAX_NONFINITE_TRIALS", "NONFINITE_SHRINK", "NonFiniteTrials", "StepControl",
            "Stepper", "run_loop"]
@@ -183,3 +183,9 @@ def check_stop_after_trials(name: str, step: int, reason: StopReason | str, coun
             "for NaN/Inf, before a finite step was found",
         )
 
+
+def check_steps(first_step: float | None, max_step: float) -> tuple[float | None, float]:
+    """Checked ``(first_step, max_step)`` of a steady-state solver object."""
+    if first_step is not None:
+        first_step = check_positive_float(first_step, "first_step")
+    return first_step, check_positive_float(max_step, "max_step", allow_inf=True)

@@ -64,7 +64,7 @@ class FixedPointSolver(Protocol):
 class SteadyStateSolver(Protocol):
     """A steady-state method of :func:`~contdeq.solvers.steady_state`: what
     :data:`~contdeq.solvers.STEADY_STATE_METHODS` holds (a registered
-    :class:`~contdeq.solvers.Tableau` is run by :class:`~contdeq.solvers.methods.RungeKutta`).
+    :class:`~contdeq.solvers.Tableau` is run by :class:`~contdeq.solvers.RungeKutta`).
 
     ``steady_state`` validates the arguments, wraps ``func`` (counting, checks), evaluates it
     at ``z0`` and builds the per-sample bookkeeping (``progress``: residuals, tolerances,

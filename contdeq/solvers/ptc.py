@@ -9,11 +9,14 @@ import math
 import torch
 from torch import Tensor
 
+from .callback import StepHook
 from .counting import CountedODEFunc
-from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl, Stepper
+from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
+from .registry import STEADY_STATE_METHODS
 from .stats import LoopResult, StopReason
 from .termination import sample_rms
+from .validation import check_positive_int
 
 #: Least growth of a ptc step after a step that shrank the residual: the shrink ratio alone
 #: (``1 + O(h)``) would take thousands of steps to grow from a small ``first_step``.
@@ -178,3 +181,47 @@ def ptc_rule(
     )
     factor = torch.where(finite, factor, NONFINITE_SHRINK)
     return ok, factor, finite, rise
+
+
+class PTC:
+    """Explicit pseudo-transient continuation
+    (:class:`PseudoTransientSteps` on the one loop); ``control.compile``
+    runs each step compiled (:mod:`contdeq.solvers.compiled`).
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``1``,
+            the Picard step of a DEQ).
+        first_step: initial step when ``steady_state`` is given none (default ``max_step``).
+        steps_per_call: with ``compile=True``, steps taken per compiled call (default 1): the
+            call's wrapper cost is paid once per ``steps_per_call`` steps, and the solve may
+            take up to ``steps_per_call - 1`` evaluations more (it stops at the end of a call;
+            see :mod:`contdeq.solvers.compiled`). Ignored without ``compile``.
+    """
+
+    name = "ptc"
+    local_error_control = False
+    compilable = True
+
+    def __init__(self, *, max_step: float = 1.0, first_step: float | None = None,
+                 steps_per_call: int = 1) -> None:
+        self.first_step, self.default_max_step = check_steps(first_step, max_step)
+        self.steps_per_call = check_positive_int(steps_per_call, "steps_per_call")
+
+    def __repr__(self) -> str:
+        calls = "" if self.steps_per_call == 1 else f", steps_per_call={self.steps_per_call}"
+        return (f"PTC(max_step={self.default_max_step!r}, first_step={self.first_step!r}"
+                f"{calls})")
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state."""
+        if control.compile:
+            from .compiled import CompiledPseudoTransientSteps
+
+            steps = CompiledPseudoTransientSteps(func, z, d, progress, control,
+                                                 self.steps_per_call)
+            return run_loop(steps, z, progress)
+        return run_loop(PseudoTransientSteps(func, z, d, progress, control), z, progress, hook)
+
+
+STEADY_STATE_METHODS.register("ptc", PTC())
