@@ -20,7 +20,7 @@ from torch import Tensor
 from .fixed_point import fixed_point
 from .registry import FIXED_POINT_METHODS
 from .stats import Solution
-from .steady_state import steady_state
+from .steady_state import steady_state, steady_state_solver
 
 __all__ = ["CONTINUOUS", "check_options", "option_names", "solve"]
 
@@ -94,7 +94,6 @@ def check_options(solver: str, options: Mapping[str, Any]) -> None:
                         f"{sorted(accepted)}")
     if solver == CONTINUOUS:
         if "method" in options:
-            from .methods import steady_state_solver
 
             steady_state_solver(options["method"])
         return
