@@ -17,23 +17,23 @@ tolerances (``atol = rtol = 1e-4``); a solve that stops unconverged is what warn
 seeds converged, median NFE (exact), median of the fastest-of-3 forward times in ms (after a
 warm-up; wall time on a shared machine: compare within a row's cell only).
 
-Run: ``python benchmarks/defaults.py`` (about 4 minutes on 2 cores); writes
+Run: ``python -m benchmarks.defaults`` (about 4 minutes on 2 cores); writes
 ``benchmarks/results/defaults.md`` and ``.json``; docs/performance.md quotes the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import warnings
 from collections.abc import Callable
 
 import torch
-from common import add_device_argument, machine_header, synchronize, time_min, write_results
 from torch import nn
 
 import contdeq
 from contdeq.solvers import ConvergenceWarning
+
+from .common import CPU, machine_header, make_parser, synchronize, time_min, write_results
 
 WIDTH, CHANNELS, SIDE, BATCH = 128, 16, 8, 64
 
@@ -55,9 +55,6 @@ class TanhLinear(nn.Module):
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.w(z) + self.u(x))
-
-
-CPU = torch.device("cpu")
 
 
 class LayerNormCell(nn.Module):
@@ -177,11 +174,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (fastest kept)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 timed run")
-    add_device_argument(parser)
     args = parser.parse_args()
     seeds, repeats = (1, 1) if args.quick else (args.seeds, args.repeats)
     torch.set_num_threads(1)
@@ -191,7 +187,7 @@ def main() -> None:
     rows += fixes
     markdown = (
         "# Forward solvers on the cells people bring, at initialization\n\n"
-        f"`python benchmarks/defaults.py` ({machine_header()}, batch {BATCH}, eval-mode "
+        f"`python -m benchmarks.defaults` ({machine_header()}, batch {BATCH}, eval-mode "
         f"forward, each configuration with its default limits and atol = rtol = 1e-4). "
         f"Each entry: seeds converged without a warning / median NFE / median of the "
         f"fastest-of-{repeats} forward times in ms (a shared machine: compare within a "
@@ -201,7 +197,7 @@ def main() -> None:
         + "".join(f"| {r['remedy']} | {r['converged']}/{r['batch']} | {r['nfe']} |\n"
                   for r in fixes)
     )
-    write_results("defaults" if not args.quick else "defaults_quick", markdown, rows)
+    write_results("defaults" if not args.quick else "defaults_quick", markdown, rows, args.out)
 
 
 if __name__ == "__main__":

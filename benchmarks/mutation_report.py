@@ -4,7 +4,7 @@ Run from the repository root after ``mutmut run`` (``make mutation`` does both).
 ``.meta`` files mutmut writes next to each mutated module under ``mutants/``; ``--patterns``
 restricts the report to mutants whose names match (the same patterns given to ``mutmut run``).
 
-Usage: ``python benchmarks/mutation_report.py [--patterns 'contdeq.solvers.rk.*' ...]
+Usage: ``python -m benchmarks.mutation_report [--patterns 'contdeq.solvers.rk.*' ...]
 [--title T] [--output benchmarks/results/mutation.md]``.
 """
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -294,8 +293,7 @@ def test_benchmark_rows_build_the_named_layers() -> None:
     """Every weight-tied row of the paper benchmark builds a layer of the depth and sparsity its
     name states (``MS`` rows: the multi-scale layer), and the rows stay out of paper.py's
     default run. Catches a registry typo (e.g. depth 8 built as 4, masks dropped)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import paper_models
+    from benchmarks import common as paper_models
 
     names = paper_models.WEIGHT_TIED_MODELS
     assert len(names) == 18
@@ -320,8 +318,7 @@ def test_weight_tied_benchmark_smoke(tmp_path: Path) -> None:
     three figures, with a row per model and the measured mask cost."""
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import weight_tied
+    from benchmarks import weight_tied
 
     result = weight_tied.main(["--smoke", "--tasks", "spirals", "--mask-repeats", "1",
                                "--out", str(tmp_path)])
@@ -341,8 +338,7 @@ def test_masks_study_smoke(tmp_path: Path) -> None:
     within 5% of the dense row's active entries of f, the masked rows at half the entries, and
     the table written with the paired comparisons."""
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import weight_tied
+    from benchmarks import weight_tied
 
     records = weight_tied.main(["--smoke", "--masks-study", "--out", str(tmp_path)])[
         "masks_study"]
