@@ -293,23 +293,23 @@ def test_benchmark_rows_build_the_named_layers() -> None:
     """Every weight-tied row of the paper benchmark builds a layer of the depth and sparsity its
     name states (``MS`` rows: the multi-scale layer), and the rows stay out of paper.py's
     default run. Catches a registry typo (e.g. depth 8 built as 4, masks dropped)."""
-    from benchmarks import common as paper_models
+    from benchmarks import common
 
-    names = paper_models.WEIGHT_TIED_MODELS
+    names = common.WEIGHT_TIED_MODELS
     assert len(names) == 18
     for name in names:
         ms = name.startswith("MS ")
         if ms:
-            layer = paper_models.MULTISCALE_MODELS[name](TwoScaleCell(), None,
+            layer = common.MULTISCALE_MODELS[name](TwoScaleCell(), None,
                                                          ((2, 4, 4), (2, 2, 2)))
         else:
-            layer = paper_models.MODELS[name](LinearCell(3), None)
+            layer = common.MODELS[name](LinearCell(3), None)
         assert isinstance(layer, contdeq.MultiScaleWeightTied if ms else contdeq.WeightTied)
         depth = int(name.split("(")[1].split(")")[0])
         sparsity = float(name.split("masks ")[1]) if "masks" in name else 0.0
         assert layer.depth == depth and layer.sparsity == sparsity
         assert (layer.mask_kind == "distinct") == (sparsity > 0)
-        assert name in paper_models.OPTIONAL_MODELS
+        assert name in common.OPTIONAL_MODELS
 
 
 @pytest.mark.slow
