@@ -1,28 +1,6 @@
 """Backward variants: DEQ(ode, ptc) and a skip DEQ trained with each backward mode, time to target.
 
-Issue #4's step profile found that with ``ptc`` the backward linear solve is the larger part of
-a training step and that a skip predictor cannot shorten it. This benchmark trains the paper
-benchmark's models (:mod:`paper_models`, on its tasks, :mod:`paper_tasks`, with its training
-epoch, evaluation and interleaving: :mod:`paper`) with each backward variant:
-
-* ``implicit``: the shared implicit backward (Anderson, tol 5e-3, at most 100 VJPs);
-* ``phantom k/l``: :class:`contdeq.Phantom` (``k`` damped steps from ``z*``, damping ``l``;
-  ``phantom 3/1`` is the truncated Neumann series ``v + J^T v + (J^T)^2 v``);
-* ``truncated n tol``: :class:`contdeq.Implicit` capped at ``n`` VJPs (``truncated 10 1e-3``:
-  DeepEquilibriumNetworks.jl's adjoint);
-* ``warm``: :class:`contdeq.WarmImplicit` (the implicit solve started from ``c v``, ``c`` fitted
-  on the previous batch; ``warm previous``: from the previous batch's ``w``);
-* ``jfb``: :class:`contdeq.JFB` (``w = v``).
-
-Time to target: cumulative training time (evaluation excluded) at the first epoch whose test
-accuracy reaches the paper benchmark's target (its NeuralODE's final accuracy - 0.5 point, read
-from ``results/paper.json``; the NeuralODE is not retrained here). Ratios are speed-ups against
-``DEQ(ode, ptc) implicit`` trained in the same run. All cells of a task train interleaved,
-epoch by epoch.
-
-Usage: ``python -m benchmarks.backward_variants [--smoke] [--tasks ...] [--models ...]
-[--variants ...] [--epochs N] [--seeds 0] [--out DIR]``.
-"""
+``python -m benchmarks.backward_variants --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
 """What the per-step solver callback costs: a no-op ``callback`` against none.
 
-For each method, the same solve (a contractive ``tanh`` layer, float32, batch ``--batch``,
-width ``--width``: a small state, where per-step overhead weighs most; a tolerance float32
-cannot meet, so every solve takes exactly ``--steps`` steps) runs without a callback and with
-``callback=lambda info: None``, the two interleaved and repeated ``--repeats`` times (each
-time the fastest of ``--inner`` runs). The NFE and the result must be identical (the
-script stops otherwise). Reported: the median over repeats of the time ratio with/without,
-and the per-step overhead in microseconds; and, as a less noisy reference, the cost of what
-the hook does per step on its own (build a :class:`~contdeq.solvers.StepInfo` and call the
-no-op), timed over 100,000 calls.
-
-Usage: ``python -m benchmarks.callback_cost [--batch 64] [--width 64] [--repeats 7]
-[--inner 5]``. Timings are only comparable within one run.
-"""
+``python -m benchmarks.callback_cost --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -62,9 +62,9 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser(doc: str | None, out: bool = True) -> argparse.ArgumentParser:
-    """A script's parser: its docstring's first line as description, ``--device`` and (unless
+    """A script's parser: its docstring's first paragraph as description, ``--device`` and (unless
     ``out`` is false) ``--out`` (the results folder, default ``benchmarks/results``)."""
-    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join((doc or "").split("\n\n")[0].split()))
     add_device_argument(parser)
     if out:
         parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")

@@ -1,23 +1,6 @@
 """Compiled against eager training steps, and whole-model ``torch.compile``, in one run.
 
-For each task (digits-mlp, digits-conv; the paper benchmark's models and widths), the rows
-``DEQ(ode, ptc)`` / ``DEQ(ode, ptc) compiled`` and ``NeuralODE`` / ``NeuralODE compiled``
-(:data:`paper_models.COMPILED_MODELS`) are built with the same weights; the compiled ones are
-warmed up (compile time reported, not counted), then every model takes the same sequence of
-training steps, interleaved step by step, and each step's wall time and this thread's CPU time
-are recorded (on a shared machine the CPU time is the less noisy of the two). Reported: median
-step times, the eager / compiled ratio of each pair, forward NFE and backward iterations, the
-paper benchmark's overhead (step time / ((NFE + backward iterations) x one f call)), the loss
-after the last step (eager and compiled train the same trajectory up to rounding), and the
-graphs compiled during the timed steps (0: no recompiles).
-
-Whole-model compile: ``torch.compile(model)`` of the Net around ``DEQ(ode, ptc)`` (eager
-solver) and around ``DEQ(ode, ptc) compiled``: first-call time of a training step, graphs
-compiled then, graph breaks, graphs compiled during ``steps`` later steps on other batches
-(recompiles), and the median step time against the eager model.
-
-Usage: ``python -m benchmarks.compile [--steps 30] [--tasks digits-mlp digits-conv]``.
-"""
+``python -m benchmarks.compile --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,25 +1,7 @@
 """Which forward solver reaches the equilibrium soonest, with no warning, on the cells people
 bring to a DEQ layer, at initialization (a researcher's first hour).
 
-Cells (batch 64, fresh weights, 3 seeds each):
-
-* ``tanh-linear cap``: ``tanh(W z + U x)`` with ``contdeq.spectral_norm_cap(W, 0.9)``, width 128;
-* ``LayerNorm(relu)``: ``LayerNorm(relu(W z + x))``, width 128, torch's default init (the
-  torchdeq-style cell of issue 30), with ``x ~ N(0, 1)`` and with ``x ~ 0.3 N(0, 1)`` (the
-  scale an encoder's output has at initialization; the LayerNorm then amplifies the small
-  ``relu(W z + x)`` and the cell is not contractive);
-* ``GroupNorm conv``: ``GroupNorm(4, 16)(relu(conv3x3(z) + x))`` on 16 x 8 x 8;
-* ``conv tanh``: ``tanh(conv3x3(z) + x)`` on 16 x 8 x 8, torch's default init;
-* ``multi-scale``: ``MultiScaleDEQ(MultiScaleCell([8, 16], 3))`` on 3 x 8 x 8 images.
-
-Each forward configuration runs the layer in eval mode with its own default limits and
-tolerances (``atol = rtol = 1e-4``); a solve that stops unconverged is what warns. Columns:
-seeds converged, median NFE (exact), median of the fastest-of-3 forward times in ms (after a
-warm-up; wall time on a shared machine: compare within a row's cell only).
-
-Run: ``python -m benchmarks.defaults`` (about 4 minutes on 2 cores); writes
-``benchmarks/results/defaults.md`` and ``.json``; docs/performance.md quotes the table.
-"""
+``python -m benchmarks.defaults --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,31 +1,7 @@
 """Federated DEQs: weighted fusion (scored by the server, or from the clients' reports) vs
 FedAvg with really weak clients, DEQ vs an explicit network of equal parameter count.
 
-Every configuration is one run per seed on the same non-IID shards of a seed
-(``examples/federated_digits.py``: Dirichlet split; weak clients' forward solves get 2 steps
-at tolerance 0.1, strong ones 60 steps at 1e-3; the server holds a validation half of the
-held-out data, the other half is the test set):
-
-* ``deq server-scored mixed``: the DEQ, quality-weighted fusion with each client model's
-  accuracy on the server's validation set (under the server's solver) as the quality; half
-  the clients weak;
-* ``deq reported mixed``: the same rule on the accuracies the clients report (measured by
-  each client under its own budget, on its own validation split);
-* ``deq fedavg mixed``: FedAvg;
-* ``deq fedavg strong``: FedAvg with every client strong (the reference the weak clients
-  pull away from);
-* ``mlp fedavg``: an explicit network with two hidden layers and as many parameters as the
-  DEQ model (solver budgets do not apply), FedAvg.
-
-``--engine inprocess`` (default) runs the rounds with
-:func:`contdeq.federated.run_in_process` (the same clients and fusion as the Flower run, in
-one process: seconds per run instead of minutes of Ray start-up); ``--engine flower`` on
-Flower's simulation engine. After every round the server evaluates the global model on its
-test set. Intervals: 95% Student t over seeds; differences paired by seed.
-
-Usage: ``python -m benchmarks.federated [--datasets digits] [--seeds 0 1 2 3 4]
-[--rounds 10] [--engine inprocess]``; writes ``benchmarks/results/federated.{md,json,png}``.
-"""
+``python -m benchmarks.federated --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

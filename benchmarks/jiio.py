@@ -1,36 +1,7 @@
 """JIIO benchmark: joint inference (discrete and continuous) against the nested loop, cold-
 and warm-started, on the four applications of ``examples/jiio_tasks.py``, over seeds.
 
-Applications (scikit-learn digits): reconstructing held-out images with a generative DEQ
-decoder trained by latent optimization, denoising (sigma 0.3) and inpainting (a hidden 4x4
-square) with that decoder, and an L∞ attack (eps 0.1, box [0, 1]) on a DEQ classifier.
-
-Methods, all with the same input step ``alpha`` (plain projected gradient steps):
-
-* ``nested-cold``: ``nested_inference``: each step an Anderson DEQ solve from ``z0`` + an
-  implicit backward;
-* ``nested-warm``: the same loop, each solve started from the previous step's ``z*`` (as the
-  original code carries ``z`` across steps): the baseline;
-* ``jiio``: ``joint_inference`` on the augmented state, by Anderson (its defaults here: memory
-  20, damping 0.5) for the latent tasks and by Picard for the attack (the projection's
-  corners stall Anderson);
-* ``jiio-ode``: ``joint_inference(solver="ode", method="implicit_ptc")``: the augmented ODE's
-  steady state by backward-Euler pseudo-transient continuation (Newton-Krylov steps whose
-  Jacobian-vector products differentiate ``f`` twice; counted as JVPs, not ``f`` calls). A
-  solve that produces NaN/Inf is recorded as such (``NaN/Inf`` in the table).
-
-The joint solves stop on their joint test (``atol = rtol = gtol = 1e-4``) or their step cap;
-the nested loops' DEQ solves run to ``1e-3``, their implicit backward to the default ``1e-4``.
-
-Per seed (a different batch of held-out images and corruption; the models are trained once,
-seed 0), the target is the higher of the two nested loops' final objectives; reported per
-method: wall time and ``f`` calls until the objective at its current input reaches the target (the
-objective of each recorded input is measured afterwards, untimed, with a converged DEQ
-solve), the ratios over the warm and the cold loop (mean and 95% t-interval over seeds), and
-the final quality (MSE, PSNR, robust accuracy).
-
-Usage: ``python -m benchmarks.jiio [--quick] [--seeds 3] [--out benchmarks/results]``.
-"""
+``python -m benchmarks.jiio --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
 """Layer benchmark: one training step of an MLP equilibrium model on digits, per layer kind.
 
-Model: ``Linear(64, W) -> layer -> Linear(W, 10)`` with ``f(z, x) = tanh(W_z z + x)``,
-``||W_z||_2`` capped at 0.9 by :func:`contdeq.spectral_norm_cap`; batch 128 of scikit-learn's
-digits; Adam. Every layer uses the same ``f`` weights (same seed) and contdeq's default
-tolerances. Reported per layer: forward NFE, backward iterations (VJPs of the implicit solve,
-or f calls of the adjoint ODE), wall time of one step (forward + backward + optimizer step,
-fastest of repeats), the memory the autograd graph holds between forward and backward, and
-peak CUDA memory when run on a GPU.
-
-Usage: ``python -m benchmarks.layers [--width 128] [--repeats 10] [--device cpu]``.
-"""
+``python -m benchmarks.layers --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
 """Mixed precision: DEQ(ode, ptc) trained on digits-mlp in float32 and under ``torch.autocast``.
 
-The paper benchmark's digits-mlp task and DEQ(ode, ptc) model (``paper_tasks``,
-``paper_models``; its full preset: width 64, batch 64, Adam 2e-3, 20 epochs, the same seeds,
-weights and batches for both precisions), trained once in float32 and once with the forward
-and the loss under ``torch.autocast`` (bfloat16 by default; parameters, optimizer and the
-layer's solver state stay float32, ``f`` computes in the autocast dtype; the benchmark's
-explicit tolerances, 5e-3, are kept). Evaluation runs under the same
-autocast. The two precisions train interleaved epoch by epoch. Reported: final test accuracy
-per seed and precision, their difference, training time, forward NFE and backward iterations.
-float16 runs without a gradient scaler (bf16 needs none; fp16 gradients may underflow).
-
-Usage: ``python -m benchmarks.mixed_precision [--epochs 20] [--seeds 0 1] [--dtype bfloat16]
-[--device cpu] [--smoke]``; writes ``benchmarks/results/mixed_precision.md`` / ``.json``.
-"""
+``python -m benchmarks.mixed_precision --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

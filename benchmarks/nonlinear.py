@@ -1,17 +1,7 @@
 """The 23 nonlinear test problems of SciML's NonlinearProblemLibrary.jl: contdeq's ``root``
 solvers beside ``scipy.optimize.root`` (hybr, lm, krylov).
 
-Each solver runs every problem from its start point at ``atol=1e-8, rtol=0`` (scipy: ``tol``
-or ``fatol`` 1e-8, its other options at their defaults), in float64. Success is judged
-independently after each solve: ``||F(x)||_inf <= 1e-6`` evaluated afresh (SciMLBenchmarks'
-test). A *false claim* is a solve that reported success (contdeq: ``stats.all_converged``;
-scipy: ``success``) where the check fails. NFE counts calls of ``F`` (scipy: ``nfev``; lm's
-finite-difference Jacobian calls included; contdeq's Jacobian-vector products are counted
-apart, in the ``JVPs`` column). Runs are interleaved (repeat r runs every solver on every
-problem once); times are medians over the repeats of the per-solver total.
-
-Usage: ``python -m benchmarks.nonlinear [--repeats N] [--out DIR]``.
-"""
+``python -m benchmarks.nonlinear --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,27 +1,6 @@
 """Aten operations per solver step and per training step, counted (deterministic).
 
-On small states a solve costs its number of dispatched tensor operations, not their size, so
-this counts them with a ``TorchDispatchMode`` that sees every aten op. The model is a batch of
-contractive layers ``f(z) = tanh(z W^T + x)`` (``||W||_2 = 0.9``, batch 64, width 64 by
-default), solved to ``atol = rtol = tol``:
-
-* for every registered steady-state method (``func(t, z) = f(z) - z``) and fixed-point method
-  (``g = f``): NFE, steps, and the aten ops per step *not* spent inside the user's function:
-  over the whole solve ("non-f ops / step" = (all ops - ops inside the function) / steps,
-  setup and final bookkeeping included), and per extra step of the loop ("marginal": the
-  difference of those non-f ops between solves stopped by ``max_steps`` after
-  :data:`MARGINAL_STEPS` steps, at a tolerance of :data:`MARGINAL_TOL` that no step meets,
-  divided by the difference of their steps);
-* one training step (forward, backward, Adam step) of ``Linear -> DEQ(solver="ode",
-  method="ptc") -> Linear`` with a cross-entropy loss, split into the ops of ``f`` (its
-  evaluations, and the backward nodes of the graphs those evaluations recorded: its VJPs),
-  the ops of the same model without the layer (``Linear -> Linear``, counted separately), and
-  the rest (the layer's solver loops, its backward solve and bookkeeping).
-
-Usage: ``python -m benchmarks.op_counts [--batch 64] [--width 64] [--tol 5e-3] [--write]``
-(``--write``: also to ``results/op_counts.md``). The counts do
-not depend on the machine's speed or load; they change only with the code's control flow.
-"""
+``python -m benchmarks.op_counts --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,43 +1,6 @@
 """Robustness benchmark (issue #16): defences of continuous DEQs against adversarial inputs.
 
-On the ``digits-conv``, ``spirals`` and ``images-multiscale`` tasks of ``benchmarks/paper.py``
-(the same data, ``f``, encoder, head and seeds: :func:`common.load_task`,
-:func:`common.build_model`) each row trains one model and attacks it. Rows:
-
-* ``DEQ``: Anderson DEQ (the paper benchmark's ``DEQ(anderson)``), standard training;
-* ``DEQ + AT``: the same, PGD adversarial training (Madry et al.; the training attack is a
-  short PGD, ``--train-pgd-steps``, at the smaller eps);
-* ``DEQ + AT + RIS``: adversarial training whose loss is taken at *random intermediate states*
-  of the solve (:func:`contdeq.robust.random_intermediate_states`, Yang et al. 2023);
-* ``DEQ + AT + RIS + ER``: that model with *entropy reduction* along the solve at inference
-  (:func:`contdeq.robust.entropy_reduction`); not retrained;
-* ``LyapunovDEQ`` and ``LyapunovDEQ + AT``: :class:`contdeq.LyapunovDEQ` (implicit gradient of
-  ``f`` at the equilibrium, see ``docs/robustness.md``) on the flattened state;
-* ``NeuralODE + AT``: the paper benchmark's ``NeuralODE``, adversarially trained;
-* ``NeuralSDE``: :class:`contdeq.NeuralSDE`, ``dz = (f(z, x) - z) dt + sigma dW`` to ``t = 1``.
-
-(``NoisyDEQ`` is deprecated and no longer a row: at a unique equilibrium it computes a plain
-DEQ's output and gradient.)
-
-Columns: clean accuracy; L-inf PGD-20 robust accuracy at two eps through each layer's implicit
-gradient (every DEQ layer is switched to the implicit backward for the attack); PGD-20 through
-the unrolled solver (:func:`contdeq.robust.unrolled_gradients`) at the smaller eps; torchattacks'
-gradient-free ``Square`` at the smaller eps; training seconds; inference NFE per batch; and
-the *credited* robust accuracy: the lowest of the three attacks, credited only where they
-agree within :data:`AGREE` points.
-
-Every task has an input box ``[lo, hi]`` (its data range; ``[0, 1]`` for the digits); attacks
-stay inside it. torchattacks needs ``(B, C, H, W)`` batches in ``[0, 1]``: Square attacks the
-model composed with the affine map of ``[0, 1]`` onto the box (L-inf eps scaled by ``1 / (hi -
-lo)``), and a spirals point (16 numbers) is seen as a ``1 x 4 x 4`` image, so Square searches
-the same L-inf ball as PGD.
-
-Usage: ``python -m benchmarks.robust [--quick] [--epochs 4] [--n-train 768] [--n-test 128]
-[--tasks ...] [--models ...] [--seeds 0] [--device cpu] [--merge JSON ...]`` writes
-``benchmarks/results/robust.md`` / ``.json`` and ``docs/robust_accuracy.png`` (after every
-task). ``--merge`` keeps the rows of earlier JSON results for the (task, model) pairs not run,
-so a run can be done in parts.
-"""
+``python -m benchmarks.robust --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """A small robustness check: a plain DEQ and a LyapunovDEQ with the same f and seed, trained
 briefly on scikit-learn's digits, attacked three ways.
 
-Clean accuracy and L-infinity robust accuracy at one eps under PGD-20 through the implicit
-gradient, PGD-20 through the unrolled solver (``contdeq.robust.unrolled_gradients``) and
-torchattacks' gradient-free Square attack. Not the full robustness benchmark (issue #16): one
-seed, a few epochs, a few hundred test digits.
-
-Usage: ``python -m benchmarks.robust_check [--epochs 8] [--n-test 200] [--eps 0.1]
-[--device cpu]``
-(writes ``benchmarks/results/robust_check.md`` and ``.json``).
-"""
+``python -m benchmarks.robust_check --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
 """A/B of the solver loops: this working tree's ``contdeq`` against a git revision's, in one run.
 
-Both packages are imported into one process (the revision's as ``contdeq_base``, extracted with
-``git archive``) and their solves are timed in turn, repeat after repeat, so a drift in the
-machine's speed reaches both alike. On small states a solve costs its number of tensor
-operations, so this is the measurement to make when changing a loop. Each row solves a batch of
-contractive layers ``f(z) = tanh(W z + x)`` (``||W||_2 = 0.9``) to ``atol = rtol = tol`` and
-reports the fastest of ``rounds`` x ``calls`` solves (other load only adds time) and the NFE of
-both versions, which must agree.
-
-Usage: ``python -m benchmarks.solver_ab --base REV [--batch 64] [--width 64] [--tol 5e-3]
-[--device cpu]``.
-"""
+``python -m benchmarks.solver_ab --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

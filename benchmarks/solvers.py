@@ -1,17 +1,6 @@
 """Solver benchmark: NFE, wall time, residual and overhead of every solver, in one run.
 
-For each problem size, a batch of contractive tanh layers ``f(z) = tanh(W z + U x)``
-(``||W||_2 = 0.9``; one convolutional variant) is solved to ``atol = rtol = 1e-4`` by every
-``steady_state`` method and backend and every ``fixed_point`` method. Reported per row:
-
-* NFE (exact count of f calls), steps, converged samples, largest final residual;
-* wall time (fastest of repeats: other load on a shared machine only adds time);
-* overhead = wall time / (NFE x time of one f call): 1.0 means the solver costs nothing
-  beyond its function calls. The f-call time is re-measured next to every solve (fastest of
-  several), because this machine is shared and its speed drifts.
-
-Usage: ``python -m benchmarks.solvers [--quick] [--out benchmarks/results] [--device cpu]``.
-"""
+``python -m benchmarks.solvers --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

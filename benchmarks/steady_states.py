@@ -1,15 +1,6 @@
 """Stiff steady states: implicit_ptc and newton against explicit methods and scipy.
 
-Problems (``tests/stiff_problems.py``): 1-D heat equation, 1-D Bratu flow (lambda = 1), scipy's
-``newton_krylov`` tutorial PDE (75x75, as a flow), ``dz/dt = b - A z`` with A SPD of condition
-1e4, a stable two-species reaction-diffusion system whose residual rises before it falls (full
-run only); and the implicit backward of a DEQ cell whose ``df/dz`` has spectral radius 0.97.
-Every method runs with its default tolerances; explicit methods get a step budget. A method
-that raises is recorded with the error's name, not allowed to stop the benchmark. Runs are
-interleaved (repeat r runs every method once) and the median time is reported.
-
-Usage: ``python -m benchmarks.steady_states [--quick] [--repeats N] [--out DIR] [--device cpu]``.
-"""
+``python -m benchmarks.steady_states --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,24 +1,6 @@
 """Where a training step's time goes: forward solve, backward linear solve, and the rest.
 
-Trains the paper benchmark's models (same tasks, ``f``, tolerances and training settings:
-:mod:`paper_models`, :mod:`paper_tasks`, :class:`paper.Config`) for ``--epochs`` epochs, the
-models' steps interleaved batch by batch (every model sees the same batches, and a drift in
-the machine's speed reaches all alike), and splits each step of the last epoch into:
-
-* the forward solve (the layer's ``stats.forward.wall_time``) and the rest of the forward
-  (encoder, predictor, head, loss, the layer's own bookkeeping);
-* the backward linear solve (``stats.backward.wall_time``; none for jfb or backprop through
-  the solver) and the rest of the backward (the VJP for the parameters, encoder and head);
-* the optimizer step.
-
-Medians over the epoch's steps. ``perfect guess``: the step time the row would have if its
-forward solve needed a single ``f`` call (an initial guess exactly at ``z*`` with the same
-``f``, as a flawless skip predictor would give), ``step - solve + solve / NFE``; ``bound`` is
-the row's step time over that: the most an initial guess can speed up its step.
-
-Usage: ``python -m benchmarks.step_profile [--tasks digits-mlp ...] [--models ...]
-[--epochs 10] [--device cuda]``.
-"""
+``python -m benchmarks.step_profile --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

@@ -1,31 +1,6 @@
 """Weight-tied benchmark: is a DEQ better than the same ``f`` unrolled a fixed number of times?
 
-Trains :class:`contdeq.WeightTied` at depths 4, 8, 16, without masks and with distinct masks at
-sparsity 0.5 and 0.8 (the ``WeightTied(...)`` rows of :mod:`paper_models`), beside the NeuralODE
-(it sets the target accuracy), ``DEQ(ode, ptc)`` and, on the multi-scale task, their ``MS``
-versions, on ``spirals``, ``digits-conv`` and ``images-multiscale`` (:mod:`paper_tasks`). The
-training, the epoch-by-epoch interleaving of the models and the per-row summary are
-:mod:`paper`'s (``train_interleaved``, ``aggregate``, ``summarize``); this script adds per-task
-epochs and seeds (the multi-scale task costs ten times the others), parameter counts (effective
-ones after masking) and its own figures.
-
-It also measures what the masks cost (:func:`mask_cost`): a training step of a masked
-weight-tied layer with the masked weights materialized (``W * M_k``, dense kernels: contdeq's
-implementation) against sparse kernels that never form them (``torch.sparse.mm`` on the kept
-entries; for the convolution after ``unfold``), and against no masks.
-
-Outputs ``benchmarks/results/weight_tied.md`` / ``.json`` and figures ``weight_tied_depth.png``
-(accuracy against depth), ``weight_tied_sparsity.png`` (accuracy against sparsity) and
-``weight_tied_target.png`` (time to target).
-
-``--masks-study`` runs only the study of the masks (:func:`mask_study`): dense, one shared
-mask and distinct masks, at equal width (16 channels) and at equal active parameters (masked
-rows widened to 23 channels), on ``digits-conv``, over seeds with 95% intervals:
-``benchmarks/results/weight_tied_masks.{md,json}``.
-
-Usage: ``python -m benchmarks.weight_tied [--quick | --smoke] [--tasks ...] [--epochs N]
-[--seeds 0 1] [--out DIR] [--masks-study]``.
-"""
+``python -m benchmarks.weight_tied --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
