@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.utils import parametrize
@@ -348,6 +347,8 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
     """Task ``name`` (:data:`TASKS`) with layer width ``width`` (channels for the conv tasks);
     ``n_train`` / ``n_test`` truncate the splits (reduced runs)."""
     if name in ("digits-mlp", "digits-conv"):
+        from sklearn.datasets import load_digits
+
         data = load_digits()
         x = torch.tensor(data.data, dtype=torch.float32) / 16.0
         y = torch.tensor(data.target)
