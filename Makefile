@@ -100,14 +100,14 @@ docs-quick: $(VENV)/.docs
 	CONTDEQ_TUTORIAL_QUICK=1 $(SPHINX)
 
 bench-solvers: $(VENV)/.examples
-	$(BIN)/python benchmarks/solvers.py
+	$(BIN)/python -m benchmarks.solvers
 
 # Every layer kind trained on the same tasks, torchdeq included (benchmarks/README.md).
 bench-paper: $(VENV)/.bench
-	$(BIN)/python benchmarks/paper.py --threads 1
+	$(BIN)/python -m benchmarks.paper --threads 1
 
 bench-paper-quick: $(VENV)/.bench
-	$(BIN)/python benchmarks/paper.py --quick
+	$(BIN)/python -m benchmarks.paper --quick
 
 # Mutation testing with mutmut (docs/testing.md), not part of CI: [tool.mutmut] in
 # pyproject.toml names the modules and the tests. `make mutation` runs every mutant of
@@ -127,7 +127,7 @@ MUTATION_SUBSET := contdeq.solvers.ptc.x__ptc_slow_path* contdeq.solvers.ptc.x_p
 mutation: $(VENV)/.mutation
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_WORKERS) \
 		$(foreach p,$(MUTANTS),'$(p)')
-	$(BIN)/python benchmarks/mutation_report.py --output $(MUTATION_REPORT) \
+	$(BIN)/python -m benchmarks.mutation_report --output $(MUTATION_REPORT) \
 		--patterns $(foreach p,$(MUTANTS),'$(p)')
 
 mutation-subset:
