@@ -100,14 +100,14 @@ docs-quick: $(VENV)/.docs
 	CONTDEQ_TUTORIAL_QUICK=1 $(SPHINX)
 
 bench-solvers: $(VENV)/.examples
-	$(BIN)/python benchmarks/solvers.py
+	$(BIN)/python -m benchmarks.solvers
 
 # Every layer kind trained on the same tasks, torchdeq included (benchmarks/README.md).
 bench-paper: $(VENV)/.bench
-	$(BIN)/python benchmarks/paper.py --threads 1
+	$(BIN)/python -m benchmarks.paper --threads 1
 
 bench-paper-quick: $(VENV)/.bench
-	$(BIN)/python benchmarks/paper.py --quick
+	$(BIN)/python -m benchmarks.paper --quick
 
 # Mutation testing with mutmut (docs/testing.md), not part of CI: [tool.mutmut] in
 # pyproject.toml names the modules and the tests. `make mutation` runs every mutant of
@@ -120,14 +120,14 @@ MUTANTS ?=
 MUTATION_REPORT ?= benchmarks/results/mutation.md
 # The measured subset (benchmarks/results/mutation.md): every mutant of ptc's step rule (ptc_rule) and
 # its slow path, the Hutchinson Jacobian term, Picard's step and the steady-state test.
-MUTATION_SUBSET := contdeq.solvers.integrate.x__ptc_slow_path* contdeq.solvers.integrate.x_ptc_rule* \
+MUTATION_SUBSET := contdeq.solvers.ptc.x__ptc_slow_path* contdeq.solvers.ptc.x_ptc_rule* \
 	contdeq.regularizers.x_jacobian_frobenius* contdeq.solvers.picard.x*Picard*propose* \
 	contdeq.solvers.termination.x*SteadyStateCondition*evaluate*
 
 mutation: $(VENV)/.mutation
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_WORKERS) \
 		$(foreach p,$(MUTANTS),'$(p)')
-	$(BIN)/python benchmarks/mutation_report.py --output $(MUTATION_REPORT) \
+	$(BIN)/python -m benchmarks.mutation_report --output $(MUTATION_REPORT) \
 		--patterns $(foreach p,$(MUTANTS),'$(p)')
 
 mutation-subset:

@@ -1,35 +1,12 @@
 """Backward variants: DEQ(ode, ptc) and a skip DEQ trained with each backward mode, time to target.
 
-Issue #4's step profile found that with ``ptc`` the backward linear solve is the larger part of
-a training step and that a skip predictor cannot shorten it. This benchmark trains the paper
-benchmark's models (:mod:`paper_models`, on its tasks, :mod:`paper_tasks`, with its training
-epoch, evaluation and interleaving: :mod:`paper`) with each backward variant:
-
-* ``implicit``: the shared implicit backward (Anderson, tol 5e-3, at most 100 VJPs);
-* ``phantom k/l``: :class:`contdeq.Phantom` (``k`` damped steps from ``z*``, damping ``l``;
-  ``phantom 3/1`` is the truncated Neumann series ``v + J^T v + (J^T)^2 v``);
-* ``truncated n tol``: :class:`contdeq.Implicit` capped at ``n`` VJPs (``truncated 10 1e-3``:
-  DeepEquilibriumNetworks.jl's adjoint);
-* ``warm``: :class:`contdeq.WarmImplicit` (the implicit solve started from ``c v``, ``c`` fitted
-  on the previous batch; ``warm previous``: from the previous batch's ``w``);
-* ``jfb``: :class:`contdeq.JFB` (``w = v``).
-
-Time to target: cumulative training time (evaluation excluded) at the first epoch whose test
-accuracy reaches the paper benchmark's target (its NeuralODE's final accuracy - 0.5 point, read
-from ``results/paper.json``; the NeuralODE is not retrained here). Ratios are speed-ups against
-``DEQ(ode, ptc) implicit`` trained in the same run. All cells of a task train interleaved,
-epoch by epoch.
-
-Usage: ``python benchmarks/backward_variants.py [--smoke] [--tasks ...] [--models ...]
-[--variants ...] [--epochs N] [--seeds 0] [--out DIR]``.
-"""
+``python -m benchmarks.backward_variants --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -41,12 +18,24 @@ import torch
 
 import contdeq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, progress_bar, write_results
-from paper import Cell, Config, aggregate
-from paper_headline import ratio
-from paper_models import TOL
-from paper_tasks import TASKS, Task, load_task
+from .common import (
+    RESULTS,
+    TASKS,
+    TOL,
+    Cell,
+    Config,
+    Task,
+    aggregate,
+    fmt,
+    load_task,
+    machine_header,
+    make_parser,
+    ratio,
+    threads,
+    time_to_target,
+    train_cells,
+    write_results,
+)
 
 #: Backward variant name -> mode factory (read :data:`TOL` when called).
 #: Unconverged (capped) solves are counted in the table, not warned about at every step.
@@ -127,28 +116,18 @@ def variant_cell(task: Task, base: str, variant: str, cfg: Config, seed: int
     return cell, tally
 
 
-def train_cells(task: Task, pairs: list[tuple[str, str]], cfg: Config, seed: int,
-                notes: list[str]) -> dict[tuple[str, str], list[dict[str, float]]]:
-    """Train the ``(model, variant)`` cells interleaved epoch by epoch; a failing cell is noted
-    and dropped. Each epoch's record gains ``backward_converged``: the fraction of its steps
-    whose backward met its tolerance (``nan`` without a tested solve)."""
+def train_variants(task: Task, pairs: list[tuple[str, str]], cfg: Config, seed: int,
+                   notes: list[str]) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """Train the ``(model, variant)`` cells interleaved epoch by epoch (:func:`train_cells`).
+    Each epoch's record gains ``backward_converged``: the fraction of its steps whose backward
+    met its tolerance (``nan`` without a tested solve)."""
     cells, tallies = {}, {}
     for pair in pairs:
         cells[pair], tallies[pair] = variant_cell(task, *pair, cfg, seed)
-    with progress_bar(cfg.epochs * len(cells), f"{task.name} seed {seed}") as bar:
-        for _ in range(cfg.epochs):
-            for pair, cell in list(cells.items()):
-                bar.set_postfix_str(cell.name)
-                try:
-                    cell.train_epoch()
-                except Exception as exc:  # a diverging variant must not stop the run
-                    notes.append(f"FAILED {task.name} / {cell.name}: {type(exc).__name__}: {exc}")
-                    print(notes[-1], flush=True)
-                    del cells[pair]
-                else:
-                    cell.history[-1]["backward_converged"] = tallies[pair].take()
-                bar.update()
-    return {pair: cell.history for pair, cell in cells.items()}
+
+    def tally(pair: tuple[str, str]) -> None:
+        cells[pair].history[-1]["backward_converged"] = tallies[pair].take()
+    return train_cells(task, dict(cells), cfg.epochs, seed, notes, tally)
 
 
 def summarize(task: Task, histories: dict[tuple[str, str], list[dict[str, float]]],
@@ -156,11 +135,7 @@ def summarize(task: Task, histories: dict[tuple[str, str], list[dict[str, float]
     """One row per cell: time to target, accuracy, NFE, backward iterations, ratios."""
     rows = []
     for (base, variant), hist in histories.items():
-        elapsed, ttt = 0.0, None
-        for rec in hist:
-            elapsed += rec["train_s"]
-            if target is not None and ttt is None and rec["test_acc"] >= target:
-                ttt = elapsed
+        ttt = time_to_target(hist, target)
         conv = [r["backward_converged"] for r in hist if not math.isnan(r["backward_converged"])]
         rows.append({
             "task": task.name, "model": base, "variant": variant, "target_acc": target,
@@ -185,16 +160,12 @@ def summarize(task: Task, histories: dict[tuple[str, str], list[dict[str, float]
     return rows
 
 
-def _fmt(v: float | None, spec: str = ".2f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}"
-
-
 def to_markdown(rows: list[dict[str, Any]], header: str, notes: list[str]) -> str:
     """A table per task and the goal line (skip variant >= 1.5x faster to target)."""
     lines = [header, ""] + [f"* {n}" for n in notes] + [""]
     for tname in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == tname]
-        lines += [f"### {tname} (target {_fmt(trows[0]['target_acc'], '.1f')}%)", "",
+        lines += [f"### {tname} (target {fmt(trows[0]['target_acc'], '.1f')}%)", "",
                   "| model | backward | s/epoch | time to target s | final acc % | best acc % "
                   "| fwd NFE | bwd iters | bwd converged | ×DEQ(ode, ptc) implicit (target) "
                   "| ×own implicit (target) | ×DEQ(ode, ptc) implicit (epoch) |",
@@ -202,11 +173,11 @@ def to_markdown(rows: list[dict[str, Any]], header: str, notes: list[str]) -> st
         for r in trows:
             lines.append(
                 f"| {r['model']} | {r['variant']} | {r['s_per_epoch']:.3f} "
-                f"| {_fmt(r['time_to_target_s'])} | {r['final_acc']:.1f} | {r['best_acc']:.1f} "
-                f"| {r['forward_nfe']:.1f} | {_fmt(r['backward_iterations'], '.1f')} "
-                f"| {_fmt(r['backward_converged'])} | {_fmt(r['speedup_vs_deq_implicit'])} "
-                f"| {_fmt(r['speedup_vs_own_implicit'])} "
-                f"| {_fmt(r['epoch_speedup_vs_deq_implicit'])} |")
+                f"| {fmt(r['time_to_target_s'])} | {r['final_acc']:.1f} | {r['best_acc']:.1f} "
+                f"| {r['forward_nfe']:.1f} | {fmt(r['backward_iterations'], '.1f')} "
+                f"| {fmt(r['backward_converged'])} | {fmt(r['speedup_vs_deq_implicit'])} "
+                f"| {fmt(r['speedup_vs_own_implicit'])} "
+                f"| {fmt(r['epoch_speedup_vs_deq_implicit'])} |")
         lines.append("")
     lines += ["### Goal: a skip variant >= 1.5x faster to target than DEQ(ode, ptc) implicit", ""]
     for tname in dict.fromkeys(r["task"] for r in rows):
@@ -224,9 +195,7 @@ def run(cfg: Config, models: tuple[str, ...], variants: dict[str, tuple[str, ...
         epochs: dict[str, int], out: Path, device: str = "cpu") -> list[dict[str, Any]]:
     """Train every ``(model, variant)`` (``variants`` by task) on each task of ``cfg``; write
     Markdown and JSON."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or 1)
-    try:
+    with threads(cfg.threads or 1):
         header = (f"## Backward variants ({machine_header()}, device {device}; means over "
                   f"seeds {list(cfg.seeds)})")
         targets = paper_targets()
@@ -237,13 +206,11 @@ def run(cfg: Config, models: tuple[str, ...], variants: dict[str, tuple[str, ...
             task = load_task(tname, cfg.width[tname], cfg.n_train, cfg.n_test, device)
             tcfg = replace(cfg, epochs=epochs.get(tname, cfg.epochs))
             pairs = [(m, v) for m in models for v in variants[tname]]
-            per_seed = [train_cells(task, pairs, tcfg, seed, notes) for seed in cfg.seeds]
+            per_seed = [train_variants(task, pairs, tcfg, seed, notes) for seed in cfg.seeds]
             histories = {p: aggregate([runs[p] for runs in per_seed]) for p in pairs
                          if all(p in runs for runs in per_seed)}
             rows += summarize(task, histories, targets.get(tname))
         wall = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     notes += [
         "Settings: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()
                                  if k not in ("name", "models", "tasks", "epochs")) +
@@ -265,7 +232,7 @@ def run(cfg: Config, models: tuple[str, ...], variants: dict[str, tuple[str, ...
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny run for the tests")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
@@ -276,8 +243,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every task (default 15, images-multiscale 14)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    add_device_argument(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
 

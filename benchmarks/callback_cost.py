@@ -1,34 +1,18 @@
 """What the per-step solver callback costs: a no-op ``callback`` against none.
 
-For each method, the same solve (a contractive ``tanh`` layer, float32, batch ``--batch``,
-width ``--width``: a small state, where per-step overhead weighs most; a tolerance float32
-cannot meet, so every solve takes exactly ``--steps`` steps) runs without a callback and with
-``callback=lambda info: None``, the two interleaved and repeated ``--repeats`` times (each
-time the fastest of ``--inner`` runs). The NFE and the result must be identical (the
-script stops otherwise). Reported: the median over repeats of the time ratio with/without,
-and the per-step overhead in microseconds; and, as a less noisy reference, the cost of what
-the hook does per step on its own (build a :class:`~contdeq.solvers.StepInfo` and call the
-no-op), timed over 100,000 calls.
-
-Usage: ``python benchmarks/callback_cost.py [--batch 64] [--width 64] [--repeats 7]
-[--inner 5]``. Timings are only comparable within one run.
-"""
+``python -m benchmarks.callback_cost --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from contdeq.solvers import StepInfo, fixed_point, steady_state
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import add_device_argument, machine_header, write_results
+from .common import contractive, machine_header, make_parser, write_results
 
 METHODS = (("ode", "dopri5"), ("ode", "ptc"), ("map", "anderson"), ("map", "picard"),
            ("map", "broyden"))
@@ -36,10 +20,7 @@ METHODS = (("ode", "dopri5"), ("ode", "ptc"), ("map", "anderson"), ("map", "pica
 
 def make_solve(kind: str, method: str, batch: int, width: int, steps: int,
                device: torch.device) -> Callable[[object], tuple[torch.Tensor, object]]:
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(width, width, generator=gen)
-    w = (0.95 * w / torch.linalg.matrix_norm(w, 2)).to(device)
-    x = torch.randn(batch, width, generator=gen).to(device)
+    w, x = contractive(width, batch, device=device, norm=0.95)
     z0 = torch.zeros(batch, width, device=device)
 
     def g(z: torch.Tensor) -> torch.Tensor:
@@ -66,13 +47,12 @@ def fastest(solve: Callable[[object], object], callback: object, inner: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--inner", type=int, default=5)
-    add_device_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -127,7 +107,7 @@ def main() -> None:
     lines += ["", f"The hook's own work per step (a `StepInfo` and the no-op call), timed alone: "
               f"{per_call_us:.2f} us per call ({calls} calls)."]
     rows.append({"method": "hook call alone", "overhead_us_per_step": per_call_us})
-    write_results("callback_cost", "\n".join(lines) + "\n", rows)
+    write_results("callback_cost", "\n".join(lines) + "\n", rows, args.out)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,28 @@
 """Compiled against eager training steps, and whole-model ``torch.compile``, in one run.
 
-For each task (digits-mlp, digits-conv; the paper benchmark's models and widths), the rows
-``DEQ(ode, ptc)`` / ``DEQ(ode, ptc) compiled`` and ``NeuralODE`` / ``NeuralODE compiled``
-(:data:`paper_models.COMPILED_MODELS`) are built with the same weights; the compiled ones are
-warmed up (compile time reported, not counted), then every model takes the same sequence of
-training steps, interleaved step by step, and each step's wall time and this thread's CPU time
-are recorded (on a shared machine the CPU time is the less noisy of the two). Reported: median
-step times, the eager / compiled ratio of each pair, forward NFE and backward iterations, the
-paper benchmark's overhead (step time / ((NFE + backward iterations) x one f call)), the loss
-after the last step (eager and compiled train the same trajectory up to rounding), and the
-graphs compiled during the timed steps (0: no recompiles).
-
-Whole-model compile: ``torch.compile(model)`` of the Net around ``DEQ(ode, ptc)`` (eager
-solver) and around ``DEQ(ode, ptc) compiled``: first-call time of a training step, graphs
-compiled then, graph breaks, graphs compiled during ``steps`` later steps on other batches
-(recompiles), and the median step time against the eager model.
-
-Usage: ``python benchmarks/compile.py [--steps 30] [--tasks digits-mlp digits-conv]``.
-"""
+``python -m benchmarks.compile --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import add_device_argument, machine_header, write_results
-from paper import Config, f_call_time, warm_up
-from paper_models import build_model, layer_counts
-from paper_tasks import load_task
-
-CPU = torch.device("cpu")
+from .common import (
+    CPU,
+    Config,
+    build_model,
+    f_call_time,
+    layer_counts,
+    load_task,
+    machine_header,
+    make_parser,
+    warm_up,
+    write_results,
+)
 
 PAIRS = (("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled"), ("NeuralODE", "NeuralODE compiled"))
 WHOLE = ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled")
@@ -167,12 +152,11 @@ def to_markdown(steps: list[dict[str, Any]], whole: list[dict[str, Any]], header
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-conv"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="compile")
-    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Every compiled solve shares one Dynamo cache (one graph per batch shape, task and grad
@@ -186,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (f"Compiled vs eager training steps: batch {cfg.batch}, medians of {args.steps} "
               f"interleaved steps per model ({machine_header()}; the machine was shared with "
               "other jobs, so wall times are noisy; CPU time is this thread's)")
-    write_results(args.name, to_markdown(steps, whole, header), steps + whole)
+    write_results(args.name, to_markdown(steps, whole, header), steps + whole, args.out)
     return steps + whole
 
 

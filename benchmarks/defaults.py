@@ -1,39 +1,21 @@
 """Which forward solver reaches the equilibrium soonest, with no warning, on the cells people
 bring to a DEQ layer, at initialization (a researcher's first hour).
 
-Cells (batch 64, fresh weights, 3 seeds each):
-
-* ``tanh-linear cap``: ``tanh(W z + U x)`` with ``contdeq.spectral_norm_cap(W, 0.9)``, width 128;
-* ``LayerNorm(relu)``: ``LayerNorm(relu(W z + x))``, width 128, torch's default init (the
-  torchdeq-style cell of issue 30), with ``x ~ N(0, 1)`` and with ``x ~ 0.3 N(0, 1)`` (the
-  scale an encoder's output has at initialization; the LayerNorm then amplifies the small
-  ``relu(W z + x)`` and the cell is not contractive);
-* ``GroupNorm conv``: ``GroupNorm(4, 16)(relu(conv3x3(z) + x))`` on 16 x 8 x 8;
-* ``conv tanh``: ``tanh(conv3x3(z) + x)`` on 16 x 8 x 8, torch's default init;
-* ``multi-scale``: ``MultiScaleDEQ(MultiScaleCell([8, 16], 3))`` on 3 x 8 x 8 images.
-
-Each forward configuration runs the layer in eval mode with its own default limits and
-tolerances (``atol = rtol = 1e-4``); a solve that stops unconverged is what warns. Columns:
-seeds converged, median NFE (exact), median of the fastest-of-3 forward times in ms (after a
-warm-up; wall time on a shared machine: compare within a row's cell only).
-
-Run: ``python benchmarks/defaults.py`` (about 4 minutes on 2 cores); writes
-``benchmarks/results/defaults.md`` and ``.json``; docs/performance.md quotes the table.
-"""
+``python -m benchmarks.defaults --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import warnings
 from collections.abc import Callable
 
 import torch
-from common import add_device_argument, machine_header, synchronize, time_min, write_results
 from torch import nn
 
 import contdeq
 from contdeq.solvers import ConvergenceWarning
+
+from .common import CPU, machine_header, make_parser, synchronize, time_min, write_results
 
 WIDTH, CHANNELS, SIDE, BATCH = 128, 16, 8, 64
 
@@ -55,9 +37,6 @@ class TanhLinear(nn.Module):
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.w(z) + self.u(x))
-
-
-CPU = torch.device("cpu")
 
 
 class LayerNormCell(nn.Module):
@@ -177,11 +156,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (fastest kept)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 timed run")
-    add_device_argument(parser)
     args = parser.parse_args()
     seeds, repeats = (1, 1) if args.quick else (args.seeds, args.repeats)
     torch.set_num_threads(1)
@@ -191,7 +169,7 @@ def main() -> None:
     rows += fixes
     markdown = (
         "# Forward solvers on the cells people bring, at initialization\n\n"
-        f"`python benchmarks/defaults.py` ({machine_header()}, batch {BATCH}, eval-mode "
+        f"`python -m benchmarks.defaults` ({machine_header()}, batch {BATCH}, eval-mode "
         f"forward, each configuration with its default limits and atol = rtol = 1e-4). "
         f"Each entry: seeds converged without a warning / median NFE / median of the "
         f"fastest-of-{repeats} forward times in ms (a shared machine: compare within a "
@@ -201,7 +179,7 @@ def main() -> None:
         + "".join(f"| {r['remedy']} | {r['converged']}/{r['batch']} | {r['nfe']} |\n"
                   for r in fixes)
     )
-    write_results("defaults" if not args.quick else "defaults_quick", markdown, rows)
+    write_results("defaults" if not args.quick else "defaults_quick", markdown, rows, args.out)
 
 
 if __name__ == "__main__":

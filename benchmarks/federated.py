@@ -1,38 +1,13 @@
 """Federated DEQs: weighted fusion (scored by the server, or from the clients' reports) vs
 FedAvg with really weak clients, DEQ vs an explicit network of equal parameter count.
 
-Every configuration is one run per seed on the same non-IID shards of a seed
-(``examples/federated_digits.py``: Dirichlet split; weak clients' forward solves get 2 steps
-at tolerance 0.1, strong ones 60 steps at 1e-3; the server holds a validation half of the
-held-out data, the other half is the test set):
-
-* ``deq server-scored mixed``: the DEQ, quality-weighted fusion with each client model's
-  accuracy on the server's validation set (under the server's solver) as the quality; half
-  the clients weak;
-* ``deq reported mixed``: the same rule on the accuracies the clients report (measured by
-  each client under its own budget, on its own validation split);
-* ``deq fedavg mixed``: FedAvg;
-* ``deq fedavg strong``: FedAvg with every client strong (the reference the weak clients
-  pull away from);
-* ``mlp fedavg``: an explicit network with two hidden layers and as many parameters as the
-  DEQ model (solver budgets do not apply), FedAvg.
-
-``--engine inprocess`` (default) runs the rounds with
-:func:`contdeq.federated.run_in_process` (the same clients and fusion as the Flower run, in
-one process: seconds per run instead of minutes of Ray start-up); ``--engine flower`` on
-Flower's simulation engine. After every round the server evaluates the global model on its
-test set. Intervals: 95% Student t over seeds; differences paired by seed.
-
-Usage: ``python benchmarks/federated.py [--datasets digits] [--seeds 0 1 2 3 4]
-[--rounds 10] [--engine inprocess]``; writes ``benchmarks/results/federated.{md,json,png}``.
-"""
+``python -m benchmarks.federated --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -43,12 +18,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import RESULTS, add_device_argument, machine_header, write_results
-from federated_digits import budgets, make_strategy, make_task, model_factory
-
 from contdeq.federated import run_federated, run_in_process, server_scores
+from examples.federated_digits import budgets, make_strategy, make_task, model_factory
+
+from .common import machine_header, make_parser, mean_ci, write_results
 
 #: name -> (model, strategy, clients weak out of --clients: "mixed" = half, "strong" = none)
 CONFIGS = {
@@ -58,20 +31,14 @@ CONFIGS = {
     "deq fedavg strong": ("deq", "fedavg", "strong"),
     "mlp fedavg": ("mlp", "fedavg", "mixed"),
 }
-#: Two-sided 95% Student t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 9: 2.262}
 #: Target test accuracy per dataset (procedural: no model reaches 0.6 in 12 rounds here).
 TARGETS = {"digits": 0.85, "procedural": 0.3}
 
 
-def mean_ci(values: list[float]) -> str:
+def interval(values: list[float]) -> str:
     """``mean ± half-width`` of the 95% t-interval over seeds."""
-    n = len(values)
-    mean = float(np.mean(values))
-    if n < 2:
-        return f"{mean:.3f}"
-    half = T95.get(n - 1, 2.0) * float(np.std(values, ddof=1)) / n ** 0.5
-    return f"{mean:.3f} ± {half:.3f}"
+    mean, half = mean_ci(values)
+    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {half:.3f}"
 
 
 def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> dict:
@@ -166,7 +133,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
             share = ("-" if not weak or not group[0].get("weak_weight_share") else
                      f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
             lines.append(f"| {name} | {group[0]['parameters']} | "
-                         f"{mean_ci(list(final[name].values()))} | {rounds} | {examples} | "
+                         f"{interval(list(final[name].values()))} | {rounds} | {examples} | "
                          f"{share} |")
         lines += ["", "| paired difference in final accuracy | mean ± 95% CI |", "|---|---|"]
         for a, b in (("deq server-scored mixed", "deq fedavg mixed"),
@@ -178,7 +145,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
             if a in final and b in final:
                 common = sorted(set(final[a]) & set(final[b]))
                 lines.append(f"| {a} − {b} | "
-                             f"{mean_ci([final[a][k] - final[b][k] for k in common])} |")
+                             f"{interval([final[a][k] - final[b][k] for k in common])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,7 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--datasets", nargs="+", default=["digits"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -218,12 +185,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true",
                         help="only re-render the table and figure from the JSON in --out")
     parser.add_argument("--append", action="store_true",
                         help="add the new runs to the rows already in --out's JSON")
-    add_device_argument(parser)
     args = parser.parse_args()
     if args.device.type != "cpu":
         parser.error(f"--device {args.device}: not supported here; the clients train inside "

@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, log, never stop the script
   local limit=$1 name=$2
@@ -31,14 +30,14 @@ step 180 tests "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_mixed_precision.py tests/test_torch_func.py tests/test_benchmark_device.py \
   tests/test_layers.py -k "cuda or device or autocast or Cuda"
 # 2. reduced benchmarks on the GPU (each prints peak CUDA memory)
-step 60 layers "$PY" benchmarks/layers.py --device cuda --repeats 3 --out "$OUT"
-step 90 solvers "$PY" benchmarks/solvers.py --quick --device cuda --out "$OUT"
-step 60 steady_states "$PY" benchmarks/steady_states.py --quick --device cuda --out "$OUT"
-step 90 mixed_precision_fp16 "$PY" benchmarks/mixed_precision.py --device cuda \
+step 60 layers "$PY" -m benchmarks.layers --device cuda --repeats 3 --out "$OUT"
+step 90 solvers "$PY" -m benchmarks.solvers --quick --device cuda --out "$OUT"
+step 60 steady_states "$PY" -m benchmarks.steady_states --quick --device cuda --out "$OUT"
+step 90 mixed_precision_fp16 "$PY" -m benchmarks.mixed_precision --device cuda \
   --dtype float16 --epochs 4 --seeds 0 --out "$OUT"
-step 120 paper_quick "$PY" benchmarks/paper.py --quick --device cuda --tasks digits-mlp \
+step 120 paper_quick "$PY" -m benchmarks.paper --quick --device cuda --tasks digits-mlp \
   --models NeuralODE "DEQ(ode, ptc)" "DEQ(anderson)" --out "$OUT"
-step 60 step_profile "$PY" benchmarks/step_profile.py --device cuda --epochs 1 \
+step 60 step_profile "$PY" -m benchmarks.step_profile --device cuda --epochs 1 \
   --tasks digits-mlp --models "DEQ(ode, ptc)" --out "$OUT"
 echo "gpu_check: done (status $status); outputs and logs in $OUT"
 exit $status

@@ -1,41 +1,11 @@
 """JIIO benchmark: joint inference (discrete and continuous) against the nested loop, cold-
 and warm-started, on the four applications of ``examples/jiio_tasks.py``, over seeds.
 
-Applications (scikit-learn digits): reconstructing held-out images with a generative DEQ
-decoder trained by latent optimization, denoising (sigma 0.3) and inpainting (a hidden 4x4
-square) with that decoder, and an L∞ attack (eps 0.1, box [0, 1]) on a DEQ classifier.
-
-Methods, all with the same input step ``alpha`` (plain projected gradient steps):
-
-* ``nested-cold``: ``nested_inference``: each step an Anderson DEQ solve from ``z0`` + an
-  implicit backward;
-* ``nested-warm``: the same loop, each solve started from the previous step's ``z*`` (as the
-  original code carries ``z`` across steps): the baseline;
-* ``jiio``: ``joint_inference`` on the augmented state, by Anderson (its defaults here: memory
-  20, damping 0.5) for the latent tasks and by Picard for the attack (the projection's
-  corners stall Anderson);
-* ``jiio-ode``: ``joint_inference(solver="ode", method="implicit_ptc")``: the augmented ODE's
-  steady state by backward-Euler pseudo-transient continuation (Newton-Krylov steps whose
-  Jacobian-vector products differentiate ``f`` twice; counted as JVPs, not ``f`` calls). A
-  solve that produces NaN/Inf is recorded as such (``NaN/Inf`` in the table).
-
-The joint solves stop on their joint test (``atol = rtol = gtol = 1e-4``) or their step cap;
-the nested loops' DEQ solves run to ``1e-3``, their implicit backward to the default ``1e-4``.
-
-Per seed (a different batch of held-out images and corruption; the models are trained once,
-seed 0), the target is the higher of the two nested loops' final objectives; reported per
-method: wall time and ``f`` calls until the objective at its current input reaches the target (the
-objective of each recorded input is measured afterwards, untimed, with a converged DEQ
-solve), the ratios over the warm and the cold loop (mean and 95% t-interval over seeds), and
-the final quality (MSE, PSNR, robust accuracy).
-
-Usage: ``python benchmarks/jiio.py [--quick] [--seeds 3] [--out benchmarks/results]``.
-"""
+``python -m benchmarks.jiio --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +16,7 @@ from torch import Tensor, nn
 import contdeq
 from contdeq.jiio import joint_inference, nested_inference
 from contdeq.solvers import NonFiniteError
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-from common import RESULTS, add_device_argument, machine_header, write_results
-from jiio_tasks import (
+from examples.jiio_tasks import (
     ATTACK_SOLVER,
     ATTACK_STEP,
     LATENT_STEP,
@@ -65,9 +31,9 @@ from jiio_tasks import (
     train_decoder,
 )
 
+from .common import machine_header, make_parser, mean_ci, write_results
+
 METHODS = ("nested-cold", "nested-warm", "jiio", "jiio-ode")
-#: Two-sided 95% Student t quantiles by degrees of freedom (for the intervals over seeds).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 9: 2.262}
 
 
 class Counted(nn.Module):
@@ -209,11 +175,9 @@ def summarize(app: Application, method: str, result: dict, target: float) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny run (tests)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.device.type != "cpu":
         parser.error(f"--device {args.device}: not supported here; the decoder, classifier and "
@@ -269,12 +233,8 @@ def interval(values: list[float | None]) -> str:
     missing = sum(v is None for v in values)
     if missing:
         return f"not reached ({missing}/{len(values)})"
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return f"{mean:.1f}x"
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return f"{mean:.1f}x ± {T95.get(n - 1, 2.0) * sd / n ** 0.5:.1f}"
+    mean, half = mean_ci(values)
+    return f"{mean:.1f}x" if len(values) == 1 else f"{mean:.1f}x ± {half:.1f}"
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:

@@ -1,24 +1,12 @@
 """Layer benchmark: one training step of an MLP equilibrium model on digits, per layer kind.
 
-Model: ``Linear(64, W) -> layer -> Linear(W, 10)`` with ``f(z, x) = tanh(W_z z + x)``,
-``||W_z||_2`` capped at 0.9 by :func:`contdeq.spectral_norm_cap`; batch 128 of scikit-learn's
-digits; Adam. Every layer uses the same ``f`` weights (same seed) and contdeq's default
-tolerances. Reported per layer: forward NFE, backward iterations (VJPs of the implicit solve,
-or f calls of the adjoint ODE), wall time of one step (forward + backward + optimizer step,
-fastest of repeats), the memory the autograd graph holds between forward and backward, and
-peak CUDA memory when run on a GPU.
-
-Usage: ``python benchmarks/layers.py [--width 128] [--repeats 10] [--device cpu]``.
-"""
+``python -m benchmarks.layers --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -26,9 +14,7 @@ from torch import nn
 
 import contdeq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import SavedTensors, add_device_argument, machine_header, write_results
-from paper_tasks import TanhCell
+from .common import SavedTensors, TanhCell, machine_header, make_parser, write_results
 
 
 def layer_factories(width: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -101,12 +87,10 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
-    add_device_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = load_digits()
@@ -121,9 +105,8 @@ def main() -> None:
     header = (f"One training step, MLP on digits (batch {args.batch}, width {args.width}, "
               f"default tolerances atol = rtol = 1e-4, backward tol 1e-4; {machine_header()}, "
               f"device {device})")
-    kwargs = {} if args.out is None else {"out": args.out}
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    write_results(f"layers{suffix}", to_markdown(rows, header), rows, **kwargs)
+    write_results(f"layers{suffix}", to_markdown(rows, header), rows, args.out)
 
 
 if __name__ == "__main__":

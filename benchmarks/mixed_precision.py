@@ -1,38 +1,31 @@
 """Mixed precision: DEQ(ode, ptc) trained on digits-mlp in float32 and under ``torch.autocast``.
 
-The paper benchmark's digits-mlp task and DEQ(ode, ptc) model (``paper_tasks``,
-``paper_models``; its full preset: width 64, batch 64, Adam 2e-3, 20 epochs, the same seeds,
-weights and batches for both precisions), trained once in float32 and once with the forward
-and the loss under ``torch.autocast`` (bfloat16 by default; parameters, optimizer and the
-layer's solver state stay float32, ``f`` computes in the autocast dtype; the benchmark's
-explicit tolerances, 5e-3, are kept). Evaluation runs under the same
-autocast. The two precisions train interleaved epoch by epoch. Reported: final test accuracy
-per seed and precision, their difference, training time, forward NFE and backward iterations.
-float16 runs without a gradient scaler (bf16 needs none; fp16 gradients may underflow).
-
-Usage: ``python benchmarks/mixed_precision.py [--epochs 20] [--seeds 0 1] [--dtype bfloat16]
-[--device cpu] [--smoke]``; writes ``benchmarks/results/mixed_precision.md`` / ``.json``.
-"""
+``python -m benchmarks.mixed_precision --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
-from paper import PRESETS, Config, epoch_order, evaluate
-from paper_models import TOL, build_model, layer_counts
-from paper_tasks import Task, load_task
+from .common import (
+    PRESETS,
+    RESULTS,
+    TOL,
+    Config,
+    build_model,
+    evaluate,
+    load_task,
+    machine_header,
+    make_parser,
+    threads,
+    train_epoch,
+    write_results,
+)
 
 MODEL = "DEQ(ode, ptc)"
 TASK = "digits-mlp"
@@ -44,34 +37,6 @@ def precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
-                seed: int, epoch: int, dtype: torch.dtype | None) -> dict[str, float]:
-    """One epoch with the forward and the loss under :func:`precision` (PyTorch's recipe:
-    ``backward()`` and the optimizer step outside autocast; contdeq's implicit backward runs
-    ``f`` under the forward's autocast state anyway). The batches of ``paper.train_epoch``."""
-    model.train()
-    device = task.x_train.device
-    perm = epoch_order(len(task.x_train), seed, epoch, device)
-    seconds, fwd, bwd = 0.0, [], []
-    for i in range(0, len(perm), batch):
-        idx = perm[i:i + batch]
-        xb, yb = task.x_train[idx], task.y_train[idx]
-        synchronize(device)
-        start = time.perf_counter()
-        with precision(device, dtype):
-            loss = nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        synchronize(device)
-        seconds += time.perf_counter() - start
-        f_nfe, b_it = layer_counts(model.layer)
-        fwd.append(f_nfe)
-        bwd.append(b_it or 0)
-    return {"train_s": seconds, "forward_nfe": sum(fwd) / len(fwd),
-            "backward_iterations": sum(bwd) / len(bwd)}
 
 
 def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESULTS
@@ -89,7 +54,8 @@ def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESUL
             torch.cuda.reset_peak_memory_stats(device)
         for epoch in range(cfg.epochs):
             for model, opt, cast, history in cells.values():
-                record = train_epoch(model, opt, task, cfg.batch, seed, epoch, cast)
+                record = train_epoch(model, opt, task, cfg.batch, seed, epoch,
+                                     lambda c=cast: precision(device, c), graph=False)
                 with precision(device, cast):
                     record["test_acc"] = evaluate(model, task, cfg.batch)[0]
                 history.append(record)
@@ -142,32 +108,22 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: tor
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = make_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny run for the tests")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--threads", type=int, default=1)
-    add_device_argument(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     cfg = replace(Config(), **PRESETS["smoke" if args.smoke else "full"])
     cfg.name = "mixed_precision_smoke" if args.smoke else "mixed_precision"
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.seeds is not None:
         cfg.seeds = tuple(args.seeds)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with threads(args.threads):
         return run(cfg, DTYPES[args.dtype], args.device, args.out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,6 @@
 """Summarise a mutmut run as Markdown: the score per module and every surviving mutant's diff.
 
-Run from the repository root after ``mutmut run`` (``make mutation`` does both). It reads the
-``.meta`` files mutmut writes next to each mutated module under ``mutants/``; ``--patterns``
-restricts the report to mutants whose names match (the same patterns given to ``mutmut run``).
-
-Usage: ``python benchmarks/mutation_report.py [--patterns 'contdeq.solvers.rk.*' ...]
-[--title T] [--output benchmarks/results/mutation.md]``.
-"""
+``python -m benchmarks.mutation_report --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 

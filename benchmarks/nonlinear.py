@@ -1,36 +1,21 @@
 """The 23 nonlinear test problems of SciML's NonlinearProblemLibrary.jl: contdeq's ``root``
 solvers beside ``scipy.optimize.root`` (hybr, lm, krylov).
 
-Each solver runs every problem from its start point at ``atol=1e-8, rtol=0`` (scipy: ``tol``
-or ``fatol`` 1e-8, its other options at their defaults), in float64. Success is judged
-independently after each solve: ``||F(x)||_inf <= 1e-6`` evaluated afresh (SciMLBenchmarks'
-test). A *false claim* is a solve that reported success (contdeq: ``stats.all_converged``;
-scipy: ``success``) where the check fails. NFE counts calls of ``F`` (scipy: ``nfev``; lm's
-finite-difference Jacobian calls included; contdeq's Jacobian-vector products are counted
-apart, in the ``JVPs`` column). Runs are interleaved (repeat r runs every solver on every
-problem once); times are medians over the repeats of the per-solver total.
-
-Usage: ``python benchmarks/nonlinear.py [--repeats N] [--out DIR]``.
-"""
+``python -m benchmarks.nonlinear --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, add_device_argument, machine_header, write_results
-
 from contdeq.solvers import NonFiniteError, root
 from tests.nonlinear_problems import PROBLEMS, Problem, solved
+
+from .common import CPU, machine_header, make_parser, write_results
 
 #: contdeq configurations: (label, root's solver, its options).
 CONTDEQ = (
@@ -44,9 +29,6 @@ CONTDEQ = (
 )
 SCIPY = ("hybr", "lm", "krylov")
 TOL = 1e-8
-
-
-CPU = torch.device("cpu")
 
 
 def _run_contdeq(problem: Problem, solver: str, options: dict,
@@ -92,10 +74,8 @@ def _run_scipy(problem: Problem, method: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)  # --device: contdeq's solves; scipy's run on the CPU
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    add_device_argument(parser)  # contdeq's solves; scipy's run on the CPU
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runners = {label: (lambda p, s=solver, o=options: _run_contdeq(p, s, o, args.device))
@@ -129,7 +109,7 @@ def _markdown(results: dict[str, dict[int, dict]], totals: dict[str, list[float]
         f"||F(x)||_inf <= 1e-6 checked afresh; {machine_header()}, shared machine, noisy; "
         f"times: median of {repeats} interleaved runs of the whole set)",
         "",
-        "Regenerate with `python benchmarks/nonlinear.py` (problems: "
+        "Regenerate with `python -m benchmarks.nonlinear` (problems: "
         "`tests/nonlinear_problems.py`).",
         "",
         "| solver | solved of 23 | false claims | NonFiniteError | NFE (total) | JVPs (total) "

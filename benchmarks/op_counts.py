@@ -1,31 +1,9 @@
 """Aten operations per solver step and per training step, counted (deterministic).
 
-On small states a solve costs its number of dispatched tensor operations, not their size, so
-this counts them with a ``TorchDispatchMode`` that sees every aten op. The model is a batch of
-contractive layers ``f(z) = tanh(z W^T + x)`` (``||W||_2 = 0.9``, batch 64, width 64 by
-default), solved to ``atol = rtol = tol``:
-
-* for every registered steady-state method (``func(t, z) = f(z) - z``) and fixed-point method
-  (``g = f``): NFE, steps, and the aten ops per step *not* spent inside the user's function:
-  over the whole solve ("non-f ops / step" = (all ops - ops inside the function) / steps,
-  setup and final bookkeeping included), and per extra step of the loop ("marginal": the
-  difference of those non-f ops between solves stopped by ``max_steps`` after
-  :data:`MARGINAL_STEPS` steps, at a tolerance of :data:`MARGINAL_TOL` that no step meets,
-  divided by the difference of their steps);
-* one training step (forward, backward, Adam step) of ``Linear -> DEQ(solver="ode",
-  method="ptc") -> Linear`` with a cross-entropy loss, split into the ops of ``f`` (its
-  evaluations, and the backward nodes of the graphs those evaluations recorded: its VJPs),
-  the ops of the same model without the layer (``Linear -> Linear``, counted separately), and
-  the rest (the layer's solver loops, its backward solve and bookkeeping).
-
-Usage: ``python benchmarks/op_counts.py [--batch 64] [--width 64] [--tol 5e-3] [--write]``
-(``--write``: also to ``results/op_counts.md``). The counts do
-not depend on the machine's speed or load; they change only with the code's control flow.
-"""
+``python -m benchmarks.op_counts --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,12 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# This tree's contdeq, not an installed copy (the script's own folder comes first on the path).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import add_device_argument
-
 import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
+
+from .common import RESULTS, contractive, make_parser
 
 #: ``max_steps`` of the two solves whose difference gives the marginal cost of a step.
 MARGINAL_STEPS = (4, 12)
@@ -96,16 +72,6 @@ class OpCounter(TorchDispatchMode):
             todo.extend(next_node for next_node, _ in node.next_functions)
 
 
-def contractive_layer(width: int, batch: int, seed: int = 0, device: str | torch.device = "cpu"
-                      ) -> tuple[Tensor, Tensor]:
-    """``(W, x)``: ``W`` ``(width, width)`` with ``||W||_2 = 0.9`` and ``x`` ``(batch, width)``,
-    drawn on the CPU (the same numbers on every device) and moved to ``device``."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(width, width, generator=gen)
-    w = 0.9 * w / torch.linalg.matrix_norm(w, 2)
-    return w.to(device), torch.randn(batch, width, generator=gen).to(device)
-
-
 def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
                 f: Callable[[Tensor], Tensor], ode: bool) -> dict[str, float | int | str]:
     """Run ``solve(user_function)`` under an :class:`OpCounter`; NFE, steps and op counts."""
@@ -130,7 +96,7 @@ def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
 def solver_rows(batch: int, width: int, tol: float, device: str | torch.device = "cpu"
                 ) -> list[dict[str, float | int | str]]:
     """One row per registered steady-state and fixed-point method."""
-    w, x = contractive_layer(width, batch, device=device)
+    w, x = contractive(width, batch, device=device)
     z0 = torch.zeros_like(x)
 
     def f(z: Tensor) -> Tensor:
@@ -243,7 +209,7 @@ def files_crossed(call: Callable[[], object]) -> list[str]:
 def files_row(batch: int, width: int, tol: float) -> dict[str, list[str]]:
     """Files a ``steady_state`` call (ptc) and a ``DEQ(ode, ptc)`` forward in training mode
     cross."""
-    w, x = contractive_layer(width, batch)
+    w, x = contractive(width, batch)
     z0 = torch.zeros(batch, width)
     layer = contdeq.DEQ(_F(width, OpCounter()), solver="ode", method="ptc", atol=tol, rtol=tol)
     xg = x.clone().requires_grad_(True)
@@ -271,12 +237,11 @@ def to_markdown(rows: list[dict[str, float | int | str]], training: dict[str, in
 
 def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | str]],
                                                  dict[str, int]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, out=False)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--tol", type=float, default=5e-3)
     parser.add_argument("--write", action="store_true", help="write results/op_counts.md")
-    add_device_argument(parser)
     args = parser.parse_args(argv)
     rows = solver_rows(args.batch, args.width, args.tol, args.device)
     training = training_row(args.batch, args.width, args.tol, args.device)
@@ -289,7 +254,7 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | st
                         for name, found in files.items())
     print(table)
     if args.write:
-        (Path(__file__).parent / "results" / "op_counts.md").write_text(table + "\n")
+        (RESULTS / "op_counts.md").write_text(table + "\n")
     return rows, training
 
 

@@ -1,54 +1,15 @@
 """Robustness benchmark (issue #16): defences of continuous DEQs against adversarial inputs.
 
-On the ``digits-conv``, ``spirals`` and ``images-multiscale`` tasks of ``benchmarks/paper.py``
-(the same data, ``f``, encoder, head and seeds: :mod:`paper_tasks`,
-:func:`paper_models.build_model`) each row trains one model and attacks it. Rows:
-
-* ``DEQ``: Anderson DEQ (the paper benchmark's ``DEQ(anderson)``), standard training;
-* ``DEQ + AT``: the same, PGD adversarial training (Madry et al.; the training attack is a
-  short PGD, ``--train-pgd-steps``, at the smaller eps);
-* ``DEQ + AT + RIS``: adversarial training whose loss is taken at *random intermediate states*
-  of the solve (:func:`contdeq.robust.random_intermediate_states`, Yang et al. 2023);
-* ``DEQ + AT + RIS + ER``: that model with *entropy reduction* along the solve at inference
-  (:func:`contdeq.robust.entropy_reduction`); not retrained;
-* ``LyapunovDEQ`` and ``LyapunovDEQ + AT``: :class:`contdeq.LyapunovDEQ` (implicit gradient of
-  ``f`` at the equilibrium, see ``docs/robustness.md``) on the flattened state;
-* ``NeuralODE + AT``: the paper benchmark's ``NeuralODE``, adversarially trained;
-* ``NeuralSDE``: :class:`contdeq.NeuralSDE`, ``dz = (f(z, x) - z) dt + sigma dW`` to ``t = 1``.
-
-(``NoisyDEQ`` is deprecated and no longer a row: at a unique equilibrium it computes a plain
-DEQ's output and gradient.)
-
-Columns: clean accuracy; L-inf PGD-20 robust accuracy at two eps through each layer's implicit
-gradient (every DEQ layer is switched to the implicit backward for the attack); PGD-20 through
-the unrolled solver (:func:`contdeq.robust.unrolled_gradients`) at the smaller eps; torchattacks'
-gradient-free ``Square`` at the smaller eps; training seconds; inference NFE per batch; and
-the *credited* robust accuracy: the lowest of the three attacks, credited only where they
-agree within :data:`AGREE` points.
-
-Every task has an input box ``[lo, hi]`` (its data range; ``[0, 1]`` for the digits); attacks
-stay inside it. torchattacks needs ``(B, C, H, W)`` batches in ``[0, 1]``: Square attacks the
-model composed with the affine map of ``[0, 1]`` onto the box (L-inf eps scaled by ``1 / (hi -
-lo)``), and a spirals point (16 numbers) is seen as a ``1 x 4 x 4`` image, so Square searches
-the same L-inf ball as PGD.
-
-Usage: ``python benchmarks/robust.py [--quick] [--epochs 4] [--n-train 768] [--n-test 128]
-[--tasks ...] [--models ...] [--seeds 0] [--device cpu] [--merge JSON ...]`` writes
-``benchmarks/results/robust.md`` / ``.json`` and ``docs/robust_accuracy.png`` (after every
-task). ``--merge`` keeps the rows of earlier JSON results for the (task, model) pairs not run,
-so a run can be done in parts.
-"""
+``python -m benchmarks.robust --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +22,20 @@ from torch.nn.utils import parametrize
 import contdeq
 from contdeq.robust import pgd, robust_accuracy, unrolled_gradients
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, write_results
-from paper_models import Net, build_model, layer_counts
-from paper_tasks import Task, load_task
-from robust_check import implicit_backward
+from .common import (
+    RESULTS,
+    Net,
+    Task,
+    build_model,
+    implicit_backward,
+    layer_counts,
+    load_task,
+    machine_header,
+    make_parser,
+    mean_ci,
+    threads,
+    write_results,
+)
 
 TASKS = ("digits-conv", "spirals", "images-multiscale")
 MODELS = ("DEQ", "DEQ + AT", "DEQ + AT + RIS", "DEQ + AT + RIS + ER", "LyapunovDEQ",
@@ -350,12 +320,15 @@ def evaluate(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) ->
     row: dict[str, Any] = {}
 
     def measure(key: str, attack: Callable[[Tensor, Tensor], Tensor] | None,
-                grad_mode: Callable[[], Any] = nullcontext) -> None:
+                grad_mode: Callable[[], Any] = nullcontext, transfer: bool = False) -> None:
+        """``transfer``: the attack runs without the defence (``context``), predictions with."""
         torch.manual_seed(seed + 5)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with grad_mode(), context(), parametrize.cached():  # ER on the attack's solver
-                row[key] = 100.0 * robust_accuracy(model, (x, y), attack, batch_size=cfg.batch)
+            # ER on the attack's solver, or (transfer) on the predictions only
+            with grad_mode(), nullcontext() if transfer else context(), parametrize.cached():
+                row[key] = 100.0 * robust_accuracy(model, (x, y), attack, batch_size=cfg.batch,
+                                                   **({"defence": context} if transfer else {}))
         row.setdefault("warnings", {})[key] = sum(
             "converge" in str(w.message).lower() for w in caught)
 
@@ -374,14 +347,7 @@ def evaluate(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) ->
         row["pgd_unrolled_eps1"] = row["pgd_eps1"]
     measure("square_eps1", square_attack(model, task, eps1, cfg.square_queries, seed))
     if name.endswith("+ ER"):  # transfer: crafted on the undefended model, defended predictions
-        torch.manual_seed(seed + 5)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with implicit(), parametrize.cached():
-                row["pgd_transfer_eps1"] = 100.0 * robust_accuracy(
-                    model, (x, y), pgd_attack(eps1), batch_size=cfg.batch, defence=context)
-        row["warnings"]["pgd_transfer_eps1"] = sum(
-            "converge" in str(w.message).lower() for w in caught)
+        measure("pgd_transfer_eps1", pgd_attack(eps1), implicit, transfer=True)
     else:  # no defence: the transfer attack is the implicit-gradient one
         row["pgd_transfer_eps1"] = row["pgd_eps1"]
         row["warnings"]["pgd_transfer_eps1"] = 0
@@ -418,29 +384,13 @@ def run_cell(task: Task, name: str, cfg: Config, seed: int,
 #: Accuracy columns whose per-seed values and 95 % confidence intervals are kept.
 ACCURACIES = ("clean", "pgd_eps1", "pgd_eps2", "pgd_unrolled_eps1", "square_eps1",
               "pgd_transfer_eps1", "worst_eps1")
-#: Two-sided 95 % quantiles of Student's t with n - 1 degrees of freedom, by n.
-T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
-        10: 2.262}
-
-
-def ci95(values: list[float]) -> float:
-    """Half-width of the 95 % confidence interval of the mean of ``values`` (Student's t over
-    seeds); ``nan`` for one value."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return T975.get(n, 1.96) * sd / math.sqrt(n)
-
-
 def mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over seeds of one (task, model)'s rows (numbers; warnings summed), with the
     per-seed accuracies (``per_seed``) and their 95 % intervals (``ci95``)."""
     out = dict(rows[0])
     out["seeds"] = [r["seed"] for r in rows]
     out["per_seed"] = {k: [r[k] for r in rows] for k in ACCURACIES if k in rows[0]}
-    out["ci95"] = {k: ci95(v) for k, v in out["per_seed"].items()}
+    out["ci95"] = {k: mean_ci(v)[1] for k, v in out["per_seed"].items()}
     for key, value in rows[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
             out[key] = sum(r[key] for r in rows) / len(rows)
@@ -500,7 +450,7 @@ def paired(row: dict[str, Any], base: dict[str, Any]) -> str:
     parts = []
     for key, label in (("worst_eps1", "worst attack"), ("clean", "clean")):
         diffs = [x - y for x, y in zip(a[key], b[key], strict=True)]
-        parts.append(f"{label} {sum(diffs) / len(diffs):+.1f} ± {ci95(diffs):.1f}")
+        parts.append(f"{label} {sum(diffs) / len(diffs):+.1f} ± {mean_ci(diffs)[1]:.1f}")
     return f" (paired over seeds {row['seeds']}, 95 % CI: " + "; ".join(parts) + ")"
 
 
@@ -588,16 +538,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def merged(rows: list[dict[str, Any]], files: list[Path]) -> list[dict[str, Any]]:
     """``rows`` and the rows of the JSON ``files`` for other (task, model) pairs, in table
     order."""
@@ -633,7 +573,7 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
             plot(table, figure)
         return table
 
-    with _threads(1):
+    with threads(1):
         for task_name in cfg.tasks:
             task = load_task(task_name, WIDTH[task_name], sizes(cfg, task_name)[1], cfg.n_test,
                              cfg.device)
@@ -662,7 +602,7 @@ def run(cfg: Config, name: str = "robust", out: Path = RESULTS, figure: Path | N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for the smoke test (seconds)")
     parser.add_argument("--epochs", type=int)
@@ -676,12 +616,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", choices=TASKS,
                         help="none: only merge the --merge files into the table")
     parser.add_argument("--models", nargs="+", choices=MODELS)
-    add_device_argument(parser)
     parser.add_argument("--merge", type=Path, nargs="+", default=(),
                         help="JSON results whose rows for (task, model) pairs not run here "
                              "are kept in the table")
     parser.add_argument("--name", default=None, help="results name (default robust)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=None,
                         help=f"figure path (default {FIGURE}; quick runs: none)")
     args = parser.parse_args()

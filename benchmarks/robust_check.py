@@ -1,23 +1,13 @@
 """A small robustness check: a plain DEQ and a LyapunovDEQ with the same f and seed, trained
 briefly on scikit-learn's digits, attacked three ways.
 
-Clean accuracy and L-infinity robust accuracy at one eps under PGD-20 through the implicit
-gradient, PGD-20 through the unrolled solver (``contdeq.robust.unrolled_gradients``) and
-torchattacks' gradient-free Square attack. Not the full robustness benchmark (issue #16): one
-seed, a few epochs, a few hundred test digits.
-
-Usage: ``python benchmarks/robust_check.py [--epochs 8] [--n-test 200] [--eps 0.1]
-[--device cpu]``
-(writes ``benchmarks/results/robust_check.md`` and ``.json``).
-"""
+``python -m benchmarks.robust_check --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
 import argparse
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,17 +19,14 @@ import contdeq
 from contdeq.robust import pgd, robust_accuracy, unrolled_gradients
 from contdeq.solvers import ConvergenceWarning
 
-try:
-    from benchmarks.common import add_device_argument, machine_header, synchronize, write_results
-    from benchmarks.paper_tasks import TanhCell
-except ImportError:  # run as a script from benchmarks/
-    from common import (  # type: ignore[no-redef]
-        add_device_argument,
-        machine_header,
-        synchronize,
-        write_results,
-    )
-    from paper_tasks import TanhCell  # type: ignore[no-redef]
+from .common import (
+    TanhCell,
+    implicit_backward,
+    machine_header,
+    make_parser,
+    synchronize,
+    write_results,
+)
 
 WIDTH = 32
 SOLVER = {"solver": "anderson", "atol": 1e-4, "rtol": 1e-4, "max_steps": 50}
@@ -81,20 +68,6 @@ def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> Non
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     model.eval()
-
-
-@contextmanager
-def implicit_backward(model: nn.Module) -> Iterator[None]:
-    """Every equilibrium layer uses the implicit backward within the block."""
-    layers = [m for m in model.modules() if isinstance(m, contdeq.DEQ)]
-    saved = [layer.backward_mode for layer in layers]
-    try:
-        for layer in layers:
-            layer.backward_mode = contdeq.Implicit()
-        yield
-    finally:
-        for layer, mode in zip(layers, saved, strict=True):
-            layer.backward_mode = mode
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> dict[str, Any]:
@@ -154,14 +127,13 @@ def to_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=1497)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="results name (default robust_check)")
-    add_device_argument(parser)
+    parser.add_argument("--name", default="robust_check", help="results name")
     args = parser.parse_args()
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = digits(args.seed)
@@ -181,7 +153,7 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     markdown = to_markdown(rows, args, time.perf_counter() - start)
-    write_results(args.out or "robust_check", markdown, rows)
+    write_results(args.name, markdown, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,10 @@
 """A/B of the solver loops: this working tree's ``contdeq`` against a git revision's, in one run.
 
-Both packages are imported into one process (the revision's as ``contdeq_base``, extracted with
-``git archive``) and their solves are timed in turn, repeat after repeat, so a drift in the
-machine's speed reaches both alike. On small states a solve costs its number of tensor
-operations, so this is the measurement to make when changing a loop. Each row solves a batch of
-contractive layers ``f(z) = tanh(W z + x)`` (``||W||_2 = 0.9``) to ``atol = rtol = tol`` and
-reports the fastest of ``rounds`` x ``calls`` solves (other load only adds time) and the NFE of
-both versions, which must agree.
-
-Usage: ``python benchmarks/solver_ab.py --base REV [--batch 64] [--width 64] [--tol 5e-3]
-[--device cpu]``.
-"""
+``python -m benchmarks.solver_ab --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import importlib.util
 import io
 import shutil
 import subprocess
@@ -31,11 +20,16 @@ import torch
 
 import contdeq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import add_device_argument, machine_header, peak_cuda_megabytes, synchronize
+from .common import (
+    CPU,
+    contractive,
+    machine_header,
+    make_parser,
+    peak_cuda_megabytes,
+    synchronize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 #: Row name -> ``(package, f, z0, tol) -> solve``.
 CASES: dict[str, Callable[..., Callable[[], object]]] = {
     "steady_state ptc": lambda m, f, z0, tol: lambda: m.solvers.steady_state(
@@ -57,11 +51,16 @@ def import_copy(package_dir: Path, name: str, workdir: Path) -> ModuleType:
     """Import the package in ``package_dir`` under the name ``name`` (a copy in ``workdir``;
     the package must import its own modules relatively)."""
     shutil.copytree(package_dir, workdir / name)
-    sys.path.insert(0, str(workdir))
+    spec = importlib.util.spec_from_file_location(
+        name, workdir / name / "__init__.py", submodule_search_locations=[str(workdir / name)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(workdir))
+        spec.loader.exec_module(module)
+    except BaseException:
+        forget(name)
+        raise
+    return module
 
 
 def import_revision(rev: str, name: str, workdir: Path) -> ModuleType:
@@ -86,10 +85,7 @@ def forget(name: str) -> None:
 def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, calls: int,
             device: torch.device = CPU) -> list[dict[str, float | str]]:
     """Time every case of :data:`CASES` for ``base`` and this tree's ``contdeq`` in turn."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(width, width, generator=gen)
-    w = (0.9 * w / torch.linalg.matrix_norm(w, 2)).to(device)
-    x = torch.randn(batch, width, generator=gen).to(device)
+    w, x = contractive(width, batch, device=device)
     z0 = torch.zeros(batch, width, device=device)
 
     def f(z: torch.Tensor) -> torch.Tensor:
@@ -128,7 +124,7 @@ def to_markdown(rows: list[dict[str, float | str]], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, out=False)
     parser.add_argument("--base", default="HEAD", help="git revision to compare against")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
@@ -136,7 +132,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

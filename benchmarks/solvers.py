@@ -1,43 +1,27 @@
 """Solver benchmark: NFE, wall time, residual and overhead of every solver, in one run.
 
-For each problem size, a batch of contractive tanh layers ``f(z) = tanh(W z + U x)``
-(``||W||_2 = 0.9``; one convolutional variant) is solved to ``atol = rtol = 1e-4`` by every
-``steady_state`` method and backend and every ``fixed_point`` method. Reported per row:
-
-* NFE (exact count of f calls), steps, converged samples, largest final residual;
-* wall time (fastest of repeats: other load on a shared machine only adds time);
-* overhead = wall time / (NFE x time of one f call): 1.0 means the solver costs nothing
-  beyond its function calls. The f-call time is re-measured next to every solve (fastest of
-  several), because this machine is shared and its speed drifts.
-
-Usage: ``python benchmarks/solvers.py [--quick] [--out benchmarks/results] [--device cpu]``.
-"""
+``python -m benchmarks.solvers --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from contdeq.solvers import SolverStats, fixed_point, steady_state
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import (
-    RESULTS,
-    add_device_argument,
+from .common import (
+    CPU,
     machine_header,
+    make_parser,
     synchronize,
     time_min,
     write_results,
 )
 
 TOL = 1e-4
-CPU = torch.device("cpu")
 SOLVERS: list[tuple[str, str, str]] = [
     ("steady_state", "dopri5", "lean"),
     ("steady_state", "dopri5", "torchdiffeq"),
@@ -171,10 +155,8 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    add_device_argument(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = args.device

@@ -1,34 +1,21 @@
 """Stiff steady states: implicit_ptc and newton against explicit methods and scipy.
 
-Problems (``stiff_problems.py``): 1-D heat equation, 1-D Bratu flow (lambda = 1), scipy's
-``newton_krylov`` tutorial PDE (75x75, as a flow), ``dz/dt = b - A z`` with A SPD of condition
-1e4, a stable two-species reaction-diffusion system whose residual rises before it falls (full
-run only); and the implicit backward of a DEQ cell whose ``df/dz`` has spectral radius 0.97.
-Every method runs with its default tolerances; explicit methods get a step budget. A method
-that raises is recorded with the error's name, not allowed to stop the benchmark. Runs are
-interleaved (repeat r runs every method once) and the median time is reported.
-
-Usage: ``python benchmarks/steady_states.py [--quick] [--repeats N] [--out DIR] [--device cpu]``.
-"""
+``python -m benchmarks.steady_states --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stiff_problems
-from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
-
 from contdeq.implicit import solve_adjoint
 from contdeq.solvers import fixed_point, steady_state
+from tests import stiff_problems
+
+from .common import CPU, machine_header, make_parser, synchronize, write_results
 
 #: Step budget of the explicit methods (they are stability-limited on these problems).
 EXPLICIT_BUDGET = 2000
@@ -36,7 +23,6 @@ EXPLICIT_BUDGET = 2000
 #: this many unknowns.
 HYBR_MAX_UNKNOWNS = 1000
 BACKWARD_METHODS = ("gmres", "anderson", "picard", "broyden")
-CPU = torch.device("cpu")
 
 
 def _ours(problem: stiff_problems.StiffProblem, method: str, device: torch.device = CPU
@@ -194,11 +180,9 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    add_device_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -1,32 +1,11 @@
 """Where a training step's time goes: forward solve, backward linear solve, and the rest.
 
-Trains the paper benchmark's models (same tasks, ``f``, tolerances and training settings:
-:mod:`paper_models`, :mod:`paper_tasks`, :class:`paper.Config`) for ``--epochs`` epochs, the
-models' steps interleaved batch by batch (every model sees the same batches, and a drift in
-the machine's speed reaches all alike), and splits each step of the last epoch into:
-
-* the forward solve (the layer's ``stats.forward.wall_time``) and the rest of the forward
-  (encoder, predictor, head, loss, the layer's own bookkeeping);
-* the backward linear solve (``stats.backward.wall_time``; none for jfb or backprop through
-  the solver) and the rest of the backward (the VJP for the parameters, encoder and head);
-* the optimizer step.
-
-Medians over the epoch's steps. ``perfect guess``: the step time the row would have if its
-forward solve needed a single ``f`` call (an initial guess exactly at ``z*`` with the same
-``f``, as a flawless skip predictor would give), ``step - solve + solve / NFE``; ``bound`` is
-the row's step time over that: the most an initial guess can speed up its step.
-
-Usage: ``python benchmarks/step_profile.py [--tasks digits-mlp ...] [--models ...]
-[--epochs 10] [--device cuda]``.
-"""
+``python -m benchmarks.step_profile --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,12 +13,21 @@ from torch import nn
 
 import contdeq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, synchronize, write_results
-from paper import Config, epoch_order
-from paper_headline import ratio
-from paper_models import MODELS, TOL, build_model, layer_counts
-from paper_tasks import load_task
+from .common import (
+    MODELS,
+    TOL,
+    Config,
+    build_model,
+    epoch_order,
+    layer_counts,
+    load_task,
+    machine_header,
+    make_parser,
+    ratio,
+    synchronize,
+    threads,
+    write_results,
+)
 
 DEFAULT_MODELS = ("NeuralODE", "DEQ(ode, ptc)", "DEQ(ode, ptc) jfb", "SkipDEQ(ode, ptc)",
                   "SkipRegDEQ(ode, ptc)", "SkipRegDEQ(ode, ptc) paper loss", "DEQ(ode, dopri5)",
@@ -131,7 +119,7 @@ def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "spirals", "digits-conv"],
                         choices=["digits-mlp", "spirals", "digits-conv"])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
@@ -140,15 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=None, help="truncate the training set")
     parser.add_argument("--threads", type=int, default=1)
-    add_device_argument(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
     cfg = Config(n_train=args.n_train)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with threads(args.threads):
         rows = [row for task in args.tasks
                 for row in profile_task(task, args.models, cfg, args.epochs, args.seed,
                                         args.device)]
@@ -157,8 +141,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   f"medians over its steps; forward tol {TOL['tol']:g}, backward tol "
                   f"{TOL['backward_tol']:g})")
         write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

@@ -1,37 +1,10 @@
 """Weight-tied benchmark: is a DEQ better than the same ``f`` unrolled a fixed number of times?
 
-Trains :class:`contdeq.WeightTied` at depths 4, 8, 16, without masks and with distinct masks at
-sparsity 0.5 and 0.8 (the ``WeightTied(...)`` rows of :mod:`paper_models`), beside the NeuralODE
-(it sets the target accuracy), ``DEQ(ode, ptc)`` and, on the multi-scale task, their ``MS``
-versions, on ``spirals``, ``digits-conv`` and ``images-multiscale`` (:mod:`paper_tasks`). The
-training, the epoch-by-epoch interleaving of the models and the per-row summary are
-:mod:`paper`'s (``train_interleaved``, ``aggregate``, ``summarize``); this script adds per-task
-epochs and seeds (the multi-scale task costs ten times the others), parameter counts (effective
-ones after masking) and its own figures.
-
-It also measures what the masks cost (:func:`mask_cost`): a training step of a masked
-weight-tied layer with the masked weights materialized (``W * M_k``, dense kernels: contdeq's
-implementation) against sparse kernels that never form them (``torch.sparse.mm`` on the kept
-entries; for the convolution after ``unfold``), and against no masks.
-
-Outputs ``benchmarks/results/weight_tied.md`` / ``.json`` and figures ``weight_tied_depth.png``
-(accuracy against depth), ``weight_tied_sparsity.png`` (accuracy against sparsity) and
-``weight_tied_target.png`` (time to target).
-
-``--masks-study`` runs only the study of the masks (:func:`mask_study`): dense, one shared
-mask and distinct masks, at equal width (16 channels) and at equal active parameters (masked
-rows widened to 23 channels), on ``digits-conv``, over seeds with 95% intervals:
-``benchmarks/results/weight_tied_masks.{md,json}``.
-
-Usage: ``python benchmarks/weight_tied.py [--quick | --smoke] [--tasks ...] [--epochs N]
-[--seeds 0 1] [--out DIR] [--masks-study]``.
-"""
+``python -m benchmarks.weight_tied --help``; benchmarks/README.md describes it."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -44,18 +17,24 @@ from torch import Tensor, nn
 
 import contdeq
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, add_device_argument, machine_header, write_results
-from paper import Config, aggregate, f_call_time, summarize, train_interleaved
-from paper_models import (
+from .common import (
+    RESULTS,
     TOL,
     WEIGHT_TIED_DEPTHS,
     WEIGHT_TIED_SPARSITIES,
+    Config,
     build_model,
+    fmt,
+    load_task,
+    machine_header,
+    make_parser,
+    mean_ci,
     models_for,
+    threads,
+    train_task,
     weight_tied_name,
+    write_results,
 )
-from paper_tasks import load_task
 
 TASKS = ("spirals", "digits-conv", "images-multiscale")
 BASELINES = ("NeuralODE", "DEQ(ode, ptc)", "MS NeuralODE", "MS DEQ(ode, ptc)")
@@ -213,21 +192,6 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"epochs": 10, "seeds": 3, "n_train": None, "n_test": None},
     "smoke": {"epochs": 1, "seeds": 2, "n_train": 64, "n_test": 32},
 }
-#: Two-sided 95% Student t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """``(mean, half-width of the 95% t-interval)`` over seeds (``nan`` for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, T95.get(n - 1, 2.0) * sd / n ** 0.5
-
-
 def _study_model(masks: str | None, channels: int, depth: int, sparsity: float, seed: int,
                  n_train: int | None, n_test: int | None) -> tuple[nn.Module, Any]:
     task = load_task("digits-conv", channels, n_train, n_test)
@@ -244,10 +208,8 @@ def mask_study(preset: str = "full", depth: int = 8, sparsity: float = 0.5,
     one record per (row, seed) with its final test accuracy and active parameters."""
     spec = STUDY_PRESETS[preset]
     name = "weight_tied_masks" if preset == "full" else f"weight_tied_masks_{preset}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     records = []
-    try:
+    with threads(1):
         for seed in range(spec["seeds"]):
             for label, masks, channels in STUDY_ROWS:
                 model, task = _study_model(masks, channels, depth, sparsity, seed,
@@ -278,10 +240,7 @@ def mask_study(preset: str = "full", depth: int = 8, sparsity: float = 0.5,
                     "n_train": len(task.x_train), "n_test": len(task.x_test)})
                 print(f"seed {seed} {label}: {100 * acc:.1f}%", flush=True)
             # written after every seed, so an interrupted run keeps what it measured
-            write_results(name, study_markdown(records), records,  # type: ignore[arg-type]
-                          out=out)
-    finally:
-        torch.set_num_threads(threads)
+            write_results(name, study_markdown(records), records, out=out)
     return records
 
 
@@ -331,9 +290,7 @@ def run(preset: str = "full", tasks: tuple[str, ...] = TASKS, epochs: int | None
     ``out``; return ``{"rows": ..., "mask_cost": ...}``."""
     spec = PRESETS[preset]
     base = replace(Config(), **spec["base"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(base.threads or threads)
-    try:
+    with threads(base.threads):
         costs = mask_cost(repeats=mask_repeats)
         rows, notes, configs = [], [], {}
         for tname in tasks:
@@ -344,13 +301,7 @@ def run(preset: str = "full", tasks: tuple[str, ...] = TASKS, epochs: int | None
                 cfg.seeds = seeds
             configs[tname] = cfg
             task = load_task(tname, cfg.width[tname], cfg.n_train, cfg.n_test, device)
-            t_f = f_call_time(task, cfg.batch, cfg.seeds[0])
-            names = models_for(task, MODELS)
-            per_seed = [train_interleaved(task, names, cfg, seed, None, False, notes)
-                        for seed in cfg.seeds]
-            histories = {n: aggregate([runs[n] for runs in per_seed]) for n in names
-                         if all(n in runs for runs in per_seed)}
-            for row in summarize(task, histories, t_f, cfg):
+            for row in train_task(task, models_for(task, MODELS), cfg, notes):
                 depth, sparsity = layer_shape(row["model"])
                 params, effective = parameter_counts(row["model"], task, cfg.seeds[0])
                 row.update(depth=depth, sparsity=sparsity, params=params,
@@ -359,8 +310,6 @@ def run(preset: str = "full", tasks: tuple[str, ...] = TASKS, epochs: int | None
                            epochs=cfg.epochs, seeds=list(cfg.seeds))
                 rows.append(row)
             _write(rows, costs, notes, configs, base, device, out)  # partial results, per task
-    finally:
-        torch.set_num_threads(threads)
     return {"rows": rows, "mask_cost": costs, "configs": {t: asdict(c)
                                                           for t, c in configs.items()}}
 
@@ -394,13 +343,9 @@ def _write(rows: list[dict[str, Any]], costs: list[dict[str, Any]], notes: list[
               "means over seeds)")
     out.mkdir(parents=True, exist_ok=True)
     write_results(base.name, to_markdown(rows, costs, header, notes),
-                  {"rows": rows, "mask_cost": costs}, out=out)  # type: ignore[arg-type]
+                  {"rows": rows, "mask_cost": costs}, out=out)
     for path in plot(rows, out, base.name):
         print(f"written {path}")
-
-
-def _fmt(v: float | None, spec: str = ".2f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}"
 
 
 def to_markdown(rows: list[dict[str, Any]], costs: list[dict[str, Any]], header: str,
@@ -412,14 +357,14 @@ def to_markdown(rows: list[dict[str, Any]], costs: list[dict[str, Any]], header:
         r0 = trows[0]
         lines += [f"### {tname}: {r0['description']}; {r0['n_train']} train / {r0['n_test']} "
                   f"test; {r0['epochs']} epochs, seeds {r0['seeds']}; target "
-                  f"{_fmt(r0['target_acc'], '.1f')}%", "",
+                  f"{fmt(r0['target_acc'], '.1f')}%", "",
                   "| model | params | effective params | final acc % | time to target s "
                   "| s/epoch | graph MB | fwd NFE | infer ms |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in trows:
             lines.append(
                 f"| {r['model']} | {r['params']} | {r['effective_params']:.0f} "
-                f"| {r['final_acc']:.1f} | {_fmt(r['time_to_target_s'])} "
+                f"| {r['final_acc']:.1f} | {fmt(r['time_to_target_s'])} "
                 f"| {r['s_per_epoch']:.3f} | {r['graph_mb']:.2f} | {r['forward_nfe']:.1f} "
                 f"| {r['infer_ms']:.1f} |")
         lines.append("")
@@ -492,7 +437,7 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="reduced run (a few minutes)")
     size.add_argument("--smoke", action="store_true", help="tiny run for the tests")
@@ -501,8 +446,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--mask-repeats", type=int, default=30,
                         help="interleaved rounds of the mask-cost measurement")
-    add_device_argument(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--masks-study", action="store_true",
                         help="only the study of dense / shared / distinct masks at equal width "
                              "and equal active parameters (weight_tied_masks.md)")

@@ -18,6 +18,11 @@ input is moved, within an eps-ball, to lower the prediction's entropy along the 
 defaults are those of the original code. :func:`robust_accuracy` evaluates a defence against
 adaptive attacks and against transfer attacks crafted on the undefended model.
 
+Each context manager installs a dynamics modifier (:class:`~contdeq.nn.Modifier`) on the
+equilibrium layers for the block (:meth:`contdeq.DEQ.using`): it wraps their solve (and, for
+the attacks through the unrolled solve, their backward mode) without changing the layers'
+attributes, and is removed on exit.
+
 contdeq models are ordinary ``nn.Module`` s, so torchattacks' attacks run on them unchanged
 (see ``docs/robustness.md``).
 """
@@ -25,18 +30,19 @@ contdeq models are ordinary ``nn.Module`` s, so torchattacks' attacks run on the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .implicit import BackwardMode, ForwardSolver, Unrolled, equilibrium
+from .implicit import BackwardMode, ForwardSolver, Unrolled
 from .nn.checks import check_number
 from .nn.deq import DEQ, check_input
 from .nn.lyapunov import LyapunovSolver
-from .solvers import Restart, SolverStats, StepInfo, Stop, unflatten_states
+from .nn.modifiers import Modifier
+from .solvers import Restart, SolverStats, StepInfo, Stop
 from .solvers.validation import check_choice
 
 __all__ = ["AUTO", "NORMS", "entropy_reduction", "pgd", "random_intermediate_states",
@@ -215,10 +221,22 @@ def unrolled_gradients(model: nn.Module, solver: str = "ode") -> Iterator[nn.Mod
     """
     check_choice(solver, "solver", _UNROLLED_SOLVERS)
     _check_model(model)
-    with _swapped_solvers(model, train=lambda base, layer: _unrollable(base, solver),
-                          evaluation=lambda base, layer: _unrollable(base, solver),
-                          unrolled=True):
+    with _installed(model, lambda layer: _UnrolledGradients(solver)):
         yield model
+
+
+class _UnrolledGradients(Modifier):
+    """Dynamics modifier of :func:`unrolled_gradients`: backward ``Unrolled()``, and a solver
+    that is not autograd-safe replaced by ``substitute`` (training and evaluation)."""
+
+    def __init__(self, substitute: str) -> None:
+        self.substitute = substitute
+
+    def solver(self, base: ForwardSolver, training: bool) -> ForwardSolver:
+        return _unrollable(base, self.substitute)
+
+    def backward(self, base: BackwardMode, training: bool) -> BackwardMode:
+        return Unrolled()
 
 
 def _batches(data: tuple[Tensor, Tensor] | Iterable[Any], batch_size: int
@@ -292,52 +310,15 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-_Swap = Callable[[ForwardSolver, DEQ], ForwardSolver]
-
-
 @contextmanager
-def _swapped_solvers(model: nn.Module, *, train: _Swap | None = None,
-                     evaluation: _Swap | None = None, unrolled: bool = False
-                     ) -> Iterator[nn.Module]:
-    """Within the block, every equilibrium layer of ``model`` solves with
-    ``train(solver, layer)`` in training and ``evaluation(eval_solver, layer)`` in eval mode
-    (``unrolled``: and its backward mode is ``Unrolled()``, set after the swaps); the exact
-    objects are restored on exit (also on an exception)."""
-    saved: list[tuple[DEQ, Any, ForwardSolver, ForwardSolver]] = []
-    try:
-        for layer in _equilibrium_layers(model):
-            saved.append((layer, layer.backward_mode, layer.solver, layer.eval_solver))
-            if train is not None:
-                layer.solver = train(layer.solver, layer)
-            if evaluation is not None:
-                layer.eval_solver = evaluation(layer.eval_solver, layer)
-            if unrolled:
-                layer.backward_mode = Unrolled()
+def _installed(model: nn.Module, modifier: Callable[[DEQ], Modifier]) -> Iterator[nn.Module]:
+    """Within the block, every equilibrium layer of ``model`` also applies
+    ``modifier(layer)`` to its solves (:meth:`~contdeq.DEQ.using`); removed on exit (also on an
+    exception). The layers' own attributes are not changed."""
+    with ExitStack() as stack:
+        for layer in list(_equilibrium_layers(model)):
+            stack.enter_context(layer.using(modifier(layer)))
         yield model
-    finally:
-        for layer, mode, train_solver, eval_solver in saved:
-            layer.backward_mode = mode
-            layer.solver = train_solver
-            layer.eval_solver = eval_solver
-
-
-class _DelegatingSolver(ForwardSolver):
-    """``base`` with the layer's own backward ``mode``, for a layer switched to
-    ``Unrolled()``: it calls :func:`~contdeq.implicit.equilibrium` itself, so gradients are
-    those the layer gives outside the block (implicit by default)."""
-
-    def __init__(self, base: ForwardSolver, mode: BackwardMode) -> None:
-        super().__init__(base.solver, on_nonconvergence=base.on_nonconvergence, **base.options)
-        self.base, self.mode = base, mode
-
-    @property
-    def differentiable(self) -> bool:
-        return True
-
-    def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
-        z, stats = equilibrium(fx.f, fx.x, z0, solver=self.base,  # type: ignore[attr-defined]
-                               backward=self.mode)
-        return z, stats.forward
 
 
 class _RandomIntermediateSolver(ForwardSolver):
@@ -465,15 +446,27 @@ def random_intermediate_states(
         raise TypeError(f"generator must be a torch.Generator or None, got "
                         f"{type(generator).__name__}")
 
-    def regulated(base: ForwardSolver, layer: DEQ) -> ForwardSolver:
+    def regulated(base: ForwardSolver) -> ForwardSolver:
         return _RandomIntermediateSolver(base, solver, max_steps, f_step, unrolled_steps,
                                          damping, generator)
 
-    def unchanged(base: ForwardSolver, layer: DEQ) -> ForwardSolver:
-        return _DelegatingSolver(base, layer.backward_mode)
-
-    with _swapped_solvers(model, train=regulated, evaluation=unchanged, unrolled=True):
+    with _installed(model, lambda layer: _RandomIntermediateStates(regulated)):
         yield model
+
+
+class _RandomIntermediateStates(Modifier):
+    """Dynamics modifier of :func:`random_intermediate_states`: in training, the solve stopped
+    at a random step and the steps after it unrolled (``regulated(base)``, backward
+    ``Unrolled()``); evaluation unchanged."""
+
+    def __init__(self, regulated: Callable[[ForwardSolver], ForwardSolver]) -> None:
+        self.regulated = regulated
+
+    def solver(self, base: ForwardSolver, training: bool) -> ForwardSolver:
+        return self.regulated(base) if training else base
+
+    def backward(self, base: BackwardMode, training: bool) -> BackwardMode:
+        return Unrolled() if training else base
 
 
 def _entropy(logits: Tensor) -> Tensor:
@@ -664,17 +657,26 @@ def entropy_reduction(
                          f"(head maps its state to logits), found {len(layers)}")
     raw = None if encoder is None else _RawInput(encoder)
 
-    def defended(solver: ForwardSolver, layer: DEQ) -> ForwardSolver:
-        shapes = getattr(layer, "state_shapes", None)  # multi-scale: head takes the tuple
-        on_state = head if shapes is None else (
-            lambda flat: head(unflatten_states(flat, shapes, name="z")))
-        return _EntropyReducingSolver(solver, on_state, every, steps, step_size, eps, norm,
-                                      rounds, raw, bounds)
+    def defence(layer: DEQ) -> _EntropyReduction:
+        return _EntropyReduction(lambda solver: _EntropyReducingSolver(
+            solver, lambda flat: head(layer.structure.unpack(flat)), every, steps, step_size,
+            eps, norm, rounds, raw, bounds))
 
     hook = None if raw is None else raw.encoder.register_forward_pre_hook(raw.record)
     try:
-        with _swapped_solvers(model, evaluation=defended):
+        with _installed(model, defence):
             yield model
     finally:
         if hook is not None:
             hook.remove()
+
+
+class _EntropyReduction(Modifier):
+    """Dynamics modifier of :func:`entropy_reduction`: in evaluation, the solve moves the
+    input to lower the prediction's entropy (``defended(base)``); training unchanged."""
+
+    def __init__(self, defended: Callable[[ForwardSolver], ForwardSolver]) -> None:
+        self.defended = defended
+
+    def solver(self, base: ForwardSolver, training: bool) -> ForwardSolver:
+        return base if training else self.defended(base)

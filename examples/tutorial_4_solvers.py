@@ -146,10 +146,10 @@ for lip in LIPSCHITZ:
     cell = TanhCell(WIDTH, lip)
     x = 0.5 * torch.randn(BATCH, WIDTH, dtype=torch.float64)
     g = torch.randn(BATCH, WIDTH, dtype=torch.float64)
-    reference, _ = weight_gradient(cell, x, g, backward_tol=1e-10, backward_max_steps=2000)
+    reference, _ = weight_gradient(cell, x, g, backward_rtol=1e-10, backward_max_steps=2000)
     backward_results[lip] = {}
     for name, options in BACKWARD.items():
-        tol = {} if name in ("jfb", "unrolled (ode)") else {"backward_tol": TOL}
+        tol = {} if name in ("jfb", "unrolled (ode)") else {"backward_rtol": TOL}
         seconds, (grad, stats) = best_time(
             lambda o=options, t=tol, c=cell, x=x, g=g: weight_gradient(c, x, g, **o, **t)
         )

@@ -95,7 +95,7 @@ fig.tight_layout()
 # convolution and a GroupNorm per scale: it returns a tuple, like ``f``. The neural ODE
 # integrates the same ``dzs/dt = f(zs, x) - zs`` to ``t = 4`` instead of to steady state.
 
-SOLVER_OPTIONS = {"atol": 1e-2, "rtol": 1e-2, "backward_tol": 1e-3}
+SOLVER_OPTIONS = {"atol": 1e-2, "rtol": 1e-2, "backward_rtol": 1e-3}
 
 
 class Predictor(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,8 +169,7 @@ def test_backward_variants_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/backward_variants.py runs and counts each variant's backward work: phantom k
     makes exactly k - 1 VJPs, jfb none, the implicit solve at least one."""
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import backward_variants
+    from benchmarks import backward_variants
 
     rows = backward_variants.main(["--smoke", "--tasks", "digits-mlp", "--models",
                                    "DEQ(ode, ptc)", "--variants", "implicit", "phantom 3/1",

@@ -7,15 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import common  # noqa: E402
+from benchmarks import common
+
+BENCHMARKS = Path(common.__file__).parent
 
 
 def test_parse_device_accepts_cpu_and_rejects_unknown_devices() -> None:
@@ -45,14 +44,17 @@ def test_device_argument_defaults_to_cpu() -> None:
 
 
 def test_every_benchmark_script_takes_the_shared_device_flag() -> None:
-    """Every script with a command line that runs torch registers ``--device`` through
-    ``common.add_device_argument`` (no private copies with other defaults; a report writer
-    such as ``mutation_report.py`` runs no model). Catches a script added or edited without
-    the flag."""
+    """Every script with a command line that runs the shared code builds its parser with
+    ``common.make_parser`` (``--device`` from ``common.add_device_argument``; no private copies
+    with other defaults; a report writer such as ``mutation_report.py`` runs no model).
+    Catches a script added or edited without the flag."""
+    parser = common.make_parser("A script.\n\nMore.")
+    assert parser.parse_args([]).device == torch.device("cpu")
+    assert parser.parse_args([]).out == common.RESULTS
     scripts = [p for p in BENCHMARKS.glob("*.py")
-               if "ArgumentParser(" in p.read_text() and "import torch" in p.read_text()]
+               if "parse_args(" in p.read_text() and "from .common import" in p.read_text()]
     assert len(scripts) >= 10
-    missing = [p.name for p in scripts if "add_device_argument(parser)" not in p.read_text()]
+    missing = [p.name for p in scripts if "make_parser(__doc__" not in p.read_text()]
     assert missing == []
     private = [p.name for p in scripts
                if re.search(r"add_argument\(\s*\"--device\"", p.read_text())]
@@ -71,7 +73,7 @@ def test_mixed_precision_smoke_run_on_cpu(tmp_path: Path) -> None:
     """``mixed_precision.py --smoke --device cpu`` trains both precisions and writes one row
     per precision and seed, with a finite accuracy (the benchmark's CPU path end to end)."""
     pytest.importorskip("sklearn")
-    import mixed_precision
+    from benchmarks import mixed_precision
 
     rows = mixed_precision.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     assert [r["precision"] for r in rows] == ["float32", "autocast bfloat16"]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 import contdeq
-from contdeq.solvers import NonFiniteError, steady_state
+from contdeq.solvers import PTC, NonFiniteError, steady_state
 from contdeq.solvers import compiled as compiled_module
 
 from .fuzz_cases import FAMILIES, Case, Poisoned, build_map
@@ -27,7 +27,7 @@ from .problems import linear_ode, spd_batch, tanh_layer
 @pytest.fixture
 def uncompiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the compiled loop with its step function as plain Python (no Dynamo/Inductor)."""
-    monkeypatch.setattr(compiled_module, "_compiled_ptc_step", compiled_module._ptc_step)
+    monkeypatch.setattr(compiled_module, "_compiled_ptc_steps", compiled_module._ptc_steps)
 
 
 def _same_solve(func, z0: Tensor, **kw) -> tuple[Tensor, Tensor]:
@@ -107,14 +107,15 @@ def test_nonfinite_trials_are_rejected_then_raise() -> None:
                      torch.zeros(2, 3), method="ptc", compile=True, max_steps=500)
 
 
-def _fuzz_solve(case: Case, compile: bool) -> tuple[Tensor, object] | str:
+def _fuzz_solve(case: Case, compile: bool, method: str | PTC = "ptc"
+                ) -> tuple[Tensor, object] | str:
     """The case's ptc solve (eager or compiled loop), or ``"nonfinite"`` when it raised."""
     problem = build_map(case)
     g = problem.g
     if case.family in ("nan_midway", "inf_midway"):
         g = Poisoned(g, 2 + case.seed % 12, math.nan if case.family == "nan_midway" else math.inf)
     try:
-        return steady_state(lambda t, z: g(z) - z, problem.z0, method="ptc", atol=case.atol,
+        return steady_state(lambda t, z: g(z) - z, problem.z0, method=method, atol=case.atol,
                             rtol=case.tolerance, max_steps=case.max_steps,
                             on_nonconvergence="ignore", t_max=3.0 + 7.0 * case.strength
                             if case.finite_t_max else math.inf,
@@ -144,6 +145,33 @@ def test_masked_step_matches_the_eager_loop_on_every_fuzz_family(family: str) ->
             s_e.nfe, s_e.steps, s_e.accepted, s_e.rejected, s_e.stop_reason), case
         assert torch.equal(s_c.converged, s_e.converged), case
         torch.testing.assert_close(z_c, z_e, rtol=1e-5, atol=1e-6 * case.scale, msg=str(case))
+
+
+@pytest.mark.usefixtures("uncompiled_step")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("steps_per_call", [2, 5])
+def test_several_steps_per_call_return_the_same_states(family: str, steps_per_call: int
+                                                       ) -> None:
+    """Catches ``PTC(steps_per_call=k)`` moving a sample another way than one step per call
+    (frozen samples moving in the steps after convergence, a call overrunning ``max_steps`` or
+    ``t_max``), or miscounting its evaluations: the same states and convergence, up to
+    ``k - 1`` more evaluations (one per step, counted), on every fuzz family. NaN/Inf
+    families are compared where neither raised (the bound on NaN/Inf trials is checked between
+    calls)."""
+    for seed in range(4):
+        case = Case(seed=seed, family=family, solver="ptc", shape=(3, 4),
+                    dtype=("float64", "float32")[seed % 2], max_steps=61, policy="ignore",
+                    strength=(0.2, 0.9, 0.5, 0.7)[seed], finite_t_max=seed % 3 == 1)
+        one = _fuzz_solve(case, True)
+        several = _fuzz_solve(case, True, PTC(steps_per_call=steps_per_call))
+        if "nonfinite" in (one, several):
+            continue
+        (z_1, s_1), (z_k, s_k) = one, several
+        assert torch.equal(z_k, z_1), case
+        assert torch.equal(s_k.converged, s_1.converged), case
+        assert 0 <= s_k.nfe - s_1.nfe < steps_per_call, case
+        assert s_k.nfe - s_k.steps == s_1.nfe - s_1.steps, case  # one evaluation per step
+        assert s_k.steps <= case.max_steps
 
 
 def test_compile_switch_is_validated() -> None:

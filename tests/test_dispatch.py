@@ -14,12 +14,13 @@ from contdeq.solvers import (
     FIXED_POINT_METHODS,
     PTC,
     STEADY_STATE_METHODS,
-    LoopResult,
     RungeKutta,
     Solution,
+    Stepper,
     check_options,
     fixed_point,
     option_names,
+    run_loop,
     sample_rms,
     solve,
     steady_state,
@@ -27,9 +28,34 @@ from contdeq.solvers import (
 from tests.layer_models import TanhCell
 
 
+class HalfEulerSteps(Stepper):
+    """A toy stepper: forward Euler with a fixed step of 1/2, frozen samples held (the loop,
+    :func:`contdeq.solvers.run_loop`, does the rest)."""
+
+    def __init__(self, func, d, control):
+        self.func, self.d, self.t_max = func, d, control.t_max
+
+    def stop_reason(self, progress):
+        return progress.stop_reason(self.t_max)
+
+    def step(self, z, progress):
+        moved = progress.active
+        z = torch.where(moved.unsqueeze(1), z + 0.5 * self.d, z)
+        self.d = self.func(0.0, z)
+        progress.update(z, sample_rms(self.d), moved, 0.5)
+        return z, True
+
+    def restart(self, z, progress):
+        self.d = self.func(0.0, z)
+        progress.restart(z, sample_rms(self.d))
+
+    def retest(self, z, progress):
+        return progress.reopen_stale(z, sample_rms(self.d))
+
+
 class HalfEuler:
-    """A toy steady-state method: forward Euler with a fixed step of 1/2, frozen samples
-    masked (the contract of :class:`contdeq.solvers.SteadyStateSolver`)."""
+    """A toy steady-state method (the contract of
+    :class:`contdeq.solvers.SteadyStateSolver`): its stepper on the one loop."""
 
     name = "half_euler"
     local_error_control = False
@@ -37,16 +63,7 @@ class HalfEuler:
     compilable = False
 
     def run(self, func, z, d, progress, control, hook):
-        while (reason := progress.stop_reason(control.t_max)) is None:
-            moved = progress.active
-            z = torch.where(moved.unsqueeze(1), z + 0.5 * d, z)
-            d = func(0.0, z)
-            progress.steps += 1
-            progress.update(z, sample_rms(d), moved, 0.5)
-            if hook is not None and (restart := hook(progress, z)) is not None:
-                z, d = restart, func(0.0, restart)
-                progress.restart(z, sample_rms(d))
-        return LoopResult(progress.final_state(z), reason)
+        return run_loop(HalfEulerSteps(func, d, control), z, progress, hook)
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ class Cell(nn.Module):
 
 
 def make_layer(kind: str, width: int = 5) -> nn.Module:
-    options = {"atol": 1e-10, "rtol": 1e-10, "backward_tol": 1e-10, "max_steps": 500}
+    options = {"atol": 1e-10, "rtol": 1e-10, "backward_rtol": 1e-10, "max_steps": 500}
     if kind == "SkipDEQ":
         return contdeq.SkipDEQ(Cell(width), nn.Linear(width, width, dtype=torch.float64),
                                **options)

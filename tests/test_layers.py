@@ -117,7 +117,7 @@ def test_joint_skip_term_gradient_matches_unrolled(kind: str) -> None:
         layer = getattr(contdeq, kind)(f, *extra, state_shape=6, skip_detach=False,
                                        skip_norm="l1", skip_weight=5.0, solver="picard",
                                        backward=backward, atol=1e-12, rtol=1e-12,
-                                       max_steps=300, backward_tol=1e-12,
+                                       max_steps=300, backward_rtol=1e-12,
                                        backward_max_steps=300)
         layer(torch.randn(5, 4, dtype=torch.float64))
         contdeq.aux_loss(layer).backward()

@@ -225,7 +225,7 @@ def test_output_and_gradients_are_the_plain_deq_ones(solver: str) -> None:
         torch.manual_seed(seed)
         f = TanhCell(D, D, lipschitz=0.9)
         x = (2 * torch.randn(8, D, dtype=F64)).requires_grad_(True)
-        tol = {"atol": 1e-11, "rtol": 1e-11, "backward_tol": 1e-11, "backward_max_steps": 300}
+        tol = {"atol": 1e-11, "rtol": 1e-11, "backward_rtol": 1e-11, "backward_max_steps": 300}
         if solver == "ode":
             tol = {**tol, "atol": 1e-8, "rtol": 1e-8}
         layer = contdeq.LyapunovDEQ(f, D, hidden=(16,), solver=solver, **tol).double()

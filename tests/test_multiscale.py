@@ -16,7 +16,7 @@ import contdeq
 from contdeq.solvers import fixed_point, flatten_states, steady_state, unflatten_states
 
 TIGHT = {"atol": 1e-12, "rtol": 1e-12}
-BACKWARD = {"backward_tol": 1e-12, "backward_max_steps": 500}
+BACKWARD = {"backward_rtol": 1e-12, "backward_max_steps": 500}
 SHAPES = ((2, 4, 4), (2, 2, 2))
 
 

@@ -318,7 +318,7 @@ def test_ptc_rule_boundaries() -> None:
     larger change does not; 0 / 0 is no resolved change; a residual plus tolerance that
     overflows is not finite. Catches a boundary or a clamp moved in ``ptc_rule``, which the
     eager loop's slow path and the compiled step share."""
-    from contdeq.solvers.integrate import PTC_GROWTH_CAP, PTC_MIN_GROWTH, ptc_rule
+    from contdeq.solvers.ptc import PTC_GROWTH_CAP, PTC_MIN_GROWTH, ptc_rule
 
     f32 = torch.float32
     res = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], dtype=f32)

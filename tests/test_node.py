@@ -112,12 +112,12 @@ def test_step_limit_raises_instead_of_running_on() -> None:
         def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return -1e4 * z + x
 
-    node = contdeq.NeuralODE(Stiff(), t_end=10.0, max_num_steps=20)
+    node = contdeq.NeuralODE(Stiff(), t_end=10.0, max_steps=20)
     with pytest.raises(ConvergenceError, match="did not reach t_end=10") as info:
         node(torch.randn(3, 2, dtype=torch.float64))
     assert not info.value.stats.converged.any() and info.value.stats.nfe > 20
-    with pytest.raises(ValueError, match="max_num_steps must be an int >= 1"):
-        contdeq.NeuralODE(Stiff(), max_num_steps=0)
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
+        contdeq.NeuralODE(Stiff(), max_steps=0)
     unstable = contdeq.NeuralODE(Stiff(), 10.0, method="rk4", options={"step_size": 0.5})
     with pytest.raises(NonFiniteError, match="contains NaN or Inf"):  # fixed steps: no limit
         unstable(torch.ones(1, 2))

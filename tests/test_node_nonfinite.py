@@ -43,4 +43,4 @@ def test_a_finite_step_limit_stays_a_convergence_error() -> None:
             return -1e4 * z + x
 
     with pytest.raises(contdeq.solvers.ConvergenceError, match="did not reach t_end"):
-        contdeq.NeuralODE(Stiff(), t_end=10.0, max_num_steps=20)(torch.randn(3, 2))
+        contdeq.NeuralODE(Stiff(), t_end=10.0, max_steps=20)(torch.randn(3, 2))

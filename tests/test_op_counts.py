@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import op_counts
-
+from benchmarks import op_counts
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper
-import paper_headline
+from benchmarks import common, paper
 
 MODELS = ["NeuralODE", "NeuralODE adjoint", "DEQ(ode, ptc)", "DEQ(anderson)",
           "DEQ(picard) jfb", "SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, ptc)", "torchdeq default",
@@ -77,7 +75,7 @@ def test_paper_smoke_writes_outputs(tmp_path: Path) -> None:
         assert _close(skip["ratio_deq_infer_nfe"], skip["infer_nfe"] / base["infer_nfe"])
         assert by[task, "SkipDEQ(ode, dopri5)"]["ratio_deq_infer_nfe"] is None  # no base row
         assert base["ratio_deq_target"] is None and base["ratio_deq_infer_nfe"] is None
-    assert paper.TOL["tol"] == 5e-3  # --tol applies to its run only
+    assert common.TOL["tol"] == 5e-3  # --tol applies to its run only
     assert "### Headline" in md
 
 
@@ -94,7 +92,7 @@ def test_headline_speedups() -> None:
             _row("SkipDEQ(ode, ptc) paper loss", 0.3, None, ratio_deq_infer_nfe=0.1),
             _row("DEQ(picard) jfb", 0.2, 0.8), _row("DEQ(picard)", 0.5, 3.0),
             _row("torchdeq default", 0.4, 1.6), _row("torchdeq IFT", 1.0, 2.0)]
-    cells = paper_headline.task_headline(rows)
+    cells = paper.task_headline(rows)
     assert cells["DEQ(ode) vs NODE"] == "ptc 3.00×, ptc jfb 4.00×"
     assert cells["best skip vs DEQ(ode)"] == "SkipRegDEQ(ode, ptc) 2.00×"
     # the paper-loss row has fewer NFE but never reached the target: it does not count
@@ -102,19 +100,19 @@ def test_headline_speedups() -> None:
     assert cells["picard jfb vs torchdeq default (epoch / target)"] == "2.00× / 2.00×"
     assert cells["picard IFT vs torchdeq IFT (epoch / target)"] == "2.00× / 0.67×"
     assert cells["contdeq best vs torchdeq best"] == "DEQ(picard) jfb 2.00×"
-    assert paper_headline.headline(rows).count("\n") == 3
+    assert paper.headline(rows).count("\n") == 3
 
 
 def test_tolerance_reaches_every_model() -> None:
     """set_tolerance changes the tolerances of models built afterwards (every kind)."""
-    task = paper.load_task("digits-mlp", 4, 16, 8)
-    saved = dict(paper.TOL)
+    task = common.load_task("digits-mlp", 4, 16, 8)
+    saved = dict(common.TOL)
     try:
-        paper.set_tolerance(1e-3)
-        deq = paper.build_model("SkipRegDEQ(ode, ptc) paper loss", task, 0).layer
-        node = paper.build_model("NeuralODE", task, 0).layer
+        common.set_tolerance(1e-3)
+        deq = common.build_model("SkipRegDEQ(ode, ptc) paper loss", task, 0).layer
+        node = common.build_model("NeuralODE", task, 0).layer
     finally:
-        paper.TOL.update(saved)
+        common.TOL.update(saved)
     assert deq.solver.options["atol"] == deq.solver.options["rtol"] == 1e-3
     assert deq.backward_mode.tol == 1e-3
     assert (deq.skip_weight, deq.skip_norm, deq.skip_detach) == (5.0, "l1", False)
@@ -122,9 +120,9 @@ def test_tolerance_reaches_every_model() -> None:
 
 
 def test_skip_baseline_names() -> None:
-    assert paper.skip_baseline("MS SkipRegDEQ(ode, ptc) paper loss") == "MS DEQ(ode, ptc)"
-    assert paper.skip_baseline("SkipDEQ(ode, dopri5)") == "DEQ(ode, dopri5)"
-    assert paper.skip_baseline("DEQ(ode, ptc)") is None
+    assert common.skip_baseline("MS SkipRegDEQ(ode, ptc) paper loss") == "MS DEQ(ode, ptc)"
+    assert common.skip_baseline("SkipDEQ(ode, dopri5)") == "DEQ(ode, dopri5)"
+    assert common.skip_baseline("DEQ(ode, ptc)") is None
 
 
 def test_paper_without_torchdeq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,25 +166,25 @@ def _accuracies(histories: dict[str, list[dict]]) -> dict[str, list[float]]:
 def test_interleaved_training_matches_training_alone() -> None:
     """Epoch-by-epoch interleaving shares nothing between models: each learns as it would
     alone; a model that fails is noted and dropped while the others finish."""
-    cfg = paper.replace(paper.Config(), **paper.PRESETS["smoke"])
-    task = paper.load_task("digits-mlp", cfg.width["digits-mlp"], cfg.n_train, cfg.n_test)
+    cfg = replace(common.Config(), **common.PRESETS["smoke"])
+    task = common.load_task("digits-mlp", cfg.width["digits-mlp"], cfg.n_train, cfg.n_test)
     names = ["NeuralODE", "DEQ(ode, ptc)", "SkipDEQ(ode, ptc)"]
-    together = paper.train_interleaved(task, names, cfg, 0, None, False, [])
+    together = common.train_interleaved(task, names, cfg, 0, None, False, [])
     alone = {}
     for name in names:
-        alone.update(paper.train_interleaved(task, [name], cfg, 0, None, False, []))
+        alone.update(common.train_interleaved(task, [name], cfg, 0, None, False, []))
     assert _accuracies(together) == _accuracies(alone)
     assert all(len(h) == cfg.epochs for h in together.values())
 
-    def broken(self: paper.Cell) -> None:
+    def broken(self: common.Cell) -> None:
         raise FloatingPointError("diverged")
 
     notes: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        original = paper.Cell.train_epoch
-        mp.setattr(paper.Cell, "train_epoch",
+        original = common.Cell.train_epoch
+        mp.setattr(common.Cell, "train_epoch",
                    lambda self: broken(self) if self.name == "DEQ(ode, ptc)" else original(self))
-        survived = paper.train_interleaved(task, names, cfg, 0, None, False, notes)
+        survived = common.train_interleaved(task, names, cfg, 0, None, False, notes)
     assert list(survived) == ["NeuralODE", "SkipDEQ(ode, ptc)"]
     assert _accuracies(survived) == {n: _accuracies(alone)[n] for n in survived}
     assert notes == ["FAILED digits-mlp / DEQ(ode, ptc): FloatingPointError: diverged"]

@@ -31,7 +31,7 @@ def classifier(solver: str = "anderson", backward: str = "implicit",
     flattened to ``features``)."""
     deq = contdeq.DEQ(TanhCell(WIDTH, features, lipschitz=0.7, dtype=dtype), solver=solver,
                       backward=backward, state_shape=WIDTH, atol=tol, rtol=tol,
-                      backward_tol=tol, backward_max_steps=200)
+                      backward_rtol=tol, backward_max_steps=200)
     head = nn.Linear(WIDTH, CLASSES, dtype=dtype)
     return nn.Sequential(nn.Flatten(), deq, head).eval()
 
@@ -67,10 +67,18 @@ def test_unrolled_gradients_switches_and_restores_layers() -> None:
     deq = model[1]
     mode, train_solver, eval_solver = deq.backward_mode, deq.solver, deq.eval_solver
     with pytest.raises(RuntimeError, match="boom"), unrolled_gradients(model, solver="picard"):
-        assert isinstance(deq.backward_mode, contdeq.Unrolled)
-        assert deq.solver.solver == deq.eval_solver.solver == "picard"
-        assert deq.solver.options["atol"] == 1e-9  # the tolerances are kept
+        for training in (True, False):
+            deq.train(training)
+            solver, backward = deq.solver_and_backward()
+            assert isinstance(backward, contdeq.Unrolled)
+            assert solver.solver == "picard"
+            assert solver.options["atol"] == 1e-9  # the tolerances are kept
+        # a modifier wraps the solve: the layer's own objects are not patched
+        assert deq.backward_mode is mode
+        assert deq.solver is train_solver and deq.eval_solver is eval_solver
         raise RuntimeError("boom")
+    deq.train(True)
+    assert deq.solver_and_backward() == (train_solver, mode)
     assert deq.backward_mode is mode
     assert deq.solver is train_solver and deq.eval_solver is eval_solver
 

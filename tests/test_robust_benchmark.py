@@ -4,7 +4,6 @@ the crediting rule and goal check, and a tiny end-to-end run."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import robust as bench
-from paper_tasks import MultiScaleConvCell
+from benchmarks import robust as bench
+from benchmarks.common import MultiScaleConvCell
 
 
 def test_flat_cell_is_f_on_the_split_two_scale_state() -> None:

@@ -126,7 +126,7 @@ def test_noisy_deq_equals_the_deq_and_its_gradient() -> None:
     gradient as the plain DEQ (contractive f: the start does not matter), and eval mode is
     the plain DEQ exactly: catches noise leaking into the equilibrium or the graph."""
     f = TanhCell(4, 3, lipschitz=0.5)
-    options = {"state_shape": 4, "atol": 1e-9, "rtol": 1e-9, "backward_tol": 1e-10}
+    options = {"state_shape": 4, "atol": 1e-9, "rtol": 1e-9, "backward_rtol": 1e-10}
     noisy = noisy_deq()(f, noise=0.5, noise_time=2.0, **options)
     plain = contdeq.DEQ(f, **options)
     x = torch.randn(6, 3, dtype=F64)

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 import contdeq
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import solver_ab
+from benchmarks import solver_ab
 
 
 def test_compare_reports_the_nfe_of_a_changed_copy(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import step_profile
-from paper_models import build_model
-from paper_tasks import load_task
+from benchmarks import step_profile
+from benchmarks.common import build_model, load_task
 
 
 def test_parts_add_up_to_the_step() -> None:

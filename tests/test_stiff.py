@@ -3,7 +3,6 @@ dense solves and scipy; exact counts of evaluations, Jacobian products and GMRES
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import torch
 
 from contdeq.solvers import NonFiniteError, steady_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import stiff_problems
-
+from . import stiff_problems
 from .problems import CallCounter
 
 
@@ -99,7 +96,7 @@ def test_nonfinite_function_raises() -> None:
 def test_benchmark_quick(tmp_path: Path) -> None:
     """``benchmarks/steady_states.py --quick`` runs end to end, records failures of the explicit
     methods as outcomes, and implicit_ptc converges on every stiff problem."""
-    import steady_states
+    from benchmarks import steady_states
 
     rows = steady_states.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "steady_states_quick.md").exists()

@@ -12,7 +12,7 @@ from torch.func import functional_call
 import contdeq
 from contdeq.implicit import DoubleBackwardError
 
-TIGHT = {"atol": 1e-12, "rtol": 1e-12, "backward_tol": 1e-12, "backward_max_steps": 300}
+TIGHT = {"atol": 1e-12, "rtol": 1e-12, "backward_rtol": 1e-12, "backward_max_steps": 300}
 
 
 class Cell(nn.Module):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -294,24 +293,23 @@ def test_benchmark_rows_build_the_named_layers() -> None:
     """Every weight-tied row of the paper benchmark builds a layer of the depth and sparsity its
     name states (``MS`` rows: the multi-scale layer), and the rows stay out of paper.py's
     default run. Catches a registry typo (e.g. depth 8 built as 4, masks dropped)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import paper_models
+    from benchmarks import common
 
-    names = paper_models.WEIGHT_TIED_MODELS
+    names = common.WEIGHT_TIED_MODELS
     assert len(names) == 18
     for name in names:
         ms = name.startswith("MS ")
         if ms:
-            layer = paper_models.MULTISCALE_MODELS[name](TwoScaleCell(), None,
+            layer = common.MULTISCALE_MODELS[name](TwoScaleCell(), None,
                                                          ((2, 4, 4), (2, 2, 2)))
         else:
-            layer = paper_models.MODELS[name](LinearCell(3), None)
+            layer = common.MODELS[name](LinearCell(3), None)
         assert isinstance(layer, contdeq.MultiScaleWeightTied if ms else contdeq.WeightTied)
         depth = int(name.split("(")[1].split(")")[0])
         sparsity = float(name.split("masks ")[1]) if "masks" in name else 0.0
         assert layer.depth == depth and layer.sparsity == sparsity
         assert (layer.mask_kind == "distinct") == (sparsity > 0)
-        assert name in paper_models.OPTIONAL_MODELS
+        assert name in common.OPTIONAL_MODELS
 
 
 @pytest.mark.slow
@@ -320,8 +318,7 @@ def test_weight_tied_benchmark_smoke(tmp_path: Path) -> None:
     three figures, with a row per model and the measured mask cost."""
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import weight_tied
+    from benchmarks import weight_tied
 
     result = weight_tied.main(["--smoke", "--tasks", "spirals", "--mask-repeats", "1",
                                "--out", str(tmp_path)])
@@ -341,8 +338,7 @@ def test_masks_study_smoke(tmp_path: Path) -> None:
     within 5% of the dense row's active entries of f, the masked rows at half the entries, and
     the table written with the paired comparisons."""
     pytest.importorskip("sklearn")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import weight_tied
+    from benchmarks import weight_tied
 
     records = weight_tied.main(["--smoke", "--masks-study", "--out", str(tmp_path)])[
         "masks_study"]

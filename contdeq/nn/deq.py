@@ -1,32 +1,44 @@
-"""Equilibrium layers: :class:`DEQ`, :class:`SkipDEQ`, :class:`SkipRegDEQ`."""
+"""The equilibrium layer :class:`DEQ`, composed of small objects, with its default parts.
+
+A layer is the cell ``f``, a forward solver (:class:`~contdeq.implicit.ForwardSolver`), a
+backward mode (:class:`~contdeq.Implicit`, :class:`~contdeq.JFB`, ...), an initial-state
+policy (:mod:`contdeq.nn.init`), a state structure (:mod:`contdeq.nn.structure`: one tensor or
+one per scale) and dynamics modifiers (:mod:`contdeq.nn.modifiers`). The named layers
+(``SkipDEQ``, ``MultiScaleDEQ``, ``LyapunovDEQ``, ...) only choose these objects.
+
+The defaults a plain ``DEQ(f)(x)`` runs with live here, so its forward needs no other module
+of the package's layers: the policy :class:`Zeros` (with the base :class:`InitialState` and
+the registry :data:`INITIAL_STATES`, which ``init.py`` fills with the other policies), the
+structure :class:`Single`, and :class:`PerThreadResults`, the base of every layer (``stats``
+and auxiliary terms kept per thread).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._warnings import warn
-from ..implicit import (
-    BackwardConfig,
-    BackwardMode,
-    ForwardSolver,
-    equilibrium,
-    first_call,
-)
-from ..regularizers import SKIP_NORMS, jacobian_frobenius, skip_loss
-from ..solvers import ConvergenceWarning, SolverStats
-from ..solvers.validation import as_shape, is_vmapped
+from ..implicit import BackwardConfig, BackwardMode, DEQStats, ForwardSolver, equilibrium
+from ..regularizers import jacobian_frobenius
+from ..solvers import ConvergenceWarning, Registry, SolverStats
+from ..solvers.validation import check_positive_float, is_vmapped
 from .checks import check_number
+from .modifiers import Modifier, check_modifiers
+from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .per_thread import PerThreadResults
+from .structure import Structure, check_state, resolve_state_shape
 
 #: Forward solves in a row that stop unconverged before a layer hints at what to change.
 HINT_AFTER = 3
 
-__all__ = ["DEQ", "SkipDEQ", "SkipRegDEQ", "check_input", "resolve_state_shape", "zeros_or_state"]
+__all__ = ["DEQ", "INITIAL_STATES", "InitialState", "PerThreadResults", "Single", "Zeros",
+           "check_input", "check_state", "resolve_init", "resolve_state_shape", "zeros_or_state"]
 
 
 def check_input(x: object, name: str = "x") -> Tensor:
@@ -43,39 +55,6 @@ def check_input(x: object, name: str = "x") -> Tensor:
     return x
 
 
-def resolve_state_shape(state_shape: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    """Normalise a per-sample state shape argument (``None``: inferred at the first call)."""
-    if state_shape is None:
-        return None
-    shape = as_shape(state_shape)
-    if shape is None:
-        raise ValueError(f"state_shape must be a positive int or a tuple of them, got "
-                         f"{state_shape!r}")
-    return shape
-
-
-def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str) -> Tensor:
-    """``z0`` is a ``(B, *shape)`` tensor with ``x``'s batch size, dtype and device."""
-    if not isinstance(z0, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(z0).__name__}")
-    if z0.ndim == 0 or z0.shape[0] != x.shape[0]:
-        raise ValueError(f"{name} must have x's batch size {x.shape[0]} first, got shape "
-                         f"{tuple(z0.shape)}")
-    if shape is not None and tuple(z0.shape[1:]) != shape:
-        raise ValueError(f"{name} must have shape (B, *state_shape) = "
-                         f"{(x.shape[0], *shape)}, got {tuple(z0.shape)}")
-    if z0.dtype != x.dtype:
-        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {z0.dtype}: convert it "
-                        f"with .to(x.dtype) (or convert x and the module to {z0.dtype})")
-    if z0.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}, got {z0.device}: move it "
-                         f"with .to(x.device)")
-    if not bool(torch.isfinite(z0).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
-    return z0
-
-
-
 def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tensor:
     """The initial state of a layer: ``z0`` checked against ``x`` (:func:`check_state`), or
     zeros ``(B, *shape)`` with ``x``'s dtype and device (``shape`` default: ``x``'s per-sample
@@ -84,6 +63,128 @@ def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tens
         return check_state(z0, x, shape, "z0")
     return x.new_zeros((x.shape[0], *(shape if shape is not None else x.shape[1:])))
 
+
+class PerThreadResults(nn.Module):
+    """Base of the contdeq layers: :attr:`stats` and the aux terms of the calling thread's
+    last call. Neither is pickled or deep-copied (a copy starts without results).
+
+    A layer shared by several threads (a model served by a thread pool, Hogwild-style
+    training) runs several calls at once; plain attributes would hold whichever call finished
+    last, in any thread. The results are kept in a ``threading.local``, so ``layer.stats`` and
+    ``contdeq.aux_loss(model)`` read the last call made *in the calling thread*."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._results = threading.local()
+
+    @property
+    def stats(self) -> DEQStats | None:
+        """Statistics of the last call made in this thread (``None`` before one)."""
+        return getattr(self._results, "stats", None)
+
+    @stats.setter
+    def stats(self, value: DEQStats | None) -> None:
+        self._results.stats = value
+
+    @property
+    def _aux(self) -> dict[str, Tensor]:
+        """Auxiliary loss terms of this thread's last training call, by name."""
+        return getattr(self._results, "aux", {})
+
+    @_aux.setter
+    def _aux(self, value: dict[str, Tensor]) -> None:
+        self._results.aux = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_results", None)  # a threading.local; its tensors hold graphs
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._results = threading.local()
+
+
+#: Initial-state policies by name: ``DEQ(f, init="zeros")`` is ``DEQ(f, init=Zeros())``.
+INITIAL_STATES: Registry[type[InitialState]] = Registry("initial-state policy", "init")
+
+
+class InitialState:
+    """Base of the initial-state policies: ``policy(layer, x) -> (z0, guess or None)``."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Networks this policy needs, by the attribute name the layer registers them under."""
+        return {}
+
+    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``(B, ...)`` -> ``(z0, guess)``: the flat start ``(B, *layer.state_shape)``
+        and the prediction to train by :meth:`skip_term` (with its graph) or ``None``."""
+        raise NotImplementedError
+
+    def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
+        """The auxiliary loss of a predicted start (``None``: none)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@INITIAL_STATES.register("zeros")
+class Zeros(InitialState):
+    """``z0 = 0`` of shape ``(B, *state_shape)``, ``x``'s dtype and device (the default)."""
+
+    def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return layer.zeros(x), None
+
+
+def resolve_init(init: InitialState | str | None) -> InitialState:
+    """``init`` as a policy object: ``None`` is :class:`Zeros`, a name is looked up in
+    :data:`INITIAL_STATES` (its class built with default arguments)."""
+    if init is None:
+        return Zeros()
+    if isinstance(init, str):
+        policy: Any = INITIAL_STATES[INITIAL_STATES.check(init)]
+        return policy()
+    if not isinstance(init, InitialState):
+        raise TypeError(f"init must be an initial-state policy (contdeq.nn.init.Zeros(), "
+                        f"Predictor(net), FZero(), Input()) or one of their names "
+                        f"{tuple(INITIAL_STATES)}, got {type(init).__name__}")
+    return init
+
+
+class Single(Structure):
+    """One tensor per sample, ``(B, *state_shape)`` (default ``state_shape``: ``x``'s)."""
+
+    def __init__(self, state_shape: int | Sequence[int] | None = None) -> None:
+        self.state_shape = resolve_state_shape(state_shape)
+
+    def pack(self, z0: Any) -> Any:
+        return z0
+
+    def unpack(self, z: Tensor) -> Any:
+        return z
+
+    def prediction(self, guess: object, x: Tensor) -> Tensor:
+        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype."""
+        if not isinstance(guess, Tensor):
+            raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
+        if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
+            self.state_shape is not None and tuple(guess.shape[1:]) != self.state_shape
+        ):
+            expected = ("(B, ...) with B = " + str(x.shape[0]) if self.state_shape is None
+                        else str((x.shape[0], *self.state_shape)))
+            raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
+                             f"{tuple(guess.shape)}")
+        if guess.dtype != x.dtype:
+            raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
+        if not bool(torch.isfinite(guess).all()):
+            raise ValueError("predictor(x) returned NaN or Inf values")
+        return guess
+
+    def __repr__(self) -> str:
+        return f"Single(state_shape={self.state_shape})"
+
+
 class DEQ(PerThreadResults):
     """Deep equilibrium layer: returns ``z*`` with ``z* = f(z*, x)``.
 
@@ -91,27 +192,41 @@ class DEQ(PerThreadResults):
     ``dz/dt = f(z, x) - z`` (Pal, Edelman & Rackauckas 2022). Gradients come from the implicit
     function theorem (:mod:`contdeq.implicit`), so memory does not grow with solver steps.
 
+    The layer is composed of small objects; the named layers only choose them, and any
+    combination that makes sense works without a new class, e.g. a noisy multi-scale Skip DEQ:
+    ``DEQ(cell, init=Predictor(net), structure=Scales(shapes), modifiers=(Noise(0.1),))``.
+
     Args:
-        f: ``nn.Module`` called as ``f(z, x)``, returning a tensor shaped like ``z``. It must be
-            deterministic between calls (no dropout resampling, no batch-norm statistics
-            updates); use :func:`contdeq.spectral_norm_cap` to keep it contractive.
+        f: ``nn.Module`` called as ``f(z, x)``, returning a tensor shaped like ``z`` (with
+            ``structure=Scales(...)``: ``f(zs, x)`` on tuples). It must be deterministic
+            between calls (no dropout resampling, no batch-norm statistics updates); use
+            :func:`contdeq.spectral_norm_cap` to keep it contractive.
+        init: the initial-state policy (:mod:`contdeq.nn.init`): ``Zeros()`` (default),
+            ``Predictor(net)`` (Skip DEQ), ``FZero()`` (Skip-Reg DEQ: ``f(0, x)``), ``Input()``
+            (``z0 = x``), or a registered policy's name. A ``z0`` passed to ``forward`` wins.
+        structure: the state structure (:mod:`contdeq.nn.structure`): ``Single(state_shape)``
+            (default) or ``Scales(state_shapes)`` (multi-scale: tuples in and out).
+        modifiers: dynamics modifiers (:mod:`contdeq.nn.modifiers`), applied in order:
+            ``Noise(...)``, ``LyapunovProjection(...)``, ...
         solver: ``"ode"`` or a fixed-point method: ``"anderson"``, ``"broyden"``, ``"picard"``,
-            ``"newton"`` (Newton-Krylov).
+            ``"newton"`` (Newton-Krylov); or a configured solver object,
+            ``ForwardSolver("anderson", atol=1e-6)`` (its options and
+            ``on_nonconvergence`` are then its own: no ``**solver_options`` beside it).
         backward: how gradients are computed: a backward mode object,
             :class:`~contdeq.Implicit` (``Implicit("broyden", tol=1e-6)``),
             :class:`~contdeq.JFB` or :class:`~contdeq.Unrolled`, or the name of a registered
             mode as a shorthand: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
-        state_shape: per-sample shape of ``z`` (without the batch dimension). Default: the
-            shape of ``x`` (as DeepEquilibriumNetworks.jl, whose default guess is
-            ``zero(x)``); the initial state is zeros of shape ``(B, *state_shape)`` with
-            ``x``'s dtype and device.
+        state_shape: per-sample shape of ``z`` (without the batch dimension), a shorthand for
+            ``structure=Single(state_shape)``. Default: the shape of ``x`` (as
+            DeepEquilibriumNetworks.jl, whose default guess is ``zero(x)``).
         backward_method: shorthand for ``Implicit(method=...)``: ``"anderson"`` (default),
             ``"picard"``, ``"broyden"``, ``"newton"``, ``"ode"`` or ``"gmres"`` (fewest VJPs
             near the edge of contraction). The four ``backward_*`` keywords apply
             to ``backward="implicit"`` (other names ignore them); with a backward mode object
             they raise ``TypeError`` (set them on the object).
-        backward_tol: ``Implicit(tol=...)``, relative, scale-invariant tolerance of the
-            backward linear solve (default ``1e-4``).
+        backward_rtol: ``Implicit(tol=...)``, relative, scale-invariant tolerance of the
+            backward linear solve (default ``1e-4``). ``backward_tol`` is its deprecated
+            spelling.
         backward_max_steps: ``Implicit(max_steps=...)``, iteration cap of the backward linear
             solve (default 100).
         backward_options: ``Implicit(options=...)``, extra options of the backward solver
@@ -134,63 +249,117 @@ class DEQ(PerThreadResults):
             thread (``None`` before); ``stats.backward`` is filled in when the backward pass
             runs. Per thread, as the auxiliary terms: see ``docs/reliability.md``.
         backward_mode: the backward mode object in use (the shorthands resolved).
+        solver, eval_solver: the forward solvers of training and evaluation, with the
+            modifiers' solver wrappers applied.
+        init, structure, modifiers: the composition's objects.
 
-    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
+    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (a tuple of per-scale tensors
+    with ``Scales``). A layer always reads the first dimension of ``x`` as the batch: a 1-D
+    ``x`` of shape ``(B,)`` is ``B`` samples of one number each (where
+    :func:`~contdeq.solvers.steady_state` reads a 1-D state as one unbatched sample).
     """
 
     def __init__(
         self,
         f: nn.Module,
         *,
-        solver: str = "ode",
+        init: InitialState | str | None = None,
+        structure: Structure | None = None,
+        modifiers: Sequence[Modifier] = (),
+        solver: str | ForwardSolver = "ode",
         backward: str | BackwardMode = "implicit",
         state_shape: int | Sequence[int] | None = None,
         backward_method: str | None = None,
-        backward_tol: float | None = None,
+        backward_rtol: float | None = None,
         backward_max_steps: int | None = None,
         backward_options: Mapping[str, Any] | None = None,
         on_nonconvergence: str = "warn",
         eval_options: Mapping[str, Any] | None = None,
         jacobian_weight: float = 0.0,
         jacobian_probes: int = 1,
+        backward_tol: float | None = None,
         **solver_options: Any,
     ) -> None:
         super().__init__()
+        if structure is None:
+            structure = Single(state_shape)
+        elif not isinstance(structure, Structure):
+            raise TypeError(f"structure must be contdeq.nn.Single(state_shape) or "
+                            f"contdeq.nn.Scales(state_shapes), got {type(structure).__name__}")
+        elif state_shape is not None:
+            raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
+                            "not both")
         if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
-        self.f = f
-        if solver == "ode":  # the measured default (docs/performance.md)
-            solver_options.setdefault("method", "ptc")
-        self.solver = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
-        self.eval_solver = (
-            self.solver.with_options(**eval_options) if eval_options else self.solver
-        )
+            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
+                            f"{type(f).__name__}")
+        self.structure = structure
+        self.init = resolve_init(init)
+        self.modifiers = check_modifiers(modifiers)
+        self._entered: tuple[Modifier, ...] = ()
+        self.f = structure.cell(f)
+        for owner in (self.init, *self.modifiers):
+            for name, module in owner.modules().items():
+                self.add_module(name, module)
+        backward_rtol = renamed(type(self).__name__, "backward_tol", backward_tol,
+                                "backward_rtol", backward_rtol)
+        if backward_rtol is not None:  # named as the caller spelled it
+            spelled = "backward_tol" if backward_tol is not None else "backward_rtol"
+            if isinstance(backward, BackwardMode):
+                raise TypeError(f"backward={backward!r} is a backward mode object; set its "
+                                f"options on the object (Implicit(tol=...)), not with {spelled}")
+            check_positive_float(backward_rtol, spelled)
+        if isinstance(solver, ForwardSolver):
+            if solver_options:
+                raise TypeError(f"solver={solver!r} is a solver object; set its options on the "
+                                f"object, not with {sorted(solver_options)}")
+            base = solver
+        else:
+            if solver == "ode":  # the measured default (docs/performance.md)
+                solver_options.setdefault("method", "ptc")
+            base = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
+        base_eval = base.with_options(**eval_options) if eval_options else base
         self.backward_mode = BackwardConfig(
-            backward, backward_method, backward_tol, backward_max_steps, backward_options,
+            backward, backward_method, backward_rtol, backward_max_steps, backward_options,
             on_nonconvergence,
         )
-        if self.backward_mode.differentiates_solver and not self.solver.differentiable:
+        if self.backward_mode.differentiates_solver and not base.differentiable:
             raise ValueError(
                 f"backward={self.backward_mode!r} (unrolled through the solver's steps) needs "
-                f"solver='ode' or 'picard'; solver={solver!r} is not autograd-safe"
+                f"solver='ode' or 'picard'; solver={base.solver!r} is not autograd-safe"
             )
-        self.state_shape = resolve_state_shape(state_shape)
+        self.solver, self.eval_solver = base, base_eval
+        self._eval_options = dict(eval_options or {})
+        for modifier in self.modifiers:
+            modifier.check(self)
+            self.solver = modifier.solver(self.solver, True)
+            self.eval_solver = modifier.solver(self.eval_solver, False)
         #: (z0, x) per-sample shape pairs a given z0 was found to fit (:meth:`_given_state`).
         self._fitting_shapes: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
         self.jacobian_weight = float(check_number(jacobian_weight, "jacobian_weight", 0))
         self.jacobian_probes = int(check_number(jacobian_probes, "jacobian_probes", 1,
                                                 integer=True))
-        warn_unstable_normalization(f, type(self).__name__)
+        warn_unstable_normalization(self.f, type(self).__name__)
+
+    @property
+    def state_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the flat state the solvers see (``None``: ``x``'s)."""
+        return self.structure.state_shape
 
     # -- initial state -------------------------------------------------------------------
-    def _zeros(self, x: Tensor) -> Tensor:
+    def zeros(self, x: Tensor) -> Tensor:
+        """Zeros ``(B, *state_shape)`` with ``x``'s dtype and device."""
         return zeros_or_state(x, None, self.state_shape)
 
     def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``(z0 for the solver, explicit guess with its graph or None)``."""
+        """``(z0 for the solver, explicit guess with its graph or None)``: a given flat ``z0``
+        (checked; no guess), else the ``init`` policy's; then moved by the modifiers."""
         if z0 is not None:
-            return self._given_state(z0, x), None
-        return self._zeros(x), None
+            z, guess = self._given_state(z0, x), None
+        else:
+            z, guess = self.init(self, x)
+        for modifier in self.modifiers:
+            z = modifier.start(self, x, z)
+        return z, guess
 
     def _given_state(self, z0: object, x: Tensor) -> Tensor:
         """A ``z0`` passed to :meth:`forward`, checked up front against ``x`` and the state
@@ -219,29 +388,59 @@ class DEQ(PerThreadResults):
         self._fitting_shapes.add(key)
         return z0
 
+    # -- modifiers entered for a block ---------------------------------------------------
+    @contextmanager
+    def using(self, *modifiers: Modifier) -> Iterator[DEQ]:
+        """Within the block, the layer's solves also pass through ``modifiers`` (after its
+        own; their solver and backward hooks): how :mod:`contdeq.robust` installs a defence.
+        Restored on exit, also after an exception.
+
+        Yields:
+            the layer.
+        """
+        entered = check_modifiers(modifiers)
+        saved = self._entered
+        self._entered = (*saved, *entered)
+        try:
+            yield self
+        finally:
+            self._entered = saved
+
+    def solver_and_backward(self) -> tuple[ForwardSolver, BackwardMode]:
+        """The forward solver and backward mode of a call in the current mode (training or
+        evaluation), with the block's modifiers (:meth:`using`) applied."""
+        solver = self.solver if self.training else self.eval_solver
+        backward = self.backward_mode
+        for modifier in (*self.modifiers, *self._entered):
+            backward = modifier.backward(backward, self.training)
+        for modifier in self._entered:
+            solver = modifier.solver(solver, self.training)
+        return solver, backward
+
     # -- forward -------------------------------------------------------------------------
     # Under a whole-model ``torch.compile(model)`` the layer is one graph break: the solver
     # loop's data-dependent stopping and host-side checks stay out of the traced graphs (no
     # recompiles), the modules around the layer are compiled, and ``compile=True`` compiles
     # the solver's steps themselves (see contdeq.solvers.compiled).
     @torch.compiler.disable
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``; ``z0`` optional initial state."""
+    def forward(self, x: Tensor, z0: Any = None) -> Any:
+        """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (with ``Scales``: a tuple of
+        per-scale tensors); ``z0`` an optional initial state (a tuple with ``Scales``)."""
         x = check_input(x)
+        z0 = self.structure.pack(z0)
         train = self.training and torch.is_grad_enabled()
         if self.training:
             update_normalization(self.f)
-        solver = self.solver if self.training else self.eval_solver
+        solver, backward = self.solver_and_backward()
         aux: dict[str, Tensor] = {}
         self._aux = aux
         with fixed_normalization(self.f):
             with torch.set_grad_enabled(train):
                 z_init, guess = self.initial_state(x, z0)
-            z, stats = equilibrium(self.f, x, z_init.detach(), solver=solver,
-                                   backward=self.backward_mode)
+            z, stats = equilibrium(self.f, x, z_init.detach(), solver=solver, backward=backward)
             if train:
                 if guess is not None:
-                    term = self._skip_term(guess, z)
+                    term = self.init.skip_term(guess, z)
                     if term is not None:
                         aux["skip"] = term
                 if self.jacobian_weight > 0:
@@ -249,8 +448,7 @@ class DEQ(PerThreadResults):
                         self.f, z, x, probes=self.jacobian_probes)
         self.stats = stats
         self._hint_if_failing(stats.forward, solver)
-        return z
-
+        return self.structure.unpack(z)
     def _hint_if_failing(self, forward: SolverStats, solver: ForwardSolver) -> None:
         """After :data:`HINT_AFTER` forward solves in a row that stopped unconverged (each
         already warned about), say once per layer what usually helps."""
@@ -282,9 +480,6 @@ class DEQ(PerThreadResults):
             ConvergenceWarning,
         )
 
-    def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
-        return None
-
     # -- auxiliary losses ----------------------------------------------------------------
     @property
     def aux_terms(self) -> dict[str, Tensor]:
@@ -307,119 +502,17 @@ class DEQ(PerThreadResults):
         parts = [f"solver={self.solver.solver!r}"]
         parts += [f"{k}={v!r}" for k, v in self.solver.options.items()]
         parts.append(f"backward={self.backward_mode!r}")
-        if self.state_shape is not None:
+        if type(self) is DEQ and not isinstance(self.structure, Single):
+            parts.append(f"structure={self.structure!r}")
+        elif self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
-        if self.eval_solver is not self.solver:
+        if self._eval_options:
             parts.append(f"eval_options={self.eval_solver.options!r}")
+        if type(self.init).__name__ != "Zeros" and type(self) is DEQ:
+            parts.append(f"init={self.init!r}")
+        if self.modifiers and type(self) is DEQ:
+            parts.append(f"modifiers={self.modifiers!r}")
         if self.jacobian_weight:
             parts.append(f"jacobian_weight={self.jacobian_weight:g}, "
                          f"jacobian_probes={self.jacobian_probes}")
         return ", ".join(parts)
-
-
-class _SkipBase(DEQ):
-    """Shared skip-loss options of :class:`SkipDEQ` and :class:`SkipRegDEQ`."""
-
-    def __init__(self, f: nn.Module, *, skip_weight: float = 1.0, skip_norm: str = "l2",
-                 skip_detach: bool = True, **kwargs: Any) -> None:
-        super().__init__(f, **kwargs)
-        check_number(skip_weight, "skip_weight", 0)
-        if skip_norm not in SKIP_NORMS:
-            raise ValueError(f"skip_norm must be one of {SKIP_NORMS}, got {skip_norm!r}")
-        if not isinstance(skip_detach, bool):
-            raise TypeError(f"skip_detach must be a bool, got {type(skip_detach).__name__}")
-        self.skip_weight = float(skip_weight)
-        self.skip_norm = skip_norm
-        self.skip_detach = skip_detach
-
-    def _skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
-        if self.skip_weight == 0:
-            return None
-        return self.skip_weight * skip_loss(guess, z, self.skip_norm, self.skip_detach)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, skip_weight={self.skip_weight:g}, " \
-               f"skip_norm={self.skip_norm!r}, skip_detach={self.skip_detach}"
-
-
-class SkipDEQ(_SkipBase):
-    """DEQ whose initial state is an explicit prediction: ``z0 = predictor(x)``.
-
-    Training adds ``skip_weight * mean((predictor(x) - sg(z*))^2)`` (``skip_norm="l2"``) or
-    ``skip_weight * mean(|predictor(x) - sg(z*)|)`` (``"l1"``) to :func:`contdeq.aux_loss`;
-    ``sg`` is stop-gradient, so the term trains the predictor (and, through ``predictor(x)``,
-    whatever computes ``x``, e.g. an encoder before the layer), and ``z*`` (independent of
-    ``z0`` at convergence) gets no gradient from it: ``f`` is not trained by the term.
-    ``skip_detach=False`` lets the gradient reach ``z*`` too, as in Pal et al. (2022) /
-    DeepEquilibriumNetworks.jl (which use ``skip_norm="l1"`` and ``skip_weight`` 5 on MNIST):
-    ``f`` is then also pulled toward equilibria the predictor reaches, which cuts solver steps
-    at some cost in accuracy. See ``docs/layers.md`` for the sources.
-
-    Args:
-        f: as for :class:`DEQ`.
-        predictor: ``nn.Module``, ``x -> (B, *state_shape)``; defines the state shape when
-            ``state_shape`` is not given.
-        skip_weight: the weight ``lambda`` of the skip term (default 1).
-        skip_norm: ``"l2"`` (default) or ``"l1"``.
-        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
-        **kwargs: the options of :class:`DEQ`.
-
-    Shapes: ``x`` ``(B, ...)`` -> ``z*`` shaped like ``predictor(x)``.
-    """
-
-    def __init__(self, f: nn.Module, predictor: nn.Module, *, skip_weight: float = 1.0,
-                 skip_norm: str = "l2", skip_detach: bool = True, **kwargs: Any) -> None:
-        super().__init__(f, skip_weight=skip_weight, skip_norm=skip_norm,
-                         skip_detach=skip_detach, **kwargs)
-        if not isinstance(predictor, nn.Module):
-            raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
-                            f"{type(predictor).__name__}")
-        self.predictor = predictor
-
-    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``z0 = predictor(x)`` (a given ``z0`` takes precedence and adds no skip term)."""
-        if z0 is not None:
-            return self._given_state(z0, x), None
-        guess = self.predictor(x)
-        if not isinstance(guess, Tensor):
-            raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
-        if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
-            self.state_shape is not None and tuple(guess.shape[1:]) != self.state_shape
-        ):
-            expected = ("(B, ...) with B = " + str(x.shape[0]) if self.state_shape is None
-                        else str((x.shape[0], *self.state_shape)))
-            raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
-                             f"{tuple(guess.shape)}")
-        if guess.dtype != x.dtype:
-            raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
-        if not bool(torch.isfinite(guess).all()):
-            raise ValueError("predictor(x) returned NaN or Inf values")
-        return guess, guess if guess.requires_grad else None
-
-
-class SkipRegDEQ(_SkipBase):
-    """DEQ with the Skip-Reg initial state ``z0 = f(0, x)``: no extra network.
-
-    Training adds ``skip_weight * mean((f(0, x) - sg(z*))^2)`` (or the ``"l1"`` mean absolute
-    difference) to :func:`contdeq.aux_loss`; it trains ``f`` so that one application from zero
-    already lands near the equilibrium (``skip_detach=False``: and the equilibrium near that
-    first application, as in :class:`SkipDEQ`). DeepEquilibriumNetworks.jl builds this layer as
-    ``DEQ(model, solver; init=nothing)``, whose initial condition is ``model((zero(x), x))``.
-
-    Args:
-        f: as for :class:`DEQ`.
-        skip_weight: the weight ``lambda`` (default 1).
-        skip_norm: ``"l2"`` (default) or ``"l1"``.
-        skip_detach: stop the skip term's gradient at ``z*`` (default ``True``).
-        **kwargs: the options of :class:`DEQ` (``state_shape`` sets the shape of the zero
-            state passed to ``f``; default ``x``'s shape).
-
-    Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
-    """
-
-    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``z0 = f(0, x)`` (a given ``z0`` takes precedence and adds no skip term)."""
-        if z0 is not None:
-            return self._given_state(z0, x), None
-        guess = first_call(self.f, self._zeros(x), x)
-        return guess, guess if guess.requires_grad else None

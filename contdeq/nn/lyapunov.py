@@ -31,10 +31,12 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..implicit import ForwardSolver
 from ..solvers import SolverStats
 from .checks import check_number
-from .deq import DEQ, check_state
+from .deq import DEQ
+from .init import Input
+from .modifiers import MODIFIERS, Modifier
 
 __all__ = ["ICNN", "ICNN_ACTIVATIONS", "LyapunovDEQ", "LyapunovDynamics", "LyapunovFunction",
-           "LyapunovSolver", "projected_map"]
+           "LyapunovProjection", "LyapunovSolver", "projected_map"]
 
 #: Activations of :class:`ICNN`: convex and non-decreasing (what keeps the network convex)
 #: and smooth (``V``'s gradient drives the dynamics).
@@ -300,6 +302,39 @@ class LyapunovSolver(ForwardSolver):
         return f"Lyapunov{super().__repr__()}"
 
 
+@MODIFIERS.register("lyapunov")
+class LyapunovProjection(Modifier):
+    """Dynamics modifier: the layer solves the Lyapunov-projected field ``r_V`` of its ``f``
+    (:class:`LyapunovSolver` around its forward solvers), so ``V(z) <= V(z0)`` for the
+    returned state, whichever solver runs; works with any initial-state policy and structure
+    (on a multi-scale layer ``V_0`` takes the flat ``(B, N)`` state).
+
+    Args:
+        lyapunov: ``V_0``, ``(B, D) -> (B,)``, convex and positive definite (e.g.
+            :class:`LyapunovFunction`), registered on the layer as ``layer.lyapunov``.
+        alpha: decay rate of ``V`` (> 0, default 1).
+
+    Example: ``DEQ(f, state_shape=(D,), init=Predictor(net),
+    modifiers=(LyapunovProjection(LyapunovFunction(D)),), backward_method="gmres")``.
+    """
+
+    def __init__(self, lyapunov: nn.Module, alpha: float = 1.0) -> None:
+        if not isinstance(lyapunov, nn.Module):
+            raise TypeError(f"lyapunov must be an nn.Module mapping (B, D) to (B,), got "
+                            f"{type(lyapunov).__name__}")
+        self.lyapunov = lyapunov
+        self.alpha = float(check_number(alpha, "alpha", 0, strict=True, finite=True))
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"lyapunov": self.lyapunov}
+
+    def solver(self, base: ForwardSolver, training: bool) -> ForwardSolver:
+        return LyapunovSolver(base, self.lyapunov, self.alpha)
+
+    def __repr__(self) -> str:
+        return f"LyapunovProjection(alpha={self.alpha:g})"
+
+
 class LyapunovDEQ(DEQ):
     """Lyapunov-stable DEQ (LyaDEQ): the equilibrium of ``f`` reached along the projected
     field ``r_V``, started from the input features, followed by an orthogonal linear layer.
@@ -316,7 +351,9 @@ class LyapunovDEQ(DEQ):
 
     The trajectory starts at ``z0 = x`` (LyaDEQ solves from the feature extractor's output);
     ``f(z, x)`` still sees ``x`` as input injection. ``layer.f`` is the nominal ``f`` and
-    ``layer.lyapunov`` is ``V_0``.
+    ``layer.lyapunov`` is ``V_0``. The short name of ``DEQ(f, state_shape=(dim,),
+    init=Input(), modifiers=(LyapunovProjection(V_0, alpha),))`` followed by the orthogonal
+    layer (``init`` and further ``modifiers`` may be passed).
 
     Args:
         f: ``f(z, x)`` on ``(B, dim)`` states.
@@ -354,11 +391,11 @@ class LyapunovDEQ(DEQ):
                             f"{type(lyapunov).__name__}")
         if kwargs.get("backward", "implicit") == "implicit" and "backward_method" not in kwargs:
             kwargs["backward_method"] = "gmres"
-        super().__init__(f, state_shape=(dim,), **kwargs)
-        self.lyapunov = lyapunov
-        self.alpha = float(alpha)
-        self.solver = LyapunovSolver(self.solver, lyapunov, self.alpha)
-        self.eval_solver = LyapunovSolver(self.eval_solver, lyapunov, self.alpha)
+        kwargs.setdefault("init", Input())
+        projection = LyapunovProjection(lyapunov, alpha)
+        modifiers = (*kwargs.pop("modifiers", ()), projection)
+        super().__init__(f, state_shape=(dim,), modifiers=modifiers, **kwargs)
+        self.alpha = projection.alpha
         out = dim if out_features is None else out_features
         check_number(out, "out_features", 1, integer=True)
         self.orthogonal = orthogonal(nn.Linear(dim, out, bias=False))
@@ -366,12 +403,6 @@ class LyapunovDEQ(DEQ):
     def value(self, z: Tensor, x: Tensor) -> Tensor:
         """``V(z) = V_0(f(z, x) - z)``: ``z`` ``(B, D)``, ``x`` ``(B, ...)`` -> ``(B,)``."""
         return lyapunov_value(lambda s: self.f(s, x), self.lyapunov, z)
-
-    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``z0 = x`` (a given ``z0`` takes precedence)."""
-        if z0 is not None:
-            return check_state(z0, x, self.state_shape, "z0"), None
-        return check_state(x, x, self.state_shape, "x (the initial state of LyapunovDEQ)"), None
 
     def equilibrium_state(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         """``x`` ``(B, D)`` -> ``z*`` ``(B, D)``, before the orthogonal layer."""

@@ -16,9 +16,10 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from ..implicit import DEQStats, first_call
 from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
 from .checks import check_number
-from .deq import check_input, resolve_state_shape, zeros_or_state
+from .deq import PerThreadResults, Single, check_input, zeros_or_state
+from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .per_thread import PerThreadResults
+from .structure import Structure
 
 __all__ = ["NeuralODE"]
 
@@ -123,11 +124,13 @@ class NeuralODE(PerThreadResults):
             continuous DEQ uses with its default steady-state tolerance 1e-4).
         residual: integrate ``f - z`` (default) or ``f``.
         state_shape: per-sample state shape (default: ``x``'s); ``z0`` defaults to zeros.
-        options: extra torchdiffeq options (``max_num_steps``, ``step_size``, ...).
+        structure: the state structure, as for :class:`~contdeq.DEQ` (``Single``, default,
+            or ``Scales(state_shapes)``: tuples in and out).
+        options: extra torchdiffeq options (``step_size``, ...).
         adjoint_options: extra keyword arguments of ``odeint_adjoint`` (``adjoint_rtol``, ...).
-        max_num_steps: step limit of the adaptive methods (torchdiffeq's own default is
+        max_steps: step limit of the adaptive methods (torchdiffeq's own default is
             unlimited); a solve that hits it raises :class:`~contdeq.solvers.ConvergenceError`
-            instead of running on.
+            instead of running on. ``max_num_steps`` is its deprecated spelling.
         compile: evaluate ``f(z, x) - z`` compiled by ``torch.compile`` (each call after the
             first; its backward too). torchdiffeq's stepping loop stays eager. The first
             solve of a shape compiles (seconds); later ones reuse the graph.
@@ -154,41 +157,63 @@ class NeuralODE(PerThreadResults):
         state_shape: int | Sequence[int] | None = None,
         options: Mapping[str, Any] | None = None,
         adjoint_options: Mapping[str, Any] | None = None,
-        max_num_steps: int = 10_000,
+        max_steps: int = 10_000,
         compile: bool = False,
+        structure: Structure | None = None,
+        max_num_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if structure is None:
+            structure = Single(state_shape)
+        elif state_shape is not None:
+            raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
+                            "not both")
         if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
+                            f"{type(f).__name__}")
+        max_steps = renamed("NeuralODE", "max_num_steps", max_num_steps, "max_steps", max_steps,
+                            10_000)
         check_number(t_end, "t_end", 0, strict=True, finite=True)
         if method not in SOLVERS:
             raise ValueError(f"method must be one of {tuple(SOLVERS)}, got {method!r}")
-        check_number(max_num_steps, "max_num_steps", 1, integer=True)
+        check_number(max_steps, "max_num_steps" if max_num_steps is not None else "max_steps",
+                     1, integer=True)
         self._adaptive = issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
-        self.max_num_steps = max_num_steps
+        self.max_steps = max_steps
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
         self.compile = compile
         check_number(rtol, "rtol", 0, strict=True)
         check_number(atol, "atol", 0, strict=True)
-        self.f = f
+        self.structure = structure
+        self.f = structure.cell(f)
         self.residual = bool(residual)
         self.t_end = float(t_end)
         self.method = method
         self.adjoint = bool(adjoint)
         self.rtol = float(rtol)
         self.atol = float(atol)
-        self.state_shape = resolve_state_shape(state_shape)
         self.options = dict(options or {})
         self.adjoint_options = dict(adjoint_options or {})
-        warn_unstable_normalization(f, "NeuralODE")
+        warn_unstable_normalization(self.f, "NeuralODE")
+
+    @property
+    def state_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the flat state (``None``: ``x``'s)."""
+        return self.structure.state_shape
+
+    @property
+    def max_num_steps(self) -> int:
+        """Deprecated spelling of :attr:`max_steps`."""
+        return self.max_steps
 
     # One graph break under a whole-model torch.compile, as for the DEQ layers.
     @torch.compiler.disable
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)``."""
+    def forward(self, x: Tensor, z0: Any = None) -> Any:
+        """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)`` (with ``Scales``: a tuple
+        of per-scale tensors, and ``z0`` a tuple)."""
         x = check_input(x)
-        z0 = zeros_or_state(x, z0, self.state_shape)
+        z0 = zeros_or_state(x, self.structure.pack(z0), self.state_shape)
         if self.training:
             update_normalization(self.f)
         dyn = _Dynamics(self.f, self.residual, x, self.compile)
@@ -207,7 +232,7 @@ class NeuralODE(PerThreadResults):
                     flat_d.detach(), flat_z, self.atol, self.rtol, order, self.t_end)
                 dyn._first = (z0, d0)
             if self._adaptive:
-                options.setdefault("max_num_steps", self.max_num_steps)
+                options.setdefault("max_num_steps", self.max_steps)
             try:
                 out = self._odeint(dyn, z0, t, options, x, use_adjoint)
             except AssertionError as exc:  # torchdiffeq's step limit or step-size underflow
@@ -224,7 +249,7 @@ class NeuralODE(PerThreadResults):
                 )
                 raise ConvergenceError(
                     f"NeuralODE did not reach t_end={self.t_end:g} ({exc}; {dyn.calls} f "
-                    "calls): raise options['max_num_steps'], loosen rtol/atol, or keep f "
+                    "calls): raise max_steps, loosen rtol/atol, or keep f "
                     "better conditioned", stats) from exc
         dyn._first = None
         z = out[-1]
@@ -246,7 +271,7 @@ class NeuralODE(PerThreadResults):
         if use_adjoint and z.requires_grad:
             dyn.record = record
             z = _BackwardStart.apply(dyn, z)
-        return z
+        return self.structure.unpack(z)
 
     def _odeint(self, dyn: _Dynamics, z0: Tensor, t: Tensor, options: dict[str, Any], x: Tensor,
                 use_adjoint: bool) -> Tensor:

@@ -1,9 +1,10 @@
-"""Noise-injected training of continuous DEQs: :class:`NoisyDEQ` (deprecated).
+"""Noise along the dynamics: the :class:`Noise` modifier, and :class:`NoisyDEQ` (deprecated).
 
 At a unique equilibrium the noisy start does not change ``z*``, so the layer's output and
 gradient are a plain :class:`~contdeq.DEQ`'s (measured within 6e-6): it is not a defence.
 Importing ``NoisyDEQ`` from ``contdeq`` or ``contdeq.nn`` warns (:data:`DEPRECATION`); it will
-be removed in the next release.
+be removed in the next release. ``DEQ(f, modifiers=(Noise(sigma),))`` is the same computation
+and combines with any initial state and structure.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from torch import Tensor, nn
 
 from .checks import check_number
 from .deq import DEQ
+from .modifiers import MODIFIERS, Modifier
 from .sde import DriftDiffusion, integrate_sde
 
-__all__ = ["DEPRECATION", "NoisyDEQ"]
+__all__ = ["DEPRECATION", "Noise", "NoisyDEQ"]
 
 #: The warning text of the deprecated name.
 DEPRECATION = (
@@ -38,55 +40,77 @@ class _ConstantNoise:
         return torch.full_like(z, self.sigma)
 
 
+@MODIFIERS.register("noise")
+class Noise(Modifier):
+    """Dynamics modifier: in training, the solve starts from a point of a noisy trajectory.
+
+    Each training call first integrates ``dz = (f(z, x) - z) dt + sigma * dW`` with torchsde
+    (Euler-Maruyama, step ``dt``) from the initial state (any policy's) up to a random time
+    ``T ~ U(0, time)`` (one per call), without gradient and without counting these ``f``
+    calls in ``stats.nfe``; the solver then starts from that state. Evaluation mode (or
+    ``sigma=0``) is unchanged. Needs ``solver="ode"`` (the noise perturbs the continuous
+    dynamics).
+
+    Args:
+        sigma: the diffusion (>= 0).
+        time: upper end of the random time ``T`` (> 0).
+        dt: Euler-Maruyama step (> 0).
+    """
+
+    def __init__(self, sigma: float, time: float = 1.0, dt: float = 0.1) -> None:
+        self.sigma = float(check_number(sigma, "noise", 0, finite=True))
+        self.time = float(check_number(time, "noise_time", 0, strict=True, finite=True))
+        self.dt = float(check_number(dt, "noise_dt", 0, strict=True, finite=True))
+
+    def check(self, layer: DEQ) -> None:
+        if layer.solver.solver != "ode":
+            raise ValueError(
+                f"{type(layer).__name__} with Noise needs solver='ode': the noise perturbs the "
+                f"continuous dynamics dz/dt = f(z, x) - z, which a discrete solver does not "
+                f"follow; got solver={layer.solver.solver!r}")
+
+    def start(self, layer: DEQ, x: Tensor, z0: Tensor) -> Tensor:
+        if not layer.training or self.sigma == 0:
+            return z0
+        t_end = float(torch.rand(())) * self.time
+        if t_end < self.dt:  # less than one step: start where the base state is
+            return z0
+        sde = DriftDiffusion(layer.f, _ConstantNoise(self.sigma), x.detach(),
+                             tuple(z0.shape[1:]))
+        with torch.no_grad():
+            return integrate_sde(sde, z0.detach(), t_end, method="euler", dt=self.dt)
+
+    def __repr__(self) -> str:
+        return f"Noise(sigma={self.sigma:g}, time={self.time:g}, dt={self.dt:g})"
+
+
 class NoisyDEQ(DEQ):
-    """Deprecated (see :data:`DEPRECATION`): continuous DEQ trained from noisy starts.
+    """Deprecated (see :data:`DEPRECATION`): continuous DEQ trained from noisy starts, the
+    short name of ``DEQ(f, modifiers=(Noise(noise, noise_time, noise_dt),))``.
 
     In training, each call first integrates ``dz = (f(z, x) - z) dt + noise * dW`` with
     torchsde (Euler-Maruyama, step ``noise_dt``) from the initial state up to a random time
     ``T ~ U(0, noise_time)`` (one per call), and the steady-state solver then starts from that
-    state. Training thus sees the equilibrium reached from random points along noisy
-    trajectories of the same dynamics (in the spirit of Yang et al.'s random intermediate
-    states), while the gradient is the layer's usual one (implicit by default; the noisy
-    prefix is not differentiated: ``z*`` does not depend on where the solve starts when the
-    equilibrium is unique). In evaluation mode (or with ``noise=0``) the layer is exactly a
-    :class:`~contdeq.DEQ`: deterministic, no noise.
+    state (see :class:`Noise`). Training thus sees the equilibrium reached from random points
+    along noisy trajectories of the same dynamics (in the spirit of Yang et al.'s random
+    intermediate states), while the gradient is the layer's usual one. In evaluation mode (or
+    with ``noise=0``) the layer is exactly a :class:`~contdeq.DEQ`.
 
     Args:
         f: as for :class:`~contdeq.DEQ`.
         noise: the diffusion ``sigma`` (>= 0).
         noise_time: upper end of the random time ``T`` (> 0).
         noise_dt: Euler-Maruyama step (> 0).
-        **kwargs: the options of :class:`~contdeq.DEQ`; ``solver`` must be ``"ode"`` (the
-            noise perturbs the continuous dynamics; a discrete fixed-point solver has none).
+        **kwargs: the options of :class:`~contdeq.DEQ`; ``solver`` must be ``"ode"``.
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)``.
     """
 
     def __init__(self, f: nn.Module, *, noise: float, noise_time: float = 1.0,
                  noise_dt: float = 0.1, **kwargs: Any) -> None:
-        super().__init__(f, **kwargs)
-        if self.solver.solver != "ode":
-            raise ValueError(
-                f"NoisyDEQ needs solver='ode': the noise perturbs the continuous dynamics "
-                f"dz/dt = f(z, x) - z, which a discrete solver does not follow; got "
-                f"solver={self.solver.solver!r}")
-        self.noise = float(check_number(noise, "noise", 0, finite=True))
-        self.noise_time = float(check_number(noise_time, "noise_time", 0, strict=True,
-                                             finite=True))
-        self.noise_dt = float(check_number(noise_dt, "noise_dt", 0, strict=True, finite=True))
-
-    def initial_state(self, x: Tensor, z0: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The base initial state, moved along a noisy trajectory in training."""
-        z, guess = super().initial_state(x, z0)
-        if not self.training or self.noise == 0:
-            return z, guess
-        t_end = float(torch.rand(())) * self.noise_time
-        if t_end < self.noise_dt:  # less than one step: start where the base state is
-            return z, guess
-        sde = DriftDiffusion(self.f, _ConstantNoise(self.noise), x.detach(), tuple(z.shape[1:]))
-        with torch.no_grad():
-            z = integrate_sde(sde, z.detach(), t_end, method="euler", dt=self.noise_dt)
-        return z, guess
+        modifier = Noise(noise, noise_time, noise_dt)
+        super().__init__(f, modifiers=(*kwargs.pop("modifiers", ()), modifier), **kwargs)
+        self.noise, self.noise_time, self.noise_dt = modifier.sigma, modifier.time, modifier.dt
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, noise={self.noise:g}, noise_time={self.noise_time:g}, "

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,9 @@ from torch import Tensor, nn
 from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats, sample_rms
 from .checks import check_number
-from .deq import check_input, resolve_state_shape, zeros_or_state
-from .multiscale import _MultiScale
+from .deq import PerThreadResults, Single, check_input, zeros_or_state
 from .normalization import fixed_normalization, update_normalization
-from .per_thread import PerThreadResults
+from .structure import MultiScaleRepr, Structure, scales
 
 __all__ = ["MASKABLE_MODULES", "MultiScaleWeightTied", "WeightTied"]
 
@@ -109,6 +109,8 @@ class WeightTied(PerThreadResults):
         seed: seed of the masks' random generator (the same seed draws the same masks).
         state_shape: per-sample shape of ``z`` (default: the shape of ``x``); the initial state
             is zeros of shape ``(B, *state_shape)`` with ``x``'s dtype and device.
+        structure: the state structure, as for :class:`~contdeq.DEQ` (``Single``, default,
+            or ``Scales(state_shapes)``: tuples in and out).
 
     Attributes:
         stats: :class:`~contdeq.implicit.DEQStats` of the calling thread's last call (``None``
@@ -125,10 +127,17 @@ class WeightTied(PerThreadResults):
 
     def __init__(self, f: nn.Module, depth: int, *, masks: str | None = None,
                  sparsity: float = 0.0, seed: int = 0,
-                 state_shape: int | Sequence[int] | None = None) -> None:
+                 state_shape: int | Sequence[int] | None = None,
+                 structure: Structure | None = None) -> None:
         super().__init__()
+        if structure is None:
+            structure = Single(state_shape)
+        elif state_shape is not None:
+            raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
+                            "not both")
         if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
+                            f"{type(f).__name__}")
         self.depth = int(check_number(depth, "depth", 1, integer=True))
         if masks is not None and masks not in _MASK_KINDS:
             raise ValueError(f"masks must be None, 'distinct' or 'shared', got {masks!r}")
@@ -142,15 +151,20 @@ class WeightTied(PerThreadResults):
             raise ValueError(f"masks={masks!r} needs sparsity > 0 (with sparsity 0 every mask "
                              "keeps every weight)")
         self.seed = int(check_number(seed, "seed", 0, integer=True))
-        self.f = f
+        self.structure = structure
+        self.f = structure.cell(f)
         self.mask_kind = masks
         self.sparsity = float(sparsity)
-        self.state_shape = resolve_state_shape(state_shape)
         self.masks = _Masks()
         self._masked: dict[str, nn.Module] = {}  # buffer name -> module whose weight it masks
         self.masked_weights: tuple[str, ...] = ()
         if masks is not None:
             self._draw_masks()
+
+    @property
+    def state_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the flat state (``None``: ``x``'s)."""
+        return self.structure.state_shape
 
     def _draw_masks(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
@@ -184,11 +198,12 @@ class WeightTied(PerThreadResults):
         dropped = sum(int((~m).sum()) for m in self.masks.buffers()) / self.depth
         return total - dropped
 
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, z0: Any = None) -> Any:
         """``x`` ``(B, ...)`` -> ``z_depth`` ``(B, *state_shape)``; ``z0`` an optional initial
-        state ``(B, *state_shape)`` (default zeros; gradients reach it)."""
+        state ``(B, *state_shape)`` (default zeros; gradients reach it). With ``Scales``: tuples
+        in and out."""
         x = check_input(x)
-        z = zeros_or_state(x, z0, self.state_shape)
+        z = zeros_or_state(x, self.structure.pack(z0), self.state_shape)
         if self.training:
             update_normalization(self.f)
         start = time.perf_counter()
@@ -215,7 +230,7 @@ class WeightTied(PerThreadResults):
             converged=torch.ones(b, dtype=torch.bool, device=x.device),
             wall_time=time.perf_counter() - start, stop_reason="depth",
         ))
-        return z
+        return self.structure.unpack(z)
 
     def extra_repr(self) -> str:
         parts = [f"depth={self.depth}"]
@@ -227,7 +242,7 @@ class WeightTied(PerThreadResults):
         return ", ".join(parts)
 
 
-class MultiScaleWeightTied(_MultiScale, WeightTied):
+class MultiScaleWeightTied(MultiScaleRepr, WeightTied):
     """:class:`WeightTied` whose state is a tuple of tensors, one per scale.
 
     ``f`` is called as ``f(zs, x)`` with ``zs`` a tuple of tensors ``(B, *state_shapes[s])``
@@ -248,5 +263,5 @@ class MultiScaleWeightTied(_MultiScale, WeightTied):
 
     def __init__(self, f: nn.Module, depth: int, *, state_shapes: Sequence[Sequence[int]],
                  masks: str | None = None, sparsity: float = 0.0, seed: int = 0) -> None:
-        super().__init__(f, depth, state_shapes=state_shapes, masks=masks, sparsity=sparsity,
-                         seed=seed)
+        super().__init__(f, depth, structure=scales(state_shapes, {}), masks=masks,
+                         sparsity=sparsity, seed=seed)

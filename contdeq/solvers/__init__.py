@@ -18,9 +18,11 @@ from .errors import (
 )
 from .fixed_point import fixed_point
 from .gmres import GMRESResult, gmres
-from .implicit_ptc import PTCOptions
-from .methods import PTC, ImplicitPTC, RungeKutta
+from .implicit_ptc import ImplicitPTC, PTCOptions
+from .integrate import RungeKutta
+from .loop import Stepper, run_loop
 from .protocol import FixedPointSolver, SteadyStateSolver
+from .ptc import PTC
 from .registry import FIXED_POINT_METHODS, STEADY_STATE_METHODS, TABLEAUX, Registry, registries
 from .rk import initial_step
 from .root import root
@@ -56,6 +58,7 @@ __all__ = [
     "SteadyStateSolver",
     "StepCallback",
     "StepInfo",
+    "Stepper",
     "Stop",
     "StopReason",
     "Tableau",
@@ -71,6 +74,7 @@ __all__ = [
     "registries",
     "report_nonconvergence",
     "root",
+    "run_loop",
     "sample_rms",
     "solve",
     "split_states",

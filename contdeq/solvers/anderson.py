@@ -47,7 +47,13 @@ class Anderson:
         # Images g(z_i) and residuals g(z_i) - z_i; the iterates are their difference.
         self.gs = like.new_zeros(b, self.memory, d)
         self.rs = like.new_zeros(b, self.memory, d)
+        # Views of each slot, made once: writing a slot is then one copy, not a select and a
+        # copy (on small states a step costs its number of tensor operations).
+        self.g_slots = self.gs.unbind(1)
+        self.r_slots = self.rs.unbind(1)
         self.count = 0
+        # The right-hand side of the mixing weights' system, per history length, made once.
+        self.ones: dict[int, Tensor] = {}
 
     def reset(self) -> None:
         """Forget the stored iterates (the next step is a plain damped step)."""
@@ -56,14 +62,17 @@ class Anderson:
     def propose(self, z: Tensor, gz: Tensor, residual: Tensor) -> Tensor:
         """Next iterate from ``z``, ``g(z)`` and ``residual = g(z) - z``."""
         slot = self.count % self.memory
-        self.gs[:, slot] = gz
-        self.rs[:, slot] = residual
+        self.g_slots[slot].copy_(gz)
+        self.r_slots[slot].copy_(residual)
         self.count += 1
         n = min(self.count, self.memory)
         if n == 1:
             return z.add(residual, alpha=self.damping)
-        gs, rs = self.gs[:, :n], self.rs[:, :n]
-        alpha = _mixing_weights(rs, self.regularization, slot)  # (B, n, 1)
+        gs, rs = (self.gs, self.rs) if n == self.memory else (self.gs[:, :n], self.rs[:, :n])
+        ones = self.ones.get(n)
+        if ones is None:
+            ones = self.ones[n] = rs.new_ones(rs.shape[0], n, 1)
+        alpha = _mixing_weights(rs, self.regularization, slot, ones)  # (B, n, 1)
         mixed_g = _combine(alpha, gs)
         if self.damping == 1.0:
             return mixed_g
@@ -86,25 +95,28 @@ def _combine(alpha: Tensor, xs: Tensor) -> Tensor:
     return torch.bmm(alpha.transpose(1, 2), xs).squeeze(1)
 
 
-def _mixing_weights(residuals: Tensor, regularization: float, newest: int) -> Tensor:
+def _mixing_weights(residuals: Tensor, regularization: float, newest: int,
+                    ones: Tensor | None = None) -> Tensor:
     """``(B, n, 1)`` weights minimising ``||sum_i alpha_i r_i||`` with ``sum_i alpha_i = 1``.
 
-    ``residuals``: ``(B, n, D)`` residuals ``r_i`` of the stored iterates. With the Gram matrix
-    ``G`` (scaled, plus the ridge), the weights are ``G^-1 1 / (1^T G^-1 1)``: one small batched
-    solve, a handful of tensor operations in all (this runs every iteration, and on small
-    states its cost is the number of operations, not their size). Half precision is worked in
-    float32 (its Gram matrix overflows, and ``torch.linalg.solve`` has no CPU kernel for it).
-    A sample whose system is singular or non-finite (residuals near overflow) takes the plain
-    step from its ``newest`` iterate instead of crashing the solve.
+    ``residuals``: ``(B, n, D)`` residuals ``r_i`` of the stored iterates; ``ones``: a ``(B, n, 1)``
+    tensor of ones in the working dtype (made here when not given). With the Gram matrix ``G``
+    (scaled, plus the ridge), the weights are ``G^-1 1 / (1^T G^-1 1)``: one small batched
+    solve, a handful of tensor operations in all (this runs every iteration, and on small states
+    its cost is the number of operations, not their size). Half precision is worked in float32
+    (its Gram matrix overflows, and ``torch.linalg.solve`` has no CPU kernel for it). A sample
+    whose system is singular or non-finite (residuals near overflow) takes the plain step from
+    its ``newest`` iterate instead of crashing the solve.
     """
     work = (residuals.float() if residuals.dtype in (torch.float16, torch.bfloat16)
             else residuals)
     gram = torch.bmm(work, work.transpose(1, 2))  # (B, n, n)
     diagonal = gram.diagonal(dim1=1, dim2=2)
-    scale = diagonal.amax(dim=1).clamp_min_(torch.finfo(work.dtype).tiny)
-    gram.div_(scale[:, None, None])
+    scale = diagonal.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(work.dtype).tiny)
+    gram.div_(scale.unsqueeze(2))
     diagonal.add_(regularization)  # a view: adds the ridge to the diagonal in place
-    ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
+    if ones is None or ones.dtype != gram.dtype:
+        ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
     y, info = torch.linalg.solve_ex(gram, ones)
     alpha = y.div_(y.sum(dim=1, keepdim=True))
     # NaN/Inf propagate into the sum. With a ridge the scaled Gram matrix is positive definite,

@@ -15,14 +15,24 @@ kernels:
   by the Python loop, which applies the limits (``max_steps``, ``t_max``, ``timeout``), the
   NaN/Inf policy and the final re-test of frozen samples exactly as the eager loop does.
 
-The step follows :func:`~contdeq.solvers.integrate.run_pseudo_transient` with both of its paths
-fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.integrate.ptc_rule`
+The step follows :func:`~contdeq.solvers.ptc.PseudoTransientSteps` with both of its paths
+fused and branch-free: it runs the same step rule, :func:`~contdeq.solvers.ptc.ptc_rule`
 (the eager loop's slow path), on every step (fused, its quantities cost almost nothing), and the
 same NaN/Inf messages and stop test. One difference: the NaN/Inf trial count is kept per sample
 (a sample's consecutive non-finite trials from its accepted state), where the eager loop keeps
 one count for the batch. ``func`` is checked (output, in-place modification of its input)
 eagerly on its first call at ``z0``, which :func:`steady_state` makes before the loop; inside
 the compiled step no check runs.
+
+**Several steps per call.** On small states a compiled call costs more in its Python wrapper
+(Dynamo's guards, AOTAutograd's runtime wrapper: a few hundred microseconds on a CPU) than in
+its kernels. ``PTC(steps_per_call=k)`` takes ``k`` steps in one compiled call with one host
+read: the wrapper is paid once per ``k`` steps and the limits, the timeout and the NaN/Inf
+bound are checked between calls. Samples that converge inside a call are frozen there (the
+mask is inside the step), so the returned states are those of one step per call; but the solve
+stops only at the end of a call, so it takes (and counts in ``stats.nfe`` and
+``stats.steps``) up to ``k - 1`` evaluations more than the eager loop, and a recorded
+trajectory has one entry per call.
 
 Warm-up: the first solve of a given shape, dtype and ``func`` compiles the step (seconds to a
 minute, depending on ``func``); later solves of the same shapes reuse it, whatever the values.
@@ -37,18 +47,19 @@ import torch
 from torch import Tensor
 
 from .counting import CountedODEFunc
-from .integrate import (
+from .loop import (
     MAX_NONFINITE_TRIALS,
     StepControl,
+    Stepper,
     check_stop_after_trials,
-    ptc_rule,
     raise_trials_exhausted,
 )
 from .progress import BestIterate, Progress
-from .stats import LoopResult
+from .ptc import ptc_rule
+from .stats import LoopResult, StopReason
 from .termination import sample_rms
 
-__all__ = ["compile_supported", "run_compiled_pseudo_transient"]
+__all__ = ["CompiledPseudoTransientSteps", "compile_supported"]
 
 #: Steady-state methods with a compiled loop.
 COMPILED_METHODS = ("ptc",)
@@ -121,77 +132,111 @@ def _ptc_step(
     return new, d_new, status
 
 
-#: The compiled step, shared by every solve (Dynamo caches one graph per shape, dtype and func
-#: code; ``dynamic=False``: no symbolic shapes).
-_compiled_ptc_step = torch.compile(_ptc_step, dynamic=False)
+def _ptc_steps(
+    func: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    t0: Tensor,
+    state: dict[str, Tensor],
+    atol: float,
+    rtol: float,
+    max_step: float,
+    t_max: float,
+    n: int,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """``n`` :func:`_ptc_step` in a row (one compiled call, one host read for all of them):
+    the status, the state and ``d_new`` are those after the last."""
+    state, d_new, status = _ptc_step(func, shape, t0, state, atol, rtol, max_step, t_max)
+    for _ in range(n - 1):
+        state, d_new, status = _ptc_step(func, shape, t0, state, atol, rtol, max_step, t_max)
+    return state, d_new, status
 
 
-def run_compiled_pseudo_transient(
-    func: CountedODEFunc,
-    z: Tensor,
-    d: Tensor,
-    progress: Progress,
-    control: StepControl,
-) -> LoopResult:
-    """:func:`~contdeq.solvers.integrate.run_pseudo_transient` with each step compiled.
+#: The compiled steps, shared by every solve (Dynamo caches one graph per shape, dtype, func
+#: code and number of steps per call; ``dynamic=False``: no symbolic shapes).
+_compiled_ptc_steps = torch.compile(_ptc_steps, dynamic=False)
+
+
+class CompiledPseudoTransientSteps(Stepper):
+    """:class:`~contdeq.solvers.ptc.PseudoTransientSteps` with each step compiled, on the one
+    loop.
 
     Args:
         func: the counted right-hand side (already called once at ``z``, which checked it).
         z: ``(B, D)`` initial state.
         d: ``(B, D)`` derivative at ``z``.
-        progress: the solve's bookkeeping (its ``res``, ``tol``, ``active``, ``t``, ``best`` and
-            ``steps`` are updated from the compiled state once per step).
+        progress: the solve's bookkeeping (its ``res``, ``tol``, ``active``, ``t``, ``best`` are
+            updated from the compiled state once per step).
         control: ``max_step``, ``t_max`` and ``first_step`` (default ``max_step``).
 
-    Returns:
-        ``LoopResult(z, stop_reason, accepted, rejected)``, steps counted over (sample, step)
-        pairs, the returned state each unconverged sample's best.
+    :meth:`result` counts steps over (sample, step) pairs; the returned state is each
+    unconverged sample's best.
     """
-    assert progress.t is not None
-    max_step, t_max = control.max_step, control.t_max
-    first = min(control.first_step or max_step, max_step)
-    counts = torch.zeros_like(progress.res, dtype=torch.long)
-    state = {
-        "z": z, "d": d, "h": torch.full_like(progress.res, first), "res": progress.res,
-        "tol": progress.tol, "t": progress.t, "active": progress.active,
-        **_best(BestIterate(z, progress.res, progress.tol)),
-        # Distinct tensors: an aliasing pattern that changes after the first step recompiles.
-        "accepted": counts, "attempted": counts.clone(), "trials": counts.clone(),
-    }
-    t0 = torch.zeros((), dtype=z.dtype, device=z.device)
-    atol, rtol = progress.condition.atol, progress.condition.rtol
-    n_active, trials, t_min = float(progress.active.sum()), 0.0, 0.0
-    d_new = None
-    first_step = progress.steps
-    while True:
-        while (reason := progress.stop_reason(t_max, any_active=n_active > 0,
-                                              t_min=t_min)) is None:
-            state, d_new, status = _run_step(
-                progress.steps == first_step,
-                func.func, tuple(func.shape), t0, state, atol, rtol, max_step, t_max)
-            func.calls += 1
-            progress.steps += 1
-            n_active, trials, t_min = status.tolist()  # the step's one synchronization
-            if trials >= MAX_NONFINITE_TRIALS:
-                raise_trials_exhausted(func.name, progress.steps, int(trials),
-                                       "of a sample from its accepted state was NaN/Inf")
-            progress.load(state["res"], state["tol"], state["active"], state["t"])
-        check_stop_after_trials(func.name, progress.steps, reason, int(trials))
+
+    def __init__(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+                 control: StepControl, steps_per_call: int = 1) -> None:
+        assert progress.t is not None
+        self.func = func
+        self.steps_per_call = steps_per_call
+        self.max_step, self.t_max = control.max_step, control.t_max
+        first = min(control.first_step or self.max_step, self.max_step)
+        counts = torch.zeros_like(progress.res, dtype=torch.long)
+        self.state = {
+            "z": z, "d": d, "h": torch.full_like(progress.res, first), "res": progress.res,
+            "tol": progress.tol, "t": progress.t, "active": progress.active,
+            **_best(BestIterate(z, progress.res, progress.tol)),
+            # Distinct tensors: an aliasing pattern that changes after the first step recompiles.
+            "accepted": counts, "attempted": counts.clone(), "trials": counts.clone(),
+        }
+        self.t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+        self.atol, self.rtol = progress.condition.atol, progress.condition.rtol
+        self.n_active, self.trials, self.t_min = float(progress.active.sum()), 0.0, 0.0
+        self.d_new: Tensor | None = None
+        self.first_step = progress.steps + 1  # the loop counts a step before taking it
+
+    def stop_reason(self, progress: Progress) -> StopReason | str | None:
+        return progress.stop_reason(self.t_max, any_active=self.n_active > 0, t_min=self.t_min)
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        func = self.func
+        # The loop counted one step; a call takes up to steps_per_call, within max_steps.
+        n = min(self.steps_per_call, progress.max_steps - progress.steps + 1)
+        self.state, self.d_new, status = _run_step(
+            progress.steps == self.first_step, func.func, tuple(func.shape), self.t0,
+            self.state, self.atol, self.rtol, self.max_step, self.t_max, n)
+        func.calls += n
+        progress.steps += n - 1
+        self.n_active, self.trials, self.t_min = status.tolist()  # the step's one sync
+        if self.trials >= MAX_NONFINITE_TRIALS:
+            raise_trials_exhausted(func.name, progress.steps, int(self.trials),
+                                   "of a sample from its accepted state was NaN/Inf")
+        state = self.state
+        progress.load(state["res"], state["tol"], state["active"], state["t"])
+        return state["z"], False
+
+    def retest(self, z: Tensor, progress: Progress) -> bool:
+        state = self.state
         progress.best = BestIterate(state["best_z"], state["best_res"], state["best_tol"])
         # The last call saw every sample at the final state (frozen ones did not move).
-        if d_new is None or not progress.reopen_stale(
-                state["z"], sample_rms(d_new)) or reason != "converged":
-            break
-        state = {**state, "d": d_new, "res": progress.res, "tol": progress.tol,
-                 "active": progress.active, **_best(progress.best)}
-        n_active = float(progress.active.sum())
-    n_accepted = int(state["accepted"].sum())
-    return LoopResult(progress.final_state(state["z"]), reason, n_accepted,
-                      int(state["attempted"].sum()) - n_accepted)
+        return self.d_new is not None and progress.reopen_stale(z, sample_rms(self.d_new))
+
+    def resume(self, z: Tensor, progress: Progress) -> None:
+        assert self.d_new is not None and progress.best is not None
+        self.state = {**self.state, "d": self.d_new, "res": progress.res, "tol": progress.tol,
+                      "active": progress.active, **_best(progress.best)}
+        self.n_active = float(progress.active.sum())
+
+    def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
+        check_stop_after_trials(self.func.name, progress.steps, reason, int(self.trials))
+
+    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
+        state = self.state
+        n_accepted = int(state["accepted"].sum())
+        return LoopResult(progress.final_state(z), reason, n_accepted,
+                          int(state["attempted"].sum()) - n_accepted)
 
 
 def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """The compiled step on ``args``.
+    """The compiled steps on ``args``.
 
     Dynamo's guards (on func's module, its parameters, every input) cost more than the step on
     small states, and within a solve nothing they check changes: they are evaluated on the
@@ -203,11 +248,11 @@ def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, 
     if not guarded:
         try:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return _compiled_ptc_step(*args)
+                return _compiled_ptc_steps(*args)
         except RuntimeError as exc:
             if "skip_guard_eval_unsafe" not in str(exc):
                 raise
-    return _compiled_ptc_step(*args)
+    return _compiled_ptc_steps(*args)
 
 
 def _best(best: BestIterate) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from .counting import BoundInput, Residual
 from .fixed_point import fixed_point
 from .registry import FIXED_POINT_METHODS
 from .stats import Solution
-from .steady_state import steady_state
+from .steady_state import steady_state, steady_state_solver
 
 __all__ = ["CONTINUOUS", "BoundInput", "check_options", "option_names", "solve"]
 
@@ -86,7 +86,6 @@ def check_options(solver: str, options: Mapping[str, Any]) -> None:
                         f"{sorted(accepted)}")
     if solver == CONTINUOUS:
         if "method" in options:
-            from .methods import steady_state_solver
 
             steady_state_solver(options["method"])
         return

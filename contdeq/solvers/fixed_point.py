@@ -12,10 +12,11 @@ from . import anderson, broyden, newton, picard  # noqa: F401  (each registers i
 from .callback import StepCallback, StepHook
 from .counting import CountedMap
 from .errors import OnNonConvergence, report_nonconvergence
+from .loop import Stepper, run_loop
 from .progress import Progress
 from .protocol import FixedPointSolver
 from .registry import FIXED_POINT_METHODS
-from .stats import LoopResult, Solution
+from .stats import LoopResult, Solution, StopReason
 from .structure import solve_flattened
 from .termination import SteadyStateCondition, sample_rms
 from .unbatched import solve_as_one_sample
@@ -150,10 +151,11 @@ def fixed_point(
         SteadyStateCondition(float(atol), float(rtol)), z, residual,
         max_steps=max_steps, timeout=timeout, record=record_trajectory, name="g",
     )
-    iterate = _iterate_freezing if freeze_converged else _iterate_together
     loop_map = getattr(solver, "map", counted) if getattr(cls, "needs_map", False) else counted
     hook = None if callback is None else StepHook(callback, method, counted.shape, counted)
-    result = iterate(solver, loop_map, progress, z, gz, residual, hook)
+    stepper = (FreezingIteration(solver, loop_map, z, gz, residual) if freeze_converged
+               else TogetherIteration(solver, loop_map, z, gz, residual, progress))
+    result = run_loop(stepper, z, progress, hook)
     stats = progress.finish(method, counted.calls, result.stop_reason)
     stats.jvps = getattr(solver, "jvps", None)
     stats.linear_iterations = getattr(solver, "linear_iterations", None)
@@ -162,80 +164,101 @@ def fixed_point(
     return Solution(result.z.reshape(z0.shape), stats)
 
 
-def _restart(solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor
-             ) -> tuple[Tensor, Tensor]:
-    """A step callback changed ``g`` or the state ``z``: ``(g(z), residual)`` afresh, every
-    sample re-tested, the solver's history cleared."""
-    reset = getattr(solver, "reset", None)
-    if reset is None:
-        raise TypeError(f"a step callback asked for a restart, but the fixed-point solver "
-                        f"{type(solver).__name__} has no reset() method (see FixedPointSolver)")
-    reset()
-    gz = g(z)
-    residual = gz - z
-    progress.restart(z, sample_rms(residual))
-    return gz, residual
+class _Iteration(Stepper):
+    """What both fixed-point steppers share: the method, the counted map, ``g(z)`` and the
+    residual at the current state, and the restart after a step callback."""
+
+    def __init__(self, solver: FixedPointSolver, g: CountedMap, gz: Tensor, residual: Tensor
+                 ) -> None:
+        self.solver, self.g, self.gz, self.residual = solver, g, gz, residual
+
+    def propose(self, z: Tensor) -> Tensor:
+        return self.solver.propose(z, self.gz, self.residual)
+
+    def evaluate(self, z: Tensor) -> Tensor:
+        """``g(z)`` and the residual kept; returns the residual norms ``(B,)``."""
+        self.gz = self.g(z)
+        self.residual = self.gz - z
+        return sample_rms(self.residual)
+
+    def restart(self, z: Tensor, progress: Progress) -> None:
+        """A step callback changed ``g`` or the state ``z``: ``g(z)`` afresh, every sample
+        re-tested, the solver's history cleared."""
+        reset = getattr(self.solver, "reset", None)
+        if reset is None:
+            raise TypeError(f"a step callback asked for a restart, but the fixed-point solver "
+                            f"{type(self.solver).__name__} has no reset() method (see "
+                            "FixedPointSolver)")
+        reset()
+        progress.restart(z, self.evaluate(z))
 
 
-def _iterate_freezing(
-    solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
-    residual: Tensor, hook: StepHook | None = None,
-) -> LoopResult:
-    """Iterate the samples that have not converged (the others stay put) until none is left or
-    a limit is hit; returns each sample's best iterate and the stop reason.
+class FreezingIteration(_Iteration):
+    """Iterate the samples that have not converged (the others stay put) until none is left
+    or a limit is hit; the result is each sample's best iterate.
 
     After a step where every active sample's residual shrank, every sample's best iterate is
     its current one (a frozen sample froze at its best and has not moved): the best iterate is
     copied only after a step where some active residual did not shrink."""
-    best = z
-    res = None
-    while True:
-        while (reason := progress.stop_reason()) is None:
-            active = progress.active
-            proposal = solver.propose(z, gz, residual)
-            z = torch.where(active.unsqueeze(1), proposal, z)
-            gz = g(z)
-            residual = gz - z
-            progress.steps += 1
-            res = sample_rms(residual)
-            tol = progress.condition.tolerance(z)
-            shrank = res < progress.res
-            # One sync: finite, and every active sample's residual shrank (the usual case);
-            # ``shrank < active``: active and not shrinking (or NaN).
-            probe = (res + tol).masked_fill_(shrank < active, math.nan)
-            if math.isfinite(probe.sum().tolist()):
-                improved, best = active, z
-            else:
-                tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
-                improved = shrank.logical_and_(active)
-                best = torch.where(improved.unsqueeze(1), z, best)
-            progress.accept(improved, res, tol)
-            if hook is not None and (restart := hook(progress, z)) is not None:
-                z = best = restart
-                gz, residual = _restart(solver, g, progress, z)
-                res = progress.res
+
+    def __init__(self, solver: FixedPointSolver, g: CountedMap, z: Tensor, gz: Tensor,
+                 residual: Tensor) -> None:
+        super().__init__(solver, g, gz, residual)
+        self.best = z
+        self.res: Tensor | None = None  # residual norms of the last call (every sample)
+        # What a frozen and a not shrinking sample contribute to the step's probe (made once:
+        # a Python scalar in ``torch.where`` is one more tensor operation per step).
+        self.frozen = torch.full((), -math.inf, dtype=z.dtype, device=z.device)
+        self.nan = torch.full((), math.nan, dtype=z.dtype, device=z.device)
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        active = progress.active
+        z = torch.where(active.unsqueeze(1), self.propose(z), z)
+        res = self.res = self.evaluate(z)
+        tol = progress.condition.tolerance(z)
+        shrank = res < progress.res
+        # The step's one sync: every active sample finite with a shrinking residual (the usual
+        # case; an active sample not shrinking, or NaN, makes the probe NaN), and whether any
+        # stays active (frozen samples count as -inf).
+        gap = torch.where(shrank, res - tol, self.nan)
+        probe = torch.where(active, gap, self.frozen).amax().tolist()
+        any_active = None
+        if math.isfinite(probe):
+            improved, self.best, any_active = active, z, probe > 0
+        else:
+            tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
+            improved = shrank.logical_and_(active)
+            self.best = torch.where(improved.unsqueeze(1), z, self.best)
+        progress.accept(improved, res, tol, any_active=any_active)
+        return z, True
+
+    def restart(self, z: Tensor, progress: Progress) -> None:
+        super().restart(z, progress)
+        self.best, self.res = z, progress.res
+
+    def retest(self, z: Tensor, progress: Progress) -> bool:
         # Every frozen sample froze at its best iterate (``z == best`` there) and the last call
-        # saw it there: re-test the frozen ones (a g coupling samples); at a limit those that no
-        # longer pass are returned unconverged, when all converged they iterate again.
-        if res is None or not progress.reopen_stale(z, res) or reason != "converged":
-            return LoopResult(best, reason)
-        best = z
+        # saw it there.
+        return self.res is not None and progress.reopen_stale(z, self.res)
+
+    def resume(self, z: Tensor, progress: Progress) -> None:
+        self.best = z
+
+    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
+        return LoopResult(self.best, reason)
 
 
-def _iterate_together(
-    solver: FixedPointSolver, g: CountedMap, progress: Progress, z: Tensor, gz: Tensor,
-    residual: Tensor, hook: StepHook | None = None,
-) -> LoopResult:
-    """Iterate every sample (none frozen) until all have converged or a limit is hit; returns
-    each sample's best iterate (the last one when all converged) and the stop reason."""
-    progress.keep_best_after_rise(z)
-    while (reason := progress.stop_reason()) is None:
-        z = solver.propose(z, gz, residual)
-        gz = g(z)
-        residual = gz - z
-        progress.steps += 1
-        progress.update_all(z, sample_rms(residual))
-        if hook is not None and (restart := hook(progress, z)) is not None:
-            z = restart
-            gz, residual = _restart(solver, g, progress, z)
-    return LoopResult(progress.final_state(z), reason)
+class TogetherIteration(_Iteration):
+    """Iterate every sample (none frozen) until all have converged or a limit is hit; the
+    result is each sample's best iterate (the last one when all converged)."""
+
+    def __init__(self, solver: FixedPointSolver, g: CountedMap, z: Tensor, gz: Tensor,
+                 residual: Tensor, progress: Progress) -> None:
+        super().__init__(solver, g, gz, residual)
+        progress.keep_best_after_rise(z)
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        z = self.propose(z)
+        progress.update_all(z, self.evaluate(z))
+        return z, True
+

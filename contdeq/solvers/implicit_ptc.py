@@ -36,13 +36,14 @@ from .callback import StepHook
 from .counting import CountedODEFunc
 from .gmres import gmres
 from .linearize import JVP_MODES, Linearization, forcing_term
+from .loop import StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
 from .registry import STEADY_STATE_METHODS
 from .stats import LoopResult, StopReason
 from .termination import sample_rms
 from .validation import check_positive_float, check_positive_int, raise_nonfinite
 
-__all__ = ["PTCOptions", "Preconditioner", "run_implicit_ptc"]
+__all__ = ["ImplicitPTC", "ImplicitPTCSteps", "PTCOptions", "Preconditioner"]
 
 #: ``preconditioner(v, z, h) -> approx. (I / h - J(z))^{-1} v`` on flat ``(B, D)`` tensors
 #: (``h``: ``(B,)``), linear in ``v`` per sample, a zero row giving a zero row.
@@ -65,7 +66,7 @@ class PTCOptions:
             problems of ``benchmarks/nonlinear.py`` (``dz/dt = -F``): 20 solved with 1.0 and
             with 1.2, 19 with 1.5 (the former fixed value); 1.2 is the default because with
             1.0 a slowly falling residual keeps a small step small: the reaction-diffusion
-            flow of ``benchmarks/stiff_problems.py`` at rate 10 from ``first_step=1e-3``
+            flow of ``tests/stiff_problems.py`` at rate 10 from ``first_step=1e-3``
             stalled from both starts tried with 1.0 (after 77 and 277 steps) and converged with
             1.2 (47 and 55 steps). The stiff table is unchanged.
         max_growth: most growth of ``h`` per step (SER grows it by the residual's shrink ratio,
@@ -126,108 +127,121 @@ class PTCOptions:
                             f"(B, D) tensor, got {type(self.preconditioner).__name__}")
 
 
-@STEADY_STATE_METHODS.register("implicit_ptc")
-def run_implicit_ptc(
-    counted: CountedODEFunc,
-    z: Tensor,
-    d: Tensor,
-    progress: Progress,
-    first_step: float | None,
-    max_step: float,
-    t_max: float,
-    hook: StepHook | None = None,
-    *,
-    options: PTCOptions | None = None,
-) -> tuple[LoopResult, int, int]:
-    """ΨTC on flat ``(B, D)`` states (see the module docstring).
+class ImplicitPTCSteps(Stepper):
+    """ΨTC stepping one solve on flat ``(B, D)`` states, on the one loop (see the module
+    docstring).
 
-    ``d`` is ``F(z)`` at the initial ``z``. Each sample has its own step ``h`` (at most
-    ``max_step``); the GMRES tolerance of each step is the Eisenstat-Walker forcing term.
-    Unconverged samples return their best iterate (smallest residual).
+    Each sample has its own step ``h`` (at most ``max_step``); the GMRES tolerance of each step
+    is the Eisenstat-Walker forcing term. Unconverged samples return their best iterate
+    (smallest residual). :meth:`result` counts accepted and rejected steps over (sample, step)
+    pairs and reports the Jacobian-vector products and GMRES iterations.
 
-    Returns ``(LoopResult(z, stop_reason, accepted, rejected), jvps, linear_iterations)``;
-    accepted and rejected are counted over (sample, step) pairs.
+    Args:
+        counted: the counted flow ``F`` (``func(t, z)``); ``d`` is ``F(z)`` at the initial
+            ``z`` (``(B, D)``).
+        progress: the solve's bookkeeping.
+        first_step: first step (``None``: ``options.first_step``); ``max_step``, ``t_max``:
+            limits.
+        options: ΨTC's tunables (default ``PTCOptions()``).
     """
-    opts = PTCOptions() if options is None else options
-    t0 = torch.zeros((), dtype=z.dtype, device=z.device)
-    shape, flat = counted.shape, counted.flat_shape
 
-    def raw(v: Tensor) -> Tensor:
-        return counted.func(t0, v.reshape(shape)).reshape(flat)
+    def __init__(self, counted: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+                 first_step: float | None, max_step: float, t_max: float, *,
+                 options: PTCOptions | None = None) -> None:
+        assert progress.t is not None
+        self.opts = opts = PTCOptions() if options is None else options
+        t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+        shape, flat = counted.shape, counted.flat_shape
 
-    lin = Linearization(lambda v: counted(0.0, v), raw, opts.jvp)
-    first = opts.first_step if first_step is None else first_step
-    h = torch.full_like(progress.res, min(first, max_step))
-    accepted = torch.zeros_like(progress.res, dtype=torch.long)
-    attempted = torch.zeros_like(accepted)
-    linear_iterations = 0
-    res_prev: Tensor | None = None
-    eta: Tensor | None = None
-    assert progress.t is not None
-    progress.keep_best(z)
-    stall = Stall(progress.res, opts.stall_window, opts.stall_decrease)
-    # The last trial was NaN/Inf: F's value at a finite trial state, or the trial state itself
-    # (GMRES is finite for finite products, so a NaN/Inf Jacobian product of F at z).
-    bad_value = torch.zeros_like(progress.active)
-    # Residuals of the last evaluation, which saw every sample (frozen ones where they froze).
-    last_res: Tensor | None = None
-    while True:
-        while (reason := progress.stop_reason(t_max)) is None:
-            res = progress.res
-            active = progress.active & ~stall.stalled
-            if t_max < math.inf:
-                active &= progress.t < t_max
-            if not bool(active.any()):
-                reason = StopReason.STALLED if bool(stall.stalled.any()) else StopReason.T_MAX
-                break
-            dt = (torch.minimum(h.to(progress.t.dtype), t_max - progress.t)
-                  if t_max < math.inf else h)
-            delta, iterations = _step(lin, z, d * active.unsqueeze(1), dt, res, res_prev, eta,
-                                      progress.tol, opts)
-            eta = delta[1]
-            linear_iterations += iterations
-            z_new = z + delta[0]
-            finite_z = torch.isfinite(z_new).all(dim=1)
-            trial = z_new if bool(finite_z.all()) else torch.where(finite_z.unsqueeze(1), z_new, z)
-            d_new = lin.evaluate(trial)
-            progress.steps += 1
-            res_new = last_res = sample_rms(d_new)
-            tol_new = progress.condition.tolerance(trial)
-            finite = torch.isfinite(res_new + tol_new) & finite_z
-            bad_value = torch.where(active, ~finite, bad_value)
-            ok = finite & active & (res_new <= opts.blowup * res)
-            accepted += ok
-            attempted += active
-            res_prev = torch.where(ok, res, res_prev if res_prev is not None else res)
-            h = torch.where(active, _next_step(h, ok, res, res_new, opts), h).clamp_(max=max_step)
-            if bool(torch.equal(ok, active)):  # inactive samples had a zero correction
-                z, d = trial, d_new  # the same tensor: reverse-mode products reuse its graph
-            else:
-                keep = ok.unsqueeze(1)
-                z, d = torch.where(keep, trial, z), torch.where(keep, d_new, d)
-            progress.accept(ok, res_new, tol_new, dt * ok, z)
-            stall.update(progress.res, active)
-            if hook is not None and (restart := hook(progress, z)) is not None:
-                z, d = restart, lin.evaluate(restart)
-                last_res = sample_rms(d)
-                progress.restart(z, last_res)
-                stall = Stall(progress.res, opts.stall_window, opts.stall_decrease)
-                res_prev = eta = None
-        # Re-test the frozen samples on the last evaluation (an F coupling samples): at a limit
-        # those that no longer pass are returned unconverged, when all converged they iterate.
-        if last_res is None or not progress.reopen_stale(z, last_res) or (
-                reason != StopReason.CONVERGED):
-            break
-    final = progress.final_state(z)
-    unconverged = progress.res > progress.tol
-    if reason != StopReason.CONVERGED and bool((bad_value & unconverged).any()):
-        raise_nonfinite(counted.name, progress.steps,
-                        f"the solve stopped ({reason}) right after trial steps where the function "
-                        "or its Jacobian-vector products returned NaN/Inf, before a finite step "
-                        "was found")
-    n_accepted = int(accepted.sum())
-    return (LoopResult(final, reason, n_accepted, int(attempted.sum()) - n_accepted), lin.jvps,
-            linear_iterations)
+        def raw(v: Tensor) -> Tensor:
+            return counted.func(t0, v.reshape(shape)).reshape(flat)
+
+        self.name = counted.name
+        self.lin = Linearization(lambda v: counted(0.0, v), raw, opts.jvp)
+        self.d = d
+        self.max_step, self.t_max = max_step, t_max
+        first = opts.first_step if first_step is None else first_step
+        self.h = torch.full_like(progress.res, min(first, max_step))
+        self.accepted = torch.zeros_like(progress.res, dtype=torch.long)
+        self.attempted = torch.zeros_like(self.accepted)
+        self.linear_iterations = 0
+        self.res_prev: Tensor | None = None
+        self.eta: Tensor | None = None
+        progress.keep_best(z)
+        self.stall = Stall(progress.res, opts.stall_window, opts.stall_decrease)
+        # The last trial was NaN/Inf: F's value at a finite trial state, or the trial state
+        # itself (GMRES is finite for finite products, so a NaN/Inf Jacobian product of F at z).
+        self.bad_value = torch.zeros_like(progress.active)
+        # Residuals of the last evaluation, which saw every sample (frozen ones where they froze).
+        self.last_res: Tensor | None = None
+        self.active = progress.active
+
+    def stop_reason(self, progress: Progress) -> StopReason | str | None:
+        reason = progress.stop_reason(self.t_max)
+        if reason is not None:
+            return reason
+        assert progress.t is not None
+        active = progress.active & ~self.stall.stalled
+        if self.t_max < math.inf:
+            active &= progress.t < self.t_max
+        if not bool(active.any()):
+            return StopReason.STALLED if bool(self.stall.stalled.any()) else StopReason.T_MAX
+        self.active = active
+        return None
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        assert progress.t is not None
+        opts, lin, active, h, res = self.opts, self.lin, self.active, self.h, progress.res
+        dt = (torch.minimum(h.to(progress.t.dtype), self.t_max - progress.t)
+              if self.t_max < math.inf else h)
+        delta, iterations = _step(lin, z, self.d * active.unsqueeze(1), dt, res, self.res_prev,
+                                  self.eta, progress.tol, opts)
+        self.eta = delta[1]
+        self.linear_iterations += iterations
+        z_new = z + delta[0]
+        finite_z = torch.isfinite(z_new).all(dim=1)
+        trial = z_new if bool(finite_z.all()) else torch.where(finite_z.unsqueeze(1), z_new, z)
+        d_new = lin.evaluate(trial)
+        res_new = self.last_res = sample_rms(d_new)
+        tol_new = progress.condition.tolerance(trial)
+        finite = torch.isfinite(res_new + tol_new) & finite_z
+        self.bad_value = torch.where(active, ~finite, self.bad_value)
+        ok = finite & active & (res_new <= opts.blowup * res)
+        self.accepted += ok
+        self.attempted += active
+        self.res_prev = torch.where(ok, res, self.res_prev if self.res_prev is not None else res)
+        self.h = torch.where(active, _next_step(h, ok, res, res_new, opts), h).clamp_(
+            max=self.max_step)
+        if bool(torch.equal(ok, active)):  # inactive samples had a zero correction
+            z, self.d = trial, d_new  # the same tensor: reverse-mode products reuse its graph
+        else:
+            keep = ok.unsqueeze(1)
+            z, self.d = torch.where(keep, trial, z), torch.where(keep, d_new, self.d)
+        progress.accept(ok, res_new, tol_new, dt * ok, z)
+        self.stall.update(progress.res, active)
+        return z, True
+
+    def restart(self, z: Tensor, progress: Progress) -> None:
+        self.d = self.lin.evaluate(z)
+        self.last_res = sample_rms(self.d)
+        progress.restart(z, self.last_res)
+        self.stall = Stall(progress.res, self.opts.stall_window, self.opts.stall_decrease)
+        self.res_prev = self.eta = None
+
+    def retest(self, z: Tensor, progress: Progress) -> bool:
+        return self.last_res is not None and progress.reopen_stale(z, self.last_res)
+
+    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
+        final = progress.final_state(z)
+        unconverged = progress.res > progress.tol
+        if reason != StopReason.CONVERGED and bool((self.bad_value & unconverged).any()):
+            raise_nonfinite(self.name, progress.steps,
+                            f"the solve stopped ({reason}) right after trial steps where the "
+                            "function or its Jacobian-vector products returned NaN/Inf, before "
+                            "a finite step was found")
+        n_accepted = int(self.accepted.sum())
+        return LoopResult(final, reason, n_accepted, int(self.attempted.sum()) - n_accepted,
+                          self.lin.jvps, self.linear_iterations)
 
 
 def _step(
@@ -290,3 +304,43 @@ class Stall:
         self.best = torch.where(improved & stepped, res, self.best)
         self.since = torch.where(improved, 0, self.since + stepped)
         self.stalled = self.since >= self.window
+
+
+class ImplicitPTC:
+    """Implicit (backward-Euler, Newton-Krylov) pseudo-transient continuation, Kelley & Keyes'
+    ΨTC: :class:`ImplicitPTCSteps` on the one loop.
+
+    Args:
+        max_step: largest per-sample step when ``steady_state`` is given none (default ``inf``).
+        first_step: initial step when ``steady_state`` is given none (default
+            ``options.first_step``).
+        options: ΨTC's tunables (step growth, stall test, GMRES restart and cap, JVP mode,
+            preconditioner): a :class:`~contdeq.solvers.implicit_ptc.PTCOptions`.
+    """
+
+    name = "implicit_ptc"
+    local_error_control = False
+    compilable = False
+
+    def __init__(self, *, max_step: float = math.inf, first_step: float | None = None,
+                 options: PTCOptions | None = None) -> None:
+        self.first_step, self.default_max_step = check_steps(first_step, max_step)
+        if options is not None and not isinstance(options, PTCOptions):
+            raise TypeError(f"options must be a PTCOptions, got {type(options).__name__}; "
+                            "build one with contdeq.solvers.PTCOptions(...)")
+        self.options = options
+
+    def __repr__(self) -> str:
+        return (f"ImplicitPTC(max_step={self.default_max_step!r}, "
+                f"first_step={self.first_step!r}, options={self.options!r})")
+
+    def run(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+            control: StepControl, hook: StepHook | None) -> LoopResult:
+        """Iterate from ``z`` (``(B, D)``, derivative ``d``) to steady state; the result
+        carries the Jacobian-vector products and GMRES iterations."""
+        steps = ImplicitPTCSteps(func, z, d, progress, control.first_step, control.max_step,
+                                 control.t_max, options=self.options)
+        return run_loop(steps, z, progress, hook)
+
+
+STEADY_STATE_METHODS.register("implicit_ptc", ImplicitPTC())

@@ -10,7 +10,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .callback import StepHook
     from .counting import CountedODEFunc
-    from .integrate import StepControl
+    from .loop import StepControl
     from .progress import Progress
     from .stats import LoopResult
 
@@ -64,13 +64,16 @@ class FixedPointSolver(Protocol):
 class SteadyStateSolver(Protocol):
     """A steady-state method of :func:`~contdeq.solvers.steady_state`: what
     :data:`~contdeq.solvers.STEADY_STATE_METHODS` holds (a registered
-    :class:`~contdeq.solvers.Tableau` is run by :class:`~contdeq.solvers.methods.RungeKutta`).
+    :class:`~contdeq.solvers.Tableau` is run by :class:`~contdeq.solvers.RungeKutta`).
 
     ``steady_state`` validates the arguments, wraps ``func`` (counting, checks), evaluates it
     at ``z0`` and builds the per-sample bookkeeping (``progress``: residuals, tolerances,
     freezing, limits, best iterate); then it calls :meth:`run` and assembles the statistics.
     An optional attribute ``first_step`` (``float | None``) is the first step when the caller
-    gives none. To add a method: an object with these members, registered with
+    gives none. To add a method: a :class:`~contdeq.solvers.Stepper` subclass (its
+    ``__init__`` and ``step``; the one loop, :func:`~contdeq.solvers.run_loop`, owns the stop
+    test, the callback, the final re-test and the result) and an object with these members
+    whose ``run`` returns ``run_loop(stepper, z, progress, hook)``, registered with
     ``STEADY_STATE_METHODS.register("name", obj)``; validation, ``steady_state``, the layers'
     ``method=`` option, the backward's ``"ode"`` method and the tests' parametrizations pick
     the name up.

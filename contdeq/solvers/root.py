@@ -40,7 +40,8 @@ from .callback import StepInfo, Stop
 from .counting import CountedODEFunc
 from .errors import ConvergenceError, NonFiniteError, OnNonConvergence, report_nonconvergence
 from .fixed_point import fixed_point
-from .implicit_ptc import PTCOptions, Stall, run_implicit_ptc
+from .implicit_ptc import ImplicitPTCSteps, PTCOptions, Stall
+from .loop import run_loop
 from .progress import Progress
 from .stats import SolverStats, StopReason
 from .termination import SteadyStateCondition
@@ -175,11 +176,11 @@ def _solve_ptc(F: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rtol: flo
     d = counted(0.0, z)
     progress = Progress(SteadyStateCondition(atol, rtol), z, d, max_steps=max_steps,
                         timeout=timeout, record=False, name="F", track_time=True)
-    result, jvps, linear_iterations = run_implicit_ptc(
-        counted, z, d, progress, None, math.inf, math.inf, None, options=opts)
+    result = run_loop(ImplicitPTCSteps(counted, z, d, progress, None, math.inf, math.inf,
+                                       options=opts), z, progress)
     stats = progress.finish("ptc", counted.calls, result.stop_reason, result.accepted,
                             result.rejected)
-    stats.jvps, stats.linear_iterations = jvps, linear_iterations
+    stats.jvps, stats.linear_iterations = result.jvps, result.linear_iterations
     return result.z.reshape(x0.shape), stats
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -12,12 +13,16 @@ from .._warnings import warn
 from .callback import StepCallback, StepHook
 from .counting import CountedODEFunc
 from .errors import OnNonConvergence, report_nonconvergence
-from .integrate import StepControl
-from .methods import steady_state_solver
+from .implicit_ptc import ImplicitPTC  # noqa: F401  (registers "implicit_ptc")
+from .integrate import RungeKutta
+from .loop import StepControl
 from .progress import Progress
 from .protocol import SteadyStateSolver
+from .ptc import PTC  # noqa: F401  (registers "ptc", after "implicit_ptc")
+from .registry import STEADY_STATE_METHODS
 from .stats import Solution
 from .structure import solve_flattened
+from .tableaux import Tableau
 from .termination import SteadyStateCondition
 from .torchdiffeq_backend import EVENT_METHODS, TORCHDIFFEQ_FSAL_METHODS
 from .unbatched import solve_as_one_sample
@@ -246,3 +251,31 @@ def _integrator_tolerances(
         )
     return ode_atol, ode_rtol
 
+
+@cache
+def _runge_kutta(tableau: Tableau) -> RungeKutta:
+    return RungeKutta(tableau)
+
+
+def steady_state_solver(method: str | SteadyStateSolver) -> SteadyStateSolver:
+    """The solver object of ``method``: a registered name (a tableau's is run by
+    :class:`RungeKutta`) or a solver object itself.
+
+    Raises:
+        ValueError: an unregistered name (naming the choices).
+        TypeError: a registered entry or a given object that does not follow
+            :class:`~contdeq.solvers.protocol.SteadyStateSolver`.
+    """
+    if isinstance(method, str):
+        entry: Any = STEADY_STATE_METHODS[STEADY_STATE_METHODS.check(method)]
+    else:
+        entry = method
+    if isinstance(entry, Tableau):
+        return _runge_kutta(entry)
+    if not isinstance(entry, SteadyStateSolver):
+        raise TypeError(
+            f"method must be a registered steady-state method name or a solver object with "
+            f"name, local_error_control, default_max_step, compilable and run(func, z, d, "
+            f"progress, control, hook) (see contdeq.solvers.protocol.SteadyStateSolver), got "
+            f"{entry!r:.80}")
+    return entry

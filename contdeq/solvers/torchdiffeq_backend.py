@@ -12,7 +12,7 @@ Both are slower than the lean loop (see ``benchmarks/solvers.py``); they exist s
 loop can be checked and measured against them. Both reject a trial step whose error estimate is
 NaN/Inf (the norm given to torchdiffeq maps NaN to ``inf``, so its controller shrinks the step
 instead of taking a NaN step size), with the lean loop's bound on such trials in a row
-(:class:`~contdeq.solvers.integrate.NonFiniteTrials`), and both honour ``timeout``.
+(:class:`~contdeq.solvers.loop.NonFiniteTrials`), and both honour ``timeout``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from torchdiffeq import odeint_event
 from torchdiffeq._impl.misc import _all_callback_names, _null_callback, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 
-from .callback import StepHook
 from .counting import CountedODEFunc
-from .integrate import NONFINITE_SHRINK, NonFiniteTrials, StepControl
+from .loop import NONFINITE_SHRINK, NonFiniteTrials, StepControl, Stepper
 from .progress import Progress
 from .rk import initial_step
-from .stats import LoopResult
+from .stats import LoopResult, StopReason
 from .tableaux import TABLEAUX
 from .termination import sample_rms
 from .validation import all_finite, raise_nonfinite, raise_step_underflow
@@ -81,82 +80,96 @@ class _MaskedFunc(torch.nn.Module):
         return self.last * self.mask
 
 
-def run_torchdiffeq_loop(
-    func: CountedODEFunc,
-    z: Tensor,
-    d: Tensor,
-    progress: Progress,
-    method: str,
-    control: StepControl,
-    hook: StepHook | None = None,
-) -> LoopResult:
-    """torchdiffeq's adaptive step, our FSAL terminator; returns like ``run_runge_kutta``."""
-    mask = progress.active.to(z.dtype).unsqueeze(1)
-    masked = _MaskedFunc(func, mask)
-    order = TABLEAUX[method].order
-    first = control.first_step or initial_step(
-        d, z, control.atol, control.rtol, order, min(control.max_step, control.t_max)
-    )
-    norm = _ErrorNorm()
-    perturbed = _PerturbFunc(masked)
-    for name in _all_callback_names:  # what torchdiffeq's odeint would attach
-        setattr(perturbed, name, _null_callback)
-    solver = SOLVERS[method](
-        func=perturbed, y0=z, rtol=control.rtol, atol=_error_atol(control.atol, z),
-        first_step=first, max_step=control.max_step, norm=norm,
-    )
-    # _before_integrate evaluates f(z0) again (one real, counted call beyond ours).
-    solver._before_integrate(torch.tensor([0.0, control.t_max], dtype=torch.float64))
-    state = solver.rk_state
-    accepted = rejected = 0
-    trials = NonFiniteTrials(func.name)
-    progress.keep_best(z)
-    while True:
-        while (reason := progress.stop_reason(control.t_max)) is None:
-            if float(state.t1) >= control.t_max:  # progress.t, a sum of steps, may lag t1
-                reason = "t_max"
-                break
-            mask.copy_(progress.active.unsqueeze(1))
-            # k_0 of a just-frozen sample must be 0 too; torchdiffeq's step does not stop at
-            # t_max.
-            dt = state.dt.clamp(max=control.t_max - float(state.t1))
-            state = state._replace(f1=state.f1 * mask, dt=dt)
-            try:
-                new_state = solver._adaptive_step(state)
-            except AssertionError as exc:  # underflow in dt (no NaN state is ever accepted)
-                raise_step_underflow(f"{func.name} ({exc})", progress.steps + 1,
-                                     float(state.t1), float(state.dt))
-            progress.steps += 1
-            nonfinite = norm.nonfinite
-            tol = None
-            if float(new_state.t1) > float(state.t1):
-                res = sample_rms(new_state.f1)
-                tol = progress.trial_tolerance(new_state.y1, res, progress.active)
-                if tol is None:  # finite error estimate, NaN/Inf residual: reject after all
-                    nonfinite = True
-                    new_state = new_state._replace(y1=state.y1, f1=state.f1, t1=state.t1,
-                                                   dt=state.dt * NONFINITE_SHRINK)
-            if tol is not None:
-                accepted += 1
-                trials.reset()
-                dt = float(new_state.t1 - state.t1)
-                progress.accept(progress.active, res, tol, dt, new_state.y1)
-            else:
-                rejected += 1
-                if nonfinite:
-                    trials.reject(float(state.dt), progress.steps, float(state.t1))
-            state = new_state
-            if tol is not None and hook is not None and (
-                    restart := hook(progress, state.y1)) is not None:
-                masked.last = func(state.t1, restart)
-                progress.restart(restart, sample_rms(masked.last))
-                state = state._replace(y1=restart, f1=masked.last)
-        trials.check_stop(reason, progress.steps)
-        if masked.last is None or bool(mask.all()) or not progress.reopen_stale(
-                state.y1, sample_rms(masked.last)) or reason != "converged":
-            break
-        state = state._replace(f1=masked.last)
-    return LoopResult(progress.final_state(state.y1), reason, accepted, rejected)
+class TorchdiffeqSteps(Stepper):
+    """torchdiffeq's adaptive step (``_adaptive_step``) on the one loop, our FSAL terminator;
+    :meth:`result` as :class:`~contdeq.solvers.integrate.RungeKuttaSteps`'s.
+
+    Args:
+        func: the counted right-hand side; ``z``, ``d``: ``(B, D)`` initial state and
+            derivative; ``progress``: the solve's bookkeeping; ``method``: a name in
+            :data:`TORCHDIFFEQ_FSAL_METHODS`; ``control``: tolerances, steps, ``t_max``.
+    """
+
+    def __init__(self, func: CountedODEFunc, z: Tensor, d: Tensor, progress: Progress,
+                 method: str, control: StepControl) -> None:
+        self.func, self.control = func, control
+        self.mask = progress.active.to(z.dtype).unsqueeze(1)
+        self.masked = _MaskedFunc(func, self.mask)
+        order = TABLEAUX[method].order
+        first = control.first_step or initial_step(
+            d, z, control.atol, control.rtol, order, min(control.max_step, control.t_max)
+        )
+        self.norm = _ErrorNorm()
+        perturbed = _PerturbFunc(self.masked)
+        for name in _all_callback_names:  # what torchdiffeq's odeint would attach
+            setattr(perturbed, name, _null_callback)
+        self.solver = SOLVERS[method](
+            func=perturbed, y0=z, rtol=control.rtol, atol=_error_atol(control.atol, z),
+            first_step=first, max_step=control.max_step, norm=self.norm,
+        )
+        # _before_integrate evaluates f(z0) again (one real, counted call beyond ours).
+        self.solver._before_integrate(torch.tensor([0.0, control.t_max], dtype=torch.float64))
+        self.state = self.solver.rk_state
+        self.accepted = self.rejected = 0
+        self.trials = NonFiniteTrials(func.name)
+        progress.keep_best(z)
+
+    def stop_reason(self, progress: Progress) -> StopReason | str | None:
+        reason = progress.stop_reason(self.control.t_max)
+        if reason is None and float(self.state.t1) >= self.control.t_max:
+            return "t_max"  # progress.t, a sum of steps, may lag t1
+        return reason
+
+    def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
+        control, state, mask = self.control, self.state, self.mask
+        mask.copy_(progress.active.unsqueeze(1))
+        # k_0 of a just-frozen sample must be 0 too; torchdiffeq's step does not stop at t_max.
+        dt = state.dt.clamp(max=control.t_max - float(state.t1))
+        state = state._replace(f1=state.f1 * mask, dt=dt)
+        try:
+            new_state = self.solver._adaptive_step(state)
+        except AssertionError as exc:  # underflow in dt (no NaN state is ever accepted)
+            raise_step_underflow(f"{self.func.name} ({exc})", progress.steps,
+                                 float(state.t1), float(state.dt))
+        nonfinite = self.norm.nonfinite
+        tol = None
+        if float(new_state.t1) > float(state.t1):
+            res = sample_rms(new_state.f1)
+            tol = progress.trial_tolerance(new_state.y1, res, progress.active)
+            if tol is None:  # finite error estimate, NaN/Inf residual: reject after all
+                nonfinite = True
+                new_state = new_state._replace(y1=state.y1, f1=state.f1, t1=state.t1,
+                                               dt=state.dt * NONFINITE_SHRINK)
+        if tol is not None:
+            self.accepted += 1
+            self.trials.reset()
+            progress.accept(progress.active, res, tol, float(new_state.t1 - state.t1),
+                            new_state.y1)
+        else:
+            self.rejected += 1
+            if nonfinite:
+                self.trials.reject(float(state.dt), progress.steps, float(state.t1))
+        self.state = new_state
+        return new_state.y1, tol is not None
+
+    def restart(self, z: Tensor, progress: Progress) -> None:
+        last = self.masked.last = self.func(self.state.t1, z)
+        progress.restart(z, sample_rms(last))
+        self.state = self.state._replace(y1=z, f1=last)
+
+    def retest(self, z: Tensor, progress: Progress) -> bool:
+        last = self.masked.last
+        return last is not None and not bool(self.mask.all()) and progress.reopen_stale(
+            z, sample_rms(last))
+
+    def resume(self, z: Tensor, progress: Progress) -> None:
+        self.state = self.state._replace(f1=self.masked.last)
+
+    def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
+        self.trials.check_stop(reason, progress.steps)
+
+    def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
+        return LoopResult(progress.final_state(z), reason, self.accepted, self.rejected)
 
 
 def run_odeint_event(

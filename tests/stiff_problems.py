@@ -1,8 +1,8 @@
 """Stiff steady-state problems, batched ``(B, ...)`` torch flows ``dz/dt = F(z)``, with references.
 
-Used by ``benchmarks/steady_states.py`` and ``tests/test_stiff.py``. Each ``F`` acts on each
-sample separately; each problem has a float64 reference solution computed independently
-(a dense solve, or Newton's method with dense Jacobians).
+A test fixture (``tests/test_stiff.py``), also solved by ``benchmarks/steady_states.py``.
+Each ``F`` acts on each sample separately; each problem has a float64 reference solution
+computed independently (a dense solve, or Newton's method with dense Jacobians).
 """
 
 from __future__ import annotations
