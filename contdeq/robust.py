@@ -529,7 +529,7 @@ class _EntropyReducingSolver(ForwardSolver):
         return raw, self.raw.encode
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
-        f = fx.f  # type: ignore[attr-defined]  # the layer's CheckedCall
+        f = fx.f  # type: ignore[attr-defined]  # the layer's LayerInput (f bound to x)
         origin, to_layer = self._start(fx.x)  # type: ignore[attr-defined]
         moved = [origin]
         accepted = [0]
