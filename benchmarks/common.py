@@ -474,7 +474,7 @@ def _shared_options(solver: str) -> dict[str, Any]:
     the model is built."""
     return {"solver": solver, "atol": TOL["tol"], "rtol": TOL["tol"],
             "max_steps": TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"],
-            "backward_tol": TOL["backward_tol"], "backward_max_steps": TOL["backward_max_steps"],
+            "backward_rtol": TOL["backward_tol"], "backward_max_steps": TOL["backward_max_steps"],
             "on_nonconvergence": "ignore"}
 
 
