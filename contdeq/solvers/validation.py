@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import math
 import threading
+import types
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,11 @@ def check_callable(value: object, name: str, signature: str) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable as {signature}, got {type(value).__name__}")
     params = signature[signature.index("(") + 1:signature.index(")")].split(", ")
+    # Reading a signature costs tens of microseconds, as much as a small solve's setup: the
+    # verdict is kept per code object (a lambda made anew each call shares its code).
+    key = _signature_key(value, len(params))
+    if key is not None and key in _CALLABLE_OK:
+        return
     try:
         inspect.signature(value).bind(*params)
     except ValueError:  # no readable signature (a builtin, some C extensions): call and see
@@ -135,6 +141,28 @@ def check_callable(value: object, name: str, signature: str) -> None:
             f"{len(params)} positional arguments")
         raise TypeError(f"{name} must be callable as {signature} ({count}: "
                         f"{', '.join(params)}), but {takes} cannot take them{hint}") from None
+    if key is not None and len(_CALLABLE_OK) < _CALLABLE_CACHE_SIZE:
+        _CALLABLE_OK.add(key)
+
+
+#: Signatures :func:`check_callable` found to take their arguments, by :func:`_signature_key`.
+_CALLABLE_OK: set[tuple[object, ...]] = set()
+_CALLABLE_CACHE_SIZE = 4096
+
+
+def _signature_key(value: object, n_params: int) -> tuple[object, ...] | None:
+    """What decides whether ``value`` takes ``n_params`` positional arguments: a plain
+    function's code and number of defaults, a bound method's function, a callable object's
+    class; or ``None`` (not cached: partials, builtins, ...)."""
+    if isinstance(value, types.FunctionType):
+        return (value.__code__, len(value.__defaults__ or ()), n_params)
+    if isinstance(value, types.MethodType) and isinstance(value.__func__, types.FunctionType):
+        func = value.__func__
+        return ("method", func.__code__, len(func.__defaults__ or ()), n_params)
+    call = inspect.getattr_static(type(value), "__call__", None)
+    if isinstance(call, types.FunctionType) and not isinstance(value, type):
+        return ("object", type(value), n_params)
+    return None
 
 
 def check_callback(callback: object) -> StepCallback | None:
