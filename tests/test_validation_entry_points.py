@@ -130,3 +130,20 @@ def test_bad_input_is_named(case: str) -> None:
     call, error, message = CASES[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_signature_check_is_kept_per_code_not_per_name() -> None:
+    """Catches a kept signature verdict that lets a function of the wrong arity through because
+    a function of the same name (or a method of the same class) passed before: each lambda made
+    by the same line shares the verdict, a different one is checked again."""
+    import torch
+
+    from contdeq.solvers import steady_state
+
+    z0 = torch.zeros(2, 3)
+    for _ in range(2):  # the second call uses the kept verdict for this code
+        steady_state(lambda t, z: -z, z0, max_steps=5, on_nonconvergence="ignore")
+    with pytest.raises(TypeError, match="cannot take them"):
+        steady_state(lambda z: -z, z0)
+    with pytest.raises(TypeError, match="cannot take them"):
+        steady_state(lambda t, z, w: -z, z0)
