@@ -92,24 +92,29 @@ def _field(batch: int = 4, width: int = 3, seed: int = 0) -> tuple[nn.Module, Te
     return cell, x, x2
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("solver", ["ode", "anderson", "picard"])
-def test_restart_x_rebinds_the_solve_and_reports_the_final_input(solver: str) -> None:
+def test_restart_x_rebinds_the_solve_and_reports_the_final_input(solver: str, per_sample: bool
+                                                                  ) -> None:
     """``Restart(x=x2)`` from a step callback: the solve ends at the equilibrium for ``x2``,
     ``stats.final_input`` is ``x2`` and the function given to the solve still holds ``x``
-    (nothing the caller reads was changed). Without a restart ``final_input`` is ``None``."""
+    (nothing the caller reads was changed). Without a restart ``final_input`` is ``None``.
+    Also for a batch solved as one sample (``per_sample=False``)."""
     cell, x, x2 = _field()
     z0 = torch.zeros_like(x)
     fx = BoundInput(cell, x)
     with torch.no_grad():
-        z2, _ = solve(solver, BoundInput(cell, x2), z0, atol=TOL, rtol=TOL)
-        plain = solve(solver, fx, z0, atol=TOL, rtol=TOL)
+        z2, _ = solve(solver, BoundInput(cell, x2), z0, atol=TOL, rtol=TOL,
+                      per_sample=per_sample)
+        plain = solve(solver, fx, z0, atol=TOL, rtol=TOL, per_sample=per_sample)
         shown: list[Tensor | None] = []
 
         def swap(info: StepInfo) -> Restart | None:
             shown.append(info.x)
             return Restart(x=x2) if info.step == 1 else None
 
-        z, stats = solve(solver, fx, z0, atol=TOL, rtol=TOL, callback=swap)
+        z, stats = solve(solver, fx, z0, atol=TOL, rtol=TOL, callback=swap,
+                         per_sample=per_sample)
     assert plain.stats.final_input is None
     assert shown[0] is x and torch.equal(shown[-1], x2)
     assert fx.x is x

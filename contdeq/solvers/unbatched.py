@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .counting import Residual
 from .structure import solver_arguments
 from .validation import check_func_output
 
@@ -44,6 +45,19 @@ class _OneSampleFunction:
     def __init__(self, fn: Callable[..., Tensor], name: str) -> None:
         self.fn = fn
         self.name = name
+
+    @property
+    def x(self) -> Tensor | None:
+        """The input the user's function is bound to (a layer's ``f(., x)``), if any."""
+        fn = self.fn.fx if isinstance(self.fn, Residual) else self.fn
+        return getattr(fn, "x", None)
+
+    def with_input(self, x: Tensor) -> _OneSampleFunction:
+        """The same function bound to the input ``x`` (a step callback's ``Restart(x=...)``)."""
+        if not hasattr(self.fn, "with_input"):
+            raise ValueError(f"a step callback returned Restart(x=...), but {self.name} "
+                             f"({type(self.fn).__name__}) cannot be bound to another input")
+        return _OneSampleFunction(self.fn.with_input(x), self.name)
 
     def __call__(self, *args: Any) -> Tensor:
         *rest, z = args
