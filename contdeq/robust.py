@@ -529,7 +529,8 @@ class _EntropyReducingSolver(ForwardSolver):
         return raw, self.raw.encode
 
     def __call__(self, fx: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverStats]:
-        f = fx.f  # type: ignore[attr-defined]  # the layer's LayerInput (f bound to x)
+        # The layer's LayerInput (f bound to x): evaluate calls f under the forward's autocast.
+        f = fx.evaluate  # type: ignore[attr-defined]
         origin, to_layer = self._start(fx.x)  # type: ignore[attr-defined]
         moved = [origin]
         accepted = [0]
