@@ -250,6 +250,16 @@ def test_implicit_tol_is_the_deprecated_spelling_of_rtol(mode: type[contdeq.Impl
         old = mode("picard", tol=1e-11, max_steps=300)
     assert rec[0].filename == __file__
     assert old == new == mode("picard", 1e-11, 300) and old.rtol == 1e-11
+    with pytest.warns(DeprecationWarning, match="use rtol="):
+        assert mode("picard", None, 300, tol=1e-11) == new
+    constructor, arguments, state = new.__reduce_ex__(1)[:3]  # as pickled before the rename
+    old_state = {("tol" if name == "rtol" else name): value for name, value in state.items()}
+
+    class Pickled:
+        def __reduce__(self) -> tuple:
+            return constructor, arguments, old_state
+
+    assert pickle.loads(pickle.dumps(Pickled())) == new
     assert "rtol=1e-11" in repr(old) and " tol=" not in repr(old)
     outcomes = []
     for backward in (old, new):
