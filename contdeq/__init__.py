@@ -14,6 +14,7 @@ from .implicit import (
     Phantom,
     Unrolled,
     WarmImplicit,
+    backward_mode,
     equilibrium,
 )
 from .jiio import joint_inference
@@ -77,6 +78,7 @@ __all__ = [
     "WarmImplicit",
     "WeightTied",
     "aux_loss",
+    "backward_mode",
     "equilibrium",
     "jacobian_frobenius",
     "jiio",

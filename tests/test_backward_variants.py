@@ -52,7 +52,7 @@ def test_phantom_equals_the_gradient_of_k_unrolled_damped_steps() -> None:
 def test_phantom_tends_to_the_implicit_gradient_as_steps_grow() -> None:
     """On a contractive f the phantom gradient converges to the implicit one (float64): catches
     a series that sums the wrong operator (it would converge elsewhere or diverge)."""
-    exact, *_ = layer_gradients(contdeq.Implicit(tol=1e-13, max_steps=300), lipschitz=0.7)
+    exact, *_ = layer_gradients(contdeq.Implicit(rtol=1e-13, max_steps=300), lipschitz=0.7)
     errors = []
     for steps in (1, 4, 16, 64, 160):
         approx, *_ = layer_gradients(contdeq.Phantom(steps, 0.5), lipschitz=0.7)
@@ -83,7 +83,7 @@ def test_truncated_adjoint_reports_nonconvergence_honestly() -> None:
     """An Implicit backward capped below what its tolerance needs (DeepEquilibriumNetworks.jl's
     truncated adjoint) says so: converged False / stop "max_steps" in the stats, a warning or
     an error as configured. Catches a capped solve reported as converged."""
-    capped = contdeq.Implicit(tol=1e-10, max_steps=2, on_nonconvergence="ignore")
+    capped = contdeq.Implicit(rtol=1e-10, max_steps=2, on_nonconvergence="ignore")
     torch.manual_seed(0)
     layer = contdeq.DEQ(TanhCell(4, 3, lipschitz=0.9), state_shape=4, backward=capped, **TIGHT)
     x = torch.randn(3, 3, dtype=torch.float64)
@@ -91,10 +91,10 @@ def test_truncated_adjoint_reports_nonconvergence_honestly() -> None:
     back = layer.stats.backward
     assert back.stop_reason == "max_steps" and not bool(back.converged.any())
     assert bool((back.residual > back.tolerance).all())
-    layer.backward_mode = contdeq.Implicit(tol=1e-10, max_steps=2)  # the layer's "warn"
+    layer.backward_mode = contdeq.Implicit(rtol=1e-10, max_steps=2)  # the layer's "warn"
     with pytest.warns(ConvergenceWarning, match="backward"):
         layer(x).sum().backward()
-    layer.backward_mode = contdeq.Implicit(tol=1e-10, max_steps=2, on_nonconvergence="raise")
+    layer.backward_mode = contdeq.Implicit(rtol=1e-10, max_steps=2, on_nonconvergence="raise")
     with pytest.raises(ConvergenceError):
         layer(x).sum().backward()
 
@@ -106,9 +106,9 @@ def test_warm_start_gives_the_cold_gradient(start: str) -> None:
     (e.g. a stale w returned, or a guess of the wrong batch used)."""
     torch.manual_seed(0)
     f = TanhCell(4, 3, lipschitz=0.8)
-    mode = contdeq.WarmImplicit(tol=1e-11, max_steps=300, start=start)
+    mode = contdeq.WarmImplicit(rtol=1e-11, max_steps=300, start=start)
     warm = contdeq.DEQ(f, state_shape=4, backward=mode, **TIGHT)
-    cold = contdeq.DEQ(f, state_shape=4, backward=contdeq.Implicit(tol=1e-11, max_steps=300),
+    cold = contdeq.DEQ(f, state_shape=4, backward=contdeq.Implicit(rtol=1e-11, max_steps=300),
                        **TIGHT)
     for batch in (4, 2, 4):
         x = torch.randn(batch, 3, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_warm_start_reuses_the_previous_solution() -> None:
     (catches a guess that is computed but never passed to the solver)."""
     torch.manual_seed(0)
     layer = contdeq.DEQ(TanhCell(4, 3, lipschitz=0.9), state_shape=4,
-                        backward=contdeq.WarmImplicit(tol=1e-8, start="previous"), **TIGHT)
+                        backward=contdeq.WarmImplicit(rtol=1e-8, start="previous"), **TIGHT)
     x = torch.randn(4, 3, dtype=torch.float64)
     nfe = []
     for _ in range(2):
@@ -144,8 +144,8 @@ def test_solve_adjoint_starts_from_w0_and_checks_it() -> None:
 
     exact = torch.linalg.solve(torch.eye(3, dtype=torch.float64) - a.T, v.T).T
     for method in ("anderson", "picard", "gmres"):
-        _, cold_stats = solve_adjoint(vjp, v, method=method, tol=1e-10)
-        warm, warm_stats = solve_adjoint(vjp, v, method=method, tol=1e-10, w0=exact)
+        _, cold_stats = solve_adjoint(vjp, v, method=method, rtol=1e-10)
+        warm, warm_stats = solve_adjoint(vjp, v, method=method, rtol=1e-10, w0=exact)
         torch.testing.assert_close(warm, exact)
         assert warm_stats.nfe < cold_stats.nfe, method
     with pytest.raises(ValueError, match="w0"):
@@ -192,7 +192,7 @@ def test_gradcheck_warm_implicit(start: str) -> None:
     zero-``grad_output`` check catches a remembered guess leaking into a zero gradient."""
     torch.manual_seed(0)
     layer = contdeq.DEQ(TanhCell(3, 2), state_shape=3, **TIGHT,
-                        backward=contdeq.WarmImplicit(tol=1e-12, max_steps=300, start=start))
+                        backward=contdeq.WarmImplicit(rtol=1e-12, max_steps=300, start=start))
     names, params = _functional(layer)
     x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
 
@@ -209,9 +209,9 @@ def test_ode_backward_takes_its_integrator_from_options(seed: int) -> None:
     raised TypeError: ``method`` reached solve_adjoint twice) and its gradient matches the
     default integrator's and the tight fixed-point solve's."""
     lipschitz = (0.3, 0.6, 0.9)[seed]
-    exact, *_ = layer_gradients(contdeq.Implicit(tol=1e-12, max_steps=300), lipschitz, seed=seed)
+    exact, *_ = layer_gradients(contdeq.Implicit(rtol=1e-12, max_steps=300), lipschitz, seed=seed)
     for options in ({}, {"method": "bosh3"}):
-        mode = contdeq.Implicit("ode", tol=1e-8, max_steps=2000, options=options,
+        mode = contdeq.Implicit("ode", rtol=1e-8, max_steps=2000, options=options,
                                 on_nonconvergence="raise")
         grads, *_ = layer_gradients(mode, lipschitz, seed=seed)
         for ours, ref in zip(grads, exact, strict=True):
@@ -229,11 +229,68 @@ def test_solve_adjoint_options_mapping_and_deprecated_keywords() -> None:
     a = 0.4 * torch.eye(3, dtype=torch.float64) + 0.1
     v = torch.randn(2, 3, dtype=torch.float64)
     exact = torch.linalg.solve(torch.eye(3, dtype=torch.float64) - a.T, v.T).T
-    w, stats = solve_adjoint(lambda w: w @ a, v, method="ode", tol=1e-6, max_steps=2000,
+    w, stats = solve_adjoint(lambda w: w @ a, v, method="ode", rtol=1e-6, max_steps=2000,
                              options={"method": "bosh3"}, on_nonconvergence="raise")
     assert stats.method == "bosh3"
     torch.testing.assert_close(w, exact, rtol=1e-4, atol=1e-6)
-    new, _ = solve_adjoint(lambda w: w @ a, v, tol=1e-10, options={"memory": 3})
+    new, _ = solve_adjoint(lambda w: w @ a, v, rtol=1e-10, options={"memory": 3})
     with pytest.warns(DeprecationWarning, match="options="):
-        old, _ = solve_adjoint(lambda w: w @ a, v, tol=1e-10, memory=3)
+        old, _ = solve_adjoint(lambda w: w @ a, v, rtol=1e-10, memory=3)
     assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("mode", [contdeq.Implicit, contdeq.WarmImplicit])
+def test_implicit_tol_is_the_deprecated_spelling_of_rtol(mode: type[contdeq.Implicit]) -> None:
+    """``Implicit(tol=...)`` (and ``WarmImplicit``) still works for one release: a
+    DeprecationWarning at the caller's line names ``rtol``, and the mode, its gradients and
+    its backward iterations are those of ``rtol=``. Positionally the tolerance is still the
+    second field; passing both spellings raises TypeError; reading ``.tol`` warns likewise."""
+    new = mode("picard", rtol=1e-11, max_steps=300)
+    with pytest.warns(DeprecationWarning, match=r"tol=\.\.\.\) is deprecated.*use rtol=") as rec:
+        old = mode("picard", tol=1e-11, max_steps=300)
+    assert rec[0].filename == __file__
+    assert old == new == mode("picard", 1e-11, 300) and old.rtol == 1e-11
+    with pytest.warns(DeprecationWarning, match="use rtol="):
+        assert mode("picard", None, 300, tol=1e-11) == new
+    constructor, arguments, state = new.__reduce_ex__(1)[:3]  # as pickled before the rename
+    old_state = {("tol" if name == "rtol" else name): value for name, value in state.items()}
+
+    class Pickled:
+        def __reduce__(self) -> tuple:
+            return constructor, arguments, old_state
+
+    assert pickle.loads(pickle.dumps(Pickled())) == new
+    assert "rtol=1e-11" in repr(old) and " tol=" not in repr(old)
+    outcomes = []
+    for backward in (old, new):
+        torch.manual_seed(0)
+        layer = contdeq.DEQ(TanhCell(4, 3, lipschitz=0.7), state_shape=4, backward=backward,
+                            **TIGHT)
+        x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+        grads = torch.autograd.grad(layer(x).square().sum(), [*layer.parameters(), x])
+        outcomes.append((grads, layer.stats.backward.nfe, layer.stats.backward.steps))
+    (old_grads, *old_iterations), (new_grads, *new_iterations) = outcomes
+    assert old_iterations == new_iterations and old_iterations[0] > 1
+    assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads, strict=True))
+    with pytest.raises(TypeError, match=r"pass rtol=\.\.\. only \(tol is its deprecated"):
+        mode(tol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="pass rtol"):
+        mode("picard", 1e-6, tol=1e-6)
+    with pytest.warns(DeprecationWarning, match=r"\.tol is deprecated.*read \.rtol"):
+        assert new.tol == 1e-11
+
+
+def test_solve_adjoint_tol_is_the_deprecated_spelling_of_rtol() -> None:
+    """``solve_adjoint(tol=...)`` warns (naming ``rtol``, at the caller's line) and returns the
+    same ``w`` and iterations as ``rtol=``; both spellings together raise TypeError."""
+    gen = torch.Generator().manual_seed(3)
+    a = 0.6 * torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    v = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    new, new_stats = solve_adjoint(lambda w: w @ a, v, method="anderson", rtol=1e-9)
+    with pytest.warns(DeprecationWarning, match=r"solve_adjoint\(tol=\.\.\.\).*use rtol=") as rec:
+        old, old_stats = solve_adjoint(lambda w: w @ a, v, method="anderson", tol=1e-9)
+    assert rec[0].filename == __file__
+    assert torch.equal(old, new)
+    assert (old_stats.nfe, old_stats.steps) == (new_stats.nfe, new_stats.steps)
+    with pytest.raises(TypeError, match=r"solve_adjoint: pass rtol=\.\.\. only"):
+        solve_adjoint(lambda w: w @ a, v, tol=1e-9, rtol=1e-9)

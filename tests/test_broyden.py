@@ -41,7 +41,7 @@ def test_backward_near_the_edge() -> None:
     jac = 0.97 * g / torch.linalg.eigvals(g).abs().amax(1).reshape(4, 1, 1)
     v = torch.randn(4, 64, generator=gen, dtype=torch.float64)
     w, _ = solve_adjoint(lambda w: (jac * w.unsqueeze(2)).sum(1), v, method="broyden",
-                         tol=1e-4, max_steps=300, on_nonconvergence="raise")
+                         rtol=1e-4, max_steps=300, on_nonconvergence="raise")
     exact = torch.linalg.solve((torch.eye(64, dtype=torch.float64) - jac).transpose(1, 2), v)
     err = (w - exact).norm(dim=1) / exact.norm(dim=1)
     assert float(err.max()) < 1e-2

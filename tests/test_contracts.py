@@ -148,9 +148,9 @@ def layer_gradients(layer: contdeq.DEQ, x: Tensor, v: Tensor) -> tuple[Tensor, T
 
 
 @pytest.mark.parametrize(("backward", "shorthand"), [
-    (Implicit(tol=1e-12, max_steps=500), {"backward_tol": 1e-12, "backward_max_steps": 500}),
-    (Implicit("broyden", tol=1e-12, max_steps=500),
-     {"backward_method": "broyden", "backward_tol": 1e-12, "backward_max_steps": 500}),
+    (Implicit(rtol=1e-12, max_steps=500), {"backward_rtol": 1e-12, "backward_max_steps": 500}),
+    (Implicit("broyden", rtol=1e-12, max_steps=500),
+     {"backward_method": "broyden", "backward_rtol": 1e-12, "backward_max_steps": 500}),
     (Unrolled(), {"backward": "unrolled"}),
 ], ids=["implicit-anderson", "implicit-broyden", "unrolled"])
 def test_backward_objects_match_dense_gradient_and_shorthand(backward: BackwardMode,
@@ -186,13 +186,13 @@ def test_jfb_object_is_one_vjp_and_differs_from_implicit() -> None:
 
 def test_object_and_keywords_together_are_refused() -> None:
     """Passing both a mode object and backward_* keywords is ambiguous: TypeError naming them."""
-    with pytest.raises(TypeError, match="backward_tol"):
-        contdeq.DEQ(TanhCell(3, 2), backward=Implicit(), backward_tol=1e-6)
+    with pytest.raises(TypeError, match="backward_rtol"):
+        contdeq.DEQ(TanhCell(3, 2), backward=Implicit(), backward_rtol=1e-6)
     with pytest.raises(ValueError, match=re.escape(
             f"backward must be one of {tuple(BACKWARD_MODES)}, got 'adjoint'")):
         contdeq.DEQ(TanhCell(3, 2), backward="adjoint")
-    with pytest.raises(ValueError, match="tol must be finite and > 0"):
-        Implicit(tol=-1.0)
+    with pytest.raises(ValueError, match="rtol must be finite and > 0"):
+        Implicit(rtol=-1.0)
     with pytest.raises(ValueError, match="unrolled"):
         contdeq.DEQ(TanhCell(3, 2), solver="anderson", backward=Unrolled())
 
@@ -201,7 +201,7 @@ def test_layer_on_nonconvergence_reaches_an_implicit_object() -> None:
     """Implicit(on_nonconvergence=None) takes the layer's policy ("raise" here), so a capped
     backward solve raises instead of warning."""
     layer = contdeq.DEQ(TanhCell(4, 3, lipschitz=0.9), solver="anderson", state_shape=4,
-                        backward=Implicit("picard", max_steps=1, tol=1e-12),
+                        backward=Implicit("picard", max_steps=1, rtol=1e-12),
                         on_nonconvergence="raise", **TIGHT)
     x = torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(ConvergenceError, match="backward linear solve"):
@@ -228,12 +228,12 @@ def test_multiscale_layer_takes_a_backward_object() -> None:
     cell = Cell()
     x = torch.randn(4, 5, dtype=torch.float64)
     grads = []
-    for options in ({"backward": Implicit("picard", tol=1e-10, max_steps=300)},
-                    {"backward_method": "picard", "backward_tol": 1e-10,
+    for options in ({"backward": Implicit("picard", rtol=1e-10, max_steps=300)},
+                    {"backward_method": "picard", "backward_rtol": 1e-10,
                      "backward_max_steps": 300}):
         layer = contdeq.MultiScaleDEQ(cell, state_shapes=shapes, solver="anderson", **options,
                                       **TIGHT)
-        assert layer.backward_mode == Implicit("picard", tol=1e-10, max_steps=300,
+        assert layer.backward_mode == Implicit("picard", rtol=1e-10, max_steps=300,
                                                on_nonconvergence="warn")
         cell.zero_grad()
         sum(z.square().sum() for z in layer(x)).backward()
@@ -283,8 +283,24 @@ def test_new_backward_mode_is_one_registration(neumann: str) -> None:
     assert re.search(r"backward=Neumann\(terms=80\)", repr(by_name))
 
 
-def test_backward_config_maps_the_keyword_form() -> None:
-    """The exported BackwardConfig keeps its keyword form and returns the mode objects."""
-    assert contdeq.BackwardConfig(method="broyden", tol=1e-6) == Implicit("broyden", tol=1e-6)
-    assert contdeq.BackwardConfig("jfb") == JFB()
-    assert isinstance(contdeq.BackwardConfig("unrolled"), Unrolled)
+def test_backward_mode_maps_the_keyword_form() -> None:
+    """The exported backward_mode keeps the layers' keyword form and returns the mode objects."""
+    assert contdeq.backward_mode(method="broyden", rtol=1e-6) == Implicit("broyden", rtol=1e-6)
+    assert contdeq.backward_mode("jfb") == JFB()
+    assert isinstance(contdeq.backward_mode("unrolled"), Unrolled)
+
+
+def test_backward_config_is_the_deprecated_name_of_backward_mode() -> None:
+    """``BackwardConfig`` (a function named like a class, with ``tol``) still works for one
+    release: a DeprecationWarning at the caller's line names ``backward_mode`` and ``rtol``,
+    and it returns what backward_mode returns, positionally too."""
+    cases = [((), {"method": "broyden", "tol": 1e-6, "max_steps": 7}),
+             (("implicit", "anderson", 1e-8, 9, {"memory": 3}, "raise"), {}), (("jfb",), {})]
+    for args, keywords in cases:
+        new_keywords = {("rtol" if k == "tol" else k): v for k, v in keywords.items()}
+        with pytest.warns(DeprecationWarning,
+                          match=r"BackwardConfig.*deprecated.*backward_mode\(\.\.\., rtol=") as rec:
+            old = contdeq.BackwardConfig(*args, **keywords)
+        assert rec[0].filename == __file__
+        assert old == contdeq.backward_mode(*args, **new_keywords)
+    assert old == JFB()

@@ -93,14 +93,14 @@ def test_a_registered_method_runs_in_steady_state_layers_and_backward(half_euler
     assert torch.allclose(z, f(z), atol=1e-7)
     cell = TanhCell(3, 2)
     layer = contdeq.DEQ(cell, state_shape=3, method=half_euler, atol=1e-8, rtol=0.0,
-                        backward=contdeq.Implicit(tol=1e-8))
+                        backward=contdeq.Implicit(rtol=1e-8))
     x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert layer.stats.forward.method == half_euler
     out.sum().backward()
     assert layer.stats.backward.all_converged
     reference = contdeq.DEQ(cell, state_shape=3, method="dopri5", atol=1e-8, rtol=0.0,
-                            backward=contdeq.Implicit(tol=1e-8))
+                            backward=contdeq.Implicit(rtol=1e-8))
     x_ref = x.detach().clone().requires_grad_(True)
     reference(x_ref).sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)

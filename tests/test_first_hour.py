@@ -144,7 +144,7 @@ def test_unrolled_ptc_backward_matches_the_implicit_gradient() -> None:
     cell = Cell().double()
     x = torch.randn(4, 8, dtype=torch.float64)
     grads = []
-    for backward in ("unrolled", contdeq.Implicit(tol=1e-10)):
+    for backward in ("unrolled", contdeq.Implicit(rtol=1e-10)):
         layer = contdeq.DEQ(cell, method="ptc", backward=backward, atol=1e-10, rtol=0.0)
         xi = x.clone().requires_grad_(True)
         layer(xi).pow(2).sum().backward()

@@ -112,7 +112,7 @@ def test_gmres_backward_near_the_edge() -> None:
         calls.append(1)
         return (jac * w.unsqueeze(2)).sum(1)  # w^T J
 
-    w, stats = solve_adjoint(vjp, v, method="gmres", tol=1e-4, on_nonconvergence="raise")
+    w, stats = solve_adjoint(vjp, v, method="gmres", rtol=1e-4, on_nonconvergence="raise")
     eye = torch.eye(64, dtype=torch.float64)
     exact = torch.linalg.solve((eye - jac).transpose(1, 2), v)
     assert stats.nfe == len(calls) <= 60
@@ -176,8 +176,8 @@ def test_adjoint_gmres_on_a_singular_system() -> None:
     # I - J = [[-1, 1], [1, -1]]: singular
     jac = torch.tensor([[2.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
     v = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
-    w, stats = solve_adjoint(lambda w: w @ jac, v, method="gmres", tol=1e-8,
+    w, stats = solve_adjoint(lambda w: w @ jac, v, method="gmres", rtol=1e-8,
                              on_nonconvergence="ignore")
     assert bool(torch.isfinite(w).all()) and not bool(stats.converged.any())
     with pytest.raises(ConvergenceError):
-        solve_adjoint(lambda w: w @ jac, v, method="gmres", tol=1e-8, on_nonconvergence="raise")
+        solve_adjoint(lambda w: w @ jac, v, method="gmres", rtol=1e-8, on_nonconvergence="raise")

@@ -20,7 +20,7 @@ TIGHT = {"atol": 1e-12, "rtol": 1e-12}
 #: Every registered forward solver; the slow ones get more steps.
 SOLVERS = {name: {"solver": name, "max_steps": {"ode": 5000, "picard": 500}.get(name, 200),
                   **TIGHT} for name in FORWARD_SOLVERS}
-BACKWARD = {"backward_tol": 1e-12, "backward_max_steps": 500}
+BACKWARD = {"backward_rtol": 1e-12, "backward_max_steps": 500}
 
 
 def make_layer(kind: str, solver: str, backward_method: str = "anderson") -> nn.Module:
@@ -56,7 +56,7 @@ def test_gradcheck_layers(kind: str, solver: str) -> None:
 def test_gradcheck_backward_methods(method: str) -> None:
     layer = make_layer("DEQ", "anderson", backward_method=method)
     if method == "ode":  # an integrator cannot resolve 1e-12: its own tolerance is 10x tighter
-        layer.backward_mode = dataclasses.replace(layer.backward_mode, tol=1e-8)
+        layer.backward_mode = dataclasses.replace(layer.backward_mode, rtol=1e-8)
     gradcheck_layer(layer)
 
 
@@ -91,7 +91,7 @@ def test_implicit_matches_unrolled(solver: str) -> None:
         torch.manual_seed(1)
         layer = contdeq.DEQ(TanhCell(5, 3, lipschitz=0.8), solver=solver, backward=mode,
                             state_shape=5, max_steps=3000, atol=1e-11, rtol=1e-11,
-                            backward_tol=1e-11, backward_max_steps=500)
+                            backward_rtol=1e-11, backward_max_steps=500)
         x.grad = None
         loss = (layer(x) - target).pow(2).mean()
         loss.backward()
@@ -164,7 +164,7 @@ def test_solve_adjoint_linear_system(method: str) -> None:
     j = 0.7 * j / torch.linalg.matrix_norm(j, ord=2).reshape(b, 1, 1)
     v = 1e-8 * torch.randn(b, d, generator=gen, dtype=torch.float64)
     w, stats = solve_adjoint(lambda w: torch.einsum("bij,bi->bj", j, w), v, method=method,
-                             tol=1e-10, max_steps=500)
+                             rtol=1e-10, max_steps=500)
     eye = torch.eye(d, dtype=torch.float64)
     exact = torch.linalg.solve((eye - j).transpose(1, 2), v.unsqueeze(2)).squeeze(2)
     error = contdeq.solvers.sample_rms(w - exact) / contdeq.solvers.sample_rms(exact)

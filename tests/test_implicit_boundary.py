@@ -146,13 +146,13 @@ def test_layer_stats_report_the_final_input_and_the_gradient_uses_it() -> None:
     x = x.requires_grad_()
     layer = contdeq.DEQ(cell, atol=1e-10, rtol=1e-10,
                         callback=lambda info: Restart(x=x2) if info.step == 1 else None,
-                        backward=contdeq.Implicit(tol=1e-10))
+                        backward=contdeq.Implicit(rtol=1e-10))
     z = layer(x)
     final = layer.stats.forward.final_input
     assert final is not None and torch.equal(final, x2)
     (grad,) = torch.autograd.grad(z.sum(), x)
     direct_x = x2.clone().requires_grad_()
-    direct = contdeq.DEQ(cell, atol=1e-10, rtol=1e-10, backward=contdeq.Implicit(tol=1e-10))
+    direct = contdeq.DEQ(cell, atol=1e-10, rtol=1e-10, backward=contdeq.Implicit(rtol=1e-10))
     (expected,) = torch.autograd.grad(direct(direct_x).sum(), direct_x)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
 

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from contdeq.implicit import BackwardConfig, ForwardSolver
+from contdeq.implicit import ForwardSolver, backward_mode
 from contdeq.jiio import (
     StepSizes,
     box,
@@ -169,7 +169,7 @@ def test_nested_unrolled_and_implicit_take_the_same_steps(problem: LinearProblem
     x0, z0 = torch.zeros(B, M, dtype=DT), torch.zeros(B, N, dtype=DT)
     runs = [nested_inference(problem.f, problem.objective, x0, z0, steps=5,
                              step_size=problem.alpha(),
-                             backward=BackwardConfig(mode=mode, tol=1e-11, max_steps=500),
+                             backward=backward_mode(mode, rtol=1e-11, max_steps=500),
                              solver=ForwardSolver("picard", atol=1e-11, rtol=0, max_steps=500))
             for mode in ("implicit", "unrolled")]
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-8, rtol=0)

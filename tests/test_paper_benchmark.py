@@ -114,7 +114,7 @@ def test_tolerance_reaches_every_model() -> None:
     finally:
         common.TOL.update(saved)
     assert deq.solver.options["atol"] == deq.solver.options["rtol"] == 1e-3
-    assert deq.backward_mode.tol == 1e-3
+    assert deq.backward_mode.rtol == 1e-3
     assert (deq.skip_weight, deq.skip_norm, deq.skip_detach) == (5.0, "l1", False)
     assert node.rtol == node.atol == pytest.approx(1e-4)
 

@@ -106,8 +106,8 @@ CASES: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
                                                          solver=contdeq.ForwardSolver()),
                              TypeError, r"x's dtype and device \(torch.float64, cpu\), got "
                                         r"\(torch.float32, cpu\)"),
-    "BackwardConfig": (lambda: contdeq.BackwardConfig(tol=0.0), ValueError,
-                       "backward_tol must be finite and > 0, got 0.0"),
+    "backward_mode": (lambda: contdeq.backward_mode(rtol=0.0), ValueError,
+                      "backward_rtol must be finite and > 0, got 0.0"),
     "Implicit": (lambda: contdeq.Implicit(max_steps=0), ValueError,
                  "max_steps must be >= 1, got 0"),
     "Implicit method": (lambda: contdeq.Implicit("lbfgs"), ValueError,

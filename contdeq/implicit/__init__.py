@@ -16,7 +16,7 @@ The package, by job:
 
 * ``options.py``: :class:`ForwardSolver`, ``FORWARD_SOLVERS``, solver option validation;
 * ``backward.py``: the backward modes (:class:`Implicit`, :class:`JFB`, :class:`Unrolled`,
-  ``BACKWARD_MODES``, ``BACKWARD_METHODS``, :func:`BackwardConfig`) and :func:`solve_adjoint`;
+  ``BACKWARD_MODES``, ``BACKWARD_METHODS``, :func:`backward_mode`) and :func:`solve_adjoint`;
 * ``phantom.py``: :class:`Phantom` (phantom gradients: ``k`` damped steps from ``z*``);
 * ``warm_start.py``: :class:`WarmImplicit` (the implicit backward, warm-started);
 * ``function.py``: :class:`ImplicitFunction` and :func:`equilibrium`;
@@ -32,6 +32,7 @@ from .backward import (
     BackwardMode,
     Implicit,
     Unrolled,
+    backward_mode,
     solve_adjoint,
 )
 from .diagnostics import check_output, first_call
@@ -57,6 +58,7 @@ __all__ = [
     "Phantom",
     "Unrolled",
     "WarmImplicit",
+    "backward_mode",
     "check_output",
     "equilibrium",
     "first_call",

@@ -6,21 +6,24 @@ By the implicit function theorem the gradients of ``x`` and of ``f``'s parameter
 :class:`Implicit` solves for them, :class:`JFB` takes ``w = v``) or has autograd differentiate
 the solver's steps (:class:`Unrolled`). Each mode is registered by name in ``BACKWARD_MODES``,
 so a layer's ``backward="name"`` shorthand finds it; a new mode is one class here (or in the
-user's code) and one ``@BACKWARD_MODES.register("name")``.
+user's code) and one ``@BACKWARD_MODES.register("name")``; :func:`backward_mode` turns the
+layers' keyword form into a mode object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
+from .._warnings import renamed, warn
 from ..solvers import (
     CONTINUOUS,
     FIXED_POINT_METHODS,
@@ -50,8 +53,11 @@ __all__ = [
     "BackwardMode",
     "Implicit",
     "Unrolled",
+    "backward_mode",
     "solve_adjoint",
 ]
+
+_Mode = TypeVar("_Mode", bound=type)
 
 #: Backward modes by name: the layers' ``backward="implicit"|"jfb"|"unrolled"`` shorthands.
 BACKWARD_MODES: Registry[type[BackwardMode]] = Registry("backward mode", "backward")
@@ -62,7 +68,7 @@ BACKWARD_METHODS: Registry[Any] = Registry("backward method", "backward_method",
 BACKWARD_METHODS.register(CONTINUOUS, steady_state)
 BACKWARD_METHODS.register("gmres", gmres)
 #: In the ``"ode"`` backward the right-hand side is scaled to a largest per-sample RMS of 1 and
-#: the steady-state test gets this absolute floor times ``tol``: the integrator's elementwise
+#: the steady-state test gets this absolute floor times ``rtol``: the integrator's elementwise
 #: error scale ``atol + rtol * |w|`` must not be zero where ``w`` has exact zeros.
 _ODE_ATOL_FLOOR = 1e-3
 
@@ -96,7 +102,30 @@ class BackwardMode:
                         "gradient weights")
 
 
+def accepts_tol(cls: _Mode) -> _Mode:
+    """Let ``cls(...)`` (an :class:`Implicit` dataclass) take ``tol=``, the deprecated spelling
+    of ``rtol``: a ``DeprecationWarning`` names ``rtol``; passing both raises ``TypeError``.
+    Applied above ``@dataclass``, it keeps the generated ``__init__``'s signature."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, tol: float | None = None, **kwargs: Any) -> None:
+        if tol is not None:
+            positional = len(args) > 1  # (method, rtol, ...)
+            given = args[1] if positional else kwargs.get("rtol")
+            rtol = renamed(type(self).__name__, "tol", tol, "rtol", given)
+            if positional:
+                args = (args[0], rtol, *args[2:])
+            else:
+                kwargs["rtol"] = rtol
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
 @BACKWARD_MODES.register("implicit")
+@accepts_tol
 @dataclass(frozen=True)
 class Implicit(BackwardMode):
     """Implicit-function-theorem gradients: solve ``w = J^T w + v`` (the default mode).
@@ -104,8 +133,8 @@ class Implicit(BackwardMode):
     Args:
         method: the linear solver, a name in ``BACKWARD_METHODS``: ``"anderson"`` (default),
             ``"picard"``, ``"broyden"`` or ``"ode"`` (steady state of ``dw/dt = J^T w + v - w``).
-        tol: relative tolerance of the linear solve. The test is scale-invariant:
-            ``rms(J^T w + v - w)_b <= tol * rms(w_b)`` for each sample ``b`` (``atol = 0``), so
+        rtol: relative tolerance of the linear solve. The test is scale-invariant:
+            ``rms(J^T w + v - w)_b <= rtol * rms(w_b)`` for each sample ``b`` (``atol = 0``), so
             the tiny right-hand sides of a batch-mean loss do not inflate iterations. Default
             (``None``): ``1e-4``, or ``2 * eps`` of a half-precision gradient or autocast dtype
             (:func:`~contdeq.solvers.validation.default_tolerance`).
@@ -114,25 +143,43 @@ class Implicit(BackwardMode):
             ``"ode"`` the keywords of :func:`~contdeq.solvers.steady_state`, e.g. ``method``).
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``; ``None`` (default): the
             layer's ``on_nonconvergence`` (``"warn"`` outside a layer).
+        tol: deprecated spelling of ``rtol`` (keyword only; a ``DeprecationWarning`` names
+            ``rtol``; passing both raises ``TypeError``); ``mode.tol`` reads ``rtol``, warning
+            likewise.
 
     A capped solve is a *truncated adjoint* (DeepEquilibriumNetworks.jl caps its adjoint at
-    ``max_steps=10``, ``tol=1e-3``): where the cap stops it, ``layer.stats.backward`` says so
+    ``max_steps=10``, ``rtol=1e-3``): where the cap stops it, ``layer.stats.backward`` says so
     (``converged`` False, ``stop_reason="max_steps"``) and ``on_nonconvergence`` applies; pass
     ``on_nonconvergence="ignore"`` to train with it on purpose.
 
-    Example: ``DEQ(f, backward=Implicit("broyden", tol=1e-6))``.
+    Example: ``DEQ(f, backward=Implicit("broyden", rtol=1e-6))``.
     """
 
     method: str = "anderson"
-    tol: float | None = None
+    rtol: float | None = None
     max_steps: int = 100
     options: Mapping[str, Any] = field(default_factory=dict)
     on_nonconvergence: str | None = None
 
     def __post_init__(self) -> None:
-        _check_implicit(self.method, self.tol, self.max_steps, self.options,
+        _check_implicit(self.method, self.rtol, self.max_steps, self.options,
                         self.on_nonconvergence, prefix="")
         object.__setattr__(self, "options", dict(self.options))
+
+    @property
+    def tol(self) -> float | None:
+        """``rtol`` by its deprecated name (a ``DeprecationWarning`` names ``rtol``)."""
+        warn(f"{type(self).__name__}.tol is deprecated and will be removed in the next "
+             "release: read .rtol (one word per concept: tolerances atol/rtol)",
+             DeprecationWarning)
+        return self.rtol
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, also a mode pickled before ``tol`` was renamed ``rtol``."""
+        if "tol" in state:
+            state = {("rtol" if name == "tol" else name): value for name, value in state.items()}
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     def gradient_weights(self, vjp: Callable[[Tensor], Tensor], v: Tensor,
                          record: DEQStats | None) -> Tensor:
@@ -146,7 +193,7 @@ class Implicit(BackwardMode):
         from ``v``)."""
         start = time.perf_counter()
         w, stats = solve_adjoint(
-            vjp, v, method=self.method, tol=self.tol, max_steps=self.max_steps,
+            vjp, v, method=self.method, rtol=self.rtol, max_steps=self.max_steps,
             on_nonconvergence="ignore", w0=w0, options=self.options,
         )
         stats.wall_time = time.perf_counter() - start
@@ -181,13 +228,13 @@ class Unrolled(BackwardMode):
     differentiates_solver: ClassVar[bool] = True
 
 
-def _check_implicit(method: object, tol: object, max_steps: object, options: Mapping[str, Any],
-                    on_nonconvergence: object, prefix: str) -> None:
+def _check_implicit(method: object, rtol: object, max_steps: object,
+                    options: Mapping[str, Any], on_nonconvergence: object, prefix: str) -> None:
     """Validate :class:`Implicit`'s fields; messages name them with ``prefix`` (the layers'
-    keywords are ``backward_method``, ``backward_tol``, ...)."""
+    keywords are ``backward_method``, ``backward_rtol``, ...)."""
     BACKWARD_METHODS.check(method, f"{prefix}method")
-    if tol is not None:
-        check_positive_float(tol, f"{prefix}tol")
+    if rtol is not None:
+        check_positive_float(rtol, f"{prefix}rtol")
     check_positive_int(max_steps, f"{prefix}max_steps")
     if on_nonconvergence is not None:
         check_on_nonconvergence(on_nonconvergence)
@@ -197,16 +244,16 @@ def _check_implicit(method: object, tol: object, max_steps: object, options: Map
     reserved = {"atol", "rtol", "max_steps", "on_nonconvergence"} & set(options)
     if reserved:
         raise TypeError(
-            f"{prefix}options must not set {sorted(reserved)}; use {prefix}tol / "
+            f"{prefix}options must not set {sorted(reserved)}; use {prefix}rtol / "
             f"{prefix}max_steps / on_nonconvergence"
         )
     check_solver_options(method, options)  # type: ignore[arg-type]
 
 
-def BackwardConfig(
+def backward_mode(
     mode: str | BackwardMode = "implicit",
     method: str | None = None,
-    tol: float | None = None,
+    rtol: float | None = None,
     max_steps: int | None = None,
     options: Mapping[str, Any] | None = None,
     on_nonconvergence: str | None = None,
@@ -214,8 +261,8 @@ def BackwardConfig(
     """The backward mode object for the layers' keyword form of the backward arguments.
 
     ``mode`` is a name in ``BACKWARD_MODES`` or a :class:`BackwardMode` object. For
-    ``"implicit"``, ``method``/``tol``/``max_steps``/``options`` (the layers'
-    ``backward_method``, ``backward_tol``, ...) fill :class:`Implicit`'s fields (unset ones
+    ``"implicit"``, ``method``/``rtol``/``max_steps``/``options`` (the layers'
+    ``backward_method``, ``backward_rtol``, ...) fill :class:`Implicit`'s fields (unset ones
     keep its defaults); other names are constructed with their defaults and ignore them.
     ``on_nonconvergence`` fills an ``on_nonconvergence`` field left at ``None``.
 
@@ -224,7 +271,7 @@ def BackwardConfig(
             object), or ``mode`` is neither a name nor a :class:`BackwardMode`.
         ValueError: an unknown name or a bad value (the message names the keyword).
     """
-    keywords = {name: value for name, value in (("method", method), ("tol", tol),
+    keywords = {name: value for name, value in (("method", method), ("rtol", rtol),
                                                 ("max_steps", max_steps), ("options", options))
                 if value is not None}
     if isinstance(mode, BackwardMode):
@@ -236,7 +283,7 @@ def BackwardConfig(
     elif isinstance(mode, str):
         BACKWARD_MODES.check(mode, "backward")
         if mode == "implicit":
-            _check_implicit(keywords.get("method", "anderson"), keywords.get("tol"),
+            _check_implicit(keywords.get("method", "anderson"), keywords.get("rtol"),
                             keywords.get("max_steps", 100), keywords.get("options", {}),
                             on_nonconvergence, prefix="backward_")
             resolved = Implicit(**keywords)
@@ -250,16 +297,33 @@ def BackwardConfig(
     return resolved
 
 
+def BackwardConfig(
+    mode: str | BackwardMode = "implicit",
+    method: str | None = None,
+    tol: float | None = None,
+    max_steps: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    on_nonconvergence: str | None = None,
+) -> BackwardMode:
+    """Deprecated spelling of :func:`backward_mode` (a function, named like one), whose
+    ``rtol`` is this ``tol``; it warns ``DeprecationWarning`` and returns the same object."""
+    warn("contdeq.BackwardConfig(..., tol=...) is deprecated and will be removed in the next "
+         "release: use contdeq.backward_mode(..., rtol=...) (it returns the same mode object)",
+         DeprecationWarning)
+    return backward_mode(mode, method, tol, max_steps, options, on_nonconvergence)
+
+
 def solve_adjoint(
     vjp: Callable[[Tensor], Tensor],
     v: Tensor,
     *,
     method: str = "anderson",
-    tol: float | None = None,
+    rtol: float | None = None,
     max_steps: int = 100,
     on_nonconvergence: str = "warn",
     w0: Tensor | None = None,
     options: Mapping[str, Any] | None = None,
+    tol: float | None = None,
     **keywords: Any,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``w = vjp(w) + v``, i.e. ``(I - J)^T w = v`` with ``vjp(w) = J^T w``.
@@ -272,7 +336,7 @@ def solve_adjoint(
             "dopri5")``) or ``"gmres"`` (restarted GMRES on ``(I - J^T) w = v``, option
             ``restart=60``; its test is relative to ``rms(v_b)``, stricter than ``rms(w_b)``
             where ``|w| > |v|``).
-        tol: per-sample relative tolerance ``rms(residual_b) <= tol * rms(w_b)``; default
+        rtol: per-sample relative tolerance ``rms(residual_b) <= rtol * rms(w_b)``; default
             :func:`~contdeq.solvers.validation.default_tolerance` of ``v``'s dtype (``1e-4``).
         max_steps: iteration cap.
         on_nonconvergence: ``"ignore"``, ``"warn"`` or ``"raise"``.
@@ -283,6 +347,8 @@ def solve_adjoint(
             to :func:`~contdeq.solvers.fixed_point` or :func:`~contdeq.solvers.steady_state`
             (for ``"ode"``, ``{"method": "bosh3"}`` picks the integrator), or ``restart`` of
             ``"gmres"``.
+        tol: deprecated spelling of ``rtol`` (a ``DeprecationWarning`` names ``rtol``);
+            passing both raises ``TypeError``.
         **keywords: deprecated spelling of ``options`` (it cannot carry ``"ode"``'s
             ``method``); a ``DeprecationWarning`` names ``options=``.
 
@@ -298,15 +364,16 @@ def solve_adjoint(
         warnings.warn(f"solve_adjoint's option keywords {sorted(keywords)} are deprecated; pass "
                       f"options={keywords!r}", DeprecationWarning, stacklevel=2)
     options = {**keywords, **(options or {})}
+    rtol = renamed("solve_adjoint", "tol", tol, "rtol", rtol)
     if v.ndim == 1:  # one scalar per sample; the solvers take a 1-D state as one unbatched
         w, stats = solve_adjoint(
-            lambda w: vjp(w.squeeze(1)).unsqueeze(1), v.unsqueeze(1), method=method, tol=tol,
+            lambda w: vjp(w.squeeze(1)).unsqueeze(1), v.unsqueeze(1), method=method, rtol=rtol,
             max_steps=max_steps, on_nonconvergence=on_nonconvergence,
             w0=None if w0 is None else w0.unsqueeze(1), options=options,
         )
         return w.squeeze(1), stats
-    if tol is None:
-        tol = default_tolerance(v.dtype, v.device.type)
+    if rtol is None:
+        rtol = default_tolerance(v.dtype, v.device.type)
     if not bool(torch.isfinite(v).all()):
         raise NonFiniteError(
             "the gradient arriving at the equilibrium layer's output contains NaN or Inf", 0
@@ -326,21 +393,21 @@ def solve_adjoint(
     with torch.no_grad():
         if method == "gmres":
             # GMRES starts from zero unless warm-started (from v it would cost a product).
-            w, stats = _solve_adjoint_gmres(vjp, vn, None if w0 is None else start_w, tol,
+            w, stats = _solve_adjoint_gmres(vjp, vn, None if w0 is None else start_w, rtol,
                                             max_steps, on_nonconvergence, **options)
         else:
             # The fixed-point methods: linear and contractive where it converges, so iterating
             # a converged sample further cannot hurt it: all samples iterate together (half
             # the bookkeeping).
-            tolerances = ({"atol": _ODE_ATOL_FLOOR * tol, "rtol": tol} if method == CONTINUOUS
-                          else {"atol": 0.0, "rtol": tol, "freeze_converged": False})
+            tolerances = ({"atol": _ODE_ATOL_FLOOR * rtol, "rtol": rtol} if method == CONTINUOUS
+                          else {"atol": 0.0, "rtol": rtol, "freeze_converged": False})
             w, stats = solve(method, lambda w: vjp(w).add_(vn), start_w, max_steps=max_steps,
                              on_nonconvergence=on_nonconvergence, **{**tolerances, **options})
     return w.mul_(scale), stats
 
 
 def _solve_adjoint_gmres(
-    vjp: Callable[[Tensor], Tensor], v: Tensor, w0: Tensor | None, tol: float, max_steps: int,
+    vjp: Callable[[Tensor], Tensor], v: Tensor, w0: Tensor | None, rtol: float, max_steps: int,
     on_nonconvergence: str, restart: int = 60,
 ) -> tuple[Tensor, SolverStats]:
     """``(I - J^T) w = v`` by GMRES for :func:`solve_adjoint` (``v``, ``w0``: ``(B, ...)``,
@@ -352,11 +419,11 @@ def _solve_adjoint_gmres(
     def matvec(w: Tensor) -> Tensor:
         return w - vjp(w.reshape(v.shape)).reshape(flat.shape)
 
-    out = gmres(matvec, flat, None if w0 is None else w0.reshape(flat.shape), rtol=tol,
+    out = gmres(matvec, flat, None if w0 is None else w0.reshape(flat.shape), rtol=rtol,
                 restart=restart, max_iterations=max_steps)
     stats = SolverStats(
         method="gmres", nfe=out.matvecs, steps=out.steps, residual=out.residual,
-        tolerance=tol * sample_rms(flat), converged=out.converged,
+        tolerance=rtol * sample_rms(flat), converged=out.converged,
         wall_time=time.perf_counter() - start,
         stop_reason="converged" if bool(out.converged.all()) else "max_steps",
         linear_iterations=out.steps,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..solvers import SolverStats, function_precision
-from .backward import BackwardConfig, BackwardMode
+from .backward import BackwardMode, backward_mode
 from .diagnostics import LayerInput
 from .options import UNROLLABLE_SOLVERS, ForwardSolver
 from .stats import DEQStats
@@ -365,7 +365,7 @@ def equilibrium(
     the forward's autocast state.
     """
     _check_equilibrium_arguments(f, x, z0, solver)
-    mode = backward if isinstance(backward, BackwardMode) else BackwardConfig(
+    mode = backward if isinstance(backward, BackwardMode) else backward_mode(
         "implicit" if backward is None else backward)
     transform = _inside_transform()
     # Under a transform every parameter goes to ImplicitFunction (vmap must see mapped ones,
@@ -409,7 +409,7 @@ def _state_under_autocast(z0: Tensor) -> Tensor:
 def _check_equilibrium_arguments(f: object, x: object, z0: object, solver: object) -> None:
     """Types of :func:`equilibrium`'s arguments, and ``z0`` against ``x`` (batch, dtype,
     device); each message names the argument, what was expected and what was received (the
-    backward mode is checked by :func:`BackwardConfig`)."""
+    backward mode is checked by :func:`backward_mode`)."""
     if not isinstance(f, nn.Module):
         raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
     for name, value in (("x", x), ("z0", z0)):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backward import BACKWARD_MODES, Implicit
+from .backward import BACKWARD_MODES, Implicit, accepts_tol
 from .stats import DEQStats
 
 __all__ = ["WARM_STARTS", "WarmImplicit"]
@@ -25,6 +25,7 @@ WARM_STARTS = ("previous", "scaled")
 
 
 @BACKWARD_MODES.register("implicit_warm")
+@accepts_tol
 @dataclass(frozen=True)
 class WarmImplicit(Implicit):
     """:class:`~contdeq.implicit.Implicit` with a warm-started linear solve.
@@ -39,10 +40,10 @@ class WarmImplicit(Implicit):
             * ``"scaled"``: ``c v`` with the scalar ``c = <w, v> / <v, v>`` of the previous
               pass (its least-squares fit of ``w`` by ``v``; ``c = 1`` on the first call), a
               guess that carries over between batches of different samples.
-        method, tol, max_steps, options, on_nonconvergence: as for
+        method, rtol, max_steps, options, on_nonconvergence, tol: as for
             :class:`~contdeq.implicit.Implicit`.
 
-    The gradient is the implicit one to ``tol``, but not bitwise reproducible: two backward
+    The gradient is the implicit one to ``rtol``, but not bitwise reproducible: two backward
     passes of the same loss start from different guesses and differ within the tolerance.
     The remembered guess is kept per thread (threads share no guesses) and belongs to this
     object: give each layer its own (the layers' ``backward="implicit_warm"`` shorthand builds
@@ -88,6 +89,5 @@ class WarmImplicit(Implicit):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
+        super().__setstate__(state)
         object.__setattr__(self, "_memory", threading.local())

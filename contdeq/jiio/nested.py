@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..implicit import BackwardConfig, BackwardMode, ForwardSolver, equilibrium
+from ..implicit import BackwardMode, ForwardSolver, backward_mode, equilibrium
 from ..solvers.validation import (
     check_callable,
     check_func_output,
@@ -85,8 +85,8 @@ def nested_inference(
         project: ``project(x) -> x`` onto the feasible inputs (default none).
         solver: the forward solver (default ``ForwardSolver("anderson")``); with
             ``backward="unrolled"`` it must be ``"picard"`` or ``"ode"``.
-        backward: ``"implicit"`` (default), ``"unrolled"``, or a
-            :class:`~contdeq.BackwardConfig` (e.g. with a tighter ``tol``).
+        backward: ``"implicit"`` (default), ``"unrolled"``, or a backward mode object
+            (e.g. ``Implicit(rtol=1e-8)``, a tighter tolerance).
         sign_gradient: step along ``sign(g)`` (PGD for an L∞ ball).
         warm_start: start each solve from the previous step's ``z*`` instead of ``z0``.
         callback: ``callback(z, x)`` after each step (``(B, ...)`` each, detached).
@@ -104,7 +104,7 @@ def nested_inference(
     project = project or (lambda v: v)
     cell = f if isinstance(f, nn.Module) else _Cell(f)
     solver = ForwardSolver("anderson") if solver is None else solver
-    config = backward if isinstance(backward, BackwardMode) else BackwardConfig(mode=backward)
+    config = backward_mode(backward)
     f_calls = vjps = 0
     start = z0
     for _ in range(steps):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._warnings import warn
-from ..implicit import BackwardConfig, BackwardMode, DEQStats, ForwardSolver, equilibrium
+from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equilibrium
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
 from ..solvers.validation import check_positive_float, is_vmapped
@@ -213,7 +213,7 @@ class DEQ(PerThreadResults):
             ``ForwardSolver("anderson", atol=1e-6)`` (its options and
             ``on_nonconvergence`` are then its own: no ``**solver_options`` beside it).
         backward: how gradients are computed: a backward mode object,
-            :class:`~contdeq.Implicit` (``Implicit("broyden", tol=1e-6)``),
+            :class:`~contdeq.Implicit` (``Implicit("broyden", rtol=1e-6)``),
             :class:`~contdeq.JFB` or :class:`~contdeq.Unrolled`, or the name of a registered
             mode as a shorthand: ``"implicit"`` (default), ``"jfb"`` or ``"unrolled"``.
         state_shape: per-sample shape of ``z`` (without the batch dimension), a shorthand for
@@ -224,7 +224,7 @@ class DEQ(PerThreadResults):
             near the edge of contraction). The four ``backward_*`` keywords apply
             to ``backward="implicit"`` (other names ignore them); with a backward mode object
             they raise ``TypeError`` (set them on the object).
-        backward_rtol: ``Implicit(tol=...)``, relative, scale-invariant tolerance of the
+        backward_rtol: ``Implicit(rtol=...)``, relative, scale-invariant tolerance of the
             backward linear solve (default ``1e-4``). ``backward_tol`` is its deprecated
             spelling.
         backward_max_steps: ``Implicit(max_steps=...)``, iteration cap of the backward linear
@@ -306,7 +306,7 @@ class DEQ(PerThreadResults):
             spelled = "backward_tol" if backward_tol is not None else "backward_rtol"
             if isinstance(backward, BackwardMode):
                 raise TypeError(f"backward={backward!r} is a backward mode object; set its "
-                                f"options on the object (Implicit(tol=...)), not with {spelled}")
+                                f"options on the object (Implicit(rtol=...)), not with {spelled}")
             check_positive_float(backward_rtol, spelled)
         if isinstance(solver, ForwardSolver):
             if solver_options:
@@ -318,7 +318,7 @@ class DEQ(PerThreadResults):
                 solver_options.setdefault("method", "ptc")
             base = ForwardSolver(solver, on_nonconvergence=on_nonconvergence, **solver_options)
         base_eval = base.with_options(**eval_options) if eval_options else base
-        self.backward_mode = BackwardConfig(
+        self.backward_mode = backward_mode(
             backward, backward_method, backward_rtol, backward_max_steps, backward_options,
             on_nonconvergence,
         )
