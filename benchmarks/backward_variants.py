@@ -40,19 +40,19 @@ from .common import (
 #: Backward variant name -> mode factory (read :data:`TOL` when called).
 #: Unconverged (capped) solves are counted in the table, not warned about at every step.
 VARIANTS: dict[str, Callable[[], contdeq.BackwardMode]] = {
-    "implicit": lambda: contdeq.Implicit(tol=TOL["backward_tol"],
+    "implicit": lambda: contdeq.Implicit(tol=TOL["backward_rtol"],
                                          max_steps=TOL["backward_max_steps"],
                                          on_nonconvergence="ignore"),
     "phantom 5/0.5": lambda: contdeq.Phantom(steps=5, damping=0.5),
     "phantom 3/1": lambda: contdeq.Phantom(steps=3, damping=1.0),
     "truncated 10 1e-3": lambda: contdeq.Implicit(tol=1e-3, max_steps=10,
                                                   on_nonconvergence="ignore"),
-    "truncated 3": lambda: contdeq.Implicit(tol=TOL["backward_tol"], max_steps=3,
+    "truncated 3": lambda: contdeq.Implicit(tol=TOL["backward_rtol"], max_steps=3,
                                             on_nonconvergence="ignore"),
-    "warm": lambda: contdeq.WarmImplicit(tol=TOL["backward_tol"],
+    "warm": lambda: contdeq.WarmImplicit(tol=TOL["backward_rtol"],
                                          max_steps=TOL["backward_max_steps"],
                                          on_nonconvergence="ignore", start="scaled"),
-    "warm previous": lambda: contdeq.WarmImplicit(tol=TOL["backward_tol"],
+    "warm previous": lambda: contdeq.WarmImplicit(tol=TOL["backward_rtol"],
                                                   max_steps=TOL["backward_max_steps"],
                                                   on_nonconvergence="ignore", start="previous"),
     "jfb": contdeq.JFB,

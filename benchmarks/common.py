@@ -390,7 +390,7 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
 #: Shared tolerances: forward ``atol = rtol = 5e-3`` (DeepEquilibriumNetworks.jl's MNIST
 #: setting), the ODE integrators (the DEQ's and the NeuralODE's) 10x tighter, backward 5e-3,
 #: caps of 1000 ODE steps / 100 fixed-point iterations / 100 backward iterations.
-TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_tol": 5e-3,
+TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_rtol": 5e-3,
                          "ode_max_steps": 1000, "fp_max_steps": 100, "backward_max_steps": 100}
 
 
@@ -399,7 +399,7 @@ def set_tolerance(tol: float) -> None:
     integrators (the DEQ's and the NeuralODE's) run 10x tighter."""
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    TOL.update(tol=tol, ode_tol=tol / 10, backward_tol=tol)
+    TOL.update(tol=tol, ode_tol=tol / 10, backward_rtol=tol)
 
 
 def has_torchdeq() -> bool:
@@ -474,7 +474,7 @@ def _shared_options(solver: str) -> dict[str, Any]:
     the model is built."""
     return {"solver": solver, "atol": TOL["tol"], "rtol": TOL["tol"],
             "max_steps": TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"],
-            "backward_rtol": TOL["backward_tol"], "backward_max_steps": TOL["backward_max_steps"],
+            "backward_rtol": TOL["backward_rtol"], "backward_max_steps": TOL["backward_max_steps"],
             "on_nonconvergence": "ignore"}
 
 
@@ -507,7 +507,7 @@ def _torchdeq(ift: bool) -> Callable[..., nn.Module]:
         if not ift:
             return TorchDEQLayer(f)
         return TorchDEQLayer(f, ift=True, f_stop_mode="rel", b_stop_mode="rel",
-                             f_tol=TOL["tol"], b_tol=TOL["backward_tol"],
+                             f_tol=TOL["tol"], b_tol=TOL["backward_rtol"],
                              f_max_iter=TOL["fp_max_steps"], b_max_iter=TOL["backward_max_steps"])
     return make
 

@@ -98,7 +98,7 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: tor
         "",
         f"One run, {cfg.epochs} epochs, batch {cfg.batch}, width {cfg.width[TASK]}, Adam "
         f"{cfg.lr:g}, the paper benchmark's tolerances (forward {TOL['tol']:g}, backward "
-        f"{TOL['backward_tol']:g}); both precisions train interleaved epoch by epoch; autocast "
+        f"{TOL['backward_rtol']:g}); both precisions train interleaved epoch by epoch; autocast "
         f"({label}) covers the forward, the loss and evaluation (backward() and the optimizer "
         "step run outside it, contdeq's implicit backward under the forward's autocast "
         "state); parameters, optimizer and the "

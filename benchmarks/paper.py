@@ -234,7 +234,7 @@ def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
                                         if k not in ("name", "models", "tasks")) + ".",
         f"Shared tolerances: forward atol = rtol = {TOL['tol']:g} (ODE integrator "
         f"{TOL['ode_tol']:g}; NeuralODE rtol = atol = {TOL['ode_tol']:g}, t_end = 1), backward "
-        f"tol {TOL['backward_tol']:g}; max steps {TOL['ode_max_steps']} (ODE) / "
+        f"tol {TOL['backward_rtol']:g}; max steps {TOL['ode_max_steps']} (ODE) / "
         f"{TOL['fp_max_steps']} (fixed point) / {TOL['backward_max_steps']} (backward). "
         "torchdeq default keeps its own (fixed-point iteration, 40 iterations, abs tol 1e-3, "
         "1-step gradient); torchdeq IFT uses the shared relative tolerances.",

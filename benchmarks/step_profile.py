@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         header = (f"## Training-step profile ({machine_header()}, device {args.device}; "
                   f"epoch {args.epochs} of training, seed {args.seed}, batch {cfg.batch}, "
                   f"medians over its steps; forward tol {TOL['tol']:g}, backward tol "
-                  f"{TOL['backward_tol']:g})")
+                  f"{TOL['backward_rtol']:g})")
         write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
     return rows
 

@@ -324,7 +324,7 @@ def _write(rows: list[dict[str, Any]], costs: list[dict[str, Any]], notes: list[
             f"n_train={c.n_train or 'all'}, n_test={c.n_test or 'all'}"
             for t, c in configs.items()) + f"; shared: batch={base.batch}, lr={base.lr}, Adam.",
         f"DEQ(ode, ptc): forward atol = rtol = {TOL['tol']:g}, implicit backward tol "
-        f"{TOL['backward_tol']:g}; NeuralODE: dopri5, rtol = atol = {TOL['ode_tol']:g}, "
+        f"{TOL['backward_rtol']:g}; NeuralODE: dopri5, rtol = atol = {TOL['ode_tol']:g}, "
         "t_end = 1, backprop through the solver (it sets the target: its final accuracy - 0.5 "
         "point).",
         "Every row uses the same f (the paper benchmark's cells, z-weight spectral norm capped "
