@@ -776,11 +776,14 @@ def warm_up(model: nn.Module, task: Task, batch: int) -> float:
 class Cell:
     """One model of one task and seed in training: model, optimizer, per-epoch history
     (resumable per epoch from ``checkpoint_dir``). A compiled row (:data:`COMPILED_MODELS`) is
-    warmed up first (:func:`warm_up`; ``warmup_s``)."""
+    warmed up first (:func:`warm_up`; ``warmup_s``). ``autocast``: the forward, the loss and
+    evaluation run under ``torch.autocast`` to that dtype, and no graph is measured."""
 
     def __init__(self, task: Task, name: str, cfg: Config, seed: int,
-                 checkpoint_dir: Path | None = None, resume: bool = False) -> None:
+                 checkpoint_dir: Path | None = None, resume: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
+        self.autocast = autocast
         self.model = build_model(name, task, seed)
         self.warmup_s = warm_up(self.model, task, cfg.batch) if name in COMPILED_MODELS else 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -799,8 +802,12 @@ class Cell:
         epoch = len(self.history)
         if epoch >= self.cfg.epochs:
             return
-        record = train_epoch(self.model, self.opt, self.task, self.cfg.batch, self.seed, epoch)
-        acc, infer_s, infer_nfe = evaluate(self.model, self.task, self.cfg.batch)
+        cast = None if self.autocast is None else (
+            lambda: torch.autocast(self.task.x_train.device.type, dtype=self.autocast))
+        record = train_epoch(self.model, self.opt, self.task, self.cfg.batch, self.seed, epoch,
+                             cast, graph=cast is None)
+        with cast() if cast is not None else nullcontext():
+            acc, infer_s, infer_nfe = evaluate(self.model, self.task, self.cfg.batch)
         record.update(epoch=epoch, test_acc=acc, infer_s=infer_s, infer_nfe=infer_nfe)
         self.history.append(record)
         if self.path is not None:
