@@ -238,8 +238,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--multiscale-variants", nargs="+", choices=list(VARIANTS),
-                        default=list(MULTISCALE_VARIANTS))
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every task (default 15, images-multiscale 14)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -252,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   tasks=tuple(args.tasks), threads=1)
     epochs = {t: 15 for t in TASKS} | {"images-multiscale": 14}
     variants = {t: tuple(args.variants) for t in TASKS} | {
-        "images-multiscale": tuple(args.multiscale_variants)}
+        "images-multiscale": MULTISCALE_VARIANTS}
     if args.smoke:
         cfg = replace(cfg, name="backward_variants_smoke", batch=32, n_train=64, n_test=32,
                       width={t: 2 if "conv" in t or "multiscale" in t else 8 for t in TASKS})

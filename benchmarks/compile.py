@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+from statistics import median_high
 from typing import Any
 
 import torch
@@ -45,11 +46,6 @@ def _step(model: nn.Module, run: nn.Module, opt: torch.optim.Optimizer, xb: torc
     return time.perf_counter() - wall, time.thread_time() - cpu, float(loss.detach())
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def compare_steps(task_name: str, steps: int, batch: int, lr: float,
                   device: torch.device = CPU) -> list[dict[str, Any]]:
     """Interleaved training steps of the eager and compiled rows of :data:`PAIRS`."""
@@ -79,8 +75,8 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
     recompiles = _graphs() - before
     rows = []
     for n in names:
-        wall = _median([w for w, _ in times[n]])
-        cpu = _median([c for _, c in times[n]])
+        wall = median_high([w for w, _ in times[n]])
+        cpu = median_high([c for _, c in times[n]])
         rows.append({"task": task_name, "model": n, "step_ms": 1e3 * wall,
                      "step_cpu_ms": 1e3 * cpu, "calls": sum(calls[n]) / steps,
                      "overhead": wall / (sum(calls[n]) / steps * t_f),
@@ -124,8 +120,8 @@ def whole_model(task_name: str, steps: int, batch: int, lr: float,
         rows.append({"task": task_name, "model": f"torch.compile(Net with {name})",
                      "first_call_s": first, "graphs_first_call": compiled_first,
                      "graph_breaks_first_call": breaks, "recompiles": _graphs() - before,
-                     "step_cpu_ms": 1e3 * _median(times["whole"]),
-                     "eager_step_cpu_ms": 1e3 * _median(times["eager"])})
+                     "step_cpu_ms": 1e3 * median_high(times["whole"]),
+                     "eager_step_cpu_ms": 1e3 * median_high(times["eager"])})
     return rows
 
 

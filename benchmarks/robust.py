@@ -609,9 +609,6 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, help="0: the whole training split")
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--train-pgd-steps", type=int)
-    parser.add_argument("--square-queries", type=int)
-    parser.add_argument("--ris-max-steps", type=int,
-                        help="largest solver step at which RIS stops a training solve")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--tasks", nargs="*", choices=TASKS,
                         help="none: only merge the --merge files into the table")
@@ -625,8 +622,7 @@ def main() -> None:
     args = parser.parse_args()
     args.device = str(args.device)
     cfg = Config(**(QUICK if args.quick else {}))
-    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "square_queries",
-                "ris_max_steps", "device"):
+    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "device"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     for key in ("seeds", "tasks", "models"):
