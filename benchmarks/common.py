@@ -10,8 +10,9 @@ import json
 import math
 import platform
 import re
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,15 @@ def write_results(name: str, markdown: str, rows: Any, out: Path = RESULTS) -> N
     print(f"written {out / name}.md and .json")
 
 
+def table(columns: str, cells: Iterable[Iterable[object]], align: str = "",
+          head: Iterable[str] = ()) -> str:
+    """A Markdown table (after the lines ``head``): header ``columns`` (``"a | b"``), one row
+    per item of ``cells``; ``align[i] == "r"`` right-aligns column ``i``."""
+    seps = ("---:" if a == "r" else "---" for a in align.ljust(columns.count(" | ") + 1, "l"))
+    return "\n".join([*head, f"| {columns} |", "|" + "|".join(seps) + "|",
+                      *("| " + " | ".join(map(str, row)) + " |" for row in cells)]) + "\n"
+
+
 def fmt(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
     """``v`` formatted, ``"-"`` where it is missing or NaN."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
@@ -160,6 +170,24 @@ def time_min(fn: Callable[[], object], repeats: int) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def interleaved(runs: dict[str, Callable[[], dict]], repeats: int,
+                failed: Callable[[Exception], dict]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Each of ``runs`` once per repeat, in turn (a drift in the machine's speed reaches all
+    alike): the last output of each and its median seconds. A run that raises gives
+    ``failed(exc)``: an outcome to record, not a reason to stop."""
+    outs: dict[str, dict] = {}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            try:
+                outs[name] = run()
+            except Exception as exc:
+                outs[name] = failed(exc)
+            times[name].append(time.perf_counter() - start)
+    return outs, {name: statistics.median(t) for name, t in times.items()}
 
 
 class SavedTensors:
