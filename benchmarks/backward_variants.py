@@ -31,6 +31,7 @@ from .common import (
     machine_header,
     make_parser,
     ratio,
+    table,
     threads,
     time_to_target,
     train_cells,
@@ -165,20 +166,16 @@ def to_markdown(rows: list[dict[str, Any]], header: str, notes: list[str]) -> st
     lines = [header, ""] + [f"* {n}" for n in notes] + [""]
     for tname in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == tname]
-        lines += [f"### {tname} (target {fmt(trows[0]['target_acc'], '.1f')}%)", "",
-                  "| model | backward | s/epoch | time to target s | final acc % | best acc % "
-                  "| fwd NFE | bwd iters | bwd converged | ×DEQ(ode, ptc) implicit (target) "
-                  "| ×own implicit (target) | ×DEQ(ode, ptc) implicit (epoch) |",
-                  "|---|---|" + "---:|" * 10]
-        for r in trows:
-            lines.append(
-                f"| {r['model']} | {r['variant']} | {r['s_per_epoch']:.3f} "
-                f"| {fmt(r['time_to_target_s'])} | {r['final_acc']:.1f} | {r['best_acc']:.1f} "
-                f"| {r['forward_nfe']:.1f} | {fmt(r['backward_iterations'], '.1f')} "
-                f"| {fmt(r['backward_converged'])} | {fmt(r['speedup_vs_deq_implicit'])} "
-                f"| {fmt(r['speedup_vs_own_implicit'])} "
-                f"| {fmt(r['epoch_speedup_vs_deq_implicit'])} |")
-        lines.append("")
+        cells = ((r["model"], r["variant"], f"{r['s_per_epoch']:.3f}", fmt(r["time_to_target_s"]),
+                  f"{r['final_acc']:.1f}", f"{r['best_acc']:.1f}", f"{r['forward_nfe']:.1f}",
+                  fmt(r["backward_iterations"], ".1f"), fmt(r["backward_converged"]),
+                  fmt(r["speedup_vs_deq_implicit"]), fmt(r["speedup_vs_own_implicit"]),
+                  fmt(r["epoch_speedup_vs_deq_implicit"])) for r in trows)
+        lines.append(table(
+            "model | backward | s/epoch | time to target s | final acc % | best acc % | fwd NFE | "
+            "bwd iters | bwd converged | ×DEQ(ode, ptc) implicit (target) | ×own implicit "
+            "(target) | ×DEQ(ode, ptc) implicit (epoch)", cells, "ll" + "r" * 10,
+            [f"### {tname} (target {fmt(trows[0]['target_acc'], '.1f')}%)", ""]))
     lines += ["### Goal: a skip variant >= 1.5x faster to target than DEQ(ode, ptc) implicit", ""]
     for tname in dict.fromkeys(r["task"] for r in rows):
         skip = [r for r in rows if r["task"] == tname and r["model"].startswith("Skip")
