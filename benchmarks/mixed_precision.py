@@ -20,6 +20,7 @@ from .common import (
     load_task,
     machine_header,
     make_parser,
+    table,
     threads,
     train_cells,
     write_results,
@@ -57,23 +58,17 @@ def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESUL
 def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: torch.device
                 ) -> str:
     """The table (one line per precision and seed, then the mean difference)."""
-    lines = [
-        f"## Mixed precision: {MODEL} on {TASK} ({machine_header()}, device {device})",
-        "",
-        "| precision | seed | final test acc % | train s | fwd NFE / batch | bwd iters / batch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['precision']} | {r['seed']} | {r['test_acc']:.2f} | "
-                     f"{r['train_s']:.1f} | {r['forward_nfe']:.1f} | "
-                     f"{r['backward_iterations']:.1f} |")
+    lines = [table(
+        "precision | seed | final test acc % | train s | fwd NFE / batch | bwd iters / batch",
+        ((r["precision"], r["seed"], f"{r['test_acc']:.2f}", f"{r['train_s']:.1f}",
+          f"{r['forward_nfe']:.1f}", f"{r['backward_iterations']:.1f}") for r in rows),
+        head=[f"## Mixed precision: {MODEL} on {TASK} ({machine_header()}, device {device})", ""])]
     by = {}
     for r in rows:
         by.setdefault(r["precision"], []).append(r["test_acc"])
     (full, accs32), (half, accs16) = list(by.items())
     mean32, mean16 = sum(accs32) / len(accs32), sum(accs16) / len(accs16)
     lines += [
-        "",
         f"Mean final test accuracy over seeds {list(cfg.seeds)}: {full} {mean32:.2f}%, {half} "
         f"{mean16:.2f}%; difference {mean16 - mean32:+.2f} points.",
         "",
