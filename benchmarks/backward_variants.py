@@ -31,6 +31,7 @@ from .common import (
     machine_header,
     make_parser,
     ratio,
+    table,
     threads,
     time_to_target,
     train_cells,
@@ -40,19 +41,19 @@ from .common import (
 #: Backward variant name -> mode factory (read :data:`TOL` when called).
 #: Unconverged (capped) solves are counted in the table, not warned about at every step.
 VARIANTS: dict[str, Callable[[], contdeq.BackwardMode]] = {
-    "implicit": lambda: contdeq.Implicit(rtol=TOL["backward_tol"],
+    "implicit": lambda: contdeq.Implicit(rtol=TOL["backward_rtol"],
                                          max_steps=TOL["backward_max_steps"],
                                          on_nonconvergence="ignore"),
     "phantom 5/0.5": lambda: contdeq.Phantom(steps=5, damping=0.5),
     "phantom 3/1": lambda: contdeq.Phantom(steps=3, damping=1.0),
     "truncated 10 1e-3": lambda: contdeq.Implicit(rtol=1e-3, max_steps=10,
                                                   on_nonconvergence="ignore"),
-    "truncated 3": lambda: contdeq.Implicit(rtol=TOL["backward_tol"], max_steps=3,
+    "truncated 3": lambda: contdeq.Implicit(rtol=TOL["backward_rtol"], max_steps=3,
                                             on_nonconvergence="ignore"),
-    "warm": lambda: contdeq.WarmImplicit(rtol=TOL["backward_tol"],
+    "warm": lambda: contdeq.WarmImplicit(rtol=TOL["backward_rtol"],
                                          max_steps=TOL["backward_max_steps"],
                                          on_nonconvergence="ignore", start="scaled"),
-    "warm previous": lambda: contdeq.WarmImplicit(rtol=TOL["backward_tol"],
+    "warm previous": lambda: contdeq.WarmImplicit(rtol=TOL["backward_rtol"],
                                                   max_steps=TOL["backward_max_steps"],
                                                   on_nonconvergence="ignore", start="previous"),
     "jfb": contdeq.JFB,
@@ -165,20 +166,16 @@ def to_markdown(rows: list[dict[str, Any]], header: str, notes: list[str]) -> st
     lines = [header, ""] + [f"* {n}" for n in notes] + [""]
     for tname in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == tname]
-        lines += [f"### {tname} (target {fmt(trows[0]['target_acc'], '.1f')}%)", "",
-                  "| model | backward | s/epoch | time to target s | final acc % | best acc % "
-                  "| fwd NFE | bwd iters | bwd converged | ×DEQ(ode, ptc) implicit (target) "
-                  "| ×own implicit (target) | ×DEQ(ode, ptc) implicit (epoch) |",
-                  "|---|---|" + "---:|" * 10]
-        for r in trows:
-            lines.append(
-                f"| {r['model']} | {r['variant']} | {r['s_per_epoch']:.3f} "
-                f"| {fmt(r['time_to_target_s'])} | {r['final_acc']:.1f} | {r['best_acc']:.1f} "
-                f"| {r['forward_nfe']:.1f} | {fmt(r['backward_iterations'], '.1f')} "
-                f"| {fmt(r['backward_converged'])} | {fmt(r['speedup_vs_deq_implicit'])} "
-                f"| {fmt(r['speedup_vs_own_implicit'])} "
-                f"| {fmt(r['epoch_speedup_vs_deq_implicit'])} |")
-        lines.append("")
+        cells = ((r["model"], r["variant"], f"{r['s_per_epoch']:.3f}", fmt(r["time_to_target_s"]),
+                  f"{r['final_acc']:.1f}", f"{r['best_acc']:.1f}", f"{r['forward_nfe']:.1f}",
+                  fmt(r["backward_iterations"], ".1f"), fmt(r["backward_converged"]),
+                  fmt(r["speedup_vs_deq_implicit"]), fmt(r["speedup_vs_own_implicit"]),
+                  fmt(r["epoch_speedup_vs_deq_implicit"])) for r in trows)
+        lines.append(table(
+            "model | backward | s/epoch | time to target s | final acc % | best acc % | fwd NFE | "
+            "bwd iters | bwd converged | ×DEQ(ode, ptc) implicit (target) | ×own implicit "
+            "(target) | ×DEQ(ode, ptc) implicit (epoch)", cells, "ll" + "r" * 10,
+            [f"### {tname} (target {fmt(trows[0]['target_acc'], '.1f')}%)", ""]))
     lines += ["### Goal: a skip variant >= 1.5x faster to target than DEQ(ode, ptc) implicit", ""]
     for tname in dict.fromkeys(r["task"] for r in rows):
         skip = [r for r in rows if r["task"] == tname and r["model"].startswith("Skip")
@@ -238,8 +235,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--multiscale-variants", nargs="+", choices=list(VARIANTS),
-                        default=list(MULTISCALE_VARIANTS))
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every task (default 15, images-multiscale 14)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -252,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   tasks=tuple(args.tasks), threads=1)
     epochs = {t: 15 for t in TASKS} | {"images-multiscale": 14}
     variants = {t: tuple(args.variants) for t in TASKS} | {
-        "images-multiscale": tuple(args.multiscale_variants)}
+        "images-multiscale": MULTISCALE_VARIANTS}
     if args.smoke:
         cfg = replace(cfg, name="backward_variants_smoke", batch=32, n_train=64, n_test=32,
                       width={t: 2 if "conv" in t or "multiscale" in t else 8 for t in TASKS})

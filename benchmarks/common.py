@@ -10,8 +10,9 @@ import json
 import math
 import platform
 import re
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,15 @@ def write_results(name: str, markdown: str, rows: Any, out: Path = RESULTS) -> N
     print(f"written {out / name}.md and .json")
 
 
+def table(columns: str, cells: Iterable[Iterable[object]], align: str = "",
+          head: Iterable[str] = ()) -> str:
+    """A Markdown table (after the lines ``head``): header ``columns`` (``"a | b"``), one row
+    per item of ``cells``; ``align[i] == "r"`` right-aligns column ``i``."""
+    seps = ("---:" if a == "r" else "---" for a in align.ljust(columns.count(" | ") + 1, "l"))
+    return "\n".join([*head, f"| {columns} |", "|" + "|".join(seps) + "|",
+                      *("| " + " | ".join(map(str, row)) + " |" for row in cells)]) + "\n"
+
+
 def fmt(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
     """``v`` formatted, ``"-"`` where it is missing or NaN."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
@@ -160,6 +170,24 @@ def time_min(fn: Callable[[], object], repeats: int) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def interleaved(runs: dict[str, Callable[[], dict]], repeats: int,
+                failed: Callable[[Exception], dict]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Each of ``runs`` once per repeat, in turn (a drift in the machine's speed reaches all
+    alike): the last output of each and its median seconds. A run that raises gives
+    ``failed(exc)``: an outcome to record, not a reason to stop."""
+    outs: dict[str, dict] = {}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            try:
+                outs[name] = run()
+            except Exception as exc:
+                outs[name] = failed(exc)
+            times[name].append(time.perf_counter() - start)
+    return outs, {name: statistics.median(t) for name, t in times.items()}
 
 
 class SavedTensors:
@@ -390,7 +418,7 @@ def load_task(name: str, width: int, n_train: int | None = None, n_test: int | N
 #: Shared tolerances: forward ``atol = rtol = 5e-3`` (DeepEquilibriumNetworks.jl's MNIST
 #: setting), the ODE integrators (the DEQ's and the NeuralODE's) 10x tighter, backward 5e-3,
 #: caps of 1000 ODE steps / 100 fixed-point iterations / 100 backward iterations.
-TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_tol": 5e-3,
+TOL: dict[str, float] = {"tol": 5e-3, "ode_tol": 5e-4, "backward_rtol": 5e-3,
                          "ode_max_steps": 1000, "fp_max_steps": 100, "backward_max_steps": 100}
 
 
@@ -399,7 +427,7 @@ def set_tolerance(tol: float) -> None:
     integrators (the DEQ's and the NeuralODE's) run 10x tighter."""
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    TOL.update(tol=tol, ode_tol=tol / 10, backward_tol=tol)
+    TOL.update(tol=tol, ode_tol=tol / 10, backward_rtol=tol)
 
 
 def has_torchdeq() -> bool:
@@ -474,7 +502,7 @@ def _shared_options(solver: str) -> dict[str, Any]:
     the model is built."""
     return {"solver": solver, "atol": TOL["tol"], "rtol": TOL["tol"],
             "max_steps": TOL["ode_max_steps"] if solver == "ode" else TOL["fp_max_steps"],
-            "backward_rtol": TOL["backward_tol"], "backward_max_steps": TOL["backward_max_steps"],
+            "backward_rtol": TOL["backward_rtol"], "backward_max_steps": TOL["backward_max_steps"],
             "on_nonconvergence": "ignore"}
 
 
@@ -507,7 +535,7 @@ def _torchdeq(ift: bool) -> Callable[..., nn.Module]:
         if not ift:
             return TorchDEQLayer(f)
         return TorchDEQLayer(f, ift=True, f_stop_mode="rel", b_stop_mode="rel",
-                             f_tol=TOL["tol"], b_tol=TOL["backward_tol"],
+                             f_tol=TOL["tol"], b_tol=TOL["backward_rtol"],
                              f_max_iter=TOL["fp_max_steps"], b_max_iter=TOL["backward_max_steps"])
     return make
 
@@ -776,11 +804,14 @@ def warm_up(model: nn.Module, task: Task, batch: int) -> float:
 class Cell:
     """One model of one task and seed in training: model, optimizer, per-epoch history
     (resumable per epoch from ``checkpoint_dir``). A compiled row (:data:`COMPILED_MODELS`) is
-    warmed up first (:func:`warm_up`; ``warmup_s``)."""
+    warmed up first (:func:`warm_up`; ``warmup_s``). ``autocast``: the forward, the loss and
+    evaluation run under ``torch.autocast`` to that dtype, and no graph is measured."""
 
     def __init__(self, task: Task, name: str, cfg: Config, seed: int,
-                 checkpoint_dir: Path | None = None, resume: bool = False) -> None:
+                 checkpoint_dir: Path | None = None, resume: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
+        self.autocast = autocast
         self.model = build_model(name, task, seed)
         self.warmup_s = warm_up(self.model, task, cfg.batch) if name in COMPILED_MODELS else 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -799,8 +830,12 @@ class Cell:
         epoch = len(self.history)
         if epoch >= self.cfg.epochs:
             return
-        record = train_epoch(self.model, self.opt, self.task, self.cfg.batch, self.seed, epoch)
-        acc, infer_s, infer_nfe = evaluate(self.model, self.task, self.cfg.batch)
+        cast = None if self.autocast is None else (
+            lambda: torch.autocast(self.task.x_train.device.type, dtype=self.autocast))
+        record = train_epoch(self.model, self.opt, self.task, self.cfg.batch, self.seed, epoch,
+                             cast, graph=cast is None)
+        with cast() if cast is not None else nullcontext():
+            acc, infer_s, infer_nfe = evaluate(self.model, self.task, self.cfg.batch)
         record.update(epoch=epoch, test_acc=acc, infer_s=infer_s, infer_nfe=infer_nfe)
         self.history.append(record)
         if self.path is not None:

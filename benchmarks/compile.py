@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+from statistics import median_high
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from .common import (
     load_task,
     machine_header,
     make_parser,
+    table,
     warm_up,
     write_results,
 )
@@ -43,11 +45,6 @@ def _step(model: nn.Module, run: nn.Module, opt: torch.optim.Optimizer, xb: torc
     loss.backward()
     opt.step()
     return time.perf_counter() - wall, time.thread_time() - cpu, float(loss.detach())
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
 
 
 def compare_steps(task_name: str, steps: int, batch: int, lr: float,
@@ -79,8 +76,8 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
     recompiles = _graphs() - before
     rows = []
     for n in names:
-        wall = _median([w for w, _ in times[n]])
-        cpu = _median([c for _, c in times[n]])
+        wall = median_high([w for w, _ in times[n]])
+        cpu = median_high([c for _, c in times[n]])
         rows.append({"task": task_name, "model": n, "step_ms": 1e3 * wall,
                      "step_cpu_ms": 1e3 * cpu, "calls": sum(calls[n]) / steps,
                      "overhead": wall / (sum(calls[n]) / steps * t_f),
@@ -124,31 +121,26 @@ def whole_model(task_name: str, steps: int, batch: int, lr: float,
         rows.append({"task": task_name, "model": f"torch.compile(Net with {name})",
                      "first_call_s": first, "graphs_first_call": compiled_first,
                      "graph_breaks_first_call": breaks, "recompiles": _graphs() - before,
-                     "step_cpu_ms": 1e3 * _median(times["whole"]),
-                     "eager_step_cpu_ms": 1e3 * _median(times["eager"])})
+                     "step_cpu_ms": 1e3 * median_high(times["whole"]),
+                     "eager_step_cpu_ms": 1e3 * median_high(times["eager"])})
     return rows
 
 
 def to_markdown(steps: list[dict[str, Any]], whole: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| task | model | step ms (wall) | step ms (CPU) | eager / compiled "
-             "(wall, CPU) | f calls per step | overhead (wall, CPU) | warm-up s (graphs) | "
-             "final loss | graphs compiled while timed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in steps:
-        speed = (f"{r['speedup']:.2f}, {r['speedup_cpu']:.2f}" if "speedup" in r else "-")
-        lines.append(
-            f"| {r['task']} | {r['model']} | {r['step_ms']:.1f} | {r['step_cpu_ms']:.1f} | "
-            f"{speed} | {r['calls']:.1f} | {r['overhead']:.1f}, {r['overhead_cpu']:.1f} | "
-            f"{r['warmup_s']:.1f} ({r['warmup_graphs']}) | {r['final_loss']:.4f} | "
-            f"{r['timed_recompiles']} |")
-    lines += ["", "Whole-model compile (`torch.compile(model)`, training steps):", "",
-              "| task | model | first call s | graphs at first call | graph breaks | "
-              "recompiles after warm-up | step ms CPU (compiled / eager) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['task']} | {r['model']} | {r['first_call_s']:.1f} | "
-              f"{r['graphs_first_call']} | {r['graph_breaks_first_call']} | {r['recompiles']} | "
-              f"{r['step_cpu_ms']:.1f} / {r['eager_step_cpu_ms']:.1f} |" for r in whole]
-    return "\n".join(lines)
+    cells = ((r["task"], r["model"], f"{r['step_ms']:.1f}", f"{r['step_cpu_ms']:.1f}",
+              f"{r['speedup']:.2f}, {r['speedup_cpu']:.2f}" if "speedup" in r else "-",
+              f"{r['calls']:.1f}", f"{r['overhead']:.1f}, {r['overhead_cpu']:.1f}",
+              f"{r['warmup_s']:.1f} ({r['warmup_graphs']})", f"{r['final_loss']:.4f}",
+              r["timed_recompiles"]) for r in steps)
+    whole_cells = ((r["task"], r["model"], f"{r['first_call_s']:.1f}", r["graphs_first_call"],
+                    r["graph_breaks_first_call"], r["recompiles"],
+                    f"{r['step_cpu_ms']:.1f} / {r['eager_step_cpu_ms']:.1f}") for r in whole)
+    return table("task | model | step ms (wall) | step ms (CPU) | eager / compiled (wall, CPU) | "
+                 "f calls per step | overhead (wall, CPU) | warm-up s (graphs) | final loss | "
+                 "graphs compiled while timed", cells, "ll" + "r" * 8, [header, ""]) + table(
+        "task | model | first call s | graphs at first call | graph breaks | recompiles after "
+        "warm-up | step ms CPU (compiled / eager)", whole_cells, "ll" + "r" * 5,
+        ["", "Whole-model compile (`torch.compile(model)`, training steps):", ""])
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

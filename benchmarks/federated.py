@@ -185,8 +185,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--render", action="store_true",
-                        help="only re-render the table and figure from the JSON in --out")
     parser.add_argument("--append", action="store_true",
                         help="add the new runs to the rows already in --out's JSON")
     args = parser.parse_args()
@@ -195,11 +193,6 @@ def main() -> None:
                      "Flower's simulation (contdeq.federated.run_federated), which has no "
                      "device option and runs on the CPU")
     torch.set_num_threads(1)
-    if args.render:
-        rows = json.loads((args.out / "federated.json").read_text())
-        write_results("federated", summarize(rows, TARGETS, args), rows, args.out)
-        plot(rows, args.out / "federated.png")
-        return
     logging.getLogger("flwr").setLevel(logging.WARNING)
     rows: list[dict] = (json.loads((args.out / "federated.json").read_text()) if args.append
                         else [])

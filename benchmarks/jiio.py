@@ -31,7 +31,7 @@ from examples.jiio_tasks import (
     train_decoder,
 )
 
-from .common import machine_header, make_parser, mean_ci, write_results
+from .common import machine_header, make_parser, mean_ci, table, write_results
 
 METHODS = ("nested-cold", "nested-warm", "jiio", "jiio-ode")
 
@@ -251,27 +251,23 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "the loop's time or f calls to the target over the method's, mean ± 95% t-interval "
         "half-width over seeds.",
         "",
-        "| application | method | f-call ratio vs warm | time ratio vs warm | "
-        "f-call ratio vs cold | time ratio vs cold | f calls to target (per seed) | "
-        "JVPs (per seed) | final objective (seed 0) | quality (seed 0) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for app in dict.fromkeys(r["application"] for r in rows):
         for method in METHODS:
             group = [r for r in rows if r["application"] == app and r["key"] == method]
             first = group[0]
-            calls = ", ".join("NaN/Inf" if r["failed"] else fmt(r["f_calls_to_target"], "d")
-                              for r in group)
-            lines.append(
-                f"| {app} | {first['method']} | "
-                f"{interval([r['f_calls_ratio_nested-warm'] for r in group])} | "
-                f"{interval([r['seconds_ratio_nested-warm'] for r in group])} | "
-                f"{interval([r['f_calls_ratio_nested-cold'] for r in group])} | "
-                f"{interval([r['seconds_ratio_nested-cold'] for r in group])} | "
-                f"{calls} | "
-                f"{', '.join(str(r['total_jvps']) for r in group)} | "
-                f"{first['final_objective']:.4f} | {first['metric']} {first['quality']:.4f} |")
-    return "\n".join(lines) + "\n"
+            cells.append((
+                app, first["method"],
+                *(interval([r[f"{k}_ratio_nested-{loop}"] for r in group])
+                  for loop in ("warm", "cold") for k in ("f_calls", "seconds")),
+                ", ".join("NaN/Inf" if r["failed"] else fmt(r["f_calls_to_target"], "d")
+                          for r in group),
+                ", ".join(str(r["total_jvps"]) for r in group),
+                f"{first['final_objective']:.4f}", f"{first['metric']} {first['quality']:.4f}"))
+    return table("application | method | f-call ratio vs warm | time ratio vs warm | f-call "
+                 "ratio vs cold | time ratio vs cold | f calls to target (per seed) | JVPs (per "
+                 "seed) | final objective (seed 0) | quality (seed 0)", cells, head=lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:

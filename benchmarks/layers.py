@@ -14,7 +14,7 @@ from torch import nn
 
 import contdeq
 
-from .common import SavedTensors, TanhCell, machine_header, make_parser, write_results
+from .common import SavedTensors, TanhCell, fmt, machine_header, make_parser, table, write_results
 
 
 def layer_factories(width: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -75,15 +75,11 @@ def measure(name: str, width: int, x: torch.Tensor, y: torch.Tensor, repeats: in
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| layer | forward NFE | backward iterations | step ms | graph MB | peak CUDA MB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        back = "-" if r["backward_iterations"] is None else str(r["backward_iterations"])
-        peak = "-" if r["peak_cuda_mb"] != r["peak_cuda_mb"] else f"{r['peak_cuda_mb']:.1f}"
-        lines.append(f"| {r['layer']} | {r['forward_nfe']} | {back} | {r['step_ms']:.1f} "
-                     f"| {r['graph_mb']:.2f} | {peak} |")
-    return "\n".join(lines) + "\n"
+    cells = ((r["layer"], r["forward_nfe"], fmt(r["backward_iterations"], ""),
+              f"{r['step_ms']:.1f}", f"{r['graph_mb']:.2f}", fmt(r["peak_cuda_mb"], ".1f"))
+             for r in rows)
+    return table("layer | forward NFE | backward iterations | step ms | graph MB | peak CUDA MB",
+                 cells, "lrrrrr", [header, ""])
 
 
 def main() -> None:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -16,14 +15,14 @@ from .common import (
     PRESETS,
     RESULTS,
     TOL,
+    Cell,
     Config,
-    build_model,
-    evaluate,
     load_task,
     machine_header,
     make_parser,
+    table,
     threads,
-    train_epoch,
+    train_cells,
     write_results,
 )
 
@@ -32,34 +31,17 @@ TASK = "digits-mlp"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to ``dtype`` on ``device`` (``None``: float32, no autocast)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESULTS
         ) -> list[dict[str, Any]]:
-    """Train both precisions for every seed of ``cfg``; write and return the rows."""
+    """Train both precisions for every seed of ``cfg`` interleaved (``common.train_cells``);
+    write and return the rows."""
     task = load_task(TASK, cfg.width[TASK], cfg.n_train, cfg.n_test, device)
     label = str(dtype).removeprefix("torch.")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seed in cfg.seeds:
-        cells = {}
-        for name, cast in (("float32", None), (f"autocast {label}", dtype)):
-            model = build_model(MODEL, task, seed)
-            cells[name] = (model, torch.optim.Adam(model.parameters(), lr=cfg.lr), cast, [])
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for epoch in range(cfg.epochs):
-            for model, opt, cast, history in cells.values():
-                record = train_epoch(model, opt, task, cfg.batch, seed, epoch,
-                                     lambda c=cast: precision(device, c), graph=False)
-                with precision(device, cast):
-                    record["test_acc"] = evaluate(model, task, cfg.batch)[0]
-                history.append(record)
-        for name, (_, _, _, history) in cells.items():
+        cells = {name: Cell(task, MODEL, cfg, seed, autocast=cast)
+                 for name, cast in (("float32", None), (f"autocast {label}", dtype))}
+        for name, history in train_cells(task, cells, cfg.epochs, seed, []).items():
             rows.append({
                 "precision": name, "seed": seed, "test_acc": history[-1]["test_acc"],
                 "train_s": sum(r["train_s"] for r in history),
@@ -76,29 +58,23 @@ def run(cfg: Config, dtype: torch.dtype, device: torch.device, out: Path = RESUL
 def to_markdown(rows: list[dict[str, Any]], cfg: Config, label: str, device: torch.device
                 ) -> str:
     """The table (one line per precision and seed, then the mean difference)."""
-    lines = [
-        f"## Mixed precision: {MODEL} on {TASK} ({machine_header()}, device {device})",
-        "",
-        "| precision | seed | final test acc % | train s | fwd NFE / batch | bwd iters / batch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['precision']} | {r['seed']} | {r['test_acc']:.2f} | "
-                     f"{r['train_s']:.1f} | {r['forward_nfe']:.1f} | "
-                     f"{r['backward_iterations']:.1f} |")
+    lines = [table(
+        "precision | seed | final test acc % | train s | fwd NFE / batch | bwd iters / batch",
+        ((r["precision"], r["seed"], f"{r['test_acc']:.2f}", f"{r['train_s']:.1f}",
+          f"{r['forward_nfe']:.1f}", f"{r['backward_iterations']:.1f}") for r in rows),
+        head=[f"## Mixed precision: {MODEL} on {TASK} ({machine_header()}, device {device})", ""])]
     by = {}
     for r in rows:
         by.setdefault(r["precision"], []).append(r["test_acc"])
     (full, accs32), (half, accs16) = list(by.items())
     mean32, mean16 = sum(accs32) / len(accs32), sum(accs16) / len(accs16)
     lines += [
-        "",
         f"Mean final test accuracy over seeds {list(cfg.seeds)}: {full} {mean32:.2f}%, {half} "
         f"{mean16:.2f}%; difference {mean16 - mean32:+.2f} points.",
         "",
         f"One run, {cfg.epochs} epochs, batch {cfg.batch}, width {cfg.width[TASK]}, Adam "
         f"{cfg.lr:g}, the paper benchmark's tolerances (forward {TOL['tol']:g}, backward "
-        f"{TOL['backward_tol']:g}); both precisions train interleaved epoch by epoch; autocast "
+        f"{TOL['backward_rtol']:g}); both precisions train interleaved epoch by epoch; autocast "
         f"({label}) covers the forward, the loss and evaluation (backward() and the optimizer "
         "step run outside it, contdeq's implicit backward under the forward's autocast "
         "state); parameters, optimizer and the "

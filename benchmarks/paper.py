@@ -28,6 +28,7 @@ from .common import (
     models_for,
     ratio,
     set_tolerance,
+    table,
     threads,
     train_task,
     write_results,
@@ -106,10 +107,7 @@ def headline(rows: list[Row]) -> str:
     cells = [task_headline([r for r in rows if r["task"] == t]) for t in tasks]
     if not cells:
         return ""
-    keys = list(cells[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(c[k] for k in keys) + " |" for c in cells]
-    return "\n".join(lines) + "\n"
+    return table(" | ".join(cells[0]), (c.values() for c in cells))
 
 
 
@@ -123,26 +121,20 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
         if not trows:
             continue
         r0 = trows[0]
-        lines += [f"### {task.name}: {task.description}; {len(task.x_train)} train / "
-                  f"{len(task.x_test)} test; target {fmt(r0['target_acc'], '.1f', '%')}; "
-                  f"one f call {r0['f_call_ms']:.3f} ms; torchdeq best: "
-                  f"{r0['torchdeq_best'] or '-'}", "",
-                  "| model | s/epoch | time to target s | fwd NFE | bwd iters | final acc % "
-                  "| infer ms | infer NFE | graph MB | peak CUDA MB | overhead "
-                  "| epoch ×NODE | target ×NODE | epoch ×tdeq | target ×tdeq "
-                  "| target ×DEQ(ode) | infer NFE ×DEQ(ode) |",
-                  "|---|" + "---:|" * 16]
-        for r in trows:
-            lines.append(
-                f"| {r['model']} | {r['s_per_epoch']:.3f} | {fmt(r['time_to_target_s'])} "
-                f"| {r['forward_nfe']:.1f} | {fmt(r['backward_iterations'], '.1f')} "
-                f"| {r['final_acc']:.1f} | {r['infer_ms']:.1f} | {r['infer_nfe']:.1f} "
-                f"| {r['graph_mb']:.2f} | {fmt(r['peak_cuda_mb'], '.1f')} "
-                f"| {fmt(r['overhead'], '.1f')} | {fmt(r['ratio_node_epoch'])} "
-                f"| {fmt(r['ratio_node_target'])} | {fmt(r['ratio_torchdeq_epoch'])} "
-                f"| {fmt(r['ratio_torchdeq_target'])} | {fmt(r['ratio_deq_target'])} "
-                f"| {fmt(r['ratio_deq_infer_nfe'])} |")
-        lines.append("")
+        cells = ((r["model"], f"{r['s_per_epoch']:.3f}", fmt(r["time_to_target_s"]),
+                  f"{r['forward_nfe']:.1f}", fmt(r["backward_iterations"], ".1f"),
+                  f"{r['final_acc']:.1f}", f"{r['infer_ms']:.1f}", f"{r['infer_nfe']:.1f}",
+                  f"{r['graph_mb']:.2f}", fmt(r["peak_cuda_mb"], ".1f"), fmt(r["overhead"], ".1f"),
+                  *(fmt(r[k]) for k in ("ratio_node_epoch", "ratio_node_target",
+                                        "ratio_torchdeq_epoch", "ratio_torchdeq_target",
+                                        "ratio_deq_target", "ratio_deq_infer_nfe"))) for r in trows)
+        lines.append(table(
+            "model | s/epoch | time to target s | fwd NFE | bwd iters | final acc % | infer ms | "
+            "infer NFE | graph MB | peak CUDA MB | overhead | epoch ×NODE | target ×NODE | epoch "
+            "×tdeq | target ×tdeq | target ×DEQ(ode) | infer NFE ×DEQ(ode)", cells, "l" + "r" * 16,
+            [f"### {task.name}: {task.description}; {len(task.x_train)} train / "
+             f"{len(task.x_test)} test; target {fmt(r0['target_acc'], '.1f', '%')}; one f call "
+             f"{r0['f_call_ms']:.3f} ms; torchdeq best: {r0['torchdeq_best'] or '-'}", ""]))
     return "\n".join(lines)
 
 
@@ -234,7 +226,7 @@ def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
                                         if k not in ("name", "models", "tasks")) + ".",
         f"Shared tolerances: forward atol = rtol = {TOL['tol']:g} (ODE integrator "
         f"{TOL['ode_tol']:g}; NeuralODE rtol = atol = {TOL['ode_tol']:g}, t_end = 1), backward "
-        f"tol {TOL['backward_tol']:g}; max steps {TOL['ode_max_steps']} (ODE) / "
+        f"tol {TOL['backward_rtol']:g}; max steps {TOL['ode_max_steps']} (ODE) / "
         f"{TOL['fp_max_steps']} (fixed point) / {TOL['backward_max_steps']} (backward). "
         "torchdeq default keeps its own (fixed-point iteration, 40 iterations, abs tol 1e-3, "
         "1-step gradient); torchdeq IFT uses the shared relative tolerances.",

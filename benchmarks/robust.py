@@ -33,6 +33,7 @@ from .common import (
     machine_header,
     make_parser,
     mean_ci,
+    table,
     threads,
     write_results,
 )
@@ -485,24 +486,16 @@ def to_markdown(rows: list[dict[str, Any]], cfg: Config, minutes: float) -> str:
         "Eps per task (input units): " + ", ".join(
             f"{t} {EPS[t][0]:g} / {EPS[t][1]:g}" for t in tasks) + ".",
         "",
-        f"| task | model | clean | PGD-{cfg.attack_steps} eps1 | PGD-{cfg.attack_steps} eps2 | "
-        f"PGD-{cfg.attack_steps} unrolled eps1 | "
-        "Square eps1 | PGD transfer eps1 | credited eps1 | train s | infer NFE | "
-        "conv. warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        credited = (cell(r, "worst_eps1") if r["credited"]
-                    else f"no (spread {r['spread_eps1']:.1f})")
-        warned = sum(r["warnings"].values())
-        transfer = cell(r, "pgd_transfer_eps1") if "pgd_transfer_eps1" in r else "-"
-        lines.append(
-            f"| {r['task']} | {r['model']} | {cell(r, 'clean')} | {cell(r, 'pgd_eps1')} | "
-            f"{cell(r, 'pgd_eps2')} | {cell(r, 'pgd_unrolled_eps1')} | "
-            f"{cell(r, 'square_eps1')} | {transfer} | "
-            f"{credited} | {r['train_s']:.0f} | {r['infer_nfe']:.0f} | {warned} |")
-    lines += ["", "## Goal check", "", *goal_check(rows), ""]
-    return "\n".join(lines)
+    cells = ((r["task"], r["model"], *(cell(r, k) for k in (
+        "clean", "pgd_eps1", "pgd_eps2", "pgd_unrolled_eps1", "square_eps1")),
+        cell(r, "pgd_transfer_eps1") if "pgd_transfer_eps1" in r else "-",
+        cell(r, "worst_eps1") if r["credited"] else f"no (spread {r['spread_eps1']:.1f})",
+        f"{r['train_s']:.0f}", f"{r['infer_nfe']:.0f}", sum(r["warnings"].values())) for r in rows)
+    pgd = f"PGD-{cfg.attack_steps}"
+    return table(f"task | model | clean | {pgd} eps1 | {pgd} eps2 | {pgd} unrolled eps1 | Square "
+                 "eps1 | PGD transfer eps1 | credited eps1 | train s | infer NFE | conv. warnings",
+                 cells, head=lines) + "\n".join(["", "## Goal check", "", *goal_check(rows), ""])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -609,9 +602,6 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, help="0: the whole training split")
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--train-pgd-steps", type=int)
-    parser.add_argument("--square-queries", type=int)
-    parser.add_argument("--ris-max-steps", type=int,
-                        help="largest solver step at which RIS stops a training solve")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--tasks", nargs="*", choices=TASKS,
                         help="none: only merge the --merge files into the table")
@@ -625,8 +615,7 @@ def main() -> None:
     args = parser.parse_args()
     args.device = str(args.device)
     cfg = Config(**(QUICK if args.quick else {}))
-    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "square_queries",
-                "ris_max_steps", "device"):
+    for key in ("epochs", "n_train", "n_test", "train_pgd_steps", "device"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     for key in ("seeds", "tasks", "models"):

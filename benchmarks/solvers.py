@@ -17,6 +17,7 @@ from .common import (
     machine_header,
     make_parser,
     synchronize,
+    table,
     time_min,
     write_results,
 )
@@ -123,16 +124,11 @@ def benchmark(problem: Problem, repeats: int, skip_slow: bool) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| problem | solver | NFE | steps | converged | max residual | wall ms | f call ms "
-             "| overhead |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['problem']} | {r['solver']} | {r['nfe']} | {r['steps']} | {r['converged']} "
-            f"| {r['max_residual']:.2e} | {r['wall_ms']:.1f} | {r['f_call_ms']:.3f} "
-            f"| {r['overhead']:.2f} |")
-    return "\n".join(lines) + "\n"
+    cells = ((r["problem"], r["solver"], r["nfe"], r["steps"], r["converged"],
+              f"{r['max_residual']:.2e}", f"{r['wall_ms']:.1f}", f"{r['f_call_ms']:.3f}",
+              f"{r['overhead']:.2f}") for r in rows)
+    return table("problem | solver | NFE | steps | converged | max residual | wall ms | f call ms "
+                 "| overhead", cells, "llrrrrrrr", [header, ""])
 
 
 def ratios(rows: list[dict]) -> list[str]:

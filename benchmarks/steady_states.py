@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +13,7 @@ from contdeq.implicit import solve_adjoint
 from contdeq.solvers import fixed_point, steady_state
 from tests import stiff_problems
 
-from .common import CPU, machine_header, make_parser, synchronize, write_results
+from .common import CPU, interleaved, machine_header, make_parser, synchronize, table, write_results
 
 #: Step budget of the explicit methods (they are stability-limited on these problems).
 EXPLICIT_BUDGET = 2000
@@ -30,10 +28,7 @@ def _ours(problem: stiff_problems.StiffProblem, method: str, device: torch.devic
     z0 = problem.z0.to(device)
 
     def run() -> dict:
-        calls = [0]
-
         def func(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
             return problem.rhs(z)
 
         if method == "newton":
@@ -89,19 +84,7 @@ def _steady_rows(problem: stiff_problems.StiffProblem, repeats: int,
     unknowns = problem.z0[0].numel()
     if unknowns <= HYBR_MAX_UNKNOWNS:
         methods["scipy root (hybr)"] = _scipy(problem, "scipy root (hybr)")
-    results: dict[str, dict] = {}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(repeats):
-        for name, run in methods.items():
-            start = time.perf_counter()
-            try:
-                out = run()
-            except Exception as exc:  # an outcome to record, not a reason to stop
-                out = {"outcome": f"raised {type(exc).__name__}: {str(exc)[:60]}", "nfe": None,
-                       "jvps": None,
-                       "linear_iterations": None, "z": None}
-            times[name].append(time.perf_counter() - start)
-            results[name] = out
+    results, times = interleaved(methods, repeats, lambda exc: {**_raised(exc), "z": None})
     rows = []
     scale = float(problem.reference.abs().max())
     for name, out in results.items():
@@ -109,7 +92,7 @@ def _steady_rows(problem: stiff_problems.StiffProblem, repeats: int,
         error = None if z is None else float((z - problem.reference).abs().max()) / scale
         rows.append({"problem": problem.name, "unknowns": unknowns,
                      "batch": problem.z0.shape[0], "method": name, **out,
-                     "time_s": statistics.median(times[name]), "runs": repeats,
+                     "time_s": times[name], "runs": repeats,
                      "error": error})
     if unknowns > HYBR_MAX_UNKNOWNS:
         rows.append({"problem": problem.name, "unknowns": unknowns,
@@ -138,28 +121,24 @@ def _backward_rows(width: int, batch: int, repeats: int, device: torch.device = 
     radius = float(torch.linalg.eigvals(jac).abs().amax())
     eye = torch.eye(width, dtype=torch.float64, device=device)
     exact = torch.linalg.solve((eye - jac).transpose(1, 2), v)
-    results: dict[str, dict] = {}
-    times: dict[str, list[float]] = {m: [] for m in BACKWARD_METHODS}
-    for _ in range(repeats):
-        for method in BACKWARD_METHODS:
-            start = time.perf_counter()
-            try:
-                w, stats = solve_adjoint(vjp, v, method=method, on_nonconvergence="ignore")
-                synchronize(device)
-                error = float(((w - exact).norm(dim=1) / exact.norm(dim=1)).max())
-                outcome = ("converged" if stats.all_converged
-                           else f"not converged ({stats.stop_reason})")
-                results[method] = {"outcome": outcome, "nfe": stats.nfe, "jvps": None,
-                                   "linear_iterations": stats.linear_iterations,
-                                   "error": error}
-            except Exception as exc:
-                results[method] = {"outcome": f"raised {type(exc).__name__}: {str(exc)[:60]}",
-                                   "nfe": None,
-                                   "jvps": None, "linear_iterations": None, "error": None}
-            times[method].append(time.perf_counter() - start)
+    def run(method: str) -> dict:
+        w, stats = solve_adjoint(vjp, v, method=method, on_nonconvergence="ignore")
+        synchronize(device)
+        outcome = "converged" if stats.all_converged else f"not converged ({stats.stop_reason})"
+        return {"outcome": outcome, "nfe": stats.nfe, "jvps": None,
+                "linear_iterations": stats.linear_iterations,
+                "error": float(((w - exact).norm(dim=1) / exact.norm(dim=1)).max())}
+
+    results, times = interleaved({m: lambda m=m: run(m) for m in BACKWARD_METHODS}, repeats,
+                                 lambda exc: {**_raised(exc), "error": None})
     return [{"problem": f"near-edge backward (rho={radius:.3f})", "unknowns": width,
              "batch": batch, "method": f"backward {m}", **results[m],
-             "time_s": statistics.median(times[m]), "runs": repeats} for m in BACKWARD_METHODS]
+             "time_s": times[m], "runs": repeats} for m in BACKWARD_METHODS]
+
+
+def _raised(exc: Exception) -> dict:
+    return {"outcome": f"raised {type(exc).__name__}: {str(exc)[:60]}", "nfe": None,
+            "jvps": None, "linear_iterations": None}
 
 
 def _cell(value: object, fmt: str = "{}") -> str:
@@ -168,15 +147,11 @@ def _cell(value: object, fmt: str = "{}") -> str:
 
 def to_markdown(rows: list[dict], header: str) -> str:
     """One table, problem x method."""
-    lines = [f"# {header}", "",
-             "| problem | method | outcome | NFE | JVPs | linear it. | time (s, median) | runs "
-             "| error |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['problem']} ({r['unknowns']}x{r['batch']}) | {r['method']} | {r['outcome']} "
-            f"| {_cell(r['nfe'])} | {_cell(r['jvps'])} | {_cell(r['linear_iterations'])} "
-            f"| {_cell(r['time_s'], '{:.3g}')} | {r['runs']} | {_cell(r['error'], '{:.1e}')} |")
-    return "\n".join(lines) + "\n"
+    cells = ((f"{r['problem']} ({r['unknowns']}x{r['batch']})", r["method"], r["outcome"],
+              _cell(r["nfe"]), _cell(r["jvps"]), _cell(r["linear_iterations"]),
+              _cell(r["time_s"], "{:.3g}"), r["runs"], _cell(r["error"], "{:.1e}")) for r in rows)
+    return table("problem | method | outcome | NFE | JVPs | linear it. | time (s, median) | runs "
+                 "| error", cells, head=[f"# {header}", ""])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

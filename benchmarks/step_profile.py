@@ -19,12 +19,14 @@ from .common import (
     Config,
     build_model,
     epoch_order,
+    fmt,
     layer_counts,
     load_task,
     machine_header,
     make_parser,
     ratio,
     synchronize,
+    table,
     threads,
     write_results,
 )
@@ -102,20 +104,15 @@ def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, se
 
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The rows as a Markdown table under ``header``."""
-    lines = [header, "",
-             "| task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
-             "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
-             "bound |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        vs = "-" if r["step_vs_deq"] is None else f"{r['step_vs_deq']:.2f}"
-        guess = "- | -" if r["bound"] is None else f"{r['perfect_guess']:.2f} | {r['bound']:.2f}×"
-        lines.append(
-            f"| {r['task']} | {r['model']} | {r['step']:.2f} | {r['forward_solve']:.2f} "
-            f"({r['forward_nfe']:.0f}) | {r['forward_rest']:.2f} | {r['backward_solve']:.2f} "
-            f"({r['backward_iterations']:.0f}) | {r['backward_rest']:.2f} | "
-            f"{r['optimizer']:.2f} | {vs} | {guess} |")
-    return "\n".join(lines) + "\n"
+    cells = ((r["task"], r["model"], f"{r['step']:.2f}",
+              f"{r['forward_solve']:.2f} ({r['forward_nfe']:.0f})", f"{r['forward_rest']:.2f}",
+              f"{r['backward_solve']:.2f} ({r['backward_iterations']:.0f})",
+              f"{r['backward_rest']:.2f}", f"{r['optimizer']:.2f}", fmt(r["step_vs_deq"]),
+              "- | -" if r["bound"] is None else f"{r['perfect_guess']:.2f} | {r['bound']:.2f}×")
+             for r in rows)
+    return table("task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
+                 "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
+                 "bound", cells, "llrrrrrrrrr", [header, ""])
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         header = (f"## Training-step profile ({machine_header()}, device {args.device}; "
                   f"epoch {args.epochs} of training, seed {args.seed}, batch {cfg.batch}, "
                   f"medians over its steps; forward tol {TOL['tol']:g}, backward tol "
-                  f"{TOL['backward_tol']:g})")
+                  f"{TOL['backward_rtol']:g})")
         write_results("step_profile", to_markdown(rows, header), rows, out=args.out)
     return rows
 

@@ -30,6 +30,7 @@ from .common import (
     make_parser,
     mean_ci,
     models_for,
+    table,
     threads,
     train_task,
     weight_tied_name,
@@ -324,7 +325,7 @@ def _write(rows: list[dict[str, Any]], costs: list[dict[str, Any]], notes: list[
             f"n_train={c.n_train or 'all'}, n_test={c.n_test or 'all'}"
             for t, c in configs.items()) + f"; shared: batch={base.batch}, lr={base.lr}, Adam.",
         f"DEQ(ode, ptc): forward atol = rtol = {TOL['tol']:g}, implicit backward tol "
-        f"{TOL['backward_tol']:g}; NeuralODE: dopri5, rtol = atol = {TOL['ode_tol']:g}, "
+        f"{TOL['backward_rtol']:g}; NeuralODE: dopri5, rtol = atol = {TOL['ode_tol']:g}, "
         "t_end = 1, backprop through the solver (it sets the target: its final accuracy - 0.5 "
         "point).",
         "Every row uses the same f (the paper benchmark's cells, z-weight spectral norm capped "
@@ -355,30 +356,24 @@ def to_markdown(rows: list[dict[str, Any]], costs: list[dict[str, Any]], header:
     for tname in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == tname]
         r0 = trows[0]
-        lines += [f"### {tname}: {r0['description']}; {r0['n_train']} train / {r0['n_test']} "
-                  f"test; {r0['epochs']} epochs, seeds {r0['seeds']}; target "
-                  f"{fmt(r0['target_acc'], '.1f')}%", "",
-                  "| model | params | effective params | final acc % | time to target s "
-                  "| s/epoch | graph MB | fwd NFE | infer ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in trows:
-            lines.append(
-                f"| {r['model']} | {r['params']} | {r['effective_params']:.0f} "
-                f"| {r['final_acc']:.1f} | {fmt(r['time_to_target_s'])} "
-                f"| {r['s_per_epoch']:.3f} | {r['graph_mb']:.2f} | {r['forward_nfe']:.1f} "
-                f"| {r['infer_ms']:.1f} |")
-        lines.append("")
+        cells = ((r["model"], r["params"], f"{r['effective_params']:.0f}", f"{r['final_acc']:.1f}",
+                  fmt(r["time_to_target_s"]), f"{r['s_per_epoch']:.3f}", f"{r['graph_mb']:.2f}",
+                  f"{r['forward_nfe']:.1f}", f"{r['infer_ms']:.1f}") for r in trows)
+        lines.append(table(
+            "model | params | effective params | final acc % | time to target s | s/epoch | "
+            "graph MB | fwd NFE | infer ms", cells, "l" + "r" * 8,
+            [f"### {tname}: {r0['description']}; {r0['n_train']} train / {r0['n_test']} test; "
+             f"{r0['epochs']} epochs, seeds {r0['seeds']}; target "
+             f"{fmt(r0['target_acc'], '.1f')}%", ""]))
     if costs:
         c0 = costs[0]
-        lines += [f"### What the masks cost: one training step, depth {c0['depth']}, sparsity "
-                  f"{c0['sparsity']:g}, batch {c0['batch']} (fastest of {c0['repeats']} "
-                  "interleaved rounds)", "",
-                  "| cell | variant | ms / step | × no masks | masked weights KB / forward |",
-                  "|---|---|---:|---:|---:|"]
-        for c in costs:
-            lines.append(f"| {c['cell']} | {c['variant']} | {c['ms']:.2f} | {c['ratio']:.2f} "
-                         f"| {c['masked_weights_kb']:.1f} |")
-        lines.append("")
+        lines.append(table(
+            "cell | variant | ms / step | × no masks | masked weights KB / forward",
+            ((c["cell"], c["variant"], f"{c['ms']:.2f}", f"{c['ratio']:.2f}",
+              f"{c['masked_weights_kb']:.1f}") for c in costs), "llrrr",
+            [f"### What the masks cost: one training step, depth {c0['depth']}, sparsity "
+             f"{c0['sparsity']:g}, batch {c0['batch']} (fastest of {c0['repeats']} interleaved "
+             "rounds)", ""]))
     return "\n".join(lines)
 
 
