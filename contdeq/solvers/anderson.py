@@ -71,7 +71,7 @@ class Anderson:
         gs, rs = (self.gs, self.rs) if n == self.memory else (self.gs[:, :n], self.rs[:, :n])
         ones = self.ones.get(n)
         if ones is None:
-            ones = self.ones[n] = rs.new_ones(rs.shape[0], n, 1)
+            ones = self.ones[n] = rs.new_ones(rs.shape[0], n, 1, dtype=_working_dtype(rs))
         alpha = _mixing_weights(rs, self.regularization, slot, ones)  # (B, n, 1)
         mixed_g = _combine(alpha, gs)
         if self.damping == 1.0:
@@ -95,12 +95,18 @@ def _combine(alpha: Tensor, xs: Tensor) -> Tensor:
     return torch.bmm(alpha.transpose(1, 2), xs).squeeze(1)
 
 
-def _mixing_weights(residuals: Tensor, regularization: float, newest: int,
-                    ones: Tensor | None = None) -> Tensor:
+def _working_dtype(residuals: Tensor) -> torch.dtype:
+    """The dtype the mixing weights are computed in: float32 for half precision."""
+    return torch.float32 if residuals.dtype in (torch.float16, torch.bfloat16) else (
+        residuals.dtype)
+
+
+def _mixing_weights(residuals: Tensor, regularization: float, newest: int, ones: Tensor
+                    ) -> Tensor:
     """``(B, n, 1)`` weights minimising ``||sum_i alpha_i r_i||`` with ``sum_i alpha_i = 1``.
 
     ``residuals``: ``(B, n, D)`` residuals ``r_i`` of the stored iterates; ``ones``: a ``(B, n, 1)``
-    tensor of ones in the working dtype (made here when not given). With the Gram matrix ``G``
+    tensor of ones in the working dtype (:func:`_working_dtype`). With the Gram matrix ``G``
     (scaled, plus the ridge), the weights are ``G^-1 1 / (1^T G^-1 1)``: one small batched
     solve, a handful of tensor operations in all (this runs every iteration, and on small states
     its cost is the number of operations, not their size). Half precision is worked in float32
@@ -108,15 +114,12 @@ def _mixing_weights(residuals: Tensor, regularization: float, newest: int,
     whose system is singular or non-finite (residuals near overflow) takes the plain step from
     its ``newest`` iterate instead of crashing the solve.
     """
-    work = (residuals.float() if residuals.dtype in (torch.float16, torch.bfloat16)
-            else residuals)
+    work = residuals.to(_working_dtype(residuals))
     gram = torch.bmm(work, work.transpose(1, 2))  # (B, n, n)
     diagonal = gram.diagonal(dim1=1, dim2=2)
     scale = diagonal.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(work.dtype).tiny)
     gram.div_(scale.unsqueeze(2))
     diagonal.add_(regularization)  # a view: adds the ridge to the diagonal in place
-    if ones is None or ones.dtype != gram.dtype:
-        ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
     y, info = torch.linalg.solve_ex(gram, ones)
     alpha = y.div_(y.sum(dim=1, keepdim=True))
     # NaN/Inf propagate into the sum. With a ridge the scaled Gram matrix is positive definite,

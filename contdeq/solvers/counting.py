@@ -128,7 +128,11 @@ class Residual:
 
 
 class _Counted:
-    """What the two counted wrappers share: the unwrapped function, its checks, the count."""
+    """What the two counted wrappers share: the unwrapped function, its checks, the count,
+    and the call itself (one ``__call__``, so ``f`` is one frame below the solver's step)."""
+
+    #: Whether the wrapped function is called as ``func(t, z)`` (else ``g(z)``).
+    timed = False
 
     def __init__(self, fn: Callable[..., Tensor], z0: Tensor, name: str) -> None:
         self.shape = z0.shape
@@ -146,6 +150,9 @@ class _Counted:
         :class:`BoundInput`, whose ``f``, ``x`` and autocast state are called directly) and
         ``inner`` (the callable otherwise)."""
         self.residual = isinstance(fn, Residual)
+        # Whether ``fn`` is a user's ``func(t, z)`` to be given the time (not a map, not a
+        # Residual, which does not use it).
+        self.takes_time = self.timed and not self.residual
         inner = fn.fx if isinstance(fn, Residual) else fn
         self.bound = inner if isinstance(inner, BoundInput) else None
         self.inner = inner
@@ -177,6 +184,36 @@ class _Counted:
         self._unwrap(self._function())
         self.rebound = True
 
+    def __call__(self, *args: Any) -> Tensor:
+        """``func(t, z_flat)`` (:class:`CountedODEFunc`) or ``g(z_flat)``
+        (:class:`CountedMap`) on a flat ``(B, D)`` state, shaped ``(B, D)``."""
+        z_flat = args[-1]
+        z = z_flat if self.flat else z_flat.reshape(self.shape)
+        version = _version(z_flat)
+        if self.calls == 0:
+            out = self._first(z, lambda: self._plain(args[0], z) if self.takes_time
+                              else self.inner(z))
+        elif self.f is not None:
+            if self.autocast is None:
+                out = self.f(z, self.x)
+            else:
+                with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+                    out = self.f(z, self.x)
+                if isinstance(out, Tensor) and out.is_floating_point():
+                    out = out.to(z.dtype)
+        elif self.takes_time:
+            out = self._plain(args[0], z)
+        else:
+            out = self.inner(z)
+        if _version(z_flat) != version:
+            _raise_modified_input(self.name)
+        if not isinstance(out, Tensor) or out.shape != self.shape:
+            out = self._check(out, z)
+        if self.residual:
+            out = out - z
+        self.calls += 1
+        return out if self.flat else out.reshape(self.flat_shape)
+
     def _function(self) -> Callable[..., Tensor]:
         raise NotImplementedError
 
@@ -204,6 +241,8 @@ class CountedODEFunc(_Counted):
     output is checked in full (type, shape, dtype, device); later ones for shape. ``func``
     stays the uncounted function (for Jacobian-vector products and compiled steps).
     """
+
+    timed = True
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], z0: Tensor, name: str) -> None:
         self.func = func
@@ -238,32 +277,6 @@ class CountedODEFunc(_Counted):
         """``func(t, z)`` of a function that is not a :class:`Residual` (``t`` a tensor)."""
         return self.func(t if isinstance(t, Tensor) else self._time_tensor(t), z)
 
-    def __call__(self, t: Tensor | float, z_flat: Tensor) -> Tensor:
-        z = z_flat if self.flat else z_flat.reshape(self.shape)
-        version = _version(z_flat)
-        if self.calls == 0:
-            out = self._first(z, lambda: self.inner(z) if self.residual else self._plain(t, z))
-        elif self.f is not None:
-            if self.autocast is None:
-                out = self.f(z, self.x)
-            else:
-                with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
-                    out = self.f(z, self.x)
-                if isinstance(out, Tensor) and out.is_floating_point():
-                    out = out.to(z.dtype)
-        elif self.residual:
-            out = self.inner(z)
-        else:
-            out = self._plain(t, z)
-        if _version(z_flat) != version:
-            _raise_modified_input(self.name)
-        if not isinstance(out, Tensor) or out.shape != self.shape:
-            out = self._check(out, z)
-        if self.residual:
-            out = out - z
-        self.calls += 1
-        return out if self.flat else out.reshape(self.flat_shape)
-
 
 class CountedMap(_Counted):
     """``g(z)`` on flat ``(B, D)`` states: reshapes, checks and counts each call (as above;
@@ -279,25 +292,3 @@ class CountedMap(_Counted):
 
     def _set_function(self, fn: Callable[..., Tensor]) -> None:
         self.g = fn
-
-    def __call__(self, z_flat: Tensor) -> Tensor:
-        z = z_flat if self.flat else z_flat.reshape(self.shape)
-        version = _version(z_flat)
-        if self.calls == 0:
-            out = self._first(z, lambda: self.inner(z))
-        elif self.f is not None:
-            if self.autocast is None:
-                out = self.f(z, self.x)
-            else:
-                with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
-                    out = self.f(z, self.x)
-                if isinstance(out, Tensor) and out.is_floating_point():
-                    out = out.to(z.dtype)
-        else:
-            out = self.inner(z)
-        if _version(z_flat) != version:
-            _raise_modified_input(self.name)
-        if not isinstance(out, Tensor) or out.shape != self.shape:
-            out = self._check(out, z)
-        self.calls += 1
-        return out if self.flat else out.reshape(self.flat_shape)
