@@ -230,9 +230,9 @@ class CompiledPseudoTransientSteps(Stepper):
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
         state = self.state
-        n_accepted = int(state["accepted"].sum())
+        n_accepted = state["accepted"].sum().tolist()
         return LoopResult(progress.final_state(z), reason, n_accepted,
-                          int(state["attempted"].sum()) - n_accepted)
+                          state["attempted"].sum().tolist() - n_accepted)
 
 
 def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:

@@ -20,6 +20,7 @@ tensor's version counter before and after the call (no tensor operation).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,7 +137,7 @@ class _Counted:
 
     def __init__(self, fn: Callable[..., Tensor], z0: Tensor, name: str) -> None:
         self.shape = z0.shape
-        self.flat_shape = (z0.shape[0], z0[0].numel())
+        self.flat_shape = (z0.shape[0], math.prod(z0.shape[1:]))
         self.flat = self.shape == self.flat_shape
         self.dtype = z0.dtype
         self.device = z0.device

@@ -239,8 +239,8 @@ class ImplicitPTCSteps(Stepper):
                             f"the solve stopped ({reason}) right after trial steps where the "
                             "function or its Jacobian-vector products returned NaN/Inf, before "
                             "a finite step was found")
-        n_accepted = int(self.accepted.sum())
-        return LoopResult(final, reason, n_accepted, int(self.attempted.sum()) - n_accepted,
+        n_accepted = self.accepted.sum().tolist()
+        return LoopResult(final, reason, n_accepted, self.attempted.sum().tolist() - n_accepted,
                           self.lin.jvps, self.linear_iterations)
 
 

@@ -152,18 +152,21 @@ class Progress:
         """
         self._last_z = z
 
-    def reopen_stale(self, z: Tensor, residual_norm: Tensor) -> bool:
+    def reopen_stale(self, z: Tensor, residual_norm: Tensor, tol: Tensor | None = None) -> bool:
         """Re-test every sample on ``residual_norm`` (``(B,)``), evaluated at the final state
-        ``z`` with all samples together, after every sample was frozen as converged.
+        ``z`` with all samples together, after every sample was frozen as converged; ``tol``:
+        the ``(B,)`` tolerances at ``z`` where the loop has them (frozen samples' at least).
 
         A frozen sample's residual was measured when it froze; if ``f`` couples samples (e.g. a
         batch statistic), others moving since may have changed it. Samples that now fail are
         active again (returns ``True``: the loop goes on), so no stale claim of convergence is
         returned. Costs no evaluation: the loops pass the residual their last call computed.
         """
-        tol = self.condition.tolerance(z)
-        stale = (residual_norm > tol).logical_and_(~self.active)
-        if not bool(stale.any()):
+        if tol is None:
+            tol = self.condition.tolerance(z)
+        # Failing and frozen: on booleans ``a > b`` is ``a and not b`` (one operation).
+        stale = (residual_norm > tol) > self.active
+        if not stale.any().tolist():
             return False
         self.res = torch.where(stale, residual_norm, self.res)
         self.tol = torch.where(stale, tol, self.tol)
@@ -283,7 +286,7 @@ class Progress:
         ``"converged"`` when every returned sample converged (a best iterate can converge
         although the loop stopped at a limit)."""
         converged = self.res <= self.tol
-        if stop_reason != "converged" and bool(converged.all()):
+        if stop_reason != "converged" and converged.all().tolist():
             stop_reason = "converged"
         return SolverStats(
             method=method,

@@ -70,6 +70,8 @@ class PseudoTransientSteps(Stepper):
         # move), so the final re-test uses it.
         self.d_new: Tensor | None = None
         self.res_new: Tensor | None = None
+        # ... and the tolerances there (a frozen sample's state did not move: they are its).
+        self.tol_new: Tensor | None = None
         # What a frozen and a not shrinking sample contribute to the step's probe (made once:
         # a Python scalar in ``torch.where`` is one more tensor operation per step).
         self.frozen = torch.full((), -math.inf, dtype=progress.res.dtype, device=z.device)
@@ -113,16 +115,17 @@ class PseudoTransientSteps(Stepper):
         self.attempted += active
         self.d = torch.where(ok.unsqueeze(1), d_new, self.d)
         progress.accept(ok, res_new, tol_new, dt, z, any_active=any_active)
-        self.d_new, self.res_new = d_new, res_new
+        self.d_new, self.res_new, self.tol_new = d_new, res_new, tol_new
         return z, True
 
     def restart(self, z: Tensor, progress: Progress) -> None:
         self.d = self.d_new = self.func(0.0, z)
         self.res_new = sample_rms(self.d)
         progress.restart(z, self.res_new)
+        self.tol_new = progress.tol  # every sample's, at z
 
     def retest(self, z: Tensor, progress: Progress) -> bool:
-        return self.res_new is not None and progress.reopen_stale(z, self.res_new)
+        return self.res_new is not None and progress.reopen_stale(z, self.res_new, self.tol_new)
 
     def resume(self, z: Tensor, progress: Progress) -> None:
         assert self.d_new is not None
@@ -132,9 +135,9 @@ class PseudoTransientSteps(Stepper):
         self.trials.check_stop(reason, progress.steps)
 
     def result(self, z: Tensor, reason: StopReason | str, progress: Progress) -> LoopResult:
-        n_rejected = int(self.rejected.sum())
-        return LoopResult(progress.final_state(z), reason, int(self.attempted.sum()) - n_rejected,
-                          n_rejected)
+        n_rejected = self.rejected.sum().tolist()
+        return LoopResult(progress.final_state(z), reason,
+                          self.attempted.sum().tolist() - n_rejected, n_rejected)
 
 
 def _ptc_slow_path(

@@ -114,7 +114,7 @@ class SolverStats:
     @property
     def all_converged(self) -> bool:
         """True when every sample met its tolerance."""
-        return bool(self.converged.all())
+        return self.converged.all().tolist()
 
     @property
     def max_residual(self) -> float:

@@ -93,7 +93,9 @@ def all_finite(x: Tensor) -> bool:
     ``isfinite(x).all()``; NaN and Inf propagate into the sum). Only a non-finite sum, which a
     sum of large finite values can also give, pays for the exact test.
     """
-    return math.isfinite(x.detach().sum().tolist()) or bool(torch.isfinite(x).all())
+    # ``detach`` is one more operation: only a tensor that records a graph needs it.
+    total = (x.detach() if x.requires_grad else x).sum()
+    return math.isfinite(total.tolist()) or torch.isfinite(x).all().tolist()
 
 
 def is_vmapped(x: Tensor) -> bool:
