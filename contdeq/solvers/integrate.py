@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from .callback import StepHook
@@ -19,7 +20,7 @@ from .counting import CountedODEFunc
 from .loop import NonFiniteTrials, StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
 from .registry import TABLEAUX
-from .rk import RungeKuttaStepper, error_ratio, initial_step, next_step_size, stage_times
+from .rk import RungeKuttaStepper, error_norm, initial_step, next_step_size, stage_times
 from .stats import LoopResult, StopReason
 from .tableaux import Tableau
 from .termination import sample_rms
@@ -56,12 +57,13 @@ class RungeKuttaSteps(Stepper):
         self.accepted = self.rejected = 0
         self.trials = NonFiniteTrials(func.name)
         self.mask: Tensor | None = None
-        self.n_active = 0
+        # Samples still active; ``None`` until counted (the step's one host read counts them).
+        self.n_active: int | None = None
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
-        # One count of the active samples per step tells both whether to stop and whether to
-        # mask.
-        self.n_active = progress.n_active
+        # One count of the active samples tells both whether to stop and whether to mask.
+        if self.n_active is None:
+            self.n_active = progress.n_active
         return progress.stop_reason(self.control.t_max, any_active=self.n_active > 0)
 
     def step(self, z: Tensor, progress: Progress) -> tuple[Tensor, bool]:
@@ -75,26 +77,34 @@ class RungeKuttaSteps(Stepper):
         if len(set(times)) > 2:  # else one tensor per time is no more operations
             func.prepare_times(times)
         y1, f1, error = self.stepper.step(func, t, z, self.d, h, self.mask)
-        ratio = error_ratio(error, z, y1, control.atol, control.rtol)
-        tol = None
-        if ratio <= 1.0:  # False for NaN
-            res = sample_rms(f1)
-            tol = progress.condition.tolerance(y1)
-            # One sync: finite, and (while no best state is kept) every active sample's
-            # residual shrank; ``shrank < active``: active and not shrinking (or NaN).
-            probe = res + tol
-            if progress.best is None:
-                probe.masked_fill_((res < progress.res) < progress.active, math.nan)
-            if not math.isfinite(probe.sum().tolist()):
-                tol = tol if finite_where(res + tol, progress.active) else None
-                if tol is not None and progress.best is None:
-                    progress.keep_best(z)  # a residual rose: keep each sample's best
+        # The step's one host read: the error norm; whether the trial is finite and (while no
+        # best state is kept) every active sample's residual shrank (``shrank < active``:
+        # active and not shrinking, or NaN); and how many samples stay active if it is
+        # accepted. The residual and tolerance are computed before the step is judged (wasted
+        # only on a rejected step).
+        res = sample_rms(f1)
+        tol: Tensor | None = progress.condition.tolerance(y1)
+        probe = res + tol
+        if progress.best is None:
+            probe.masked_fill_((res < progress.res) < progress.active, math.nan)
+        still = (res > tol).logical_and_(progress.active)
+        norm, probe_sum, n_still = torch.stack(
+            (error_norm(error, z, y1, control.atol, control.rtol), probe.sum(), still.sum())
+        ).tolist()  # a float32 stack at least: the count is exact
+        ratio = norm / (error.shape[1] ** 0.5)
+        if not ratio <= 1.0:  # True for NaN
+            tol = None
+        elif not math.isfinite(probe_sum):
+            tol = tol if finite_where(res + tol, progress.active) else None
+            if tol is not None and progress.best is None:
+                progress.keep_best(z)  # a residual rose: keep each sample's best
         if tol is not None:
             self.accepted += 1
             self.trials.reset()
             self.t = t = t + h
             z, self.d = y1, f1
-            progress.accept(progress.active, res, tol, h, z)
+            progress.accept(progress.active, res, tol, h, z, active=still)
+            self.n_active = int(n_still)
             self.h = next_step_size(h, ratio, tableau.order)
         elif ratio > 1.0 and math.isfinite(ratio):
             self.rejected += 1
@@ -107,7 +117,7 @@ class RungeKuttaSteps(Stepper):
         return z, tol is not None
 
     def restart(self, z: Tensor, progress: Progress) -> None:
-        self.d, self.mask = self.func(self.t, z), None
+        self.d, self.mask, self.n_active = self.func(self.t, z), None, None
         progress.restart(z, sample_rms(self.d))
 
     def retest(self, z: Tensor, progress: Progress) -> bool:
@@ -119,7 +129,7 @@ class RungeKuttaSteps(Stepper):
 
     def resume(self, z: Tensor, progress: Progress) -> None:
         assert self.stepper.last_evaluation is not None
-        self.d, self.mask = self.stepper.last_evaluation, None
+        self.d, self.mask, self.n_active = self.stepper.last_evaluation, None, None
 
     def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
         self.trials.check_stop(reason, progress.steps)

@@ -207,14 +207,17 @@ class Progress:
 
     def accept(
         self, moved: Tensor, residual_norm: Tensor, tol: Tensor, dt: Tensor | float | None = None,
-        z: Tensor | None = None, *, any_active: bool | None = None,
+        z: Tensor | None = None, *, any_active: bool | None = None, active: Tensor | None = None,
     ) -> None:
         """Record the residual norms and tolerances (``(B,)``, checked finite by the caller, e.g.
         with :meth:`checked_tolerance`) of the samples in ``moved``, advance their pseudo-time by
         ``dt`` and freeze those that now meet their tolerance: :meth:`update` for a loop that
         computed the tolerances itself. With ``z`` (the ``(B, D)`` state) the best iterate kept
         since :meth:`keep_best` is updated. ``any_active``: whether any sample is still active
-        afterwards, when the loop's one host read of the step already told (saves a sync)."""
+        afterwards, when the loop's one host read of the step already told (saves a sync);
+        ``active``: the ``(B,)`` samples still active afterwards, when the loop computed them
+        (``(residual_norm > tol) & moved``: a sample not moved is frozen, its residual within its
+        tolerance)."""
         if self.best is not None and z is not None:
             self.best.offer(z, residual_norm, tol, moved)
         self.res = torch.where(moved, residual_norm, self.res)
@@ -225,7 +228,7 @@ class Progress:
             self.t = torch.where(moved, self.t + dt, self.t)
         # Equal to clearing the moved samples that meet their tolerance: the others keep their
         # residual and tolerance.
-        self.active = self.res > self.tol
+        self.active = self.res > self.tol if active is None else active
         self._any_active = any_active
         if self.res_history is not None:
             self.res_history.append(self.res.clone())

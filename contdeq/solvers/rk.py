@@ -105,14 +105,19 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float)
     the whole batch) keeps the step control strict as samples freeze: frozen samples have zero
     error and would otherwise dilute the norm.
     """
+    return error_norm(error, y0, y1, atol, rtol).tolist() / (error.shape[1] ** 0.5)
+
+
+def error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
+    """:func:`error_ratio` times ``sqrt(D)``, as a 0-dim tensor (float32 for half precision,
+    else ``error``'s dtype), for a loop that reads it with its other values of the step."""
     with torch.no_grad():
         if error.dtype in _HALF:  # atol / error would underflow / overflow in half precision
             error, y0, y1 = error.float(), y0.float(), y1.float()
         # atol = 0 (a relative test): the smallest normal number keeps exact zeros from 0 / 0.
         floor = atol if atol > 0 else torch.finfo(error.dtype).tiny
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(floor)
-        per_sample = torch.linalg.vector_norm(error / scale, dim=1)
-        return per_sample.max().tolist() / (error.shape[1] ** 0.5)
+        return torch.linalg.vector_norm(error / scale, dim=1).max()
 
 
 def next_step_size(
