@@ -38,7 +38,8 @@ from .structure import Structure, check_state, resolve_state_shape
 HINT_AFTER = 3
 
 __all__ = ["DEQ", "INITIAL_STATES", "InitialState", "PerThreadResults", "Single", "Zeros",
-           "check_input", "check_state", "resolve_init", "resolve_state_shape", "zeros_or_state"]
+           "check_input", "check_layer_input", "check_state", "resolve_init",
+           "resolve_state_shape", "zeros_or_state"]
 
 
 def check_input(x: object, name: str = "x") -> Tensor:
@@ -52,6 +53,21 @@ def check_input(x: object, name: str = "x") -> Tensor:
                          f"{tuple(x.shape)}")
     if not is_vmapped(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+    return x
+
+
+def check_layer_input(x: object, layer: str) -> Tensor:
+    """:func:`check_input` of a layer's ``x`` ``(B, ...)``; a 1-D ``x`` (also the per-call
+    ``x`` seen under ``torch.func.vmap``) warns ``DeprecationWarning`` at the user's line: it
+    is read as ``B`` samples of one number, and a future release reads it as one unbatched
+    sample (torch's convention). ``layer``: the layer's class name, for the message."""
+    x = check_input(x)
+    if x.ndim == 1:
+        n = x.shape[0]
+        warn(f"a 1-D x of shape ({n},) passed to {layer} is read as {n} samples of one number "
+             f"each; a future release will read it as one unbatched sample, as torch.nn layers "
+             f"and contdeq.solvers.steady_state do. Pass x[:, None] ({n} samples of one "
+             f"number) or x[None] (one sample) to be explicit.", DeprecationWarning)
     return x
 
 
@@ -254,9 +270,11 @@ class DEQ(PerThreadResults):
         init, structure, modifiers: the composition's objects.
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (a tuple of per-scale tensors
-    with ``Scales``). A layer always reads the first dimension of ``x`` as the batch: a 1-D
-    ``x`` of shape ``(B,)`` is ``B`` samples of one number each (where
-    :func:`~contdeq.solvers.steady_state` reads a 1-D state as one unbatched sample).
+    with ``Scales``). A layer reads the first dimension of ``x`` as the batch. A 1-D ``x`` of
+    shape ``(B,)`` is still read as ``B`` samples of one number each, with a
+    ``DeprecationWarning``: a future release will read it as one unbatched sample, as
+    ``torch.nn`` layers and :func:`~contdeq.solvers.steady_state` do; pass ``x[:, None]``
+    (``B`` samples of one number) or ``x[None]`` (one sample) to be explicit.
     """
 
     def __init__(
@@ -426,7 +444,7 @@ class DEQ(PerThreadResults):
     def forward(self, x: Tensor, z0: Any = None) -> Any:
         """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (with ``Scales``: a tuple of
         per-scale tensors); ``z0`` an optional initial state (a tuple with ``Scales``)."""
-        x = check_input(x)
+        x = check_layer_input(x, type(self).__name__)
         z0 = self.structure.pack(z0)
         train = self.training and torch.is_grad_enabled()
         if self.training:
