@@ -82,7 +82,8 @@ def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tens
 
 class PerThreadResults(nn.Module):
     """Base of the contdeq layers: :attr:`stats` and the aux terms of the calling thread's
-    last call. Neither is pickled or deep-copied (a copy starts without results).
+    last call (and, for :class:`DEQ`, the modifiers of the thread's :meth:`DEQ.using`
+    blocks). None of them is pickled or deep-copied (a copy starts without them).
 
     A layer shared by several threads (a model served by a thread pool, Hogwild-style
     training) runs several calls at once; plain attributes would hold whichever call finished
@@ -313,7 +314,6 @@ class DEQ(PerThreadResults):
         self.structure = structure
         self.init = resolve_init(init)
         self.modifiers = check_modifiers(modifiers)
-        self._entered: tuple[Modifier, ...] = ()
         self.f = structure.cell(f)
         for owner in (self.init, *self.modifiers):
             for name, module in owner.modules().items():
@@ -407,11 +407,24 @@ class DEQ(PerThreadResults):
         return z0
 
     # -- modifiers entered for a block ---------------------------------------------------
+    @property
+    def _entered(self) -> tuple[Modifier, ...]:
+        """The modifiers of the blocks (:meth:`using`) the calling thread is inside."""
+        return getattr(self._results, "entered", ())
+
+    @_entered.setter
+    def _entered(self, value: tuple[Modifier, ...]) -> None:
+        self._results.entered = value
+
     @contextmanager
     def using(self, *modifiers: Modifier) -> Iterator[DEQ]:
         """Within the block, the layer's solves also pass through ``modifiers`` (after its
         own; their solver and backward hooks): how :mod:`contdeq.robust` installs a defence.
         Restored on exit, also after an exception.
+
+        Per thread: the block applies to the calls the entering thread makes, not to another
+        thread's concurrent calls on the same layer; a copy or pickle of the layer does not
+        carry it.
 
         Yields:
             the layer.
