@@ -7,8 +7,9 @@ One command (needs the ``federated`` extra, ``pip install -e '.[federated,exampl
 The data (scikit-learn's digits, or ``contdeq.data.procedural_images``) is split among the
 clients by a Dirichlet(``--alpha``) draw of each class's proportions (non-IID shards); each
 client keeps 20 % of its shard for validation. ``--weak`` of the clients are *weak* devices:
-their forward solves get 2 steps and tolerance 0.1 (``SolverBudget(max_steps=2, tol=0.1)``);
-the others are *strong* (60 steps, tolerance 1e-3). All train the same model,
+their forward solves get 2 steps and tolerances 0.1
+(``SolverBudget(max_steps=2, atol=0.1, rtol=0.1)``); the others are *strong* (60 steps,
+tolerances 1e-3). All train the same model,
 ``Linear -> DEQ(tanh(W z + x), ||W|| <= 0.9) -> Linear``, on Flower's simulation engine (Ray),
 and the server fuses their models with the quality-weighted rule scored on a validation set
 the server holds (``--strategy server``, default: half of the held-out data; the other half
@@ -40,8 +41,8 @@ from contdeq.federated import (
 )
 
 #: Solver budgets of the two kinds of device.
-WEAK = SolverBudget(max_steps=2, tol=1e-1)
-STRONG = SolverBudget(max_steps=60, tol=1e-3)
+WEAK = SolverBudget(max_steps=2, atol=1e-1, rtol=1e-1)
+STRONG = SolverBudget(max_steps=60, atol=1e-3, rtol=1e-3)
 DATASETS = ("digits", "procedural")
 #: Fusion: quality weights scored by the server, or from the clients' reports; FedAvg.
 STRATEGIES = ("server", "reported", "fedavg")
@@ -62,7 +63,7 @@ class Cell(nn.Module):
 def deq_classifier(features: int, classes: int, width: int = 48) -> nn.Module:
     """``(B, features)`` -> ``(B, classes)`` logits through one continuous DEQ layer."""
     return nn.Sequential(nn.Linear(features, width),
-                         contdeq.DEQ(Cell(width), atol=STRONG.tol, rtol=STRONG.tol,
+                         contdeq.DEQ(Cell(width), atol=STRONG.atol, rtol=STRONG.rtol,
                                      max_steps=STRONG.max_steps),
                          nn.Linear(width, classes))
 

@@ -83,12 +83,13 @@ LATENT_STEP = 0.5
 
 
 def fit_latents(decoder: Decoder, target: Tensor, mask: Tensor | None = None,
-                max_steps: int = 300, tol: float = 1e-4, **options: object
-                ) -> tuple[Tensor, Tensor, object]:
-    """Latents of ``target`` ``(B, 64)`` by JIIO: ``(z*, x*, stats)``."""
+                max_steps: int = 300, atol: float = 1e-4, rtol: float = 1e-4,
+                **options: object) -> tuple[Tensor, Tensor, object]:
+    """Latents of ``target`` ``(B, 64)`` by JIIO: ``(z*, x*, stats)``; ``max_steps``, ``atol``,
+    ``rtol`` and ``options`` go to :func:`~contdeq.jiio.joint_inference`."""
     x0, z0 = decoder.starts(target.shape[0])
     return joint_inference(decoder.cell, decoder.objective(target, mask), x0, z0,
-                           step_sizes=LATENT_STEP, atol=tol, rtol=tol, max_steps=max_steps,
+                           step_sizes=LATENT_STEP, atol=atol, rtol=rtol, max_steps=max_steps,
                            on_nonconvergence="ignore", **options)
 
 
@@ -102,7 +103,8 @@ def train_decoder(decoder: Decoder, images: Tensor, epochs: int, batch_size: int
         for idx in torch.randperm(len(images)).split(batch_size):
             contdeq.update_normalization(decoder)
             target = images[idx]
-            z, x, stats = fit_latents(decoder, target, max_steps=40, tol=TOLERANCE)
+            z, x, stats = fit_latents(decoder, target, max_steps=40, atol=TOLERANCE,
+                                      rtol=TOLERANCE)
             loss = contdeq.jiio.optimal_objective(
                 decoder.cell, decoder.objective(target), z, x, stats.adjoint).mean()
             optimizer.zero_grad()

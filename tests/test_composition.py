@@ -424,7 +424,8 @@ def test_state_dict_keys_of_saved_models_are_unchanged(name: str) -> None:
 # -- the batch convention of 1-D inputs ------------------------------------------------------
 @pytest.mark.parametrize("solver", ["ode", "anderson"])
 def test_one_dimensional_inputs_follow_the_documented_convention(solver: str) -> None:
-    """docs/layers.md: a layer reads a 1-D ``x`` ``(B,)`` as ``B`` samples (per-sample stats),
+    """docs/layers.md: a layer reads a 1-D ``x`` ``(B,)`` as ``B`` samples (per-sample stats;
+    with a DeprecationWarning, as a future release changes that),
     the functions read a 1-D state as one unbatched sample (one stat), and both reach the
     same equilibrium: catches either convention changing silently."""
     x = torch.randn(6, dtype=F64)
@@ -434,7 +435,8 @@ def test_one_dimensional_inputs_follow_the_documented_convention(solver: str) ->
             return torch.tanh(0.5 * z + x)
 
     layer = DEQ(Scalar(), solver=solver, atol=1e-10, rtol=1e-10)
-    z = layer(x)
+    with pytest.warns(DeprecationWarning, match="a future release will read it as one"):
+        z = layer(x)
     assert z.shape == (6,) and layer.stats.forward.converged.shape == (6,)
     z0 = torch.zeros(6, dtype=F64)
     if solver == "ode":

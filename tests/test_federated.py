@@ -3,7 +3,10 @@ Flower strategy's exclusions, and one small federated run on Flower's simulation
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +137,7 @@ def test_budget_caps_the_solver_steps_in_training_and_evaluation():
     model.eval()
     model(x)
     free_steps = model[1].stats.forward.steps
-    apply_budget(model, SolverBudget(max_steps=2, tol=1e-8))
+    apply_budget(model, SolverBudget(max_steps=2, atol=1e-8, rtol=1e-8))
     for mode in (model.train, model.eval):
         mode()
         model(x)
@@ -147,11 +150,67 @@ def test_budget_rejects_bad_values_and_methods_of_discrete_solvers():
     Anderson layer is refused rather than ignored."""
     with pytest.raises(ValueError, match="max_steps"):
         SolverBudget(max_steps=0)
-    with pytest.raises(ValueError, match="tol"):
-        SolverBudget(tol=-1.0)
+    for name in ("atol", "rtol"):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            SolverBudget(**{name: -1.0})
     anderson = nn.Sequential(contdeq.DEQ(Cell(4), solver="anderson"))
     with pytest.raises(ValueError, match=r"budget\.method"):
         apply_budget(anderson, SolverBudget(method="bosh3"))
+
+
+
+def test_budget_tolerances_are_atol_and_rtol_each_kept_when_none():
+    """atol and rtol reach the layer's forward solvers separately; a None one keeps the
+    layer's own setting."""
+    model = apply_budget(deq_model(tol=1e-6), SolverBudget(atol=1e-3))
+    for solver in (model[1].solver, model[1].eval_solver):
+        assert (solver.options["atol"], solver.options["rtol"]) == (1e-3, 1e-6)
+    model = apply_budget(deq_model(tol=1e-6), SolverBudget(rtol=1e-2, max_steps=5))
+    assert (model[1].solver.options["atol"], model[1].solver.options["rtol"]) == (1e-6, 1e-2)
+
+
+def test_budget_tol_is_the_deprecated_spelling_of_atol_and_rtol():
+    """SolverBudget(tol=...) (keyword or second positional, as before) still works for one
+    release: a DeprecationWarning at the caller's line names atol and rtol, and the budget
+    (equality, repr, options, the trained model) is that of atol=rtol=tol. Passing tol with
+    atol or rtol raises TypeError; reading .tol warns likewise; a budget pickled before the
+    rename loads as the new one; dataclasses.replace keeps working."""
+    new = SolverBudget(max_steps=3, atol=0.1, rtol=0.1)
+    with pytest.warns(DeprecationWarning,
+                      match=r"SolverBudget\(tol=\.\.\.\) is deprecated.*use atol=\.\.\., rtol="
+                      ) as record:
+        old = SolverBudget(max_steps=3, tol=0.1)
+    assert record[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="use atol=..., rtol="):
+        assert SolverBudget(3, 0.1) == new
+    assert old == new and hash(old) == hash(new) and old.options() == new.options()
+    assert repr(old) == "SolverBudget(max_steps=3, atol=0.1, rtol=0.1, method=None)"
+    data = LocalData(*_blobs(40, 0), *_blobs(20, 1))
+    reports = []
+    for budget in (old, new):
+        torch.manual_seed(0)
+        model = apply_budget(deq_model(), budget)
+        reports.append((train_local(model, data, seed=0), model.state_dict()))
+    (old_report, old_state), (new_report, new_state) = reports
+    assert old_report == new_report
+    assert all(torch.equal(old_state[k], new_state[k]) for k in new_state)
+    for extra in ({"atol": 0.1}, {"rtol": 0.1}):
+        with pytest.raises(TypeError, match=r"pass atol=\.\.\., rtol=\.\.\. only"):
+            SolverBudget(tol=0.1, **extra)
+    with pytest.warns(DeprecationWarning, match=r"\.tol is deprecated.*read \.atol and \.rtol"):
+        assert new.tol == 0.1
+    with pytest.raises(AttributeError, match="differ"), pytest.warns(DeprecationWarning):
+        _ = SolverBudget(atol=0.1, rtol=0.2).tol
+    assert pickle.loads(pickle.dumps(new)) == new == copy.deepcopy(new)
+    constructor, arguments = new.__reduce_ex__(1)[:2]  # as pickled before the rename
+    old_state = {"max_steps": 3, "tol": 0.1, "method": None}
+
+    class Pickled:
+        def __reduce__(self) -> tuple:
+            return constructor, arguments, old_state
+
+    assert pickle.loads(pickle.dumps(Pickled())) == new
+    assert dataclasses.replace(new, rtol=0.5) == SolverBudget(max_steps=3, atol=0.1, rtol=0.5)
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +313,7 @@ def test_run_in_process_learns_and_fuses_by_the_rule():
     shards[1] = LocalData(bad.x_train, bad.y_train[torch.randperm(len(bad.y_train),
                                                      generator=torch.Generator().manual_seed(0))],
                           bad.x_val, bad.y_val)
-    budgets = [SolverBudget(max_steps=30, tol=1e-3)] * 2
+    budgets = [SolverBudget(max_steps=30, atol=1e-3, rtol=1e-3)] * 2
 
     def model_fn() -> nn.Module:
         return nn.Sequential(nn.Linear(64, 16),
@@ -345,8 +404,8 @@ def test_federated_run_on_the_simulation_engine(tmp_path):
               for i in (0, 300)]
     # labels out of range: this client raises in every round (a crashed/dropped device)
     shards.append(LocalData(x[:20], y[:20] + 100, x[20:30], y[20:30]))
-    budgets = [SolverBudget(max_steps=3, tol=0.1), SolverBudget(max_steps=50, tol=1e-3),
-               SolverBudget()]
+    budgets = [SolverBudget(max_steps=3, atol=0.1, rtol=0.1),
+               SolverBudget(max_steps=50, atol=1e-3, rtol=1e-3), SolverBudget()]
 
     def model_fn() -> nn.Module:
         # the server's evaluation reports unconverged samples in run.converged

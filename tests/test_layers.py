@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -357,9 +358,99 @@ def test_one_scalar_state_per_sample_stays_batched(solver: str) -> None:
 
     x = torch.randn(6, dtype=torch.float64, requires_grad=True)
     layer = contdeq.DEQ(Scalar(), solver=solver, atol=1e-10, rtol=1e-10)
-    z = layer(x)
+    with pytest.warns(DeprecationWarning, match="a 1-D x"):  # read so in this release
+        z = layer(x)
     assert z.shape == (6,) and layer.stats.forward.converged.shape == (6,)
     torch.testing.assert_close(z, torch.tanh(0.5 * z + x), atol=1e-8, rtol=0)
     z.sum().backward()
     s = 1 - torch.tanh(0.5 * z + x).detach() ** 2
     torch.testing.assert_close(x.grad, s / (1 - 0.5 * s), rtol=1e-3, atol=0)
+
+
+# -- 1-D inputs: B one-number samples for one more release, with a DeprecationWarning --------
+class Elementwise(nn.Module):
+    """``f(z, x) = tanh(a z + x)`` elementwise: ``z`` shaped like ``x``, ``(B,)`` or ``(B, 1)``."""
+
+    def __init__(self, a: float = 0.5) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a * z + x)
+
+
+class TwoScales(nn.Module):
+    """``f(zs, x)`` on states ``(B, 2)`` and ``(B, 3)``, ``x`` ``(B,)`` or ``(B, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, 0.3], dtype=torch.float64))
+
+    def forward(self, zs: tuple[torch.Tensor, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = x.reshape(x.shape[0], 1)
+        return tuple(torch.tanh(a * z + x) for a, z in zip(self.a, zs, strict=True))
+
+
+TIGHT = {"atol": 1e-10, "rtol": 1e-10}
+SCALES = {"state_shapes": ((2,), (3,))}
+#: Every kind of layer that takes ``x``, built on a cell that accepts ``(B,)`` and ``(B, 1)``.
+LAYERS_OF_1D_INPUTS = {
+    "DEQ": lambda: contdeq.DEQ(Elementwise(), **TIGHT),
+    "DEQ-anderson": lambda: contdeq.DEQ(Elementwise(), solver="anderson", **TIGHT),
+    "SkipDEQ": lambda: contdeq.SkipDEQ(Elementwise(), nn.Tanh(), **TIGHT),
+    "SkipRegDEQ": lambda: contdeq.SkipRegDEQ(Elementwise(), **TIGHT),
+    "NeuralODE": lambda: contdeq.NeuralODE(Elementwise()),
+    "WeightTied": lambda: contdeq.WeightTied(Elementwise(), depth=5),
+    "NeuralSDE": lambda: contdeq.NeuralSDE(Elementwise(), Elementwise(0.1)),
+    "MultiScaleDEQ": lambda: contdeq.MultiScaleDEQ(TwoScales(), **SCALES, **TIGHT),
+    "MultiScaleSkipRegDEQ": lambda: contdeq.MultiScaleSkipRegDEQ(TwoScales(), **SCALES, **TIGHT),
+    "MultiScaleNeuralODE": lambda: contdeq.MultiScaleNeuralODE(TwoScales(), **SCALES),
+    "MultiScaleWeightTied": lambda: contdeq.MultiScaleWeightTied(TwoScales(), 4, **SCALES),
+}
+
+
+def _flat(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A layer's output ``(B, ...)`` (or tuple of them) as one ``(B, -1)`` tensor."""
+    parts = out if isinstance(out, tuple) else (out,)
+    return torch.cat([part.reshape(part.shape[0], -1) for part in parts], dim=1)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS_OF_1D_INPUTS))
+def test_a_1d_input_warns_and_is_read_as_one_number_samples(kind: str) -> None:
+    """Every layer reads a 1-D ``x`` ``(B,)`` as ``B`` one-number samples for one more
+    release, warning ``DeprecationWarning`` at the caller's line with the future reading and
+    both explicit spellings; the result is that of ``x[:, None]``, which does not warn."""
+    torch.manual_seed(0)
+    layer = LAYERS_OF_1D_INPUTS[kind]().eval()
+    x = torch.randn(5, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning,
+                      match=r"a 1-D x of shape \(5,\) passed to \w+ is read as 5 samples of one "
+                            r"number each; a future release will read it as one unbatched "
+                            r"sample.*Pass x\[:, None\].*or x\[None\]") as record:
+        old = layer(x)
+    assert record[0].filename == __file__
+    assert f"passed to {type(layer).__name__} " in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="a 1-D x", category=DeprecationWarning)
+        explicit = layer(x[:, None])
+    assert _flat(old).shape == _flat(explicit).shape
+    torch.testing.assert_close(_flat(old), _flat(explicit), atol=1e-12, rtol=0)
+
+
+def test_vmap_warns_when_the_per_call_x_is_1d_only() -> None:
+    """Under ``torch.func.vmap`` the layer sees the per-call ``x``: ``(N, B, 1)`` inputs give
+    ``(B, 1)`` calls (no warning), ``(N, B)`` inputs ``(B,)`` calls, read as ``B`` one-number
+    samples as outside vmap, so they warn (at the caller's line); both give the loop's
+    results."""
+    layer = LAYERS_OF_1D_INPUTS["DEQ-anderson"]().eval()
+    xs = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        loop = torch.stack([layer(x[:, None]) for x in xs])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="a 1-D x", category=DeprecationWarning)
+            mapped = torch.func.vmap(layer)(xs[..., None])
+        with pytest.warns(DeprecationWarning, match=r"a 1-D x of shape \(4,\)") as record:
+            mapped_1d = torch.func.vmap(layer)(xs)
+    assert record[0].filename == __file__
+    torch.testing.assert_close(mapped, loop, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mapped_1d, loop[..., 0], atol=1e-12, rtol=0)

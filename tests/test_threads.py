@@ -155,3 +155,74 @@ def test_copies_start_without_results_and_work() -> None:
         torch.testing.assert_close(clone(inputs(1)), z)
         assert clone.stats is not None and "skip" in clone.aux_terms
     assert layer.stats is not None and "skip" in layer.aux_terms
+
+
+class OneStep(contdeq.nn.Modifier):
+    """Caps the forward solve at one step, recording which threads asked for its solver."""
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+
+    def solver(self, base: contdeq.ForwardSolver, training: bool) -> contdeq.ForwardSolver:
+        self.threads.add(threading.get_ident())
+        return base.with_options(max_steps=1)
+
+
+def test_a_block_entered_in_one_thread_does_not_reach_another() -> None:
+    """Catches ``layer.using(modifier)`` kept on the shared layer: while one thread is inside
+    the block (waiting), another thread's forward must solve without the modifier (more than
+    one step, its hook never asked for), and the block's own forward with it (one step)."""
+    layer = contdeq.DEQ(Cell(), solver="anderson", atol=1e-8, rtol=1e-8,
+                        on_nonconvergence="ignore").eval()
+    modifier, steps, errors = OneStep(), {}, []
+    inside, other_done = threading.Event(), threading.Event()
+
+    def in_block() -> None:
+        try:
+            with layer.using(modifier):
+                inside.set()
+                assert other_done.wait(timeout=60)
+                with torch.no_grad():
+                    layer(inputs(1))
+                steps["block"] = layer.stats.forward.steps
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+            inside.set()
+
+    def beside() -> None:
+        try:
+            assert inside.wait(timeout=60)
+            with torch.no_grad():
+                layer(inputs(2))
+            steps["other"] = layer.stats.forward.steps
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+        finally:
+            other_done.set()
+
+    workers = [threading.Thread(target=in_block), threading.Thread(target=beside)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    assert steps["block"] == 1 < steps["other"]
+    assert modifier.threads == {workers[0].ident}
+    assert layer.solver_and_backward() == (layer.eval_solver, layer.backward_mode)
+
+
+def test_copies_do_not_carry_an_entered_block() -> None:
+    """A layer copied or pickled inside a ``using`` block solves without its modifier."""
+    layer = contdeq.DEQ(Cell(), solver="anderson", atol=1e-8, rtol=1e-8,
+                        on_nonconvergence="ignore").eval()
+    with layer.using(OneStep()):
+        clones = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+        with torch.no_grad():
+            layer(inputs(1))
+        assert layer.stats.forward.steps == 1
+        for clone in clones:
+            assert clone.solver_and_backward() == (clone.eval_solver, clone.backward_mode)
+            with torch.no_grad():
+                clone(inputs(1))
+            assert clone.stats.forward.steps > 1

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._warnings import warn
 from ..implicit import ForwardSolver
 from ..nn.checks import check_number
 from ..nn.deq import DEQ
@@ -21,40 +22,79 @@ from .fusion import ClientReport
 __all__ = ["LocalData", "SolverBudget", "apply_budget", "evaluate_classifier", "train_local"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SolverBudget:
     """The forward-solver budget of one client: how much compute each equilibrium solve gets.
 
-    ``None`` keeps the model's own setting. A weak device uses few steps and a loose
-    tolerance, a strong one the reverse; all run the same model (same parameters).
+    ``None`` keeps the model's own setting. A weak device uses few steps and loose
+    tolerances, a strong one the reverse; all run the same model (same parameters).
 
     Attributes:
         max_steps: solver step cap of every forward solve.
-        tol: steady-state tolerance, used as both ``atol`` and ``rtol``.
+        atol: absolute tolerance of the steady-state test.
+        rtol: relative tolerance of the steady-state test.
         method: Runge-Kutta method (``"dopri5"``, ``"bosh3"``, ...) of ``solver="ode"`` layers.
+
+    ``tol`` (keyword, or second positional argument as before) is the deprecated spelling of
+    ``atol`` and ``rtol`` together: it sets both, with a ``DeprecationWarning`` naming them;
+    passing it with ``atol`` or ``rtol`` raises ``TypeError``; ``budget.tol`` reads them,
+    warning likewise.
+
+    Example: ``SolverBudget(max_steps=2, atol=0.1, rtol=0.1)``.
     """
 
-    max_steps: int | None = None
-    tol: float | None = None
-    method: str | None = None
+    max_steps: int | None
+    atol: float | None
+    rtol: float | None
+    method: str | None
 
-    def __post_init__(self) -> None:
-        if self.max_steps is not None:
-            check_number(self.max_steps, "max_steps", 1, integer=True)
-        if self.tol is not None:
-            check_number(self.tol, "tol", 0, strict=True, finite=True)
-        if self.method is not None and not isinstance(self.method, str):
-            raise TypeError(f"method must be a str or None, got {type(self.method).__name__}")
+    def __init__(self, max_steps: int | None = None, tol: float | None = None,
+                 method: str | None = None, *, atol: float | None = None,
+                 rtol: float | None = None) -> None:
+        if tol is not None:
+            if atol is not None or rtol is not None:
+                raise TypeError("SolverBudget: pass atol=..., rtol=... only (tol is their "
+                                "deprecated spelling)")
+            warn("SolverBudget(tol=...) is deprecated and will be removed in the next release: "
+                 "use atol=..., rtol=... (one word per concept: tolerances atol/rtol)",
+                 DeprecationWarning)
+            atol = rtol = tol
+        if max_steps is not None:
+            check_number(max_steps, "max_steps", 1, integer=True)
+        for name, value in (("atol", atol), ("rtol", rtol)):
+            if value is not None:
+                check_number(value, name, 0, strict=True, finite=True)
+        if method is not None and not isinstance(method, str):
+            raise TypeError(f"method must be a str or None, got {type(method).__name__}")
+        for name, value in (("max_steps", max_steps), ("atol", atol), ("rtol", rtol),
+                            ("method", method)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def tol(self) -> float | None:
+        """``atol`` (equal to ``rtol``) by its deprecated name (a ``DeprecationWarning`` names
+        them); ``AttributeError`` when they differ."""
+        warn("SolverBudget.tol is deprecated and will be removed in the next release: read "
+             ".atol and .rtol (one word per concept: tolerances atol/rtol)", DeprecationWarning)
+        if self.atol != self.rtol:
+            raise AttributeError(f"SolverBudget.tol: atol={self.atol} and rtol={self.rtol} "
+                                 "differ; read .atol and .rtol")
+        return self.atol
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, also a budget pickled before ``tol`` became ``atol`` and ``rtol``."""
+        if "tol" in state:
+            state = {**state, "atol": state["tol"], "rtol": state["tol"]}
+            del state["tol"]
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     def options(self) -> dict[str, Any]:
         """The solver options this budget sets (keyword arguments of the forward solver)."""
         options: dict[str, Any] = {}
-        if self.max_steps is not None:
-            options["max_steps"] = self.max_steps
-        if self.tol is not None:
-            options["atol"] = options["rtol"] = self.tol
-        if self.method is not None:
-            options["method"] = self.method
+        for name in ("max_steps", "atol", "rtol", "method"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
         return options
 
 

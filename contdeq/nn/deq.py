@@ -38,7 +38,8 @@ from .structure import Structure, check_state, resolve_state_shape
 HINT_AFTER = 3
 
 __all__ = ["DEQ", "INITIAL_STATES", "InitialState", "PerThreadResults", "Single", "Zeros",
-           "check_input", "check_state", "resolve_init", "resolve_state_shape", "zeros_or_state"]
+           "check_input", "check_layer_input", "check_state", "resolve_init",
+           "resolve_state_shape", "zeros_or_state"]
 
 
 def check_input(x: object, name: str = "x") -> Tensor:
@@ -55,6 +56,21 @@ def check_input(x: object, name: str = "x") -> Tensor:
     return x
 
 
+def check_layer_input(x: object, layer: str) -> Tensor:
+    """:func:`check_input` of a layer's ``x`` ``(B, ...)``; a 1-D ``x`` (also the per-call
+    ``x`` seen under ``torch.func.vmap``) warns ``DeprecationWarning`` at the user's line: it
+    is read as ``B`` samples of one number, and a future release reads it as one unbatched
+    sample (torch's convention). ``layer``: the layer's class name, for the message."""
+    x = check_input(x)
+    if x.ndim == 1:
+        n = x.shape[0]
+        warn(f"a 1-D x of shape ({n},) passed to {layer} is read as {n} samples of one number "
+             f"each; a future release will read it as one unbatched sample, as torch.nn layers "
+             f"and contdeq.solvers.steady_state do. Pass x[:, None] ({n} samples of one "
+             f"number) or x[None] (one sample) to be explicit.", DeprecationWarning)
+    return x
+
+
 def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tensor:
     """The initial state of a layer: ``z0`` checked against ``x`` (:func:`check_state`), or
     zeros ``(B, *shape)`` with ``x``'s dtype and device (``shape`` default: ``x``'s per-sample
@@ -66,7 +82,8 @@ def zeros_or_state(x: Tensor, z0: object, shape: tuple[int, ...] | None) -> Tens
 
 class PerThreadResults(nn.Module):
     """Base of the contdeq layers: :attr:`stats` and the aux terms of the calling thread's
-    last call. Neither is pickled or deep-copied (a copy starts without results).
+    last call (and, for :class:`DEQ`, the modifiers of the thread's :meth:`DEQ.using`
+    blocks). None of them is pickled or deep-copied (a copy starts without them).
 
     A layer shared by several threads (a model served by a thread pool, Hogwild-style
     training) runs several calls at once; plain attributes would hold whichever call finished
@@ -254,9 +271,11 @@ class DEQ(PerThreadResults):
         init, structure, modifiers: the composition's objects.
 
     Shapes: ``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (a tuple of per-scale tensors
-    with ``Scales``). A layer always reads the first dimension of ``x`` as the batch: a 1-D
-    ``x`` of shape ``(B,)`` is ``B`` samples of one number each (where
-    :func:`~contdeq.solvers.steady_state` reads a 1-D state as one unbatched sample).
+    with ``Scales``). A layer reads the first dimension of ``x`` as the batch. A 1-D ``x`` of
+    shape ``(B,)`` is still read as ``B`` samples of one number each, with a
+    ``DeprecationWarning``: a future release will read it as one unbatched sample, as
+    ``torch.nn`` layers and :func:`~contdeq.solvers.steady_state` do; pass ``x[:, None]``
+    (``B`` samples of one number) or ``x[None]`` (one sample) to be explicit.
     """
 
     def __init__(
@@ -295,7 +314,6 @@ class DEQ(PerThreadResults):
         self.structure = structure
         self.init = resolve_init(init)
         self.modifiers = check_modifiers(modifiers)
-        self._entered: tuple[Modifier, ...] = ()
         self.f = structure.cell(f)
         for owner in (self.init, *self.modifiers):
             for name, module in owner.modules().items():
@@ -389,11 +407,24 @@ class DEQ(PerThreadResults):
         return z0
 
     # -- modifiers entered for a block ---------------------------------------------------
+    @property
+    def _entered(self) -> tuple[Modifier, ...]:
+        """The modifiers of the blocks (:meth:`using`) the calling thread is inside."""
+        return getattr(self._results, "entered", ())
+
+    @_entered.setter
+    def _entered(self, value: tuple[Modifier, ...]) -> None:
+        self._results.entered = value
+
     @contextmanager
     def using(self, *modifiers: Modifier) -> Iterator[DEQ]:
         """Within the block, the layer's solves also pass through ``modifiers`` (after its
         own; their solver and backward hooks): how :mod:`contdeq.robust` installs a defence.
         Restored on exit, also after an exception.
+
+        Per thread: the block applies to the calls the entering thread makes, not to another
+        thread's concurrent calls on the same layer; a copy or pickle of the layer does not
+        carry it.
 
         Yields:
             the layer.
@@ -426,7 +457,7 @@ class DEQ(PerThreadResults):
     def forward(self, x: Tensor, z0: Any = None) -> Any:
         """``x`` ``(B, ...)`` -> ``z*`` ``(B, *state_shape)`` (with ``Scales``: a tuple of
         per-scale tensors); ``z0`` an optional initial state (a tuple with ``Scales``)."""
-        x = check_input(x)
+        x = check_layer_input(x, type(self).__name__)
         z0 = self.structure.pack(z0)
         train = self.training and torch.is_grad_enabled()
         if self.training:

@@ -8,12 +8,13 @@ from .._warnings import renamed
 
 __all__ = ["RENAMED", "renamed"]
 
-#: ``(where, old keyword) -> new keyword`` of every renamed keyword (layers, backward modes and
-#: functions alike).
+#: ``(where, old keyword) -> new keyword(s)`` of every renamed keyword (layers, backward modes,
+#: functions and the federated solver budget alike).
 RENAMED = {
     ("DEQ", "backward_tol"): "backward_rtol",
     ("NeuralODE", "max_num_steps"): "max_steps",
     ("Implicit", "tol"): "rtol",
     ("WarmImplicit", "tol"): "rtol",
     ("solve_adjoint", "tol"): "rtol",
+    ("SolverBudget", "tol"): "atol, rtol",
 }

@@ -16,7 +16,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from ..implicit import DEQStats, first_call
 from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
 from .checks import check_number
-from .deq import PerThreadResults, Single, check_input, zeros_or_state
+from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
 from .structure import Structure
@@ -212,7 +212,7 @@ class NeuralODE(PerThreadResults):
     def forward(self, x: Tensor, z0: Any = None) -> Any:
         """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)`` (with ``Scales``: a tuple
         of per-scale tensors, and ``z0`` a tuple)."""
-        x = check_input(x)
+        x = check_layer_input(x, type(self).__name__)
         z0 = zeros_or_state(x, self.structure.pack(z0), self.state_shape)
         if self.training:
             update_normalization(self.f)

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..implicit import check_output, first_call
 from ..solvers import NonFiniteError
 from .checks import check_number
-from .deq import check_input, resolve_state_shape, zeros_or_state
+from .deq import check_layer_input, resolve_state_shape, zeros_or_state
 from .normalization import update_normalization, warn_unstable_normalization
 
 __all__ = ["SDE_METHODS", "DriftDiffusion", "NeuralSDE"]
@@ -70,14 +70,14 @@ class DriftDiffusion(nn.Module):
         z = self._state(y)
         out = first_call(self.func, z, self.x) if self.calls == 0 else self.func(z, self.x)
         self.calls += 1
-        return (out - z).flatten(1)
+        return (out - z).reshape(z.shape[0], -1)
 
     def g(self, t: Tensor, y: Tensor) -> Tensor:
         """The diagonal diffusion, ``(B, D)`` (zeros when the noise is off)."""
         if self.diffusion is None:
             return torch.zeros_like(y)
         z = self._state(y)
-        return check_output(self.diffusion(z, self.x), z, "g").flatten(1)
+        return check_output(self.diffusion(z, self.x), z, "g").reshape(z.shape[0], -1)
 
 
 def integrate_sde(sde: DriftDiffusion, z0: Tensor, t_end: float, *, method: str, dt: float,
@@ -93,7 +93,7 @@ def integrate_sde(sde: DriftDiffusion, z0: Tensor, t_end: float, *, method: str,
     :class:`~contdeq.solvers.NonFiniteError`.
     """
     ts = torch.tensor([0.0, t_end], dtype=z0.dtype, device=z0.device)
-    y0 = z0.flatten(1)
+    y0 = z0.reshape(z0.shape[0], -1)  # (B, D), also for a (B,) state
     entropy = 0 if fixed_path else int(torch.randint(0, 2**31 - 1, ()))
     with torch.random.fork_rng(devices=[z0.device] if z0.is_cuda else [],
                                enabled=fixed_path):
@@ -167,7 +167,7 @@ class NeuralSDE(nn.Module):
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
         """``x`` ``(B, ...)`` -> ``z(t_end)`` ``(B, *state_shape)``."""
-        x = check_input(x)
+        x = check_layer_input(x, type(self).__name__)
         z0 = zeros_or_state(x, z0, self.state_shape)
         if self.training:
             update_normalization(self.f)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats, sample_rms
 from .checks import check_number
-from .deq import PerThreadResults, Single, check_input, zeros_or_state
+from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .normalization import fixed_normalization, update_normalization
 from .structure import MultiScaleRepr, Structure, scales
 
@@ -202,7 +202,7 @@ class WeightTied(PerThreadResults):
         """``x`` ``(B, ...)`` -> ``z_depth`` ``(B, *state_shape)``; ``z0`` an optional initial
         state ``(B, *state_shape)`` (default zeros; gradients reach it). With ``Scales``: tuples
         in and out."""
-        x = check_input(x)
+        x = check_layer_input(x, type(self).__name__)
         z = zeros_or_state(x, self.structure.pack(z0), self.state_shape)
         if self.training:
             update_normalization(self.f)
