@@ -27,7 +27,7 @@ from .._warnings import warn
 from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equilibrium
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
-from ..solvers.validation import check_positive_float, is_vmapped
+from ..solvers.validation import all_finite, check_positive_float, is_vmapped
 from .checks import check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
@@ -51,7 +51,7 @@ def check_input(x: object, name: str = "x") -> Tensor:
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension first, got shape "
                          f"{tuple(x.shape)}")
-    if not is_vmapped(x) and not bool(torch.isfinite(x).all()):
+    if not is_vmapped(x) and not all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf values")
     return x
 
