@@ -584,6 +584,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "NeuralODE adjoint": _node(adjoint=True),
     "NeuralODE compiled": _node(compile=True),
     "DEQ(ode, dopri5)": _deq("ode"),
+    "DEQ(ode, dopri5) unrolled": _deq("ode", "unrolled"),
     "DEQ(ode, ptc)": _deq("ode", method="ptc"),
     "DEQ(ode, ptc) jfb": _deq("ode", "jfb", method="ptc"),
     "DEQ(ode, ptc) compiled": _deq("ode", method="ptc", compile=True),
@@ -626,16 +627,21 @@ WEIGHT_TIED_MODELS = tuple(n for n in (*MODELS, *MULTISCALE_MODELS) if "WeightTi
 #: Rows whose layer runs compiled (``compile=True``): the DEQ's ptc steps, the NeuralODE's f.
 COMPILED_MODELS = ("NeuralODE compiled", "DEQ(ode, ptc) compiled")
 #: Registered but left out of the paper benchmark's default run (the dopri5 skip rows: slow,
-#: and the ptc rows answer the same question; the weight-tied rows: ``weight_tied.py``; the
-#: compiled rows: their warm-up, ``compile.py``): run them with ``--models``.
-OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)", *WEIGHT_TIED_MODELS,
-                   *COMPILED_MODELS)
+#: and the ptc rows answer the same question; the unrolled backward: ``results/layers.*``; the
+#: weight-tied rows: ``weight_tied.py``; the compiled rows: their warm-up, ``compile.py``):
+#: run them with ``--models``.
+OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)",
+                   "DEQ(ode, dopri5) unrolled", *WEIGHT_TIED_MODELS, *COMPILED_MODELS)
+
+
+#: Infix of a row trained under ``torch.autocast``: ``"DEQ(ode, ptc) autocast bfloat16"``.
+AUTOCAST = " autocast "
 
 
 def models_for(task: Task, names: Any) -> list[str]:
     """The names among ``names`` that apply to ``task`` (multi-scale or not)."""
     registry = MULTISCALE_MODELS if task.state_shapes is not None else MODELS
-    return [n for n in names if n in registry]
+    return [n for n in names if n.partition(AUTOCAST)[0] in registry]
 
 
 def build_model(name: str, task: Task, seed: int) -> Net:
@@ -750,7 +756,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     device = task.x_train.device
     perm = epoch_order(len(task.x_train), seed, epoch, device)
     cuda = device.type == "cuda"
-    if cuda and graph:
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds, fwd, bwd = 0.0, [], []
     for i in range(0, len(perm), batch):
@@ -770,12 +776,12 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
         bwd.append(math.nan if b_it is None else b_it)
     record = {"train_s": seconds, "batches": len(fwd), "forward_nfe": sum(fwd) / len(fwd),
               "backward_iterations": sum(bwd) / len(bwd)}
+    saved = SavedTensors()
     if graph:
-        saved = SavedTensors()
         with saved.record():  # a training forward: a spectral cap takes one more step
             model(task.x_train[perm[:batch]])
-        record.update(graph_mb=saved.megabytes, peak_cuda_mb=torch.cuda.max_memory_allocated()
-                      / 2**20 if cuda else math.nan)
+    record.update(graph_mb=saved.megabytes if graph else math.nan,
+                  peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan)
     return record
 
 
@@ -804,15 +810,16 @@ def warm_up(model: nn.Module, task: Task, batch: int) -> float:
 class Cell:
     """One model of one task and seed in training: model, optimizer, per-epoch history
     (resumable per epoch from ``checkpoint_dir``). A compiled row (:data:`COMPILED_MODELS`) is
-    warmed up first (:func:`warm_up`; ``warmup_s``). ``autocast``: the forward, the loss and
-    evaluation run under ``torch.autocast`` to that dtype, and no graph is measured."""
+    warmed up first (:func:`warm_up`; ``warmup_s``). A row ``"<model> autocast <dtype>"``
+    (:data:`AUTOCAST`) runs the forward, the loss and evaluation under ``torch.autocast`` to
+    that dtype, and measures no graph."""
 
     def __init__(self, task: Task, name: str, cfg: Config, seed: int,
-                 checkpoint_dir: Path | None = None, resume: bool = False,
-                 autocast: torch.dtype | None = None) -> None:
+                 checkpoint_dir: Path | None = None, resume: bool = False) -> None:
         self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
-        self.autocast = autocast
-        self.model = build_model(name, task, seed)
+        base, _, dtype = name.partition(AUTOCAST)
+        self.autocast = getattr(torch, dtype) if dtype else None
+        self.model = build_model(base, task, seed)
         self.warmup_s = warm_up(self.model, task, cfg.batch) if name in COMPILED_MODELS else 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.history: list[dict[str, float]] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    AUTOCAST,
     MODELS,
     MULTISCALE_MODELS,
     OPTIONAL_MODELS,
@@ -34,7 +35,6 @@ from .common import (
     write_results,
 )
 
-TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
 ALL_MODELS = (*MODELS, *MULTISCALE_MODELS)
 DEFAULT_MODELS = tuple(m for m in ALL_MODELS if m not in OPTIONAL_MODELS)
 
@@ -124,7 +124,7 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
         cells = ((r["model"], f"{r['s_per_epoch']:.3f}", fmt(r["time_to_target_s"]),
                   f"{r['forward_nfe']:.1f}", fmt(r["backward_iterations"], ".1f"),
                   f"{r['final_acc']:.1f}", f"{r['infer_ms']:.1f}", f"{r['infer_nfe']:.1f}",
-                  f"{r['graph_mb']:.2f}", fmt(r["peak_cuda_mb"], ".1f"), fmt(r["overhead"], ".1f"),
+                  fmt(r["graph_mb"]), fmt(r["peak_cuda_mb"], ".1f"), fmt(r["overhead"], ".1f"),
                   *(fmt(r[k]) for k in ("ratio_node_epoch", "ratio_node_target",
                                         "ratio_torchdeq_epoch", "ratio_torchdeq_target",
                                         "ratio_deq_target", "ratio_deq_infer_nfe"))) for r in trows)
@@ -207,9 +207,9 @@ def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
     """Run the whole suite; write Markdown, JSON and figures under ``out``; return the rows."""
     notes = []
     models = list(cfg.models or DEFAULT_MODELS)
-    skipped = [m for m in models if m in TORCHDEQ_MODELS]
+    skipped = [m for m in models if m.startswith("torchdeq")]
     if skipped and not has_torchdeq():
-        models = [m for m in models if m not in TORCHDEQ_MODELS]
+        models = [m for m in models if m not in skipped]
         notes.append(f"torchdeq rows skipped (torchdeq not installed): {', '.join(skipped)}; "
                      "install with `pip install -e .[bench]`")
         print(notes[-1], flush=True)
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
+    parser.add_argument("--name", default=None, help="results name (default: the preset's)")
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="also train every model under torch.autocast to this dtype")
     parser.add_argument("--tol", type=float, default=None,
                         help=f"shared forward/backward tolerance (default {TOL['tol']:g}; "
                              "ODE integrators 10x tighter)")
@@ -285,12 +288,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--resume needs --checkpoint-dir")
     cfg = replace(Config(), **PRESETS["quick" if args.quick else "smoke" if args.smoke
                                       else "full"])
-    for key in ("epochs", "threads"):
+    for key in ("name", "epochs", "threads"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     for key in ("seeds", "tasks", "models"):
         if getattr(args, key) is not None:
             setattr(cfg, key, tuple(getattr(args, key)))
+    if args.autocast is not None:
+        models = cfg.models or DEFAULT_MODELS
+        cfg.models = (*models, *(f"{m}{AUTOCAST}{args.autocast}" for m in models))
     saved = dict(TOL)
     if args.tol is not None:
         set_tolerance(args.tol)
