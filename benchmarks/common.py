@@ -33,12 +33,6 @@ CPU = torch.device("cpu")
 
 
 # -- command line, output --------------------------------------------------------------------
-def progress_bar(total: int, desc: str) -> tqdm:
-    """A progress bar on stderr when it is a terminal; off otherwise (tqdm's ``disable=None``),
-    so logs, CI and tests get none."""
-    return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
-
-
 def parse_device(text: str) -> torch.device:
     """``--device``'s value: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"`` on a machine that has it."""
     try:
@@ -126,19 +120,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-#: Two-sided 95% Student t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}
-
-
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """``(mean, half-width of the 95% t-interval)`` over seeds (``nan`` for one value)."""
+    """``(mean, half-width of the 95% Student t interval)`` over seeds (``nan`` for one value)."""
+    from scipy import stats
+
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return mean, math.nan
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, T95.get(n - 1, 2.0) * sd / n ** 0.5
+    return mean, float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / n ** 0.5
+
+
+def ci_text(values: list[float], spec: str = ".1f", suffix: str = "") -> str:
+    """``"mean"`` (one value) or ``"mean ± half-width"`` of :func:`mean_ci`, formatted."""
+    mean, half = mean_ci(values)
+    return f"{mean:{spec}}{suffix}" + ("" if math.isnan(half) else f" ± {half:{spec.lstrip('+')}}")
 
 
 # -- timing, memory ----------------------------------------------------------------------------
@@ -146,12 +142,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op off CUDA), so a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_cuda_megabytes(device: torch.device) -> float | None:
-    """``torch.cuda.max_memory_allocated`` of ``device`` in MiB since the last reset (``None``
-    off CUDA)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def time_min(fn: Callable[[], object], repeats: int) -> float:
@@ -857,7 +847,9 @@ def train_cells(task: Task, cells: dict[Any, Cell], epochs: int, seed: int, note
     a drift in the machine's speed over the run reaches every model alike; ``after_epoch(key)``
     after each cell's epoch. A cell that fails is noted and dropped; the others go on. Returns
     the histories."""
-    with progress_bar(epochs * len(cells), f"{task.name} seed {seed}") as bar:
+    # a progress bar on a terminal only (tqdm's disable=None): logs, CI and tests get none
+    with tqdm(total=epochs * len(cells), desc=f"{task.name} seed {seed}", disable=None,
+              leave=False, dynamic_ncols=True) as bar:
         for _ in range(epochs):
             for key, cell in list(cells.items()):
                 bar.set_postfix_str(cell.name)

@@ -31,7 +31,7 @@ from examples.jiio_tasks import (
     train_decoder,
 )
 
-from .common import machine_header, make_parser, mean_ci, table, write_results
+from .common import ci_text, machine_header, make_parser, table, write_results
 
 METHODS = ("nested-cold", "nested-warm", "jiio", "jiio-ode")
 
@@ -231,10 +231,7 @@ def interval(values: list[float | None]) -> str:
     """``mean ± half-width`` of a 95% t-interval over seeds; ``not reached (k/n)`` if some
     seed never reached the target."""
     missing = sum(v is None for v in values)
-    if missing:
-        return f"not reached ({missing}/{len(values)})"
-    mean, half = mean_ci(values)
-    return f"{mean:.1f}x" if len(values) == 1 else f"{mean:.1f}x ± {half:.1f}"
+    return f"not reached ({missing}/{len(values)})" if missing else ci_text(values, suffix="x")
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:

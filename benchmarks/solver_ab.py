@@ -25,7 +25,6 @@ from .common import (
     contractive,
     machine_header,
     make_parser,
-    peak_cuda_megabytes,
     synchronize,
 )
 
@@ -144,9 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     header = (f"Solver loops, `{args.base}` (base) against this tree (new): batch {args.batch}, "
               f"width {args.width}, tol {args.tol:g}, fastest of {args.rounds} x {args.calls} "
               f"solves ({machine_header()}, device {args.device})")
-    peak = peak_cuda_megabytes(args.device)
-    if peak is not None:
-        header += f"; peak CUDA memory {peak:.1f} MiB"
+    if args.device.type == "cuda":
+        header += f"; peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB"
     print(to_markdown(rows, header))
     return rows
 
