@@ -775,6 +775,42 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     return record
 
 
+#: The parts of :func:`timed_step`'s step, in milliseconds in ``step_profile``'s table.
+PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_rest", "optimizer")
+
+
+def timed_step(model: Net, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor,
+               run: nn.Module | None = None) -> dict[str, float]:
+    """One training step of ``run`` (default ``model``; e.g. its ``torch.compile`` wrapper):
+    wall seconds of the step and of its :data:`PARTS` (the solves' own ``stats.wall_time``; on
+    a GPU synchronized at the parts' boundaries, and the solvers synchronize at every
+    convergence test), this thread's CPU seconds, the loss, and the layer's forward NFE and
+    backward iterations."""
+    device = xb.device
+    synchronize(device)
+    start, cpu = time.perf_counter(), time.thread_time()
+    logits = (model if run is None else run)(xb)
+    loss = nn.functional.cross_entropy(logits, yb) + contdeq.aux_loss(model)
+    synchronize(device)
+    forward = time.perf_counter()
+    opt.zero_grad()
+    loss.backward()
+    synchronize(device)
+    backward = time.perf_counter()
+    opt.step()
+    synchronize(device)
+    end, cpu = time.perf_counter(), time.thread_time() - cpu
+    stats = model.layer.stats
+    fwd_solve = 0.0 if stats is None else stats.forward.wall_time
+    bwd_solve = 0.0 if stats is None or stats.backward is None else stats.backward.wall_time
+    nfe, iters = layer_counts(model.layer)
+    return {"step": end - start, "forward_solve": fwd_solve,
+            "forward_rest": forward - start - fwd_solve, "backward_solve": bwd_solve,
+            "backward_rest": backward - forward - bwd_solve, "optimizer": end - backward,
+            "cpu": cpu, "loss": float(loss.detach()),
+            "forward_nfe": nfe, "backward_iterations": iters or 0}
+
+
 def warm_up(model: nn.Module, task: Task, batch: int) -> float:
     """Compile a model's graphs before training: a training forward and backward for every
     training batch size (full and last), an evaluation forward for every test batch size,

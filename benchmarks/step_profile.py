@@ -5,64 +5,33 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
-from torch import nn
 
 import contdeq
 
 from .common import (
     MODELS,
+    PARTS,
     TOL,
     Config,
     build_model,
     epoch_order,
     fmt,
-    layer_counts,
     load_task,
     machine_header,
     make_parser,
     ratio,
-    synchronize,
     table,
     threads,
+    timed_step,
     write_results,
 )
 
 DEFAULT_MODELS = ("NeuralODE", "DEQ(ode, ptc)", "DEQ(ode, ptc) jfb", "SkipDEQ(ode, ptc)",
                   "SkipRegDEQ(ode, ptc)", "SkipRegDEQ(ode, ptc) paper loss", "DEQ(ode, dopri5)",
                   "SkipRegDEQ(ode, dopri5) paper loss")
-PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_rest", "optimizer")
-
-
-def timed_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor) -> dict[str, float]:
-    """One training step, its parts in seconds, and the layer's forward NFE / backward
-    iterations (on a GPU, synchronized at the parts' boundaries; the solvers synchronize at
-    every convergence test, so their own wall times hold too)."""
-    device = xb.device
-    synchronize(device)
-    start = time.perf_counter()
-    loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
-    synchronize(device)
-    forward = time.perf_counter()
-    opt.zero_grad()
-    loss.backward()
-    synchronize(device)
-    backward = time.perf_counter()
-    opt.step()
-    synchronize(device)
-    end = time.perf_counter()
-    stats = model.layer.stats
-    fwd_solve = stats.forward.wall_time
-    bwd_solve = stats.backward.wall_time if stats.backward is not None else 0.0
-    nfe, iters = layer_counts(model.layer)
-    return {"step": end - start, "forward_solve": fwd_solve,
-            "forward_rest": forward - start - fwd_solve, "backward_solve": bwd_solve,
-            "backward_rest": backward - forward - bwd_solve, "optimizer": end - backward,
-            "forward_nfe": nfe, "backward_iterations": iters or 0}
 
 
 def profile_task(task_name: str, models: list[str], cfg: Config, epochs: int, seed: int,

@@ -11,7 +11,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from benchmarks import step_profile
-from benchmarks.common import build_model, load_task
+from benchmarks.common import PARTS, build_model, load_task, timed_step
 
 
 def test_parts_add_up_to_the_step() -> None:
@@ -20,8 +20,8 @@ def test_parts_add_up_to_the_step() -> None:
                                   ("NeuralODE", False)):
         model = build_model(name, task, 0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        record = step_profile.timed_step(model, opt, task.x_train[:8], task.y_train[:8])
-        parts = sum(record[k] for k in step_profile.PARTS if k != "step")
+        record = timed_step(model, opt, task.x_train[:8], task.y_train[:8])
+        parts = sum(record[k] for k in PARTS if k != "step")
         assert parts == pytest.approx(record["step"], rel=1e-9)
         assert record["forward_solve"] > 0 and record["forward_nfe"] >= 1
         assert (record["backward_solve"] > 0) == solves_backward
