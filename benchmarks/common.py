@@ -635,12 +635,14 @@ def models_for(task: Task, names: Any) -> list[str]:
 
 
 def build_model(name: str, task: Task, seed: int) -> Net:
-    """Model ``name`` for ``task``; encoder, ``f`` and head get the same weights for every name
-    (seeded before they are built; a SkipDEQ predictor is built after them)."""
+    """Model ``name`` for ``task`` (on a multi-scale task, ``"DEQ(ode, ptc)"`` names its ``"MS
+    DEQ(ode, ptc)"``); encoder, ``f`` and head get the same weights for every name (seeded
+    before they are built; a SkipDEQ predictor is built after them)."""
     torch.manual_seed(seed)
     encoder, f, head = task.encoder(), task.f(), task.head()
     torch.manual_seed(seed + 1)
     if task.state_shapes is not None:
+        name = name if name.startswith("MS ") else f"MS {name}"
         layer = MULTISCALE_MODELS[name](f, task.predictor, task.state_shapes)
     else:
         layer = MODELS[name](f, task.predictor)

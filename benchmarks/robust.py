@@ -181,9 +181,7 @@ def build(name: str, task: Task, seed: int) -> nn.Module:
     encoder, ``f`` and head, seeded alike for every row."""
     kind = base_kind(name)
     if kind in ("DEQ", "NeuralODE"):
-        paper_name = {"DEQ": "DEQ(anderson)", "NeuralODE": "NeuralODE"}[kind]
-        multiscale = task.state_shapes is not None
-        return build_model(("MS " if multiscale else "") + paper_name, task, seed)
+        return build_model({"DEQ": "DEQ(anderson)", "NeuralODE": "NeuralODE"}[kind], task, seed)
     torch.manual_seed(seed)  # as build_model: the same encoder, f and head for every row
     encoder, f, head = task.encoder(), task.f(), task.head()
     cell = FlatCell(f, state_shapes(task, encoder))
