@@ -737,9 +737,9 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
                 seed: int, epoch: int, cast: Callable[[], Any] | None = None,
                 graph: bool = True) -> dict[str, float]:
-    """One epoch; training time excludes batch selection and memory bookkeeping only. ``cast``:
-    a context factory for the forward and the loss (``backward()`` and the optimizer step run
-    outside it, PyTorch's autocast recipe).
+    """One epoch of :func:`timed_step` steps; training time excludes batch selection and memory
+    bookkeeping only. ``cast``: a context factory for the forward and the loss (``backward()``
+    and the optimizer step run outside it, PyTorch's autocast recipe).
 
     The autograd graph's size (``graph``) is measured after the timed steps, by one more
     forward on the epoch's first batch with saved-tensor hooks (the hooks cost a Python call per
@@ -750,24 +750,18 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds, fwd, bwd = 0.0, [], []
-    for i in range(0, len(perm), batch):
-        idx = perm[i:i + batch]
-        xb, yb = task.x_train[idx], task.y_train[idx]
-        synchronize(device)
-        start = time.perf_counter()
-        with cast() if cast is not None else nullcontext():
-            loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        synchronize(device)
-        seconds += time.perf_counter() - start
-        f_nfe, b_it = layer_counts(model.layer)
-        fwd.append(f_nfe)
-        bwd.append(math.nan if b_it is None else b_it)
-    record = {"train_s": seconds, "batches": len(fwd), "forward_nfe": sum(fwd) / len(fwd),
-              "backward_iterations": sum(bwd) / len(bwd)}
+    steps = [timed_step(model, opt, task.x_train[idx], task.y_train[idx], cast=cast)
+             for idx in perm.split(batch)]
+    bwd = [math.nan if s["backward_iterations"] is None else s["backward_iterations"]
+           for s in steps]
+    record = {"train_s": sum(s["step"] for s in steps), "batches": len(steps),
+              "forward_nfe": statistics.fmean(s["forward_nfe"] for s in steps),
+              "backward_iterations": statistics.fmean(bwd),
+              # the profile of a step (``paper.py --profile``): medians over the epoch
+              **{f"{k}_ms": 1e3 * statistics.median(s[k] for s in steps) for k in PARTS},
+              "median_forward_nfe": statistics.median(s["forward_nfe"] for s in steps),
+              "median_backward_iterations": statistics.median(
+                  s["backward_iterations"] or 0 for s in steps)}
     saved = SavedTensors()
     if graph:
         with saved.record():  # a training forward: a spectral cap takes one more step
@@ -777,22 +771,25 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     return record
 
 
-#: The parts of :func:`timed_step`'s step, in milliseconds in ``step_profile``'s table.
+#: The parts of :func:`timed_step`'s step (``paper.py --profile`` tabulates their medians).
 PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_rest", "optimizer")
 
 
 def timed_step(model: Net, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor,
-               run: nn.Module | None = None) -> dict[str, float]:
-    """One training step of ``run`` (default ``model``; e.g. its ``torch.compile`` wrapper):
-    wall seconds of the step and of its :data:`PARTS` (the solves' own ``stats.wall_time``; on
-    a GPU synchronized at the parts' boundaries, and the solvers synchronize at every
-    convergence test), this thread's CPU seconds, the loss, and the layer's forward NFE and
-    backward iterations."""
+               run: nn.Module | None = None, cast: Callable[[], Any] | None = None
+               ) -> dict[str, Any]:
+    """One training step of ``run`` (default ``model``; e.g. its ``torch.compile`` wrapper),
+    the forward and the loss inside ``cast()`` if given: wall seconds of the step and of its
+    :data:`PARTS` (the solves' own ``stats.wall_time``; on a GPU synchronized at the parts'
+    boundaries, and the solvers synchronize at every convergence test), this thread's CPU
+    seconds, the loss, and the layer's forward NFE and backward iterations
+    (:func:`layer_counts`)."""
     device = xb.device
     synchronize(device)
     start, cpu = time.perf_counter(), time.thread_time()
-    logits = (model if run is None else run)(xb)
-    loss = nn.functional.cross_entropy(logits, yb) + contdeq.aux_loss(model)
+    with cast() if cast is not None else nullcontext():
+        logits = (model if run is None else run)(xb)
+        loss = nn.functional.cross_entropy(logits, yb) + contdeq.aux_loss(model)
     synchronize(device)
     forward = time.perf_counter()
     opt.zero_grad()
@@ -802,15 +799,15 @@ def timed_step(model: Net, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor,
     opt.step()
     synchronize(device)
     end, cpu = time.perf_counter(), time.thread_time() - cpu
-    stats = model.layer.stats
+    stats = getattr(model.layer, "stats", None)
     fwd_solve = 0.0 if stats is None else stats.forward.wall_time
     bwd_solve = 0.0 if stats is None or stats.backward is None else stats.backward.wall_time
     nfe, iters = layer_counts(model.layer)
     return {"step": end - start, "forward_solve": fwd_solve,
             "forward_rest": forward - start - fwd_solve, "backward_solve": bwd_solve,
             "backward_rest": backward - forward - bwd_solve, "optimizer": end - backward,
-            "cpu": cpu, "loss": float(loss.detach()),
-            "forward_nfe": nfe, "backward_iterations": iters or 0}
+            "cpu": cpu, "loss": float(loss.detach()), "forward_nfe": nfe,
+            "backward_iterations": iters}
 
 
 def warm_up(model: nn.Module, task: Task, batch: int) -> float:

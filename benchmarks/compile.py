@@ -57,7 +57,7 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
             step = timed_step(m, opts[n], xb, yb)
             times[n].append((step["step"], step["cpu"]))
             loss[n] = step["loss"]
-            calls[n].append(step["forward_nfe"] + step["backward_iterations"])
+            calls[n].append(step["forward_nfe"] + (step["backward_iterations"] or 0))
     recompiles = _graphs() - before
     rows = []
     for n in names:

@@ -40,7 +40,7 @@ step 90 layers "$PY" -m benchmarks.paper --device cuda --epochs 1 --seeds 0 --ta
   "DEQ(anderson)" --name layers --threads 1 --out "$OUT"
 step 120 paper_quick "$PY" -m benchmarks.paper --quick --device cuda --tasks digits-mlp \
   --models NeuralODE "DEQ(ode, ptc)" "DEQ(anderson)" --out "$OUT"
-step 60 step_profile "$PY" -m benchmarks.step_profile --device cuda --epochs 1 \
-  --tasks digits-mlp --models "DEQ(ode, ptc)" --out "$OUT"
+step 60 step_profile "$PY" -m benchmarks.paper --profile --device cuda --epochs 1 --seeds 0 \
+  --tasks digits-mlp --models "DEQ(ode, ptc)" --name step_profile --threads 1 --out "$OUT"
 echo "gpu_check: done (status $status); outputs and logs in $OUT"
 exit $status

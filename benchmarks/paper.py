@@ -138,6 +138,29 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
     return "\n".join(lines)
 
 
+def profile_table(rows: list[Row]) -> str:
+    """``--profile``: each row's training step in its last epoch split into ``common.PARTS``
+    (medians, ms); for the DEQ rows, the step a perfect initial guess would give (the forward
+    solve cut to one ``f`` call) and the bound step / perfect guess on any guess's speed-up."""
+    base = {r["task"]: r["history"][-1]["step_ms"] for r in rows
+            if r["model"].removeprefix("MS ") == "DEQ(ode, ptc)"}
+    cells = []
+    for r in rows:
+        h, nfe = r["history"][-1], r["history"][-1]["median_forward_nfe"]
+        guess = (h["step_ms"] - h["forward_solve_ms"] * (1 - 1 / nfe)
+                 if "DEQ(" in r["model"] and nfe >= 1 else None)
+        cells.append((r["task"], r["model"], f"{h['step_ms']:.2f}",
+                      f"{h['forward_solve_ms']:.2f} ({nfe:.0f})", f"{h['forward_rest_ms']:.2f}",
+                      f"{h['backward_solve_ms']:.2f} ({h['median_backward_iterations']:.0f})",
+                      f"{h['backward_rest_ms']:.2f}", f"{h['optimizer_ms']:.2f}",
+                      fmt(ratio(base.get(r["task"]), h["step_ms"])),
+                      "- | -" if guess is None else f"{guess:.2f} | {h['step_ms'] / guess:.2f}×"))
+    return table("task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
+                 "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
+                 "bound", cells, "llrrrrrrrrr",
+                 ["### Step profile: the last epoch's training steps (medians)", ""])
+
+
 #: The rows of the ``<name>_key.png`` figure (multi-scale tasks: their ``MS`` versions).
 KEY_MODELS = ("NeuralODE", "DEQ(ode, dopri5)", "DEQ(ode, ptc)", "DEQ(ode, ptc) jfb",
               "SkipDEQ(ode, ptc)", "SkipRegDEQ(ode, ptc) paper loss", "DEQ(picard) jfb",
@@ -203,8 +226,10 @@ def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) ->
 
 
 def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
-        checkpoint_dir: Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Run the whole suite; write Markdown, JSON and figures under ``out``; return the rows."""
+        checkpoint_dir: Path | None = None, resume: bool = False, profile: bool = False
+        ) -> list[dict[str, Any]]:
+    """Run the whole suite; write Markdown (with :func:`profile_table` if ``profile``), JSON and
+    figures under ``out``; return the rows."""
     notes = []
     models = list(cfg.models or DEFAULT_MODELS)
     skipped = [m for m in models if m.startswith("torchdeq")]
@@ -249,7 +274,8 @@ def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
         "timings on a shared machine are still noisy.",
     ]
     out.mkdir(parents=True, exist_ok=True)
-    write_results(cfg.name, to_markdown(rows, header, tasks, notes), rows, out=out)
+    markdown = to_markdown(rows, header, tasks, notes)
+    write_results(cfg.name, markdown + ("\n" + profile_table(rows) if profile else ""), rows, out)
     for path in plot(rows, tasks, out, cfg.name):
         print(f"written {path}")
     return rows
@@ -265,6 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
     parser.add_argument("--name", default=None, help="results name (default: the preset's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add the table of the last epoch's step parts (step_profile.md)")
     parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
                         help="also train every model under torch.autocast to this dtype")
     parser.add_argument("--tol", type=float, default=None,
@@ -301,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.tol is not None:
         set_tolerance(args.tol)
     try:
-        return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume)
+        return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume, args.profile)
     finally:
         TOL.update(saved)
 
