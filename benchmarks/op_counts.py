@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
 
-from .common import RESULTS, contractive, make_parser
+from .common import RESULTS, contractive, make_parser, table
 
 #: ``max_steps`` of the two solves whose difference gives the marginal cost of a step.
 MARGINAL_STEPS = (4, 12)
@@ -249,19 +249,17 @@ def files_row(batch: int, width: int, tol: float) -> dict[str, list[str]]:
 
 def to_markdown(rows: list[dict[str, float | int | str]], training: dict[str, int],
                 header: str) -> str:
-    lines = [header, "", "| solve | NFE | steps | stop | aten ops | in f | non-f ops / step "
-             "| marginal | no-op callback: ops / step | no-op callback: Python calls / step |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['solve']} | {r['nfe']} | {r['steps']} | {r['stop']} | {r['ops']} | "
-              f"{r['f_ops']} | {r['non_f_per_step']:.1f} | {r['marginal']:.1f} | "
-              f"{r['callback_ops']:+.1f} | {r['callback_calls']:+.1f} |" for r in rows]
-    lines += ["", "One training step of Linear -> DEQ(solver='ode', method='ptc') -> Linear with "
-              "Adam (forward NFE " f"{training['forward_nfe']}):", "",
-              "| aten ops | f (evaluations + VJPs) | model without the layer | rest |",
-              "|---:|---:|---:|---:|",
-              f"| {training['total']} | {training['f']} | {training['model']} | "
-              f"{training['rest']} |"]
-    return "\n".join(lines)
+    solves = table(
+        "solve | NFE | steps | stop | aten ops | in f | non-f ops / step | marginal | no-op "
+        "callback: ops / step | no-op callback: Python calls / step",
+        ((r["solve"], r["nfe"], r["steps"], r["stop"], r["ops"], r["f_ops"],
+          f"{r['non_f_per_step']:.1f}", f"{r['marginal']:.1f}", f"{r['callback_ops']:+.1f}",
+          f"{r['callback_calls']:+.1f}") for r in rows), "lrrlrrrrrr", [header, ""])
+    step = table("aten ops | f (evaluations + VJPs) | model without the layer | rest",
+                 [(training["total"], training["f"], training["model"], training["rest"])],
+                 "rrrr", ["", "One training step of Linear -> DEQ(solver='ode', method='ptc') "
+                          f"-> Linear with Adam (forward NFE {training['forward_nfe']}):", ""])
+    return (solves + step).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | str]],
@@ -276,14 +274,14 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | st
     training = training_row(args.batch, args.width, args.tol, args.device)
     header = (f"Aten ops (counted, deterministic): batch {args.batch}, width {args.width}, "
               f"tol {args.tol:g}, f(z) = tanh(z W^T + x)")
-    table = to_markdown(rows, training, header)
+    markdown = to_markdown(rows, training, header)
     files = files_row(args.batch, args.width, args.tol)
-    table += "\n\nPackage files whose code runs in one call (a sys.setprofile trace):\n\n"
-    table += "\n".join(f"* {name}: {len(found)} ({', '.join(found)})"
-                        for name, found in files.items())
-    print(table)
+    markdown += "\n\nPackage files whose code runs in one call (a sys.setprofile trace):\n\n"
+    markdown += "\n".join(f"* {name}: {len(found)} ({', '.join(found)})"
+                           for name, found in files.items())
+    print(markdown)
     if args.write:
-        (RESULTS / "op_counts.md").write_text(table + "\n")
+        (RESULTS / "op_counts.md").write_text(markdown + "\n")
     return rows, training
 
 

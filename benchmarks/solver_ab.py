@@ -26,6 +26,7 @@ from .common import (
     machine_header,
     make_parser,
     synchronize,
+    table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,11 +116,10 @@ def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, c
 
 
 def to_markdown(rows: list[dict[str, float | str]], header: str) -> str:
-    lines = [header, "", "| solve | NFE base / new | base ms | new ms | base / new |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['case']} | {r['nfe_base']} / {r['nfe_new']} | {r['base_ms']:.3f} | "
-              f"{r['new_ms']:.3f} | {r['speedup']:.2f} |" for r in rows]
-    return "\n".join(lines)
+    return table("solve | NFE base / new | base ms | new ms | base / new",
+                 ((r["case"], f"{r['nfe_base']} / {r['nfe_new']}", f"{r['base_ms']:.3f}",
+                   f"{r['new_ms']:.3f}", f"{r['speedup']:.2f}") for r in rows), "llrrr",
+                 [header, ""]).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
