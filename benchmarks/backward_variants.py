@@ -62,7 +62,7 @@ DEFAULT_VARIANTS = ("implicit", "phantom 5/0.5", "phantom 3/1", "truncated 10 1e
                     "jfb")
 #: The multi-scale task's variants by default (one of its epochs costs ~10 of the others').
 MULTISCALE_VARIANTS = ("implicit", "phantom 5/0.5", "jfb")
-#: The base models (names in :mod:`paper_models`); ``MS`` versions on the multi-scale task.
+#: The base models (``common.MODELS``); ``MS`` versions on the multi-scale task.
 MODELS = ("DEQ(ode, ptc)", "SkipRegDEQ(ode, ptc)", "SkipDEQ(ode, ptc)",
           "SkipRegDEQ(ode, ptc) paper loss")
 DEFAULT_MODELS = MODELS[:2]
@@ -74,11 +74,6 @@ def paper_targets(path: Path = PAPER_JSON) -> dict[str, float]:
     """The paper benchmark's target accuracy (%) per task, from its published JSON."""
     rows = json.loads(path.read_text())
     return {r["task"]: r["target_acc"] for r in rows if r.get("target_acc") is not None}
-
-
-def model_name(base: str, task: Task) -> str:
-    """``base`` as :mod:`paper_models` names it for ``task`` (``MS`` prefix when multi-scale)."""
-    return f"MS {base}" if task.state_shapes is not None else base
 
 
 class BackwardTally:
@@ -107,9 +102,10 @@ class BackwardTally:
 
 def variant_cell(task: Task, base: str, variant: str, cfg: Config, seed: int
                  ) -> tuple[Cell, BackwardTally]:
-    """A :class:`paper.Cell` of model ``base`` whose layer uses backward ``variant``, and the
-    tally of its backward solves."""
-    cell = Cell(task, model_name(base, task), cfg, seed, None, False)
+    """A :class:`common.Cell` of model ``base`` (its ``MS`` version on a multi-scale task) whose
+    layer uses backward ``variant``, named ``"<base> <variant>"``, and the tally of its
+    backward solves."""
+    cell = Cell(task, base, cfg, seed)
     cell.model.layer.backward_mode = VARIANTS[variant]()
     cell.name = f"{base} {variant}"
     tally = BackwardTally()

@@ -33,12 +33,6 @@ CPU = torch.device("cpu")
 
 
 # -- command line, output --------------------------------------------------------------------
-def progress_bar(total: int, desc: str) -> tqdm:
-    """A progress bar on stderr when it is a terminal; off otherwise (tqdm's ``disable=None``),
-    so logs, CI and tests get none."""
-    return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
-
-
 def parse_device(text: str) -> torch.device:
     """``--device``'s value: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"`` on a machine that has it."""
     try:
@@ -126,19 +120,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-#: Two-sided 95% Student t quantiles by degrees of freedom.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262}
-
-
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """``(mean, half-width of the 95% t-interval)`` over seeds (``nan`` for one value)."""
+    """``(mean, half-width of the 95% Student t interval)`` over seeds (``nan`` for one value)."""
+    from scipy import stats
+
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return mean, math.nan
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, T95.get(n - 1, 2.0) * sd / n ** 0.5
+    return mean, float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / n ** 0.5
+
+
+def ci_text(values: list[float], spec: str = ".1f", suffix: str = "") -> str:
+    """``"mean"`` (one value) or ``"mean ± half-width"`` of :func:`mean_ci`, formatted."""
+    mean, half = mean_ci(values)
+    return f"{mean:{spec}}{suffix}" + ("" if math.isnan(half) else f" ± {half:{spec.lstrip('+')}}")
 
 
 # -- timing, memory ----------------------------------------------------------------------------
@@ -146,12 +142,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op off CUDA), so a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_cuda_megabytes(device: torch.device) -> float | None:
-    """``torch.cuda.max_memory_allocated`` of ``device`` in MiB since the last reset (``None``
-    off CUDA)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def time_min(fn: Callable[[], object], repeats: int) -> float:
@@ -584,6 +574,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "NeuralODE adjoint": _node(adjoint=True),
     "NeuralODE compiled": _node(compile=True),
     "DEQ(ode, dopri5)": _deq("ode"),
+    "DEQ(ode, dopri5) unrolled": _deq("ode", "unrolled"),
     "DEQ(ode, ptc)": _deq("ode", method="ptc"),
     "DEQ(ode, ptc) jfb": _deq("ode", "jfb", method="ptc"),
     "DEQ(ode, ptc) compiled": _deq("ode", method="ptc", compile=True),
@@ -626,25 +617,32 @@ WEIGHT_TIED_MODELS = tuple(n for n in (*MODELS, *MULTISCALE_MODELS) if "WeightTi
 #: Rows whose layer runs compiled (``compile=True``): the DEQ's ptc steps, the NeuralODE's f.
 COMPILED_MODELS = ("NeuralODE compiled", "DEQ(ode, ptc) compiled")
 #: Registered but left out of the paper benchmark's default run (the dopri5 skip rows: slow,
-#: and the ptc rows answer the same question; the weight-tied rows: ``weight_tied.py``; the
-#: compiled rows: their warm-up, ``compile.py``): run them with ``--models``.
-OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)", *WEIGHT_TIED_MODELS,
-                   *COMPILED_MODELS)
+#: and the ptc rows answer the same question; the unrolled backward: ``results/layers.*``; the
+#: weight-tied rows: ``weight_tied.py``; the compiled rows: their warm-up, ``compile.py``):
+#: run them with ``--models``.
+OPTIONAL_MODELS = ("SkipDEQ(ode, dopri5)", "SkipRegDEQ(ode, dopri5)",
+                   "DEQ(ode, dopri5) unrolled", *WEIGHT_TIED_MODELS, *COMPILED_MODELS)
+
+
+#: Infix of a row trained under ``torch.autocast``: ``"DEQ(ode, ptc) autocast bfloat16"``.
+AUTOCAST = " autocast "
 
 
 def models_for(task: Task, names: Any) -> list[str]:
     """The names among ``names`` that apply to ``task`` (multi-scale or not)."""
     registry = MULTISCALE_MODELS if task.state_shapes is not None else MODELS
-    return [n for n in names if n in registry]
+    return [n for n in names if n.partition(AUTOCAST)[0] in registry]
 
 
 def build_model(name: str, task: Task, seed: int) -> Net:
-    """Model ``name`` for ``task``; encoder, ``f`` and head get the same weights for every name
-    (seeded before they are built; a SkipDEQ predictor is built after them)."""
+    """Model ``name`` for ``task`` (on a multi-scale task, ``"DEQ(ode, ptc)"`` names its ``"MS
+    DEQ(ode, ptc)"``); encoder, ``f`` and head get the same weights for every name (seeded
+    before they are built; a SkipDEQ predictor is built after them)."""
     torch.manual_seed(seed)
     encoder, f, head = task.encoder(), task.f(), task.head()
     torch.manual_seed(seed + 1)
     if task.state_shapes is not None:
+        name = name if name.startswith("MS ") else f"MS {name}"
         layer = MULTISCALE_MODELS[name](f, task.predictor, task.state_shapes)
     else:
         layer = MODELS[name](f, task.predictor)
@@ -739,9 +737,9 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch: int,
                 seed: int, epoch: int, cast: Callable[[], Any] | None = None,
                 graph: bool = True) -> dict[str, float]:
-    """One epoch; training time excludes batch selection and memory bookkeeping only. ``cast``:
-    a context factory for the forward and the loss (``backward()`` and the optimizer step run
-    outside it, PyTorch's autocast recipe).
+    """One epoch of :func:`timed_step` steps; training time excludes batch selection and memory
+    bookkeeping only. ``cast``: a context factory for the forward and the loss (``backward()``
+    and the optimizer step run outside it, PyTorch's autocast recipe).
 
     The autograd graph's size (``graph``) is measured after the timed steps, by one more
     forward on the epoch's first batch with saved-tensor hooks (the hooks cost a Python call per
@@ -750,33 +748,66 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, task: Task, batch:
     device = task.x_train.device
     perm = epoch_order(len(task.x_train), seed, epoch, device)
     cuda = device.type == "cuda"
-    if cuda and graph:
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds, fwd, bwd = 0.0, [], []
-    for i in range(0, len(perm), batch):
-        idx = perm[i:i + batch]
-        xb, yb = task.x_train[idx], task.y_train[idx]
-        synchronize(device)
-        start = time.perf_counter()
-        with cast() if cast is not None else nullcontext():
-            loss = nn.functional.cross_entropy(model(xb), yb) + contdeq.aux_loss(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        synchronize(device)
-        seconds += time.perf_counter() - start
-        f_nfe, b_it = layer_counts(model.layer)
-        fwd.append(f_nfe)
-        bwd.append(math.nan if b_it is None else b_it)
-    record = {"train_s": seconds, "batches": len(fwd), "forward_nfe": sum(fwd) / len(fwd),
-              "backward_iterations": sum(bwd) / len(bwd)}
+    steps = [timed_step(model, opt, task.x_train[idx], task.y_train[idx], cast=cast)
+             for idx in perm.split(batch)]
+    bwd = [math.nan if s["backward_iterations"] is None else s["backward_iterations"]
+           for s in steps]
+    record = {"train_s": sum(s["step"] for s in steps), "batches": len(steps),
+              "forward_nfe": statistics.fmean(s["forward_nfe"] for s in steps),
+              "backward_iterations": statistics.fmean(bwd),
+              # the profile of a step (``paper.py --profile``): medians over the epoch
+              **{f"{k}_ms": 1e3 * statistics.median(s[k] for s in steps) for k in PARTS},
+              "median_forward_nfe": statistics.median(s["forward_nfe"] for s in steps),
+              "median_backward_iterations": statistics.median(
+                  s["backward_iterations"] or 0 for s in steps)}
+    saved = SavedTensors()
     if graph:
-        saved = SavedTensors()
         with saved.record():  # a training forward: a spectral cap takes one more step
             model(task.x_train[perm[:batch]])
-        record.update(graph_mb=saved.megabytes, peak_cuda_mb=torch.cuda.max_memory_allocated()
-                      / 2**20 if cuda else math.nan)
+    record.update(graph_mb=saved.megabytes if graph else math.nan,
+                  peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan)
     return record
+
+
+#: The parts of :func:`timed_step`'s step (``paper.py --profile`` tabulates their medians).
+PARTS = ("step", "forward_solve", "forward_rest", "backward_solve", "backward_rest", "optimizer")
+
+
+def timed_step(model: Net, opt: torch.optim.Optimizer, xb: Tensor, yb: Tensor,
+               run: nn.Module | None = None, cast: Callable[[], Any] | None = None
+               ) -> dict[str, Any]:
+    """One training step of ``run`` (default ``model``; e.g. its ``torch.compile`` wrapper),
+    the forward and the loss inside ``cast()`` if given: wall seconds of the step and of its
+    :data:`PARTS` (the solves' own ``stats.wall_time``; on a GPU synchronized at the parts'
+    boundaries, and the solvers synchronize at every convergence test), this thread's CPU
+    seconds, the loss, and the layer's forward NFE and backward iterations
+    (:func:`layer_counts`)."""
+    device = xb.device
+    synchronize(device)
+    start, cpu = time.perf_counter(), time.thread_time()
+    with cast() if cast is not None else nullcontext():
+        logits = (model if run is None else run)(xb)
+        loss = nn.functional.cross_entropy(logits, yb) + contdeq.aux_loss(model)
+    synchronize(device)
+    forward = time.perf_counter()
+    opt.zero_grad()
+    loss.backward()
+    synchronize(device)
+    backward = time.perf_counter()
+    opt.step()
+    synchronize(device)
+    end, cpu = time.perf_counter(), time.thread_time() - cpu
+    stats = getattr(model.layer, "stats", None)
+    fwd_solve = 0.0 if stats is None else stats.forward.wall_time
+    bwd_solve = 0.0 if stats is None or stats.backward is None else stats.backward.wall_time
+    nfe, iters = layer_counts(model.layer)
+    return {"step": end - start, "forward_solve": fwd_solve,
+            "forward_rest": forward - start - fwd_solve, "backward_solve": bwd_solve,
+            "backward_rest": backward - forward - bwd_solve, "optimizer": end - backward,
+            "cpu": cpu, "loss": float(loss.detach()), "forward_nfe": nfe,
+            "backward_iterations": iters}
 
 
 def warm_up(model: nn.Module, task: Task, batch: int) -> float:
@@ -804,15 +835,16 @@ def warm_up(model: nn.Module, task: Task, batch: int) -> float:
 class Cell:
     """One model of one task and seed in training: model, optimizer, per-epoch history
     (resumable per epoch from ``checkpoint_dir``). A compiled row (:data:`COMPILED_MODELS`) is
-    warmed up first (:func:`warm_up`; ``warmup_s``). ``autocast``: the forward, the loss and
-    evaluation run under ``torch.autocast`` to that dtype, and no graph is measured."""
+    warmed up first (:func:`warm_up`; ``warmup_s``). A row ``"<model> autocast <dtype>"``
+    (:data:`AUTOCAST`) runs the forward, the loss and evaluation under ``torch.autocast`` to
+    that dtype, and measures no graph."""
 
     def __init__(self, task: Task, name: str, cfg: Config, seed: int,
-                 checkpoint_dir: Path | None = None, resume: bool = False,
-                 autocast: torch.dtype | None = None) -> None:
+                 checkpoint_dir: Path | None = None, resume: bool = False) -> None:
         self.task, self.name, self.cfg, self.seed = task, name, cfg, seed
-        self.autocast = autocast
-        self.model = build_model(name, task, seed)
+        base, _, dtype = name.partition(AUTOCAST)
+        self.autocast = getattr(torch, dtype) if dtype else None
+        self.model = build_model(base, task, seed)
         self.warmup_s = warm_up(self.model, task, cfg.batch) if name in COMPILED_MODELS else 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.history: list[dict[str, float]] = []
@@ -850,7 +882,9 @@ def train_cells(task: Task, cells: dict[Any, Cell], epochs: int, seed: int, note
     a drift in the machine's speed over the run reaches every model alike; ``after_epoch(key)``
     after each cell's epoch. A cell that fails is noted and dropped; the others go on. Returns
     the histories."""
-    with progress_bar(epochs * len(cells), f"{task.name} seed {seed}") as bar:
+    # a progress bar on a terminal only (tqdm's disable=None): logs, CI and tests get none
+    with tqdm(total=epochs * len(cells), desc=f"{task.name} seed {seed}", disable=None,
+              leave=False, dynamic_ncols=True) as bar:
         for _ in range(epochs):
             for key, cell in list(cells.items()):
                 bar.set_postfix_str(cell.name)

@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import time
 from statistics import median_high
 from typing import Any
 
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 from .common import (
@@ -17,11 +15,11 @@ from .common import (
     Config,
     build_model,
     f_call_time,
-    layer_counts,
     load_task,
     machine_header,
     make_parser,
     table,
+    timed_step,
     warm_up,
     write_results,
 )
@@ -32,19 +30,6 @@ WHOLE = ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled")
 
 def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
-
-
-def _step(model: nn.Module, run: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
-          yb: torch.Tensor) -> tuple[float, float, float]:
-    """One training step of ``run`` (``model`` or its compiled wrapper): wall seconds, CPU
-    seconds of this thread, loss."""
-    model.train()
-    wall, cpu = time.perf_counter(), time.thread_time()
-    loss = nn.functional.cross_entropy(run(xb), yb)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - wall, time.thread_time() - cpu, float(loss.detach())
 
 
 def compare_steps(task_name: str, steps: int, batch: int, lr: float,
@@ -69,10 +54,10 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
         idx = torch.randperm(len(task.x_train), generator=gen)[:batch]
         xb, yb = task.x_train[idx], task.y_train[idx]
         for n, m in models.items():
-            wall, cpu, loss[n] = _step(m, m, opts[n], xb, yb)
-            times[n].append((wall, cpu))
-            fwd, bwd = layer_counts(m.layer)
-            calls[n].append(fwd + (bwd or 0))
+            step = timed_step(m, opts[n], xb, yb)
+            times[n].append((step["step"], step["cpu"]))
+            loss[n] = step["loss"]
+            calls[n].append(step["forward_nfe"] + (step["backward_iterations"] or 0))
     recompiles = _graphs() - before
     rows = []
     for n in names:
@@ -107,17 +92,17 @@ def whole_model(task_name: str, steps: int, batch: int, lr: float,
         xb, yb = task.x_train[:batch], task.y_train[:batch]
         counters.clear()  # this model's graphs and breaks only
         before = _graphs()
-        first, _, _ = _step(model, whole, opts["whole"], xb, yb)
-        _step(eager, eager, opts["eager"], xb, yb)
+        first = timed_step(model, opts["whole"], xb, yb, run=whole)["step"]
+        timed_step(eager, opts["eager"], xb, yb)
         compiled_first = _graphs() - before
         breaks = sum(counters["graph_break"].values())
         before = _graphs()
         times: dict[str, list[float]] = {"eager": [], "whole": []}
         for _ in range(steps):
             idx = torch.randperm(len(task.x_train), generator=gen)[:batch]
-            for key, m, run in (("eager", eager, eager), ("whole", model, whole)):
-                times[key].append(_step(m, run, opts[key], task.x_train[idx],
-                                        task.y_train[idx])[1])
+            for key, m, run in (("eager", eager, None), ("whole", model, whole)):
+                times[key].append(timed_step(m, opts[key], task.x_train[idx],
+                                             task.y_train[idx], run)["cpu"])
         rows.append({"task": task_name, "model": f"torch.compile(Net with {name})",
                      "first_call_s": first, "graphs_first_call": compiled_first,
                      "graph_breaks_first_call": breaks, "recompiles": _graphs() - before,

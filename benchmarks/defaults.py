@@ -15,7 +15,15 @@ from torch import nn
 import contdeq
 from contdeq.solvers import ConvergenceWarning
 
-from .common import CPU, machine_header, make_parser, synchronize, time_min, write_results
+from .common import (
+    CPU,
+    machine_header,
+    make_parser,
+    synchronize,
+    table,
+    time_min,
+    write_results,
+)
 
 WIDTH, CHANNELS, SIDE, BATCH = 128, 16, 8, 64
 
@@ -138,21 +146,18 @@ def remedy(name: str, device: torch.device = CPU) -> dict[str, object]:
             "nfe": stats.nfe}
 
 
-def table(rows: list[dict]) -> str:
+def grid(rows: list[dict]) -> str:
     """Markdown: a row per cell, a column per configuration (seeds converged / NFE / ms)."""
     seeds = len({r["seed"] for r in rows if "seed" in r})
-    head = "| cell | " + " | ".join(CONFIGS) + " |"
-    lines = [head, "|" + "---|" * (len(CONFIGS) + 1)]
-    for cell in CELLS:
-        cells = []
-        for config in CONFIGS:
-            mine = [r for r in rows if r.get("cell") == cell and r["config"] == config]
-            ok = sum(r["converged"] for r in mine)
-            nfe = statistics.median(r["nfe"] for r in mine)
-            ms = statistics.median(r["ms"] for r in mine)
-            cells.append(f"{ok}/{seeds} · {nfe:.0f} · {ms:.1f}")
-        lines.append(f"| {cell} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def entry(cell: str, config: str) -> str:
+        mine = [r for r in rows if r.get("cell") == cell and r["config"] == config]
+        return (f"{sum(r['converged'] for r in mine)}/{seeds} · "
+                f"{statistics.median(r['nfe'] for r in mine):.0f} · "
+                f"{statistics.median(r['ms'] for r in mine):.1f}")
+
+    return table("cell | " + " | ".join(CONFIGS),
+                 ((cell, *(entry(cell, c) for c in CONFIGS)) for cell in CELLS)).rstrip("\n")
 
 
 def main() -> None:
@@ -173,11 +178,11 @@ def main() -> None:
         f"forward, each configuration with its default limits and atol = rtol = 1e-4). "
         f"Each entry: seeds converged without a warning / median NFE / median of the "
         f"fastest-of-{repeats} forward times in ms (a shared machine: compare within a "
-        "row).\n\n" + table(rows) + "\n\n"
-        "What the layer's hint suggests, on `LayerNorm(relu), x ~ 0.3 N(0, 1)` (seed 0): "
-        "samples converged / NFE.\n\n| remedy | converged | NFE |\n|---|---|---|\n"
-        + "".join(f"| {r['remedy']} | {r['converged']}/{r['batch']} | {r['nfe']} |\n"
-                  for r in fixes)
+        "row).\n\n" + grid(rows) + "\n\n"
+        + table("remedy | converged | NFE",
+                ((r["remedy"], f"{r['converged']}/{r['batch']}", r["nfe"]) for r in fixes),
+                head=["What the layer's hint suggests, on `LayerNorm(relu), x ~ 0.3 N(0, 1)` "
+                      "(seed 0): samples converged / NFE.", ""])
     )
     write_results("defaults" if not args.quick else "defaults_quick", markdown, rows, args.out)
 

@@ -21,7 +21,7 @@ import torch
 from contdeq.federated import run_federated, run_in_process, server_scores
 from examples.federated_digits import budgets, make_strategy, make_task, model_factory
 
-from .common import machine_header, make_parser, mean_ci, write_results
+from .common import ci_text, machine_header, make_parser, write_results
 
 #: name -> (model, strategy, clients weak out of --clients: "mixed" = half, "strong" = none)
 CONFIGS = {
@@ -33,12 +33,6 @@ CONFIGS = {
 }
 #: Target test accuracy per dataset (procedural: no model reaches 0.6 in 12 rounds here).
 TARGETS = {"digits": 0.85, "procedural": 0.3}
-
-
-def interval(values: list[float]) -> str:
-    """``mean ± half-width`` of the 95% t-interval over seeds."""
-    mean, half = mean_ci(values)
-    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {half:.3f}"
 
 
 def run_config(name: str, dataset: str, seed: int, args: argparse.Namespace) -> dict:
@@ -133,7 +127,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
             share = ("-" if not weak or not group[0].get("weak_weight_share") else
                      f"{np.mean([np.mean(r['weak_weight_share']) for r in group]):.2f}")
             lines.append(f"| {name} | {group[0]['parameters']} | "
-                         f"{interval(list(final[name].values()))} | {rounds} | {examples} | "
+                         f"{ci_text(list(final[name].values()), '.3f')} | {rounds} | {examples} | "
                          f"{share} |")
         lines += ["", "| paired difference in final accuracy | mean ± 95% CI |", "|---|---|"]
         for a, b in (("deq server-scored mixed", "deq fedavg mixed"),
@@ -145,7 +139,7 @@ def summarize(rows: list[dict], targets: dict[str, float], args: argparse.Namesp
             if a in final and b in final:
                 common = sorted(set(final[a]) & set(final[b]))
                 lines.append(f"| {a} − {b} | "
-                             f"{interval([final[a][k] - final[b][k] for k in common])} |")
+                             f"{ci_text([final[a][k] - final[b][k] for k in common], '.3f')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -30,14 +30,17 @@ step 180 tests "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_mixed_precision.py tests/test_torch_func.py tests/test_benchmark_device.py \
   tests/test_layers.py -k "cuda or device or autocast or Cuda"
 # 2. reduced benchmarks on the GPU (each prints peak CUDA memory)
-step 60 layers "$PY" -m benchmarks.layers --device cuda --repeats 3 --out "$OUT"
 step 90 solvers "$PY" -m benchmarks.solvers --quick --device cuda --out "$OUT"
 step 60 steady_states "$PY" -m benchmarks.steady_states --quick --device cuda --out "$OUT"
-step 90 mixed_precision_fp16 "$PY" -m benchmarks.mixed_precision --device cuda \
-  --dtype float16 --epochs 4 --seeds 0 --out "$OUT"
+step 90 mixed_precision_fp16 "$PY" -m benchmarks.paper --device cuda --autocast float16 \
+  --epochs 4 --seeds 0 --tasks digits-mlp --models "DEQ(ode, ptc)" --name mixed_precision_fp16 \
+  --threads 1 --out "$OUT"
+step 90 layers "$PY" -m benchmarks.paper --device cuda --epochs 1 --seeds 0 --tasks digits-mlp \
+  --models NeuralODE "NeuralODE adjoint" "DEQ(ode, ptc)" "DEQ(ode, dopri5) unrolled" \
+  "DEQ(anderson)" --name layers --threads 1 --out "$OUT"
 step 120 paper_quick "$PY" -m benchmarks.paper --quick --device cuda --tasks digits-mlp \
   --models NeuralODE "DEQ(ode, ptc)" "DEQ(anderson)" --out "$OUT"
-step 60 step_profile "$PY" -m benchmarks.step_profile --device cuda --epochs 1 \
-  --tasks digits-mlp --models "DEQ(ode, ptc)" --out "$OUT"
+step 60 step_profile "$PY" -m benchmarks.paper --profile --device cuda --epochs 1 --seeds 0 \
+  --tasks digits-mlp --models "DEQ(ode, ptc)" --name step_profile --threads 1 --out "$OUT"
 echo "gpu_check: done (status $status); outputs and logs in $OUT"
 exit $status

@@ -31,9 +31,11 @@ from examples.jiio_tasks import (
     train_decoder,
 )
 
-from .common import machine_header, make_parser, mean_ci, table, write_results
+from .common import ci_text, machine_header, make_parser, table, write_results
 
 METHODS = ("nested-cold", "nested-warm", "jiio", "jiio-ode")
+#: The converged DEQ solve that measures an input's objective afterwards (untimed).
+CONVERGED = contdeq.ForwardSolver("anderson", atol=1e-6, rtol=1e-6, max_steps=300)
 
 
 class Counted(nn.Module):
@@ -141,9 +143,7 @@ def true_objectives(app: Application, xs: list[Tensor]) -> Tensor:
     batch = xs[0].shape[0]
     stacked = torch.cat(xs)
     with torch.no_grad():
-        z, _ = contdeq.equilibrium(
-            app.cell, stacked, app.z0.repeat(len(xs), 1),
-            solver=contdeq.ForwardSolver("anderson", atol=1e-6, rtol=1e-6, max_steps=300))
+        z, _ = contdeq.equilibrium(app.cell, stacked, app.z0.repeat(len(xs), 1), solver=CONVERGED)
         values = app.objective_on(len(xs))(z, stacked)
     return values.reshape(len(xs), batch).mean(1)
 
@@ -152,9 +152,7 @@ def summarize(app: Application, method: str, result: dict, target: float) -> dic
     values = true_objectives(app, [x for _, _, x in result["timeline"]])
     reached = (values <= target + 1e-6 * abs(target)).nonzero()
     with torch.no_grad():
-        z, _ = contdeq.equilibrium(app.cell, result["x"], app.z0,
-                                   solver=contdeq.ForwardSolver("anderson", atol=1e-6,
-                                                                rtol=1e-6, max_steps=300))
+        z, _ = contdeq.equilibrium(app.cell, result["x"], app.z0, solver=CONVERGED)
         final = float(app.objective(z, result["x"]).mean())
     metric, quality = app.quality(z, result["x"])
     label = {"jiio": f"jiio ({app.joint_solver})",
@@ -231,10 +229,7 @@ def interval(values: list[float | None]) -> str:
     """``mean ± half-width`` of a 95% t-interval over seeds; ``not reached (k/n)`` if some
     seed never reached the target."""
     missing = sum(v is None for v in values)
-    if missing:
-        return f"not reached ({missing}/{len(values)})"
-    mean, half = mean_ci(values)
-    return f"{mean:.1f}x" if len(values) == 1 else f"{mean:.1f}x ± {half:.1f}"
+    return f"not reached ({missing}/{len(values)})" if missing else ci_text(values, suffix="x")
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:

@@ -5,9 +5,9 @@ solvers beside ``scipy.optimize.root`` (hybr, lm, krylov).
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 from contdeq.solvers import NonFiniteError, root
 from tests.nonlinear_problems import PROBLEMS, Problem, solved
 
-from .common import CPU, machine_header, make_parser, write_results
+from .common import CPU, interleaved, machine_header, make_parser, table, write_results
 
 #: contdeq configurations: (label, root's solver, its options).
 CONTDEQ = (
@@ -81,18 +81,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runners = {label: (lambda p, s=solver, o=options: _run_contdeq(p, s, o, args.device))
                for label, solver, options in CONTDEQ}
     runners.update({f"scipy {m}": (lambda p, m=m: _run_scipy(p, m)) for m in SCIPY})
-    results: dict[str, dict[int, dict]] = {name: {} for name in runners}
-    totals: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            total = 0.0
-            for problem in PROBLEMS:
-                start = time.perf_counter()
-                out = run(problem)
-                out["time_s"] = time.perf_counter() - start
-                total += out["time_s"]
-                results[name][problem.number] = out
-            totals[name].append(total)
+
+    def solve_all(run: Callable[[Problem], dict]) -> dict[int, dict]:
+        out = {}
+        for problem in PROBLEMS:
+            start = time.perf_counter()
+            out[problem.number] = {**run(problem), "time_s": time.perf_counter() - start}
+        return out
+
+    results, totals = interleaved({name: lambda r=run: solve_all(r) for name, run in
+                                   runners.items()}, args.repeats, failed=_reraise)
     rows = []
     for name, per_problem in results.items():
         for number, out in per_problem.items():
@@ -101,41 +99,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _markdown(results: dict[str, dict[int, dict]], totals: dict[str, list[float]],
+def _reraise(exc: Exception) -> dict:
+    """The runners record the failures they expect; anything else stops the benchmark."""
+    raise exc
+
+
+def _markdown(results: dict[str, dict[int, dict]], totals: dict[str, float],
               repeats: int) -> str:
-    lm_time = statistics.median(totals["scipy lm"])
-    lines = [
-        "# The 23 problems of NonlinearProblemLibrary.jl (atol=1e-8, rtol=0; success: "
-        f"||F(x)||_inf <= 1e-6 checked afresh; {machine_header()}, shared machine, noisy; "
-        f"times: median of {repeats} interleaved runs of the whole set)",
-        "",
-        "Regenerate with `python -m benchmarks.nonlinear` (problems: "
-        "`tests/nonlinear_problems.py`).",
-        "",
-        "| solver | solved of 23 | false claims | NonFiniteError | NFE (total) | JVPs (total) "
-        "| time (s, total) | time / scipy lm |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, per_problem in results.items():
-        outs = list(per_problem.values())
-        n_solved = sum(o["solved"] for o in outs)
-        false = sum(o["claimed"] and not o["solved"] for o in outs)
-        nonfinite = sum(str(o["outcome"]).startswith("NonFiniteError") for o in outs)
-        nfe = sum(o["nfe"] or 0 for o in outs)
-        jvps = sum(o["jvps"] or 0 for o in outs) if any(o["jvps"] for o in outs) else None
-        t = statistics.median(totals[name])
-        lines.append(f"| {name} | {n_solved} | {false} | {nonfinite} | {nfe} | "
-                     f"{'–' if jvps is None else jvps} | {t:.3g} | {t / lm_time:.2f} |")
-    lines += ["", "Per problem (✓ solved, ✗ not; the stop reason or scipy's outcome when not):",
-              "", "| problem | " + " | ".join(results) + " |",
-              "|---|" + "---|" * len(results)]
-    for problem in PROBLEMS:
-        cells = []
-        for per_problem in results.values():
-            out = per_problem[problem.number]
-            cells.append("✓" if out["solved"] else f"✗ {out['outcome']}"[:28])
-        lines.append(f"| {problem.number} {problem.title} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def summary(name: str, outs: list[dict]) -> tuple[object, ...]:
+        jvps = sum(o["jvps"] or 0 for o in outs) if any(o["jvps"] for o in outs) else "–"
+        return (name, sum(o["solved"] for o in outs),
+                sum(o["claimed"] and not o["solved"] for o in outs),
+                sum(str(o["outcome"]).startswith("NonFiniteError") for o in outs),
+                sum(o["nfe"] or 0 for o in outs), jvps, f"{totals[name]:.3g}",
+                f"{totals[name] / totals['scipy lm']:.2f}")
+
+    head = ["# The 23 problems of NonlinearProblemLibrary.jl (atol=1e-8, rtol=0; success: "
+            f"||F(x)||_inf <= 1e-6 checked afresh; {machine_header()}, shared machine, noisy; "
+            f"times: median of {repeats} interleaved runs of the whole set)", "",
+            "Regenerate with `python -m benchmarks.nonlinear` (problems: "
+            "`tests/nonlinear_problems.py`).", ""]
+    grid = ((f"{p.number} {p.title}", *("✓" if r[p.number]["solved"]
+                                        else f"✗ {r[p.number]['outcome']}"[:28]
+                                        for r in results.values())) for p in PROBLEMS)
+    return table("solver | solved of 23 | false claims | NonFiniteError | NFE (total) | JVPs "
+                 "(total) | time (s, total) | time / scipy lm",
+                 (summary(name, list(r.values())) for name, r in results.items()),
+                 head=head) + table("problem | " + " | ".join(results), grid, head=[
+                     "", "Per problem (✓ solved, ✗ not; the stop reason or scipy's outcome "
+                     "when not):", ""])
 
 
 if __name__ == "__main__":

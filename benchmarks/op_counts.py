@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS
 
-from .common import RESULTS, contractive, make_parser
+from .common import RESULTS, contractive, make_parser, table
 
 #: ``max_steps`` of the two solves whose difference gives the marginal cost of a step.
 MARGINAL_STEPS = (4, 12)
@@ -72,10 +72,17 @@ class OpCounter(TorchDispatchMode):
             todo.extend(next_node for next_node, _ in node.next_functions)
 
 
-def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
-                f: Callable[[Tensor], Tensor], ode: bool) -> dict[str, float | int | str]:
-    """Run ``solve(user_function)`` under an :class:`OpCounter`; NFE, steps and op counts."""
+def count_solve(solve: Callable[..., tuple[Tensor, object]], f: Callable[[Tensor], Tensor],
+                ode: bool, callback: Callable[[object], None] | None = None
+                ) -> dict[str, float | int | str]:
+    """Run ``solve(user_function, callback)`` under an :class:`OpCounter` and a
+    ``sys.setprofile`` count of Python calls; NFE, steps, op and call counts."""
     counter = OpCounter()
+    calls = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event == "call"
 
     def user_ode(t: Tensor, z: Tensor) -> Tensor:
         with counter.inside_f():
@@ -86,11 +93,19 @@ def count_solve(solve: Callable[[Callable[..., Tensor]], tuple[Tensor, object]],
             return f(z)
 
     with torch.no_grad(), counter:
-        _, stats = solve(user_ode if ode else user_map)
+        sys.setprofile(profile)
+        try:
+            _, stats = solve(user_ode if ode else user_map, callback)
+        finally:
+            sys.setprofile(None)
     steps = max(stats.steps, 1)
     return {"nfe": stats.nfe, "steps": stats.steps, "ops": counter.ops, "f_ops": counter.f_ops,
-            "non_f_per_step": (counter.ops - counter.f_ops) / steps,
+            "calls": calls, "non_f_per_step": (counter.ops - counter.f_ops) / steps,
             "stop": str(stats.stop_reason)}
+
+
+def noop(info: object) -> None:
+    """The step callback whose cost :func:`solver_rows` counts."""
 
 
 def solver_rows(batch: int, width: int, tol: float, device: str | torch.device = "cpu"
@@ -103,13 +118,22 @@ def solver_rows(batch: int, width: int, tol: float, device: str | torch.device =
         return torch.tanh(z @ w.T + x)
 
     def steady(method: str) -> Callable[..., Callable]:
-        return lambda t, n: lambda fn: contdeq.solvers.steady_state(
-            fn, z0, method=method, atol=t, rtol=t, max_steps=n, on_nonconvergence="ignore")
+        return lambda t, n: lambda fn, cb: contdeq.solvers.steady_state(
+            fn, z0, method=method, atol=t, rtol=t, max_steps=n, callback=cb,
+            on_nonconvergence="ignore")
 
     def fixed(method: str, freeze: bool) -> Callable[..., Callable]:
-        return lambda t, n: lambda fn: contdeq.solvers.fixed_point(
+        return lambda t, n: lambda fn, cb: contdeq.solvers.fixed_point(
             fn, z0, method=method, atol=t, rtol=t, max_steps=n, freeze_converged=freeze,
-            on_nonconvergence="ignore")
+            callback=cb, on_nonconvergence="ignore")
+
+    def per_step(make: Callable, ode: bool, callback: Callable | None) -> dict[str, float]:
+        """Non-f ops and Python calls per extra loop step (difference of two capped solves)."""
+        short, long = (count_solve(make(MARGINAL_TOL, n), f, ode, callback)
+                       for n in MARGINAL_STEPS)
+        steps = max(int(long["steps"]) - int(short["steps"]), 1)
+        return {"ops": ((long["ops"] - long["f_ops"]) - (short["ops"] - short["f_ops"])) / steps,
+                "calls": (long["calls"] - short["calls"]) / steps, "nfe": long["nfe"]}
 
     solves = [(f"steady_state {m}", steady(m), True) for m in STEADY_STATE_METHODS]
     solves += [(f"fixed_point {m}" + ("" if fr else ", not freezing"), fixed(m, fr), False)
@@ -117,9 +141,12 @@ def solver_rows(batch: int, width: int, tol: float, device: str | torch.device =
     rows = []
     for label, make, ode in solves:
         row = count_solve(make(tol, 1000), f, ode)
-        short, long = (count_solve(make(MARGINAL_TOL, n), f, ode) for n in MARGINAL_STEPS)
-        extra = (long["ops"] - long["f_ops"]) - (short["ops"] - short["f_ops"])
-        row["marginal"] = extra / max(int(long["steps"]) - int(short["steps"]), 1)
+        plain, hooked = per_step(make, ode, None), per_step(make, ode, noop)
+        if count_solve(make(tol, 1000), f, ode, noop)["nfe"] != row["nfe"] or \
+                hooked["nfe"] != plain["nfe"]:
+            raise RuntimeError(f"{label}: a no-op callback changed the solve's NFE")
+        row.update(marginal=plain["ops"], callback_ops=hooked["ops"] - plain["ops"],
+                   callback_calls=hooked["calls"] - plain["calls"])
         rows.append({"solve": label, **row})
     return rows
 
@@ -222,17 +249,17 @@ def files_row(batch: int, width: int, tol: float) -> dict[str, list[str]]:
 
 def to_markdown(rows: list[dict[str, float | int | str]], training: dict[str, int],
                 header: str) -> str:
-    lines = [header, "", "| solve | NFE | steps | stop | aten ops | in f | non-f ops / step "
-             "| marginal |", "|---|---:|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['solve']} | {r['nfe']} | {r['steps']} | {r['stop']} | {r['ops']} | "
-              f"{r['f_ops']} | {r['non_f_per_step']:.1f} | {r['marginal']:.1f} |" for r in rows]
-    lines += ["", "One training step of Linear -> DEQ(solver='ode', method='ptc') -> Linear with "
-              "Adam (forward NFE " f"{training['forward_nfe']}):", "",
-              "| aten ops | f (evaluations + VJPs) | model without the layer | rest |",
-              "|---:|---:|---:|---:|",
-              f"| {training['total']} | {training['f']} | {training['model']} | "
-              f"{training['rest']} |"]
-    return "\n".join(lines)
+    solves = table(
+        "solve | NFE | steps | stop | aten ops | in f | non-f ops / step | marginal | no-op "
+        "callback: ops / step | no-op callback: Python calls / step",
+        ((r["solve"], r["nfe"], r["steps"], r["stop"], r["ops"], r["f_ops"],
+          f"{r['non_f_per_step']:.1f}", f"{r['marginal']:.1f}", f"{r['callback_ops']:+.1f}",
+          f"{r['callback_calls']:+.1f}") for r in rows), "lrrlrrrrrr", [header, ""])
+    step = table("aten ops | f (evaluations + VJPs) | model without the layer | rest",
+                 [(training["total"], training["f"], training["model"], training["rest"])],
+                 "rrrr", ["", "One training step of Linear -> DEQ(solver='ode', method='ptc') "
+                          f"-> Linear with Adam (forward NFE {training['forward_nfe']}):", ""])
+    return (solves + step).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | str]],
@@ -247,14 +274,14 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, float | int | st
     training = training_row(args.batch, args.width, args.tol, args.device)
     header = (f"Aten ops (counted, deterministic): batch {args.batch}, width {args.width}, "
               f"tol {args.tol:g}, f(z) = tanh(z W^T + x)")
-    table = to_markdown(rows, training, header)
+    markdown = to_markdown(rows, training, header)
     files = files_row(args.batch, args.width, args.tol)
-    table += "\n\nPackage files whose code runs in one call (a sys.setprofile trace):\n\n"
-    table += "\n".join(f"* {name}: {len(found)} ({', '.join(found)})"
-                        for name, found in files.items())
-    print(table)
+    markdown += "\n\nPackage files whose code runs in one call (a sys.setprofile trace):\n\n"
+    markdown += "\n".join(f"* {name}: {len(found)} ({', '.join(found)})"
+                           for name, found in files.items())
+    print(markdown)
     if args.write:
-        (RESULTS / "op_counts.md").write_text(table + "\n")
+        (RESULTS / "op_counts.md").write_text(markdown + "\n")
     return rows, training
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    AUTOCAST,
     MODELS,
     MULTISCALE_MODELS,
     OPTIONAL_MODELS,
@@ -34,7 +35,6 @@ from .common import (
     write_results,
 )
 
-TORCHDEQ_MODELS = tuple(m for m in MODELS if m.startswith("torchdeq"))
 ALL_MODELS = (*MODELS, *MULTISCALE_MODELS)
 DEFAULT_MODELS = tuple(m for m in ALL_MODELS if m not in OPTIONAL_MODELS)
 
@@ -124,7 +124,7 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
         cells = ((r["model"], f"{r['s_per_epoch']:.3f}", fmt(r["time_to_target_s"]),
                   f"{r['forward_nfe']:.1f}", fmt(r["backward_iterations"], ".1f"),
                   f"{r['final_acc']:.1f}", f"{r['infer_ms']:.1f}", f"{r['infer_nfe']:.1f}",
-                  f"{r['graph_mb']:.2f}", fmt(r["peak_cuda_mb"], ".1f"), fmt(r["overhead"], ".1f"),
+                  fmt(r["graph_mb"]), fmt(r["peak_cuda_mb"], ".1f"), fmt(r["overhead"], ".1f"),
                   *(fmt(r[k]) for k in ("ratio_node_epoch", "ratio_node_target",
                                         "ratio_torchdeq_epoch", "ratio_torchdeq_target",
                                         "ratio_deq_target", "ratio_deq_infer_nfe"))) for r in trows)
@@ -136,6 +136,29 @@ def to_markdown(rows: list[dict[str, Any]], header: str, tasks: list[Task],
              f"{len(task.x_test)} test; target {fmt(r0['target_acc'], '.1f', '%')}; one f call "
              f"{r0['f_call_ms']:.3f} ms; torchdeq best: {r0['torchdeq_best'] or '-'}", ""]))
     return "\n".join(lines)
+
+
+def profile_table(rows: list[Row]) -> str:
+    """``--profile``: each row's training step in its last epoch split into ``common.PARTS``
+    (medians, ms); for the DEQ rows, the step a perfect initial guess would give (the forward
+    solve cut to one ``f`` call) and the bound step / perfect guess on any guess's speed-up."""
+    base = {r["task"]: r["history"][-1]["step_ms"] for r in rows
+            if r["model"].removeprefix("MS ") == "DEQ(ode, ptc)"}
+    cells = []
+    for r in rows:
+        h, nfe = r["history"][-1], r["history"][-1]["median_forward_nfe"]
+        guess = (h["step_ms"] - h["forward_solve_ms"] * (1 - 1 / nfe)
+                 if "DEQ(" in r["model"] and nfe >= 1 else None)
+        cells.append((r["task"], r["model"], f"{h['step_ms']:.2f}",
+                      f"{h['forward_solve_ms']:.2f} ({nfe:.0f})", f"{h['forward_rest_ms']:.2f}",
+                      f"{h['backward_solve_ms']:.2f} ({h['median_backward_iterations']:.0f})",
+                      f"{h['backward_rest_ms']:.2f}", f"{h['optimizer_ms']:.2f}",
+                      fmt(ratio(base.get(r["task"]), h["step_ms"])),
+                      "- | -" if guess is None else f"{guess:.2f} | {h['step_ms'] / guess:.2f}×"))
+    return table("task | model | step ms | fwd solve ms (NFE) | fwd rest ms | bwd solve ms (iters) "
+                 "| bwd rest ms | optimizer ms | DEQ(ode, ptc) step ÷ this | perfect guess ms | "
+                 "bound", cells, "llrrrrrrrrr",
+                 ["### Step profile: the last epoch's training steps (medians)", ""])
 
 
 #: The rows of the ``<name>_key.png`` figure (multi-scale tasks: their ``MS`` versions).
@@ -203,13 +226,15 @@ def plot(rows: list[dict[str, Any]], tasks: list[Task], out: Path, name: str) ->
 
 
 def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
-        checkpoint_dir: Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Run the whole suite; write Markdown, JSON and figures under ``out``; return the rows."""
+        checkpoint_dir: Path | None = None, resume: bool = False, profile: bool = False
+        ) -> list[dict[str, Any]]:
+    """Run the whole suite; write Markdown (with :func:`profile_table` if ``profile``), JSON and
+    figures under ``out``; return the rows."""
     notes = []
     models = list(cfg.models or DEFAULT_MODELS)
-    skipped = [m for m in models if m in TORCHDEQ_MODELS]
+    skipped = [m for m in models if m.startswith("torchdeq")]
     if skipped and not has_torchdeq():
-        models = [m for m in models if m not in TORCHDEQ_MODELS]
+        models = [m for m in models if m not in skipped]
         notes.append(f"torchdeq rows skipped (torchdeq not installed): {', '.join(skipped)}; "
                      "install with `pip install -e .[bench]`")
         print(notes[-1], flush=True)
@@ -249,7 +274,8 @@ def run(cfg: Config, out: Path = RESULTS, device: str = "cpu",
         "timings on a shared machine are still noisy.",
     ]
     out.mkdir(parents=True, exist_ok=True)
-    write_results(cfg.name, to_markdown(rows, header, tasks, notes), rows, out=out)
+    markdown = to_markdown(rows, header, tasks, notes)
+    write_results(cfg.name, markdown + ("\n" + profile_table(rows) if profile else ""), rows, out)
     for path in plot(rows, tasks, out, cfg.name):
         print(f"written {path}")
     return rows
@@ -264,6 +290,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None)
+    parser.add_argument("--name", default=None, help="results name (default: the preset's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add the table of the last epoch's step parts (step_profile.md)")
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="also train every model under torch.autocast to this dtype")
     parser.add_argument("--tol", type=float, default=None,
                         help=f"shared forward/backward tolerance (default {TOL['tol']:g}; "
                              "ODE integrators 10x tighter)")
@@ -285,17 +316,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--resume needs --checkpoint-dir")
     cfg = replace(Config(), **PRESETS["quick" if args.quick else "smoke" if args.smoke
                                       else "full"])
-    for key in ("epochs", "threads"):
+    for key in ("name", "epochs", "threads"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     for key in ("seeds", "tasks", "models"):
         if getattr(args, key) is not None:
             setattr(cfg, key, tuple(getattr(args, key)))
+    if args.autocast is not None:
+        models = cfg.models or DEFAULT_MODELS
+        cfg.models = (*models, *(f"{m}{AUTOCAST}{args.autocast}" for m in models))
     saved = dict(TOL)
     if args.tol is not None:
         set_tolerance(args.tol)
     try:
-        return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume)
+        return run(cfg, args.out, args.device, args.checkpoint_dir, args.resume, args.profile)
     finally:
         TOL.update(saved)
 

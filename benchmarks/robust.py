@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +97,6 @@ QUICK = {"epochs": 1, "n_train": 64, "n_test": 16, "batch": 32, "attack_steps": 
          "square_queries": 5, "train_pgd_steps": 1}
 
 
-def unflatten_state(z: Tensor, shapes: tuple[tuple[int, ...], ...]
-                    ) -> Tensor | tuple[Tensor, ...]:
-    """``(B, D)`` -> ``(B, *shape)``, or a tuple of them for several ``shapes``."""
-    sizes = [math.prod(s) for s in shapes]
-    parts = tuple(p.reshape(len(z), *s)
-                  for p, s in zip(z.split(sizes, dim=1), shapes, strict=True))
-    return parts if len(parts) > 1 else parts[0]
-
-
 class FlatCell(nn.Module):
     """``f`` of a task on flat ``(B, D)`` states: ``z`` is split into the task's per-sample
     state shapes (one tensor, or a tuple for a multi-scale state) and ``f``'s output flattened
@@ -118,7 +110,9 @@ class FlatCell(nn.Module):
 
     def unflatten(self, z: Tensor) -> Tensor | tuple[Tensor, ...]:
         """``(B, D)`` -> the task's state (``(B, *shape)`` or a tuple of them)."""
-        return unflatten_state(z, self.shapes)
+        parts = tuple(p.reshape(len(z), *s)
+                      for p, s in zip(z.split(self.sizes, dim=1), self.shapes, strict=True))
+        return parts if len(parts) > 1 else parts[0]
 
     @staticmethod
     def flatten(z: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -181,9 +175,7 @@ def build(name: str, task: Task, seed: int) -> nn.Module:
     encoder, ``f`` and head, seeded alike for every row."""
     kind = base_kind(name)
     if kind in ("DEQ", "NeuralODE"):
-        paper_name = {"DEQ": "DEQ(anderson)", "NeuralODE": "NeuralODE"}[kind]
-        multiscale = task.state_shapes is not None
-        return build_model(("MS " if multiscale else "") + paper_name, task, seed)
+        return build_model({"DEQ": "DEQ(anderson)", "NeuralODE": "NeuralODE"}[kind], task, seed)
     torch.manual_seed(seed)  # as build_model: the same encoder, f and head for every row
     encoder, f, head = task.encoder(), task.f(), task.head()
     cell = FlatCell(f, state_shapes(task, encoder))
@@ -296,10 +288,6 @@ def train(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) -> fl
     return time.perf_counter() - start
 
 
-def has_equilibrium_layer(model: nn.Module) -> bool:
-    return any(isinstance(m, contdeq.DEQ) for m in model.modules())
-
-
 def inference_nfe(model: nn.Module, x: Tensor) -> float:
     """``f`` evaluations of one inference forward on ``x`` (``(B, ...)``)."""
     layer = model.layer
@@ -336,13 +324,11 @@ def evaluate(model: nn.Module, name: str, task: Task, cfg: Config, seed: int) ->
     def pgd_attack(eps: float) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda a, b: pgd(model, a, b, eps, steps=steps, clamp=(lo, hi))
 
-    def implicit() -> Any:
-        return implicit_backward(model)
-
+    implicit = partial(implicit_backward, model)
     measure("clean", None)
     measure("pgd_eps1", pgd_attack(eps1), implicit)
     measure("pgd_eps2", pgd_attack(eps2), implicit)
-    if has_equilibrium_layer(model):
+    if any(isinstance(m, contdeq.DEQ) for m in model.modules()):
         measure("pgd_unrolled_eps1", pgd_attack(eps1), lambda: unrolled_gradients(model))
     else:  # backprop through the solver already: the attack above is the unrolled one
         row["pgd_unrolled_eps1"] = row["pgd_eps1"]

@@ -25,8 +25,8 @@ from .common import (
     contractive,
     machine_header,
     make_parser,
-    peak_cuda_megabytes,
     synchronize,
+    table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,11 +116,10 @@ def compare(base: ModuleType, batch: int, width: int, tol: float, rounds: int, c
 
 
 def to_markdown(rows: list[dict[str, float | str]], header: str) -> str:
-    lines = [header, "", "| solve | NFE base / new | base ms | new ms | base / new |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['case']} | {r['nfe_base']} / {r['nfe_new']} | {r['base_ms']:.3f} | "
-              f"{r['new_ms']:.3f} | {r['speedup']:.2f} |" for r in rows]
-    return "\n".join(lines)
+    return table("solve | NFE base / new | base ms | new ms | base / new",
+                 ((r["case"], f"{r['nfe_base']} / {r['nfe_new']}", f"{r['base_ms']:.3f}",
+                   f"{r['new_ms']:.3f}", f"{r['speedup']:.2f}") for r in rows), "llrrr",
+                 [header, ""]).rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
@@ -144,9 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
     header = (f"Solver loops, `{args.base}` (base) against this tree (new): batch {args.batch}, "
               f"width {args.width}, tol {args.tol:g}, fastest of {args.rounds} x {args.calls} "
               f"solves ({machine_header()}, device {args.device})")
-    peak = peak_cuda_megabytes(args.device)
-    if peak is not None:
-        header += f"; peak CUDA memory {peak:.1f} MiB"
+    if args.device.type == "cuda":
+        header += f"; peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB"
     print(to_markdown(rows, header))
     return rows
 

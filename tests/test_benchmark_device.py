@@ -1,11 +1,12 @@
-"""The benchmarks' shared ``--device`` flag (``benchmarks/common.py``) and the CPU path of
-``benchmarks/mixed_precision.py``. The CUDA path is exercised by ``benchmarks/gpu_check.sh``
-on a machine with a GPU."""
+"""The benchmarks' shared ``--device`` flag (``benchmarks/common.py``) and the CPU path of the
+paper benchmark's ``--autocast`` rows. The CUDA path is exercised by
+``benchmarks/gpu_check.sh`` on a machine with a GPU."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -69,15 +70,19 @@ def test_write_results_adds_no_cuda_line_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mixed_precision_smoke_run_on_cpu(tmp_path: Path) -> None:
-    """``mixed_precision.py --smoke --device cpu`` trains both precisions and writes one row
-    per precision and seed, with a finite accuracy (the benchmark's CPU path end to end)."""
+def test_autocast_rows_train_on_cpu(tmp_path: Path) -> None:
+    """``paper.py --autocast bfloat16 --device cpu`` trains each model in float32 and under
+    autocast: one row each, a finite accuracy, no graph measured for the autocast row (the
+    CPU path of ``results/mixed_precision.*`` end to end)."""
     pytest.importorskip("sklearn")
-    from benchmarks import mixed_precision
+    from benchmarks import paper
 
-    rows = mixed_precision.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
-    assert [r["precision"] for r in rows] == ["float32", "autocast bfloat16"]
-    assert all(0 <= r["test_acc"] <= 100 for r in rows)
-    written = json.loads((tmp_path / "mixed_precision_smoke.json").read_text())
+    rows = paper.main(["--smoke", "--device", "cpu", "--tasks", "digits-mlp", "--models",
+                       "DEQ(ode, ptc)", "--autocast", "bfloat16", "--name", "mp",
+                       "--out", str(tmp_path)])
+    assert [r["model"] for r in rows] == ["DEQ(ode, ptc)", "DEQ(ode, ptc) autocast bfloat16"]
+    assert all(0 <= r["final_acc"] <= 100 and r["forward_nfe"] > 0 for r in rows)
+    assert rows[0]["graph_mb"] > 0 and math.isnan(rows[1]["graph_mb"])
+    written = json.loads((tmp_path / "mp.json").read_text())
     assert len(written) == 2
-    assert "difference" in (tmp_path / "mixed_precision_smoke.md").read_text()
+    assert "| DEQ(ode, ptc) autocast bfloat16 |" in (tmp_path / "mp.md").read_text()

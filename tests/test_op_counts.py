@@ -19,6 +19,10 @@ def test_every_registered_method_is_counted_and_f_is_attributed():
         if "newton" not in row["solve"] and "implicit_ptc" not in row["solve"]:
             assert row["f_ops"] == per_call * row["nfe"], row
         assert row["ops"] > row["f_ops"] and row["marginal"] > 0, row
+        # a no-op callback dispatches no tensor op; it costs Python calls (StepInfo, the call)
+        assert row["callback_ops"] == 0 and row["callback_calls"] >= 0, row
+    picard = next(r for r in rows if r["solve"] == "fixed_point picard")
+    assert picard["callback_calls"] >= 2, picard
 
 
 def test_counts_are_deterministic_and_the_training_step_splits():
