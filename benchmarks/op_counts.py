@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,12 +93,16 @@ def count_solve(solve: Callable[..., tuple[Tensor, object]], f: Callable[[Tensor
         with counter.inside_f():
             return f(z)
 
+    # The garbage collector would run finalizers of unrelated objects inside the count.
+    gc.collect()
+    gc.disable()
     with torch.no_grad(), counter:
         sys.setprofile(profile)
         try:
             _, stats = solve(user_ode if ode else user_map, callback)
         finally:
             sys.setprofile(None)
+            gc.enable()
     steps = max(stats.steps, 1)
     return {"nfe": stats.nfe, "steps": stats.steps, "ops": counter.ops, "f_ops": counter.f_ops,
             "calls": calls, "non_f_per_step": (counter.ops - counter.f_ops) / steps,
