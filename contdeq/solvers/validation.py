@@ -1,7 +1,8 @@
 """The argument checks of contdeq, in one module; every message names the argument.
 
 Public (``__all__``): the checks the layers, the implicit backward, joint inference and the
-other packages share with the solvers. The rest (finiteness fast paths, the NaN and
+other packages share with the solvers (``all_finite``: the one-reduction finiteness test a
+layer's input check also uses). The rest (the masked finiteness test, the NaN and
 step-underflow errors, tolerance defaults) is internal to :mod:`contdeq.solvers`.
 """
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Shapes",
+    "all_finite",
     "as_shape",
     "check_bool",
     "check_callable",
