@@ -89,7 +89,8 @@ def check_state(z0: object, name: str = "z0") -> Tensor:
 
 
 def all_finite(x: Tensor) -> bool:
-    """Whether every entry of ``x`` is finite; cheap when they are (the usual case).
+    """Whether every entry of ``x`` (any shape, e.g. ``(B, ...)``) is finite; cheap when they
+    are (the usual case).
 
     The fast path sums ``x`` (two tensor operations instead of the five of
     ``isfinite(x).all()``; NaN and Inf propagate into the sum). Only a non-finite sum, which a
