@@ -28,6 +28,8 @@ from .validation import (
     check_positive_float,
     check_positive_int,
     check_state,
+    finite_where,
+    raise_nonfinite,
     resolve_tolerances,
 )
 
@@ -222,14 +224,20 @@ class FreezingIteration(_Iteration):
         # stays active (frozen samples count as -inf).
         gap = torch.where(shrank, res - tol, self.nan)
         probe = torch.where(active, gap, self.frozen).amax().tolist()
-        any_active = None
+        still = None
         if math.isfinite(probe):
             improved, self.best, any_active = active, z, probe > 0
         else:
-            tol = progress.checked_tolerance(z, res, active)  # raises for NaN/Inf
             improved = shrank.logical_and_(active)
+            # An improved sample stays active above its tolerance, the others as they were.
+            still = torch.where(improved, res > tol, active)
+            # The step's second read: whether the active samples are finite (the fast sum of
+            # all_finite, exact below when it is not finite) and whether any stays active.
+            total, any_active = torch.stack(((res + tol).sum(), still.any())).tolist()
+            if not math.isfinite(total) and not finite_where(res + tol, active):
+                raise_nonfinite(progress.name, progress.steps)
             self.best = torch.where(improved.unsqueeze(1), z, self.best)
-        progress.accept(improved, res, tol, any_active=any_active)
+        progress.accept(improved, res, tol, any_active=any_active, active=still)
         return z, True
 
     def restart(self, z: Tensor, progress: Progress) -> None:

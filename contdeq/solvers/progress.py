@@ -256,7 +256,7 @@ class Progress:
         gap = residual_norm - tol
         rise = 0.0
         if self._last_z is None:
-            lowest, highest = (v.tolist() for v in torch.aminmax(gap))  # NaN/Inf show here
+            lowest, highest = torch.stack(torch.aminmax(gap)).tolist()  # NaN/Inf show here
         else:  # one reduction also tells whether a residual rose
             highest, neg_lowest, rise = torch.stack(
                 (gap, gap.neg(), residual_norm - self.res)).amax(dim=1).tolist()

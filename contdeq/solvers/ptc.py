@@ -104,17 +104,16 @@ class PseudoTransientSteps(Stepper):
             factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
             # Every active sample moves; a frozen one took a step of 0 from a finite state with
             # a finite derivative, so z_new equals z there.
-            ok, z, any_active = active, z_new, probe > 0
+            ok, z, any_active, still = active, z_new, probe > 0, None
         else:
-            any_active = None
-            ok, factor = _ptc_slow_path(progress, self.trials, z, self.d, d_new, res_new,
-                                        tol_new, h)
+            ok, factor, still, any_active = _ptc_slow_path(
+                progress, self.trials, z, self.d, d_new, res_new, tol_new, h)
             self.rejected += active.logical_xor(ok)  # ok is a subset of active
             z = torch.where(ok.unsqueeze(1), z_new, z)
         self.h = factor.mul_(h).clamp_(max=self.max_step)
         self.attempted += active
         self.d = torch.where(ok.unsqueeze(1), d_new, self.d)
-        progress.accept(ok, res_new, tol_new, dt, z, any_active=any_active)
+        progress.accept(ok, res_new, tol_new, dt, z, any_active=any_active, active=still)
         self.d_new, self.res_new, self.tol_new = d_new, res_new, tol_new
         return z, True
 
@@ -143,20 +142,26 @@ class PseudoTransientSteps(Stepper):
 def _ptc_slow_path(
     progress: Progress, trials: NonFiniteTrials, z: Tensor, d: Tensor, d_new: Tensor,
     res_new: Tensor, tol_new: Tensor, h: Tensor,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Acceptance and step factors of a ptc step where some active sample's residual did not
-    shrink or is NaN/Inf; returns ``(accepted, factor)``, each ``(B,)``."""
+    shrink or is NaN/Inf; returns ``(accepted, factor, still)``, each ``(B,)`` (``still``: the
+    samples active after the step), and whether any sample is still active."""
     active, res = progress.active, progress.res
     best_res = res if progress.best is None else progress.best.res
     ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
-    if bool(rise.logical_and_(ok).any()) and progress.best is None:
+    # An accepted sample stays active above its tolerance, a rejected one stays active.
+    still = torch.where(ok, res_new > tol_new, active)
+    # One host read for the three questions (the step's second, after its probe).
+    rose, nonfinite, any_active = torch.stack((
+        rise.logical_and_(ok).any(), (~finite).logical_and_(active).any(), still.any())).tolist()
+    if rose and progress.best is None:
         progress.keep_best(z)  # the residual is no longer monotone: keep each sample's best
-    if bool((~finite).logical_and_(active).any()):
+    if nonfinite:
         trials.reject(float(h.detach().max()), progress.steps,
                       float(progress.t.detach().max()))  # may raise
     else:
         trials.reset()
-    return ok, factor
+    return ok, factor, still, any_active
 
 
 def ptc_rule(
