@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from contdeq.solvers import STEADY_STATE_METHODS, steady_state
+from contdeq.solvers import STEADY_STATE_METHODS, NonFiniteError, steady_state
 from contdeq.solvers.torchdiffeq_backend import TORCHDIFFEQ_FSAL_METHODS
 
 from .problems import CallCounter, linear_ode, spd_batch, tanh_layer
@@ -169,3 +169,43 @@ def test_gradients_flow_through_lean_steps_under_autograd() -> None:
     # z* = c / (1 - w); d(sum z*)/dw = sum c / (1 - w)^2 = 6 / 0.25.
     assert w.grad is not None
     assert abs(float(w.grad) - 24.0) < 1e-4
+
+
+def test_event_backend_does_not_call_func_again_once_bisection_stops_moving() -> None:
+    """odeint_event bisects the crossing to a time tolerance equal to the integrator's atol,
+    ``1e-38`` for a relative test (``atol=0``): about 127 halvings, most of them below float64's
+    resolution, where the midpoint repeats an end. Those repeats cost no call of ``func`` (the
+    solve took 205 event calls here before, 120 now), and the state is the same."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 8)
+    w = 0.5 * w / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(4, 8)
+    calls = {"n": 0}
+
+    def func(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return torch.tanh(z @ w.T + x) - z
+
+    z, stats = steady_state(func, torch.zeros(4, 8), method="bosh3", backend="event", atol=0.0,
+                            rtol=1e-4, max_steps=100)
+    assert stats.all_converged and stats.nfe == calls["n"]
+    # at most 64 distinct float64 midpoints on top of the steps (bounded by max_steps)
+    assert stats.steps <= 100 + 64, stats.steps
+    lean, _ = steady_state(func, torch.zeros(4, 8), method="bosh3", atol=0.0, rtol=1e-4)
+    torch.testing.assert_close(z, lean, atol=1e-3, rtol=0)
+
+
+def test_torchdiffeq_backend_raises_when_its_own_evaluation_at_z0_is_nan() -> None:
+    """The torchdiffeq loop evaluates ``func`` at ``z0`` once more; NaN there raises even when
+    ``z0`` already meets the tolerance and no step follows (it passed silently)."""
+    calls = {"n": 0}
+
+    def func(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        out = 1e-3 * torch.ones_like(z)
+        return out if calls["n"] == 1 else torch.full_like(z, float("nan"))
+
+    with pytest.raises(NonFiniteError, match="torchdiffeq's own evaluation"):
+        steady_state(func, torch.zeros(3, 2), method="dopri5", backend="torchdiffeq",
+                     atol=1e-2, rtol=1e-2)
+    assert calls["n"] == 2

@@ -107,9 +107,12 @@ class TorchdiffeqSteps(Stepper):
             func=perturbed, y0=z, rtol=control.rtol, atol=_error_atol(control.atol, z),
             first_step=first, max_step=control.max_step, norm=self.norm,
         )
-        # _before_integrate evaluates f(z0) again (one real, counted call beyond ours).
+        # _before_integrate evaluates f(z0) again (one real, counted call beyond ours): a
+        # NaN/Inf there is not silent, even when no step follows (z0 already converged).
         self.solver._before_integrate(torch.tensor([0.0, control.t_max], dtype=torch.float64))
         self.state = self.solver.rk_state
+        if not all_finite(self.masked.last):
+            raise_nonfinite(func.name, 0, "in torchdiffeq's own evaluation of it")
         self.accepted = self.rejected = 0
         self.trials = NonFiniteTrials(func.name)
         progress.keep_best(z)
@@ -192,7 +195,15 @@ def run_odeint_event(
     step = [0.0, 0.0]  # start and size of the step being tried
     progress.keep_best(z)
 
+    # torchdiffeq bisects the crossing down to a time tolerance equal to the integrator's atol
+    # (``1e-38`` for a relative test): once the bracket is below float64's resolution its
+    # midpoint repeats an end, whose value is kept here instead of calling ``func`` again.
+    seen: dict[float, Tensor] = {}
+
     def event_fn(t: Tensor, y: Tensor) -> Tensor:
+        known = seen.get(t.tolist())
+        if known is not None:
+            return known
         progress.steps += 1
         res = sample_rms(func(t, y))
         tol = progress.condition.tolerance(y)
@@ -200,7 +211,9 @@ def run_odeint_event(
             raise_nonfinite(func.name, progress.steps, "in the event function")
         assert progress.best is not None
         progress.best.offer(y, res, tol)
-        return torch.minimum((res - tol).max(), torch.as_tensor(control.t_max, dtype=t.dtype) - t)
+        value = seen[t.tolist()] = torch.minimum(
+            (res - tol).max(), torch.as_tensor(control.t_max, dtype=t.dtype) - t)
+        return value
 
     class _Recorder(torch.nn.Module):
         def forward(self, t: Tensor, y: Tensor) -> Tensor:
