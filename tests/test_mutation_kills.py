@@ -334,3 +334,22 @@ def test_ptc_rule_boundaries() -> None:
     assert finite.tolist() == [True, True, True, True, True, False]
     expected = [PTC_MIN_GROWTH, 1.0, 0.5, 2.0, 0.1, 0.1]
     torch.testing.assert_close(factor, torch.tensor(expected, dtype=f32))
+
+
+def test_ptc_freezes_a_sample_exactly_at_its_tolerance_on_a_rising_step() -> None:
+    """``rms(r) <= tol`` is converged, also on a step where another sample's residual rose
+    (ptc's slow path decides which samples stay active). Sample 1: ``g(z) = z / 2 + c`` with
+    ``c = 1/8``; one Picard step from 0 leaves ``r = c / 2 = 1/16`` exactly ``atol``, so it
+    freezes at ``z = 1/8``. Sample 0 is non-normal: its residual rises on that step."""
+    a = torch.tensor([[0.5, 2.5], [0.0, 0.5]], dtype=torch.float64)
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    c = torch.full((2,), 0.125, dtype=torch.float64)
+
+    def func(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack((a @ z[0] + x, 0.5 * z[1] + c)) - z
+
+    z, stats = steady_state(func, torch.zeros(2, 2, dtype=torch.float64), method="ptc",
+                            atol=0.0625, rtol=0.0, max_steps=200)
+    assert stats.all_converged and stats.steps > 1
+    assert torch.equal(z[1], c)  # frozen where it first met the tolerance, not stepped on
+    assert stats.residual[1] == 0.0625
