@@ -229,12 +229,12 @@ class FreezingIteration(_Iteration):
             improved, self.best, any_active = active, z, probe > 0
         else:
             improved = shrank.logical_and_(active)
-            # An improved sample stays active above its tolerance, the others as they were.
-            still = torch.where(improved, res > tol, active)
+            still = progress.active_after(improved, res, tol)
             # The step's second read: whether the active samples are finite (the fast sum of
             # all_finite, exact below when it is not finite) and whether any stays active.
-            total, any_active = torch.stack(((res + tol).sum(), still.any())).tolist()
-            if not math.isfinite(total) and not finite_where(res + tol, active):
+            sums = res + tol
+            total, any_active = torch.stack((sums.sum(), still.any())).tolist()
+            if not math.isfinite(total) and not finite_where(sums, active):
                 raise_nonfinite(progress.name, progress.steps)
             self.best = torch.where(improved.unsqueeze(1), z, self.best)
         progress.accept(improved, res, tol, any_active=any_active, active=still)

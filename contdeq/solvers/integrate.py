@@ -87,7 +87,7 @@ class RungeKuttaSteps(Stepper):
         probe = res + tol
         if progress.best is None:
             probe.masked_fill_((res < progress.res) < progress.active, math.nan)
-        still = (res > tol).logical_and_(progress.active)
+        still = progress.active_after(progress.active, res, tol)
         norm, probe_sum, n_still = torch.stack(
             (error_norm(error, z, y1, control.atol, control.rtol), probe.sum(), still.sum())
         ).tolist()  # a float32 stack at least: the count is exact

@@ -215,9 +215,8 @@ class Progress:
         computed the tolerances itself. With ``z`` (the ``(B, D)`` state) the best iterate kept
         since :meth:`keep_best` is updated. ``any_active``: whether any sample is still active
         afterwards, when the loop's one host read of the step already told (saves a sync);
-        ``active``: the ``(B,)`` samples still active afterwards, when the loop computed them
-        (``(residual_norm > tol) & moved``: a sample not moved is frozen, its residual within its
-        tolerance)."""
+        ``active``: :meth:`active_after` of these arguments, when the loop computed it for that
+        read."""
         if self.best is not None and z is not None:
             self.best.offer(z, residual_norm, tol, moved)
         self.res = torch.where(moved, residual_norm, self.res)
@@ -234,6 +233,13 @@ class Progress:
             self.res_history.append(self.res.clone())
             if self.t_history is not None and self.t is not None:
                 self.t_history.append(self.t.clone())
+
+    def active_after(self, moved: Tensor, residual_norm: Tensor, tol: Tensor) -> Tensor:
+        """The ``(B,)`` samples :meth:`accept` leaves active, computed before it (for a loop that
+        reads whether any is left in the step's one host read): a moved sample stays active
+        above its tolerance, the others as they are (an active sample's residual is above its
+        tolerance, a frozen one's within it)."""
+        return torch.where(moved, residual_norm > tol, self.active)
 
     def load(self, res: Tensor, tol: Tensor, active: Tensor, t: Tensor | None) -> None:
         """Take the ``(B,)`` residual norms, tolerances, active mask and pseudo-time a loop kept

@@ -149,8 +149,7 @@ def _ptc_slow_path(
     active, res = progress.active, progress.res
     best_res = res if progress.best is None else progress.best.res
     ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
-    # An accepted sample stays active above its tolerance, a rejected one stays active.
-    still = torch.where(ok, res_new > tol_new, active)
+    still = progress.active_after(ok, res_new, tol_new)
     # One host read for the three questions (the step's second, after its probe).
     rose, nonfinite, any_active = torch.stack((
         rise.logical_and_(ok).any(), (~finite).logical_and_(active).any(), still.any())).tolist()

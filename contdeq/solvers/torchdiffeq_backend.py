@@ -201,7 +201,8 @@ def run_odeint_event(
     seen: dict[float, Tensor] = {}
 
     def event_fn(t: Tensor, y: Tensor) -> Tensor:
-        known = seen.get(t.tolist())
+        key = t.tolist()
+        known = seen.get(key)
         if known is not None:
             return known
         progress.steps += 1
@@ -211,7 +212,7 @@ def run_odeint_event(
             raise_nonfinite(func.name, progress.steps, "in the event function")
         assert progress.best is not None
         progress.best.offer(y, res, tol)
-        value = seen[t.tolist()] = torch.minimum(
+        value = seen[key] = torch.minimum(
             (res - tol).max(), torch.as_tensor(control.t_max, dtype=t.dtype) - t)
         return value
 
