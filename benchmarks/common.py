@@ -578,6 +578,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "DEQ(ode, ptc)": _deq("ode", method="ptc"),
     "DEQ(ode, ptc) jfb": _deq("ode", "jfb", method="ptc"),
     "DEQ(ode, ptc) compiled": _deq("ode", method="ptc", compile=True),
+    "DEQ(ode, ptc) compiled, 4 steps per call": _deq(
+        "ode", method=contdeq.solvers.PTC(steps_per_call=4), compile=True),
     **{f"DEQ({s}){j}": _deq(s, b) for s in ("anderson", "broyden", "picard")
        for j, b in (("", "implicit"), (" jfb", "jfb"))},
     "SkipDEQ(ode, dopri5)": _deq("ode", kind=_SKIP),
@@ -614,8 +616,10 @@ MULTISCALE_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 #: The weight-tied rows (single- and multi-scale); ``benchmarks/weight_tied.py`` runs them.
 WEIGHT_TIED_MODELS = tuple(n for n in (*MODELS, *MULTISCALE_MODELS) if "WeightTied(" in n)
-#: Rows whose layer runs compiled (``compile=True``): the DEQ's ptc steps, the NeuralODE's f.
-COMPILED_MODELS = ("NeuralODE compiled", "DEQ(ode, ptc) compiled")
+#: Rows whose layer runs compiled (``compile=True``): the DEQ's ptc steps (one per compiled
+#: call, the default, or 4), the NeuralODE's f.
+COMPILED_MODELS = ("NeuralODE compiled", "DEQ(ode, ptc) compiled",
+                   "DEQ(ode, ptc) compiled, 4 steps per call")
 #: Registered but left out of the paper benchmark's default run (the dopri5 skip rows: slow,
 #: and the ptc rows answer the same question; the unrolled backward: ``results/layers.*``; the
 #: weight-tied rows: ``weight_tied.py``; the compiled rows: their warm-up, ``compile.py``):

@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from .common import (
+    COMPILED_MODELS,
     CPU,
     Config,
     build_model,
@@ -24,8 +25,13 @@ from .common import (
     write_results,
 )
 
-PAIRS = (("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled"), ("NeuralODE", "NeuralODE compiled"))
+PAIRS = (("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled"),
+         ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled, 4 steps per call"),
+         ("NeuralODE", "NeuralODE compiled"))
 WHOLE = ("DEQ(ode, ptc)", "DEQ(ode, ptc) compiled")
+#: Rows with the bound on what compiling the forward solve can give (the eager DEQ's: its
+#: step time over the same step less its forward solve, medians).
+BOUNDED = ("DEQ(ode, ptc)",)
 
 
 def _graphs() -> int:
@@ -37,16 +43,16 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
     """Interleaved training steps of the eager and compiled rows of :data:`PAIRS`."""
     task = load_task(task_name, Config().width[task_name], device=device)
     t_f = f_call_time(task, batch, 0)
-    names = [n for pair in PAIRS for n in pair]
+    names = list(dict.fromkeys(n for pair in PAIRS for n in pair))
     models = {n: build_model(n, task, 0) for n in names}
     warm = {}
     for n, m in models.items():
         before = _graphs()
-        warm[n] = (warm_up(m, task, batch) if n.endswith("compiled") else 0.0,
+        warm[n] = (warm_up(m, task, batch) if n in COMPILED_MODELS else 0.0,
                    _graphs() - before)
     opts = {n: torch.optim.Adam(m.parameters(), lr=lr) for n, m in models.items()}
     gen = torch.Generator().manual_seed(0)
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     calls: dict[str, list[float]] = {n: [] for n in names}
     loss: dict[str, float] = {}
     before = _graphs()
@@ -55,21 +61,23 @@ def compare_steps(task_name: str, steps: int, batch: int, lr: float,
         xb, yb = task.x_train[idx], task.y_train[idx]
         for n, m in models.items():
             step = timed_step(m, opts[n], xb, yb)
-            times[n].append((step["step"], step["cpu"]))
+            times[n].append((step["step"], step["cpu"], step["step"] - step["forward_solve"]))
             loss[n] = step["loss"]
             calls[n].append(step["forward_nfe"] + (step["backward_iterations"] or 0))
     recompiles = _graphs() - before
     rows = []
     for n in names:
-        wall = median_high([w for w, _ in times[n]])
-        cpu = median_high([c for _, c in times[n]])
+        wall = median_high([w for w, _, _ in times[n]])
+        cpu = median_high([c for _, c, _ in times[n]])
+        # What compiling the forward solve can give at most: the step without its solve.
+        without_solve = median_high([r for _, _, r in times[n]])
         rows.append({"task": task_name, "model": n, "step_ms": 1e3 * wall,
                      "step_cpu_ms": 1e3 * cpu, "calls": sum(calls[n]) / steps,
                      "overhead": wall / (sum(calls[n]) / steps * t_f),
                      "overhead_cpu": cpu / (sum(calls[n]) / steps * t_f),
                      "warmup_s": warm[n][0], "warmup_graphs": warm[n][1],
                      "final_loss": loss[n], "timed_recompiles": recompiles,
-                     "f_call_ms": 1e3 * t_f})
+                     "f_call_ms": 1e3 * t_f, "bound": wall / without_solve})
     by = {r["model"]: r for r in rows}
     for eager, compiled in PAIRS:
         by[compiled]["speedup"] = by[eager]["step_ms"] / by[compiled]["step_ms"]
@@ -116,13 +124,15 @@ def to_markdown(steps: list[dict[str, Any]], whole: list[dict[str, Any]], header
               f"{r['speedup']:.2f}, {r['speedup_cpu']:.2f}" if "speedup" in r else "-",
               f"{r['calls']:.1f}", f"{r['overhead']:.1f}, {r['overhead_cpu']:.1f}",
               f"{r['warmup_s']:.1f} ({r['warmup_graphs']})", f"{r['final_loss']:.4f}",
-              r["timed_recompiles"]) for r in steps)
+              r["timed_recompiles"],
+              f"{r['bound']:.2f}" if r["model"] in BOUNDED else "-") for r in steps)
     whole_cells = ((r["task"], r["model"], f"{r['first_call_s']:.1f}", r["graphs_first_call"],
                     r["graph_breaks_first_call"], r["recompiles"],
                     f"{r['step_cpu_ms']:.1f} / {r['eager_step_cpu_ms']:.1f}") for r in whole)
     return table("task | model | step ms (wall) | step ms (CPU) | eager / compiled (wall, CPU) | "
                  "f calls per step | overhead (wall, CPU) | warm-up s (graphs) | final loss | "
-                 "graphs compiled while timed", cells, "ll" + "r" * 8, [header, ""]) + table(
+                 "graphs compiled while timed | step ÷ step without its forward solve", cells,
+                 "ll" + "r" * 9, [header, ""]) + table(
         "task | model | first call s | graphs at first call | graph breaks | recompiles after "
         "warm-up | step ms CPU (compiled / eager)", whole_cells, "ll" + "r" * 5,
         ["", "Whole-model compile (`torch.compile(model)`, training steps):", ""])
@@ -130,7 +140,7 @@ def to_markdown(steps: list[dict[str, Any]], whole: list[dict[str, Any]], header
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = make_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tasks", nargs="+", default=["digits-mlp", "digits-conv"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="compile")
