@@ -23,6 +23,9 @@ from contdeq.solvers import compiled as compiled_module
 from .fuzz_cases import FAMILIES, Case, Poisoned, build_map
 from .problems import linear_ode, spd_batch, tanh_layer
 
+#: One step per compiled call.
+ONE_STEP = PTC(steps_per_call=1)
+
 
 @pytest.fixture
 def uncompiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,6 +175,42 @@ def test_several_steps_per_call_return_the_same_states(family: str, steps_per_ca
         assert 0 <= s_k.nfe - s_1.nfe < steps_per_call, case
         assert s_k.nfe - s_k.steps == s_1.nfe - s_1.steps, case  # one evaluation per step
         assert s_k.steps <= case.max_steps
+
+
+@pytest.mark.usefixtures("uncompiled_step")
+def test_a_call_of_fewer_steps_is_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches the last call of a solve cut by max_steps (fewer steps than steps_per_call)
+    running with Dynamo's guards skipped: with only the graph of ``k`` steps cached, the
+    unguarded call ran it, took ``k`` steps and counted fewer (compiled, the slow test below
+    shows the overrun)."""
+    seen: list[tuple[bool, int]] = []
+    run = compiled_module._run_step
+
+    def spy(guarded: bool, *args: object) -> object:
+        seen.append((guarded, args[-1]))
+        return run(guarded, *args)
+
+    monkeypatch.setattr(compiled_module, "_run_step", spy)
+    g, _ = tanh_layer(6, 5, torch.float64)
+    _, stats = steady_state(_residual(g), torch.zeros(5, 6, dtype=torch.float64),
+                            method=PTC(steps_per_call=4), compile=True, atol=1e-14, rtol=0.0,
+                            max_steps=10, on_nonconvergence="ignore")
+    assert [n for _, n in seen] == [4, 4, 2] and stats.steps == 10
+    assert [guarded for guarded, _ in seen] == [True, False, True]
+
+
+@pytest.mark.slow
+def test_compiled_calls_cut_by_max_steps_take_the_steps_they_count() -> None:
+    """Catches a compiled solve overrunning max_steps with steps_per_call > 1 (its last,
+    shorter call ran the cached graph of k steps unguarded: 12 steps taken, 10 counted)."""
+    g, _ = tanh_layer(16, 8, torch.float32, seed=3)
+    z0 = torch.zeros(8, 16)
+    kw = {"atol": 1e-12, "rtol": 0.0, "max_steps": 10, "on_nonconvergence": "ignore"}
+    torch._dynamo.reset()  # the graph of 4 steps is the only one cached when the last call runs
+    z_4, s_4 = steady_state(_residual(g), z0, method=PTC(steps_per_call=4), compile=True, **kw)
+    z_1, s_1 = steady_state(_residual(g), z0, method=ONE_STEP, compile=True, **kw)
+    assert s_4.steps == s_1.steps == 10 and s_4.nfe == s_1.nfe
+    torch.testing.assert_close(z_4, z_1, rtol=0, atol=1e-6)
 
 
 def test_compile_switch_is_validated() -> None:

@@ -192,6 +192,7 @@ class CompiledPseudoTransientSteps(Stepper):
         self.n_active, self.trials, self.t_min = float(progress.active.sum()), 0.0, 0.0
         self.d_new: Tensor | None = None
         self.first_step = progress.steps + 1  # the loop counts a step before taking it
+        self.last_n = steps_per_call  # steps of the last compiled call
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
         return progress.stop_reason(self.t_max, any_active=self.n_active > 0, t_min=self.t_min)
@@ -200,8 +201,13 @@ class CompiledPseudoTransientSteps(Stepper):
         func = self.func
         # The loop counted one step; a call takes up to steps_per_call, within max_steps.
         n = min(self.steps_per_call, progress.max_steps - progress.steps + 1)
+        # Guards are skipped only where nothing they check changed since the last call: a
+        # call of fewer steps (the last one, cut by max_steps) is another graph, which the
+        # unguarded call would not look for (it ran the graph of k steps instead).
+        guarded = progress.steps == self.first_step or n != self.last_n
+        self.last_n = n
         self.state, self.d_new, status = _run_step(
-            progress.steps == self.first_step, func.func, tuple(func.shape), self.t0,
+            guarded, func.func, tuple(func.shape), self.t0,
             self.state, self.atol, self.rtol, self.max_step, self.t_max, n)
         func.calls += n
         progress.steps += n - 1
@@ -239,9 +245,11 @@ def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, 
     """The compiled steps on ``args``.
 
     Dynamo's guards (on func's module, its parameters, every input) cost more than the step on
-    small states, and within a solve nothing they check changes: they are evaluated on the
-    first step of a solve (``guarded``) only; later steps pick among the cached graphs by the
-    guards that differ between them. A later step that needs a graph not compiled yet (the
+    small states, and within a solve nothing they check changes but the number of steps of a
+    call: they are evaluated on the first call of a solve and on a call of another number of
+    steps (``guarded``) only; later calls pick among the cached graphs by the guards that
+    differ between them (with one graph cached, none: an unguarded call runs it whatever its
+    arguments). A later step that needs a graph not compiled yet (the
     second step's inputs can differ from the first's, e.g. in aliasing) is run again guarded,
     which compiles it.
     """
