@@ -147,3 +147,35 @@ def test_signature_check_is_kept_per_code_not_per_name() -> None:
         steady_state(lambda z: -z, z0)
     with pytest.raises(TypeError, match="cannot take them"):
         steady_state(lambda t, z, w: -z, z0)
+
+
+def test_signature_check_follows_decorated_functions() -> None:
+    """Catches a kept verdict for a decorator's wrapper (one code object for every function
+    the decorator wraps) letting a wrapped function of the wrong arity through after another
+    passed: it then failed inside the solve with Python's bare arity error, naming neither the
+    argument nor the fix."""
+    import functools
+
+    import torch
+
+    from contdeq.solvers import steady_state
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @decorate
+    def flow(t, z):
+        return -z
+
+    @decorate
+    def map_of_the_state(z):
+        return -z
+
+    z0 = torch.ones(2, 3)
+    for _ in range(2):
+        steady_state(flow, z0, max_steps=5, on_nonconvergence="ignore")
+    with pytest.raises(TypeError, match=r"func must be callable as func\(t, z\).*cannot take them"):
+        steady_state(map_of_the_state, z0)

@@ -158,7 +158,13 @@ _CALLABLE_CACHE_SIZE = 4096
 def _signature_key(value: object, n_params: int) -> tuple[object, ...] | None:
     """What decides whether ``value`` takes ``n_params`` positional arguments: a plain
     function's code and number of defaults, a bound method's function, a callable object's
-    class; or ``None`` (not cached: partials, builtins, ...)."""
+    class; or ``None`` (not cached: partials, builtins, decorated functions, ...).
+
+    A function with ``__wrapped__`` (``functools.wraps``) is not cached: its signature is the
+    wrapped function's, while its code is the decorator's wrapper, shared by every function
+    the decorator wraps."""
+    if getattr(value, "__wrapped__", None) is not None:
+        return None
     if isinstance(value, types.FunctionType):
         return (value.__code__, len(value.__defaults__ or ()), n_params)
     if isinstance(value, types.MethodType) and isinstance(value.__func__, types.FunctionType):
