@@ -59,8 +59,8 @@ class PseudoTransientSteps(Stepper):
         assert progress.t is not None
         self.func, self.d = func, d
         self.max_step, self.t_max = control.max_step, control.t_max
-        self.h = torch.full_like(progress.res, min(control.first_step or self.max_step,
-                                                   self.max_step))
+        self.first = min(control.first_step or self.max_step, self.max_step)
+        self.h = torch.full_like(progress.res, self.first)
         # Per-sample counts, summed once at the end (fewer tensor operations per step);
         # rejections are counted on the slow path only.
         self.rejected = torch.zeros_like(progress.res, dtype=torch.long)
@@ -76,6 +76,7 @@ class PseudoTransientSteps(Stepper):
         # a Python scalar in ``torch.where`` is one more tensor operation per step).
         self.frozen = torch.full((), -math.inf, dtype=progress.res.dtype, device=z.device)
         self.nan = torch.full((), math.nan, dtype=progress.res.dtype, device=z.device)
+        self.zero = torch.zeros((), dtype=progress.res.dtype, device=z.device)
 
     def stop_reason(self, progress: Progress) -> StopReason | str | None:
         return progress.stop_reason(self.t_max)
@@ -85,9 +86,11 @@ class PseudoTransientSteps(Stepper):
         # loop's cost on small states is its number of tensor operations.
         active, res, h = progress.active, progress.res, self.h
         assert progress.t is not None
-        # The pseudo-time is float64; the step taken is cast to the state's dtype.
-        dt = (torch.minimum(h.to(progress.t.dtype), self.t_max - progress.t)
-              if self.t_max < math.inf else h) * active
+        # The pseudo-time is float64; the step taken is cast to the state's dtype. A frozen
+        # sample steps by exactly 0 whatever its h (NaN for a sample frozen at a residual of
+        # exactly 0: its growth factor below is 0 / 0).
+        dt = torch.where(active, torch.minimum(h.to(progress.t.dtype), self.t_max - progress.t)
+                         if self.t_max < math.inf else h, self.zero)
         z_new = torch.addcmul(z, dt.to(h.dtype).unsqueeze(1), self.d)
         d_new = self.func(0.0, z_new)
         res_new = sample_rms(d_new)
@@ -100,8 +103,11 @@ class PseudoTransientSteps(Stepper):
         if math.isfinite(probe):
             self.trials.reset()
             # Grow by the shrink ratio, in [1.2, 2] (NaN only where both residuals are 0:
-            # frozen samples, whose h no longer matters).
-            factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
+            # frozen samples, whose h no longer matters). Step sizes are not differentiated
+            # (as the Runge-Kutta pairs' are not): through a residual of exactly 0 the
+            # ratio's derivative is 0 / 0, which an unrolled backward spread to every input.
+            with torch.no_grad():
+                factor = (res / res_new).clamp_(PTC_MIN_GROWTH, 2.0)
             # Every active sample moves; a frozen one took a step of 0 from a finite state with
             # a finite derivative, so z_new equals z there.
             ok, z, any_active, still = active, z_new, probe > 0, None
@@ -129,6 +135,8 @@ class PseudoTransientSteps(Stepper):
     def resume(self, z: Tensor, progress: Progress) -> None:
         assert self.d_new is not None
         self.d = self.d_new
+        # A reopened sample frozen at a residual of exactly 0 has h = NaN: it starts afresh.
+        self.h = torch.nan_to_num(self.h, nan=self.first)
 
     def check_stop(self, reason: StopReason | str, progress: Progress) -> None:
         self.trials.check_stop(reason, progress.steps)
@@ -148,7 +156,8 @@ def _ptc_slow_path(
     samples active after the step), and whether any sample is still active."""
     active, res = progress.active, progress.res
     best_res = res if progress.best is None else progress.best.res
-    ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
+    with torch.no_grad():  # step sizes are not differentiated (see PseudoTransientSteps.step)
+        ok, factor, finite, rise = ptc_rule(res, d, res_new, d_new, tol_new, best_res, active)
     still = progress.active_after(ok, res_new, tol_new)
     # One host read for the three questions (the step's second, after its probe).
     rose, nonfinite, any_active = torch.stack((
@@ -156,7 +165,7 @@ def _ptc_slow_path(
     if rose and progress.best is None:
         progress.keep_best(z)  # the residual is no longer monotone: keep each sample's best
     if nonfinite:
-        trials.reject(float(h.detach().max()), progress.steps,
+        trials.reject(float(h.detach().nan_to_num().max()), progress.steps,
                       float(progress.t.detach().max()))  # may raise
     else:
         trials.reset()

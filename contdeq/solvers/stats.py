@@ -119,27 +119,29 @@ class SolverStats:
     @property
     def max_residual(self) -> float:
         """Largest per-sample residual."""
-        return float(self.residual.max())
+        return float(self.residual.detach().max())
 
     def summary(self) -> str:
         """One line: method, NFE, steps, how many samples converged, worst residual."""
         n_conv = int(self.converged.sum())
-        worst = int(torch.argmax(self.residual - self.tolerance))
+        # Detached: the norms of an unrolled solve carry a graph (float() of one warns).
+        residual, tolerance = self.residual.detach(), self.tolerance.detach()
+        worst = int(torch.argmax(residual - tolerance))
         parts = [
             f"method={self.method}",
             f"nfe={self.nfe}",
             f"steps={self.steps}",
             f"converged={n_conv}/{self.converged.numel()}",
             f"stop={self.stop_reason}",
-            f"worst sample {worst}: residual {float(self.residual[worst]):.3g}"
-            f" vs tolerance {float(self.tolerance[worst]):.3g}",
+            f"worst sample {worst}: residual {float(residual[worst]):.3g}"
+            f" vs tolerance {float(tolerance[worst]):.3g}",
         ]
         if self.jvps is not None:
             parts.insert(2, f"jvps={self.jvps}")
         if self.linear_iterations is not None:
             parts.insert(3, f"linear_iterations={self.linear_iterations}")
         if self.t_final is not None:
-            parts.append(f"t_final<={float(self.t_final.max()):.3g}")
+            parts.append(f"t_final<={float(self.t_final.detach().max()):.3g}")
         return ", ".join(parts)
 
     def __repr__(self) -> str:
