@@ -18,7 +18,13 @@ from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, i
 from .checks import check_number
 from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .names import renamed
-from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
+from .normalization import (
+    fixed_normalization,
+    fixed_vectors,
+    restored_normalization,
+    update_normalization,
+    warn_unstable_normalization,
+)
 from .structure import Structure
 
 __all__ = ["NeuralODE"]
@@ -54,6 +60,8 @@ class _Dynamics:
         self.backward_calls = 0
         self.in_backward = False
         self.record: DEQStats | None = None
+        #: The forward's spectral_norm_cap vectors (:func:`fixed_vectors`), for the adjoint.
+        self.vectors: dict[int, tuple[Tensor, Tensor]] = {}
         self.last_output: Tensor | None = None  # checked for NaN/Inf only if the solve fails
         self._first: tuple[Tensor, Tensor] | None = None
 
@@ -61,6 +69,10 @@ class _Dynamics:
         if self.calls == 0:  # checked eagerly
             out = first_call(self.f, z, self.x)
             out = out - z if self.residual else out
+        elif self.in_backward:  # the adjoint pass: f with its forward's normalization vectors
+            with restored_normalization(self.vectors):
+                out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x,
+                                                                 self.residual)
         else:
             out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x, self.residual)
         self.calls += 1
@@ -223,6 +235,7 @@ class NeuralODE(PerThreadResults):
         use_adjoint = self.adjoint and grad
         start = time.perf_counter()
         with fixed_normalization(self.f):
+            dyn.vectors = fixed_vectors()
             if self.method in _FIRST_STEP_METHODS and "first_step" not in options:
                 with torch.set_grad_enabled(grad and not use_adjoint):
                     d0 = dyn.rhs(z0)

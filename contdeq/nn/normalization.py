@@ -226,6 +226,27 @@ def fixed_normalization(module: nn.Module) -> Iterator[None]:
         _FIXED.vectors, _FIXED.weights = outer
 
 
+def fixed_vectors() -> dict[int, tuple[Tensor, Tensor]]:
+    """The power-iteration vectors the enclosing :func:`fixed_normalization` fixed in this
+    thread (``{}`` outside one), for :func:`restored_normalization`."""
+    return dict(getattr(_FIXED, "vectors", None) or {})
+
+
+@contextlib.contextmanager
+def restored_normalization(vectors: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Within the block, every :class:`SpectralNormCap` with an entry in ``vectors`` (from
+    :func:`fixed_vectors`) uses those vectors: a backward pass that calls ``f`` again after its
+    forward (``NeuralODE``'s adjoint) differentiates the ``f`` the forward solved, even where a
+    later forward advanced the power iteration. Capped weights are not cached."""
+    outer = getattr(_FIXED, "vectors", None), getattr(_FIXED, "weights", None)
+    _FIXED.vectors = {**(outer[0] or {}), **vectors}
+    _FIXED.weights = None
+    try:
+        yield
+    finally:
+        _FIXED.vectors, _FIXED.weights = outer
+
+
 def warn_unstable_normalization(module: nn.Module, owner: str) -> None:
     """Warn when ``module`` uses torch's spectral norm, which changes ``f`` on every call."""
     for sub in module.modules():
