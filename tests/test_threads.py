@@ -128,6 +128,14 @@ def test_neural_ode_with_spectral_norm_cap_under_threads() -> None:
     gradients_match_a_sequential_run(node, lambda x: node(x).square().sum())
 
 
+def test_neural_sde_with_spectral_norm_cap_under_threads() -> None:
+    """Catches NeuralSDE's use of torch's process-global parametrization cache (another
+    thread's capped weight and graph)."""
+    torch.manual_seed(0)
+    sde = contdeq.NeuralSDE(Cell(cap=0.9), nn.Tanh(), dt=0.1).eval()  # eval: no noise, no g
+    gradients_match_a_sequential_run(sde, lambda x: sde(x).square().sum())
+
+
 def test_skip_reg_term_with_spectral_norm_cap_under_threads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches the same cache sharing in the equilibrium layers: the Skip-Reg term

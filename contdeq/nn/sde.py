@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torchsde
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..implicit import check_output, first_call
 from ..solvers import NonFiniteError
@@ -196,7 +195,7 @@ class NeuralSDE(nn.Module):
         params = [p for p in (*self.f.parameters(), *self.g.parameters()) if p.requires_grad]
         if x.requires_grad:
             params.append(x)
-        with parametrize.cached(), fixed_normalization(self):
+        with fixed_normalization(self):
             sde.vectors = fixed_vectors()
             return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
                                  adjoint=use_adjoint, params=params, fixed_path=not noisy)
