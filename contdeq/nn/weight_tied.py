@@ -13,6 +13,7 @@ but each uses a different sparse subset of it. ``masks="shared"`` is the control
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -65,17 +66,48 @@ def _forward_with(module: nn.Module, weight: Tensor) -> Callable[[Tensor], Tenso
     return lambda inp: module._conv_forward(inp, weight, module.bias)  # type: ignore[operator]
 
 
+#: Per thread: the weight each module computes with inside :func:`_weights_replaced`, by id.
+_REPLACED = threading.local()
+#: Guards the shadowing forwards: how many threads are inside a block for each module, by id.
+_SHADOWING = threading.Lock()
+_SHADOWED: dict[int, int] = {}
+
+
+def _shadow(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``module``'s forward with the calling thread's replacement weight (its class's forward
+    where the thread has none: another thread's calls of a shared module)."""
+
+    def forward(inp: Tensor) -> Tensor:
+        weight = getattr(_REPLACED, "weights", {}).get(id(module))
+        if weight is None:
+            return type(module).forward(module, inp)
+        return _forward_with(module, weight)(inp)
+
+    return forward
+
+
 @contextmanager
 def _weights_replaced(replacements: list[tuple[nn.Module, Tensor]]) -> Iterator[None]:
-    """Within the block each module computes with the given weight (its forward is shadowed by
-    an instance attribute, removed on exit)."""
-    for module, weight in replacements:
-        module.forward = _forward_with(module, weight)  # type: ignore[method-assign]
+    """Within the block each module computes with the given weight in the calling thread (its
+    forward is shadowed by an instance attribute while any thread is inside such a block,
+    removed when the last leaves; other threads' calls keep their own weights)."""
+    outer = getattr(_REPLACED, "weights", {})
+    _REPLACED.weights = {**outer, **{id(module): weight for module, weight in replacements}}
+    with _SHADOWING:
+        for module, _ in replacements:
+            if not _SHADOWED.get(id(module)):
+                module.forward = _shadow(module)  # type: ignore[method-assign]
+            _SHADOWED[id(module)] = _SHADOWED.get(id(module), 0) + 1
     try:
         yield
     finally:
-        for module, _ in replacements:
-            del module.forward
+        with _SHADOWING:
+            for module, _ in replacements:
+                _SHADOWED[id(module)] -= 1
+                if not _SHADOWED[id(module)]:
+                    del _SHADOWED[id(module)]
+                    del module.forward
+        _REPLACED.weights = outer
 
 
 class WeightTied(PerThreadResults):
