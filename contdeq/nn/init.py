@@ -62,6 +62,11 @@ class _Skip(InitialState):
         self.norm = norm
         self.detach = detach
 
+    def trained(self, guess: Tensor) -> Tensor | None:
+        """``guess`` where the skip term trains something: the prediction's graph, or, with
+        ``detach=False``, ``f`` through ``z*`` (also for a frozen predictor)."""
+        return guess if guess.requires_grad or not self.detach else None
+
     def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
         if self.weight == 0:
             return None
@@ -98,7 +103,7 @@ class Predictor(_Skip):
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = layer.structure.prediction(layer.predictor(x), x)
-        return guess, guess if guess.requires_grad else None
+        return guess, self.trained(guess)
 
 
 @INITIAL_STATES.register("f0")
@@ -112,4 +117,4 @@ class FZero(_Skip):
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = first_call(layer.f, layer.zeros(x), x)
-        return guess, guess if guess.requires_grad else None
+        return guess, self.trained(guess)
