@@ -118,6 +118,10 @@ def test_bad_arguments() -> None:
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="kernel")
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="bias")
+    for dim in (2, -3, "0", True):
+        with pytest.raises(ValueError, match=r"dim must be an int in \[-2, 1\] \(a dimension of "
+                                             r"the weight of shape \(3, 3\)\)"):
+            contdeq.spectral_norm_cap(nn.Linear(3, 3), dim=dim)
 
 
 def test_conv_operator_norm_bounded_by_the_documented_cap() -> None:

@@ -78,6 +78,11 @@ class SpectralNormCap(nn.Module):
             raise ValueError(
                 f"weight must have at least 2 dimensions, got shape {tuple(weight.shape)}"
             )
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (
+                -weight.ndim <= dim < weight.ndim):
+            raise ValueError(f"dim must be an int in [{-weight.ndim}, {weight.ndim - 1}] (a "
+                             f"dimension of the weight of shape {tuple(weight.shape)}), got "
+                             f"{dim!r}")
         check_number(cap, "cap", 0, strict=True)
         check_number(n_power_iterations, "n_power_iterations", 1, integer=True)
         check_number(warmup_iterations, "warmup_iterations", 0, integer=True)
