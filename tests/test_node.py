@@ -72,10 +72,12 @@ def test_adjoint_gradients_match_backprop() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-def test_adjoint_uses_the_normalization_of_its_forward() -> None:
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_adjoint_uses_the_normalization_of_its_forward(compiled: bool) -> None:
     """The adjoint pass of a call differentiates the f its forward solved, also when another
     training forward advanced spectral_norm_cap's power iteration in between (two losses,
-    one backward)."""
+    one backward); compiled, also after an earlier adjoint pass compiled f (the reference is
+    eager)."""
     torch.manual_seed(0)
     f = TanhCell(5, 3)
     contdeq.spectral_norm_cap(f.W, cap=0.3, warmup_iterations=1)  # far from converged
@@ -83,8 +85,9 @@ def test_adjoint_uses_the_normalization_of_its_forward() -> None:
     grads = []
     for interleaved in (False, True):
         node = contdeq.NeuralODE(copy.deepcopy(f), adjoint=True, rtol=1e-10, atol=1e-10,
-                                 state_shape=5, adjoint_options={"adjoint_rtol": 1e-10,
-                                                                 "adjoint_atol": 1e-10})
+                                 state_shape=5, compile=compiled and interleaved,
+                                 adjoint_options={"adjoint_rtol": 1e-10, "adjoint_atol": 1e-10})
+        torch.autograd.grad(node(x2).square().sum(), list(node.parameters()))  # a first pass
         loss = node(x1).square().sum()
         if interleaved:
             node(x2)  # advances the power iteration

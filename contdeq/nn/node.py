@@ -69,10 +69,10 @@ class _Dynamics:
         if self.calls == 0:  # checked eagerly
             out = first_call(self.f, z, self.x)
             out = out - z if self.residual else out
-        elif self.in_backward:  # the adjoint pass: f with its forward's normalization vectors
+        elif self.in_backward and self.vectors:  # the adjoint pass: f with its forward's
+            # spectral_norm_cap vectors, eager (a compiled graph kept another pass's vectors)
             with restored_normalization(self.vectors):
-                out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x,
-                                                                 self.residual)
+                out = _rhs(self.f, z, self.x, self.residual)
         else:
             out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x, self.residual)
         self.calls += 1
@@ -144,7 +144,9 @@ class NeuralODE(PerThreadResults):
             unlimited); a solve that hits it raises :class:`~contdeq.solvers.ConvergenceError`
             instead of running on. ``max_num_steps`` is its deprecated spelling.
         compile: evaluate ``f(z, x) - z`` compiled by ``torch.compile`` (each call after the
-            first; its backward too). torchdiffeq's stepping loop stays eager. The first
+            first; its backward too; the adjoint pass of an ``f`` with
+            :func:`~contdeq.spectral_norm_cap` evaluates it eagerly, with the forward's
+            power-iteration vectors). torchdiffeq's stepping loop stays eager. The first
             solve of a shape compiles (seconds); later ones reuse the graph.
 
     Attributes:
