@@ -200,14 +200,14 @@ class WeightTied(PerThreadResults):
 
     def _draw_masks(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        paths = []
+        paths: dict[str, str] = {}  # mask name -> weight path
         for path, module in self.f.named_modules():
             if not isinstance(module, MASKABLE_MODULES):
                 continue
             weight_path = f"{path}.weight" if path else "weight"
             name = weight_path.replace(".", "_")
             if name in self._masked:
-                raise ValueError(f"f's weights {weight_path!r} and {paths[-1]!r} map to the same "
+                raise ValueError(f"f's weights {weight_path!r} and {paths[name]!r} map to the same "
                                  f"mask name {name!r}; rename a submodule")
             weight = module.weight
             if self.mask_kind == "shared":  # one mask, the same at every application
@@ -217,11 +217,11 @@ class WeightTied(PerThreadResults):
                 mask = _draw_mask(weight.shape, self.depth, self.sparsity, generator)
             self.masks.register_buffer(name, mask.to(weight.device))
             self._masked[name] = module
-            paths.append(weight_path)
+            paths[name] = weight_path
         if not paths:
             raise ValueError(f"masks={self.mask_kind!r} found no weight to mask: f has no "
                              "nn.Linear or nn.Conv1d/2d/3d submodule")
-        self.masked_weights = tuple(paths)
+        self.masked_weights = tuple(paths.values())
 
     def active_parameters(self) -> float:
         """Mean number of ``f``'s parameter entries one application uses: all of them without
