@@ -492,7 +492,7 @@ class DEQ(PerThreadResults):
         self._hinted = True
         options = solver.options
         if solver.solver == "ode":
-            method = options["method"]
+            method = options.get("method")  # None: steady_state's default (not ptc)
             other = ("method='ptc' (one f call per step, steps aimed at the steady state)"
                      if method != "ptc" else "solver='anderson'")
             limit = options.get("max_steps", 1000)
