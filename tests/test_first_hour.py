@@ -64,7 +64,9 @@ def test_warnings_point_at_the_users_line() -> None:
         layer(x).sum().backward()
 
     def spectral() -> None:
-        contdeq.DEQ(nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))))
+        cell = Expanding()
+        nn.utils.parametrizations.spectral_norm(cell.linear)
+        contdeq.DEQ(cell)
 
     for run, at_least in ((direct, 1), (layer_forward_and_backward, 2), (spectral, 1)):
         caught = _caught(run)

@@ -280,8 +280,12 @@ def test_bad_cell_and_inputs() -> None:
     shaped z0 are reported with the argument's name."""
     with pytest.raises(TypeError, match=r"f must be an nn\.Module"):
         contdeq.WeightTied(lambda z, x: z, 2)  # type: ignore[arg-type]
+    class NoWeights(nn.Module):
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            return torch.tanh(z + x)
+
     with pytest.raises(ValueError, match="no weight to mask"):
-        contdeq.WeightTied(nn.Tanh(), 2, masks="distinct", sparsity=0.5)
+        contdeq.WeightTied(NoWeights(), 2, masks="distinct", sparsity=0.5)
 
     class Colliding(nn.Module):  # a_b.weight and a.b.weight both map to the name a_b_weight
         def __init__(self) -> None:

@@ -27,7 +27,7 @@ from .._warnings import warn
 from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equilibrium
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
-from ..solvers.validation import all_finite, check_positive_float, is_vmapped
+from ..solvers.validation import all_finite, check_callable, check_positive_float, is_vmapped
 from .checks import check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
@@ -311,6 +311,7 @@ class DEQ(PerThreadResults):
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
                             f"{type(f).__name__}")
+        check_callable(f.forward, "f", structure.contract)
         self.structure = structure
         self.init = resolve_init(init)
         self.modifiers = check_modifiers(modifiers)

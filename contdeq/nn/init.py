@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..implicit import first_call
 from ..regularizers import SKIP_NORMS, skip_loss
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import INITIAL_STATES, InitialState, Zeros, resolve_init
 from .structure import check_state
@@ -96,6 +97,7 @@ class Predictor(_Skip):
         if not isinstance(predictor, nn.Module):
             raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
                             f"{type(predictor).__name__}")
+        check_callable(predictor.forward, "predictor", "predictor(x)")
         self._predictor = predictor
 
     def modules(self) -> dict[str, nn.Module]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..implicit import check_output, first_call
 from ..solvers import NonFiniteError
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import check_layer_input, resolve_state_shape, zeros_or_state
 from .normalization import (
@@ -163,6 +164,7 @@ class NeuralSDE(nn.Module):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module called as {name}(z, x), got "
                                 f"{type(module).__name__}")
+            check_callable(module.forward, name, f"{name}(z, x)")
         check_number(t_end, "t_end", 0, strict=True, finite=True)
         check_number(dt, "dt", 0, strict=True, finite=True)
         if dt > t_end:
