@@ -198,7 +198,8 @@ class NeuralSDE(nn.Module):
         if x.requires_grad:
             params.append(x)
         with fixed_normalization(self):
-            sde.vectors = fixed_vectors()
+            if use_adjoint:  # its backward calls f and g again, after this scope
+                sde.vectors = fixed_vectors()
             return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
                                  adjoint=use_adjoint, params=params, fixed_path=not noisy)
 
