@@ -121,6 +121,52 @@ def test_autocast_bf16_forward_and_implicit_backward(solver: str, cap: bool) -> 
         assert (a - b).norm() <= 0.2 * b.norm()
 
 
+class TwoScales(nn.Module):
+    """:class:`Cell` on two scales of 8 features each (``f(zs, x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = Cell()
+
+    def forward(self, zs: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, ...]:
+        return self.cell(torch.cat(zs, dim=1), x).split(8, dim=1)
+
+
+class TwoScalePredictor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(x).split(8, dim=1)
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_autocast_predicted_start(multiscale: bool) -> None:
+    """A Skip DEQ's predictor computes in the autocast dtype like ``f``: its prediction is
+    the float32 state's start and its skip term trains it. Catches the prediction refused
+    for not having ``x``'s dtype (float32) under autocast."""
+    torch.manual_seed(0)
+    if multiscale:
+        model: nn.Module = contdeq.MultiScaleSkipDEQ(TwoScales(), TwoScalePredictor(),
+                                                     state_shapes=[(8,), (8,)])
+    else:
+        model = contdeq.SkipDEQ(Cell(), nn.Linear(16, 16))
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(x)
+    z16 = torch.cat(z, dim=1) if multiscale else z
+    assert z16.dtype == torch.float32
+    loss = z16.pow(2).mean() + contdeq.aux_loss(model)
+    loss.backward()
+    predictor = model.predictor.lin if multiscale else model.predictor
+    assert predictor.weight.grad is not None and float(predictor.weight.grad.abs().max()) > 0
+    with torch.no_grad():
+        z32 = model(x)
+    z32 = torch.cat(z32, dim=1) if multiscale else z32
+    assert (z16 - z32).norm() <= 0.1 * z32.norm()
+
+
 def test_autocast_input_state_is_solved_in_float32() -> None:
     """An input computed under autocast (a bf16 encoder output) gives a float32 equilibrium
     (a bf16 state stagnates where ``f(z)`` rounds to ``z``), close to the float32 one and

@@ -32,7 +32,7 @@ from .checks import check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .structure import Structure, check_state, resolve_state_shape
+from .structure import Structure, check_state, from_autocast, resolve_state_shape
 
 #: Forward solves in a row that stop unconverged before a layer hints at what to change.
 HINT_AFTER = 3
@@ -182,7 +182,8 @@ class Single(Structure):
         return z
 
     def prediction(self, guess: object, x: Tensor) -> Tensor:
-        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype."""
+        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype
+        (under ``torch.autocast`` also the autocast dtype, cast to ``x``'s)."""
         if not isinstance(guess, Tensor):
             raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
         if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
@@ -192,6 +193,7 @@ class Single(Structure):
                         else str((x.shape[0], *self.state_shape)))
             raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
                              f"{tuple(guess.shape)}")
+        guess = from_autocast(guess, x)
         if guess.dtype != x.dtype:
             raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
         if not bool(torch.isfinite(guess).all()):
