@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .._warnings import warn
 from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equilibrium
+from ..implicit.diagnostics import from_autocast
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
 from ..solvers.validation import all_finite, check_callable, check_positive_float, is_vmapped
@@ -32,7 +33,7 @@ from .checks import check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
-from .structure import Structure, check_state, from_autocast, resolve_state_shape
+from .structure import Structure, check_state, resolve_state_shape
 
 #: Forward solves in a row that stop unconverged before a layer hints at what to change.
 HINT_AFTER = 3

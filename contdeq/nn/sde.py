@@ -19,6 +19,7 @@ import torchsde
 from torch import Tensor, nn
 
 from ..implicit import check_output, first_call
+from ..implicit.diagnostics import from_autocast
 from ..solvers import NonFiniteError
 from ..solvers.validation import check_callable
 from .checks import check_number
@@ -95,7 +96,7 @@ class DriftDiffusion(nn.Module):
         z = self._state(y)
         with self._normalization():
             out = self.diffusion(z, self.x)
-        return check_output(out, z, "g").reshape(z.shape[0], -1)
+        return check_output(from_autocast(out, z), z, "g").reshape(z.shape[0], -1)
 
 
 def integrate_sde(sde: DriftDiffusion, z0: Tensor, t_end: float, *, method: str, dt: float,

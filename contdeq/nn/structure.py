@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..implicit.diagnostics import from_autocast
 from ..solvers import concat_states, flatten_states, split_states, unflatten_states
 from ..solvers.validation import Shapes, as_shape, check_state_shapes
 
 __all__ = ["MultiScaleRepr", "Scales", "ScalesCell", "Structure", "check_state",
-           "from_autocast", "resolve_state_shape", "scales"]
+           "resolve_state_shape", "scales"]
 
 
 def resolve_state_shape(state_shape: int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -55,16 +56,6 @@ def check_state(z0: object, x: Tensor, shape: tuple[int, ...] | None, name: str)
     if not bool(torch.isfinite(z0).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return z0
-
-
-def from_autocast(guess: Tensor, x: Tensor) -> Tensor:
-    """A prediction ``(B, ...)`` computed under ``torch.autocast`` in its dtype, cast
-    (differentiably) to ``x``'s dtype, the state's; any other ``guess`` unchanged."""
-    device = x.device.type
-    if (guess.dtype != x.dtype and torch.is_autocast_enabled(device)
-            and guess.dtype == torch.get_autocast_dtype(device)):
-        return guess.to(x.dtype)
-    return guess
 
 
 class Structure:
