@@ -465,7 +465,7 @@ class DEQ(PerThreadResults):
         z0 = self.structure.pack(z0)
         train = self.training and torch.is_grad_enabled()
         if self.training:
-            update_normalization(self.f)
+            update_normalization(self)  # f's, and a predictor's or V_0's
         solver, backward = self.solver_and_backward()
         aux: dict[str, Tensor] = {}
         self._aux = aux
