@@ -155,7 +155,7 @@ def test_solve_adjoint_starts_from_w0_and_checks_it() -> None:
 def test_warm_mode_copies_start_afresh_and_validates() -> None:
     """A layer with a WarmImplicit deep-copies and pickles (the per-thread memory is dropped, a
     copy starts cold); a bad start names the argument."""
-    layer = contdeq.DEQ(nn.Linear(3, 3), backward=contdeq.WarmImplicit(start="previous"))
+    layer = contdeq.DEQ(TanhCell(3, 3), backward=contdeq.WarmImplicit(start="previous"))
     mode = layer.backward_mode
     mode._memory.previous = torch.ones(2, 3)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):

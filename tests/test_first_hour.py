@@ -64,7 +64,9 @@ def test_warnings_point_at_the_users_line() -> None:
         layer(x).sum().backward()
 
     def spectral() -> None:
-        contdeq.DEQ(nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))))
+        cell = Expanding()
+        nn.utils.parametrizations.spectral_norm(cell.linear)
+        contdeq.DEQ(cell)
 
     for run, at_least in ((direct, 1), (layer_forward_and_backward, 2), (spectral, 1)):
         caught = _caught(run)
@@ -167,9 +169,13 @@ def test_failing_layer_hints_once() -> None:
     method, max_steps); converged solves reset the count."""
     torch.manual_seed(0)
     x = torch.randn(4, 8)
-    # The default method (ptc) is pointed at Anderson; dopri5 at ptc.
-    for options, other in (({}, "solver='anderson'"), ({"method": "dopri5"}, "method='ptc'")):
-        layer = contdeq.DEQ(Expanding(), max_steps=3, **options)
+    # The default method (ptc) is pointed at Anderson; dopri5 at ptc, as is a solver object
+    # that leaves the method to steady_state's default.
+    for options, other in (({"max_steps": 3}, "solver='anderson'"),
+                           ({"max_steps": 3, "method": "dopri5"}, "method='ptc'"),
+                           ({"solver": contdeq.ForwardSolver("ode", max_steps=3)},
+                            "method='ptc'")):
+        layer = contdeq.DEQ(Expanding(), **options)
         hints = []
         for _ in range(HINT_AFTER + 2):
             caught = _caught(lambda layer=layer: layer(x))

@@ -121,6 +121,81 @@ def test_autocast_bf16_forward_and_implicit_backward(solver: str, cap: bool) -> 
         assert (a - b).norm() <= 0.2 * b.norm()
 
 
+class TwoScales(nn.Module):
+    """:class:`Cell` on two scales of 8 features each (``f(zs, x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = Cell()
+
+    def forward(self, zs: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, ...]:
+        return self.cell(torch.cat(zs, dim=1), x).split(8, dim=1)
+
+
+class TwoScalePredictor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(x).split(8, dim=1)
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_autocast_predicted_start(multiscale: bool) -> None:
+    """A Skip DEQ's predictor computes in the autocast dtype like ``f``: its prediction is
+    the float32 state's start and its skip term trains it. Catches the prediction refused
+    for not having ``x``'s dtype (float32) under autocast."""
+    torch.manual_seed(0)
+    if multiscale:
+        model: nn.Module = contdeq.MultiScaleSkipDEQ(TwoScales(), TwoScalePredictor(),
+                                                     state_shapes=[(8,), (8,)])
+    else:
+        model = contdeq.SkipDEQ(Cell(), nn.Linear(16, 16))
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(x)
+    z16 = torch.cat(z, dim=1) if multiscale else z
+    assert z16.dtype == torch.float32
+    loss = z16.pow(2).mean() + contdeq.aux_loss(model)
+    loss.backward()
+    predictor = model.predictor.lin if multiscale else model.predictor
+    assert predictor.weight.grad is not None and float(predictor.weight.grad.abs().max()) > 0
+    with torch.no_grad():
+        z32 = model(x)
+    z32 = torch.cat(z32, dim=1) if multiscale else z32
+    assert (z16 - z32).norm() <= 0.1 * z32.norm()
+
+
+LAYERS_CALLING_F_BEFORE_THE_SOLVE = {
+    "SkipRegDEQ": lambda: contdeq.SkipRegDEQ(Cell()),
+    "MultiScaleSkipRegDEQ": lambda: contdeq.MultiScaleSkipRegDEQ(TwoScales(),
+                                                                 state_shapes=[(8,), (8,)]),
+    "DEQ with Noise": lambda: contdeq.DEQ(Cell(), modifiers=(contdeq.nn.Noise(0.1),)),
+    "NeuralODE": lambda: contdeq.NeuralODE(Cell()),
+    "NeuralODE adjoint": lambda: contdeq.NeuralODE(Cell(), adjoint=True),
+    "NeuralSDE": lambda: contdeq.NeuralSDE(Cell(), Cell()),
+    "WeightTied": lambda: contdeq.WeightTied(Cell(), 4),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS_CALLING_F_BEFORE_THE_SOLVE)
+def test_autocast_first_call_of_f(layer: str) -> None:
+    """Layers that call ``f`` themselves (``f(0, x)`` of Skip-Reg, the noisy start, the
+    baselines' first step) accept its output in the autocast dtype as ``f``'s solves do, and
+    train. Catches "f(z, x) must return dtype torch.float32 like the state z, got
+    torch.bfloat16" raised by the first call's check."""
+    torch.manual_seed(0)
+    model = LAYERS_CALLING_F_BEFORE_THE_SOLVE[layer]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(torch.randn(8, 16))
+        z = torch.cat(z, dim=1) if isinstance(z, tuple) else z
+        loss = z.float().pow(2).mean()
+    (loss + contdeq.aux_loss(model)).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_autocast_input_state_is_solved_in_float32() -> None:
     """An input computed under autocast (a bf16 encoder output) gives a float32 equilibrium
     (a bf16 state stagnates where ``f(z)`` rounds to ``z``), close to the float32 one and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -66,6 +68,30 @@ def test_adjoint_gradients_match_backprop() -> None:
         f.zero_grad()
         node(xr).square().sum().backward()
         grads.append([xr.grad.clone(), *(p.grad.clone() for p in f.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_adjoint_uses_the_normalization_of_its_forward(compiled: bool) -> None:
+    """The adjoint pass of a call differentiates the f its forward solved, also when another
+    training forward advanced spectral_norm_cap's power iteration in between (two losses,
+    one backward); compiled, also after an earlier adjoint pass compiled f (the reference is
+    eager)."""
+    torch.manual_seed(0)
+    f = TanhCell(5, 3)
+    contdeq.spectral_norm_cap(f.W, cap=0.3, warmup_iterations=1)  # far from converged
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    grads = []
+    for interleaved in (False, True):
+        node = contdeq.NeuralODE(copy.deepcopy(f), adjoint=True, rtol=1e-10, atol=1e-10,
+                                 state_shape=5, compile=compiled and interleaved,
+                                 adjoint_options={"adjoint_rtol": 1e-10, "adjoint_atol": 1e-10})
+        torch.autograd.grad(node(x2).square().sum(), list(node.parameters()))  # a first pass
+        loss = node(x1).square().sum()
+        if interleaved:
+            node(x2)  # advances the power iteration
+        grads.append(torch.autograd.grad(loss, list(node.parameters())))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 

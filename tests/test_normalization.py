@@ -76,6 +76,20 @@ def test_layer_advances_the_power_iteration_once_per_training_forward() -> None:
     assert not torch.equal(cap.u, u)
 
 
+def test_skip_layer_advances_the_predictors_power_iteration() -> None:
+    """A cap on a SkipDEQ's predictor (registered on the layer) advances once per training
+    forward too, as the docs state for the enclosing layer (else its cap stops holding as
+    training changes the predictor)."""
+    predictor = contdeq.spectral_norm_cap(nn.Linear(4, 6), cap=0.8)
+    layer = contdeq.SkipDEQ(TanhCell(6, 4, dtype=torch.float32), predictor)
+    cap = predictor.parametrizations.weight[0]
+    with torch.no_grad():  # away from the power iteration's fixed point
+        cap.u.copy_(torch.nn.functional.normalize(torch.ones_like(cap.u), dim=0))
+    u = cap.u.clone()
+    layer(torch.randn(3, 4))
+    assert not torch.equal(cap.u, u)
+
+
 def test_gradient_flows_through_the_cap() -> None:
     """The raw weight's gradient through the cap equals autograd on the formula written out
     here, ``W * cap / (u^T W v)`` with the cap's buffers ``u, v`` (the cap is active, sigma
@@ -118,6 +132,10 @@ def test_bad_arguments() -> None:
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="kernel")
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         contdeq.spectral_norm_cap(nn.Linear(3, 3), name="bias")
+    for dim in (2, -3, "0", True):
+        with pytest.raises(ValueError, match=r"dim must be an int in \[-2, 1\] \(a dimension of "
+                                             r"the weight of shape \(3, 3\)\)"):
+            contdeq.spectral_norm_cap(nn.Linear(3, 3), dim=dim)
 
 
 def test_conv_operator_norm_bounded_by_the_documented_cap() -> None:

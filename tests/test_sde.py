@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -87,6 +88,42 @@ def test_adjoint_gradients_match_backpropagation() -> None:
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert float(grads[0][-1].abs()) > 1e-3  # the noise scale is trained
+
+
+def test_training_forward_advances_the_caps_of_f_and_g() -> None:
+    """spectral_norm_cap's power iteration is advanced once per training forward in the
+    diffusion g as in the drift f (else g's cap stops holding as training changes g)."""
+    f, g = TanhCell(4, 4, lipschitz=2.0, cap=0.8), TanhCell(4, 4, lipschitz=2.0, cap=0.8)
+    layer = contdeq.NeuralSDE(f, g, 0.5, dt=0.1)
+    caps = [m.W.parametrizations.weight[0] for m in (f, g)]
+    with torch.no_grad():  # away from the power iteration's fixed point
+        for cap in caps:
+            cap.u.copy_(torch.nn.functional.normalize(torch.ones_like(cap.u), dim=0))
+    before = [cap.u.clone() for cap in caps]
+    layer(torch.randn(3, 4, dtype=F64))
+    assert all(not torch.equal(cap.u, u) for cap, u in zip(caps, before, strict=True))
+
+
+def test_adjoint_uses_the_normalization_of_its_forward() -> None:
+    """The stochastic adjoint of a call differentiates the f and g its forward integrated, also
+    when another training forward advanced spectral_norm_cap's power iteration in between."""
+    torch.manual_seed(0)
+    f, g = TanhCell(4, 4, lipschitz=2.0), TanhCell(4, 4, lipschitz=2.0)
+    for cell in (f, g):
+        contdeq.spectral_norm_cap(cell.W, cap=0.5, warmup_iterations=1)  # far from converged
+    x1, x2 = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    grads = []
+    for interleaved in (False, True):
+        layer = contdeq.NeuralSDE(copy.deepcopy(f), copy.deepcopy(g), 0.5, dt=0.05,
+                                  method="reversible_heun", sde_type="stratonovich",
+                                  adjoint=True)
+        torch.manual_seed(3)  # fixes the Brownian path
+        loss = layer(x1).square().sum()
+        if interleaved:
+            layer(x2)  # advances the power iteration
+        grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

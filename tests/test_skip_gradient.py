@@ -59,3 +59,20 @@ def test_skip_term_trains_the_predictor_and_the_encoder_not_f(seed: int) -> None
     assert float(grads["0.weight"].abs().max()) > 1e-6
     for name in ("1.f.W.weight", "1.f.U.weight", "1.f.U.bias"):
         assert float(grads[name].abs().max()) == 0.0
+
+
+def test_undetached_term_of_a_frozen_predictor_trains_f() -> None:
+    """``skip_detach=False`` with a frozen predictor (no graph in ``predictor(x)``): the term
+    is still there and trains f through z*. Catches the term dropped because the prediction
+    carries no gradient of its own."""
+    torch.manual_seed(0)
+    f = TanhCell(D, D, lipschitz=0.7)
+    predictor = nn.Linear(D, D, dtype=F64).requires_grad_(False)
+    layer = contdeq.SkipDEQ(f, predictor, skip_detach=False, solver="anderson", atol=1e-10,
+                            rtol=1e-10)
+    x = torch.randn(8, D, dtype=F64)
+    z = layer(x)
+    assert set(layer.aux_terms) == {"skip"}
+    torch.testing.assert_close(contdeq.aux_loss(layer), ((predictor(x) - z) ** 2).mean())
+    (grad,) = torch.autograd.grad(contdeq.aux_loss(layer), f.U.weight)
+    assert float(grad.abs().max()) > 1e-6

@@ -128,6 +128,51 @@ def test_neural_ode_with_spectral_norm_cap_under_threads() -> None:
     gradients_match_a_sequential_run(node, lambda x: node(x).square().sum())
 
 
+def test_neural_sde_with_spectral_norm_cap_under_threads() -> None:
+    """Catches NeuralSDE's use of torch's process-global parametrization cache (another
+    thread's capped weight and graph)."""
+    class NoNoise(nn.Module):  # no parameters: eval mode does not call g
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            return torch.zeros_like(z)
+
+    torch.manual_seed(0)
+    sde = contdeq.NeuralSDE(Cell(cap=0.9), NoNoise(), dt=0.1).eval()  # eval: no noise
+    gradients_match_a_sequential_run(sde, lambda x: sde(x).square().sum())
+
+
+def test_weight_tied_masks_under_threads() -> None:
+    """Each thread's masked unroll uses its own application's masks, and the modules' own
+    forward comes back once all are done. Catches the masked weights shadowing the modules'
+    forward for every thread (another call's mask, the unmasked weight, or "'Linear' object
+    has no attribute 'forward'" when the first call to finish removed the shadow)."""
+    local = threading.local()
+
+    class Meeting(Cell):
+        """Waits, at a call's first application, until every thread is inside its unroll."""
+
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            barrier = getattr(local, "barrier", None)
+            if barrier is not None:
+                local.barrier = None
+                barrier.wait()
+            return super().forward(z, x)
+
+    torch.manual_seed(0)
+    cell = Meeting()
+    layer = contdeq.WeightTied(cell, 3, masks="distinct", sparsity=0.5)
+    with torch.no_grad():
+        reference = [layer(inputs(k)) for k in range(THREADS * CALLS)]
+
+    def call(k: int, barrier: threading.Barrier) -> None:
+        local.barrier = barrier
+        with torch.no_grad():
+            out = layer(inputs(k))
+        torch.testing.assert_close(out, reference[k], rtol=0, atol=0)
+
+    run_in_threads(call)
+    assert "forward" not in vars(cell.W) and "forward" not in vars(cell.U)
+
+
 def test_skip_reg_term_with_spectral_norm_cap_under_threads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches the same cache sharing in the equilibrium layers: the Skip-Reg term

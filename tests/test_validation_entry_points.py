@@ -59,6 +59,20 @@ CASES: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     # layers: construction
     "DEQ f": (lambda: contdeq.DEQ(lambda z, x: z), TypeError,
               r"f must be an nn.Module called as f\(z, x\), got function"),
+    "DEQ f arity": (lambda: contdeq.DEQ(nn.Linear(3, 3)), TypeError,
+                    r"f must be callable as f\(z, x\) \(2 positional arguments: z, x\), but "
+                    r"forward\(input: torch.Tensor\) -> torch.Tensor cannot take them"),
+    "MultiScaleDEQ f arity": (lambda: contdeq.MultiScaleDEQ(nn.Linear(3, 3), state_shapes=[3]),
+                              TypeError, r"f must be callable as f\(zs, x\) with zs a tuple"),
+    "NeuralODE f arity": (lambda: contdeq.NeuralODE(nn.Linear(3, 3)), TypeError,
+                          r"f must be callable as f\(z, x\)"),
+    "WeightTied f arity": (lambda: contdeq.WeightTied(nn.Linear(3, 3), 2), TypeError,
+                           r"f must be callable as f\(z, x\)"),
+    "NeuralSDE g arity": (lambda: contdeq.NeuralSDE(cell(), nn.Linear(3, 3)), TypeError,
+                          r"g must be callable as g\(z, x\)"),
+    "SkipDEQ predictor arity": (lambda: contdeq.SkipDEQ(cell(), cell()), TypeError,
+                                r"predictor must be callable as predictor\(x\) \(1 positional "
+                                r"argument: x\)"),
     "DEQ solver": (lambda: contdeq.DEQ(cell(), solver="secant"), ValueError,
                    "solver must be one of .* got 'secant'"),
     "DEQ option": (lambda: contdeq.DEQ(cell(), tol=1e-3), TypeError,

@@ -280,8 +280,22 @@ def test_bad_cell_and_inputs() -> None:
     shaped z0 are reported with the argument's name."""
     with pytest.raises(TypeError, match=r"f must be an nn\.Module"):
         contdeq.WeightTied(lambda z, x: z, 2)  # type: ignore[arg-type]
+    class NoWeights(nn.Module):
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            return torch.tanh(z + x)
+
     with pytest.raises(ValueError, match="no weight to mask"):
-        contdeq.WeightTied(nn.Tanh(), 2, masks="distinct", sparsity=0.5)
+        contdeq.WeightTied(NoWeights(), 2, masks="distinct", sparsity=0.5)
+
+    class Colliding(nn.Module):  # a_b.weight and a.b.weight both map to the name a_b_weight
+        def __init__(self) -> None:
+            super().__init__()
+            self.a_b, self.c, self.a = nn.Linear(2, 2), nn.Linear(2, 2), nn.Module()
+            self.a.b = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match=r"f's weights 'a\.b\.weight' and 'a_b\.weight' map "
+                                         r"to the same mask name 'a_b_weight'"):
+        contdeq.WeightTied(Colliding(), 2, masks="distinct", sparsity=0.5)
     layer = contdeq.WeightTied(LinearCell(2), 2)
     with pytest.raises(TypeError, match="x must have a floating-point dtype"):
         layer(torch.ones(1, 2, dtype=torch.long))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..solvers import BoundInput
 from ..solvers.validation import check_func_output
 
-__all__ = ["LayerInput", "check_output", "first_call"]
+__all__ = ["LayerInput", "check_output", "first_call", "from_autocast"]
 
 
 class LayerInput(BoundInput):
@@ -44,12 +44,23 @@ class LayerInput(BoundInput):
         return check_output(out, z, self.name)
 
 
+def from_autocast(out: object, like: Tensor) -> object:
+    """``out`` computed under ``torch.autocast`` in its dtype, cast (differentiably) to
+    ``like``'s dtype (the state's); anything else unchanged."""
+    device = like.device.type
+    if (isinstance(out, Tensor) and out.dtype != like.dtype and torch.is_autocast_enabled(device)
+            and out.dtype == torch.get_autocast_dtype(device)):
+        return out.to(like.dtype)
+    return out
+
+
 def first_call(f: Callable[[Tensor, Tensor], Tensor], z: Tensor, x: Tensor, name: str = "f",
                hint_module: object = None) -> Tensor:
     """``f(z, x)``, with shape errors inside ``f`` and a badly shaped output explained in
     terms of the state shape (the usual cause: ``state_shape`` left to default to ``x``'s);
     ``hint_module``: the module whose parameters the dtype/device hint names (default
-    ``f``)."""
+    ``f``). An output in the ``torch.autocast`` dtype is cast to ``z``'s, as the solves
+    do."""
     try:
         out = f(z, x)
     except RuntimeError as exc:
@@ -58,7 +69,7 @@ def first_call(f: Callable[[Tensor, Tensor], Tensor], z: Tensor, x: Tensor, name
             f"{tuple(x.shape)}; if f's state is not shaped like x, set state_shape=... on the "
             f"layer or pass z0.{_dtype_device_hint(hint_module or f, z, x)} The error was: {exc}"
         ) from exc
-    return check_output(out, z, name)
+    return check_output(from_autocast(out, z), z, name)
 
 
 def _dtype_device_hint(f: object, z: Tensor, x: Tensor) -> str:

@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from .._warnings import warn
 from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equilibrium
+from ..implicit.diagnostics import from_autocast
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
-from ..solvers.validation import all_finite, check_positive_float, is_vmapped
+from ..solvers.validation import all_finite, check_callable, check_positive_float, is_vmapped
 from .checks import check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
@@ -182,7 +183,8 @@ class Single(Structure):
         return z
 
     def prediction(self, guess: object, x: Tensor) -> Tensor:
-        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype."""
+        """``predictor(x)`` checked: a finite tensor of the state's shape and ``x``'s dtype
+        (under ``torch.autocast`` also the autocast dtype, cast to ``x``'s)."""
         if not isinstance(guess, Tensor):
             raise TypeError(f"predictor must return a torch.Tensor, got {type(guess).__name__}")
         if guess.ndim == 0 or guess.shape[0] != x.shape[0] or (
@@ -192,6 +194,7 @@ class Single(Structure):
                         else str((x.shape[0], *self.state_shape)))
             raise ValueError(f"predictor(x) must return the state's shape {expected}, got "
                              f"{tuple(guess.shape)}")
+        guess = from_autocast(guess, x)
         if guess.dtype != x.dtype:
             raise TypeError(f"predictor(x) must return x's dtype {x.dtype}, got {guess.dtype}")
         if not bool(torch.isfinite(guess).all()):
@@ -311,6 +314,7 @@ class DEQ(PerThreadResults):
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
                             f"{type(f).__name__}")
+        check_callable(f.forward, "f", structure.contract)
         self.structure = structure
         self.init = resolve_init(init)
         self.modifiers = check_modifiers(modifiers)
@@ -461,7 +465,7 @@ class DEQ(PerThreadResults):
         z0 = self.structure.pack(z0)
         train = self.training and torch.is_grad_enabled()
         if self.training:
-            update_normalization(self.f)
+            update_normalization(self)  # f's, and a predictor's or V_0's
         solver, backward = self.solver_and_backward()
         aux: dict[str, Tensor] = {}
         self._aux = aux
@@ -492,7 +496,7 @@ class DEQ(PerThreadResults):
         self._hinted = True
         options = solver.options
         if solver.solver == "ode":
-            method = options["method"]
+            method = options.get("method")  # None: steady_state's default (not ptc)
             other = ("method='ptc' (one f call per step, steps aimed at the steady state)"
                      if method != "ptc" else "solver='anderson'")
             limit = options.get("max_steps", 1000)

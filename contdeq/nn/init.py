@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..implicit import first_call
 from ..regularizers import SKIP_NORMS, skip_loss
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import INITIAL_STATES, InitialState, Zeros, resolve_init
 from .structure import check_state
@@ -62,6 +63,11 @@ class _Skip(InitialState):
         self.norm = norm
         self.detach = detach
 
+    def trained(self, guess: Tensor) -> Tensor | None:
+        """``guess`` where the skip term trains something: the prediction's graph, or, with
+        ``detach=False``, ``f`` through ``z*`` (also for a frozen predictor)."""
+        return guess if guess.requires_grad or not self.detach else None
+
     def skip_term(self, guess: Tensor, z: Tensor) -> Tensor | None:
         if self.weight == 0:
             return None
@@ -91,6 +97,7 @@ class Predictor(_Skip):
         if not isinstance(predictor, nn.Module):
             raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
                             f"{type(predictor).__name__}")
+        check_callable(predictor.forward, "predictor", "predictor(x)")
         self._predictor = predictor
 
     def modules(self) -> dict[str, nn.Module]:
@@ -98,7 +105,7 @@ class Predictor(_Skip):
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = layer.structure.prediction(layer.predictor(x), x)
-        return guess, guess if guess.requires_grad else None
+        return guess, self.trained(guess)
 
 
 @INITIAL_STATES.register("f0")
@@ -112,4 +119,4 @@ class FZero(_Skip):
 
     def __call__(self, layer: DEQ, x: Tensor) -> tuple[Tensor, Tensor | None]:
         guess = first_call(layer.f, layer.zeros(x), x)
-        return guess, guess if guess.requires_grad else None
+        return guess, self.trained(guess)

@@ -15,10 +15,17 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ..implicit import DEQStats, first_call
 from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .names import renamed
-from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
+from .normalization import (
+    fixed_normalization,
+    fixed_vectors,
+    restored_normalization,
+    update_normalization,
+    warn_unstable_normalization,
+)
 from .structure import Structure
 
 __all__ = ["NeuralODE"]
@@ -54,6 +61,8 @@ class _Dynamics:
         self.backward_calls = 0
         self.in_backward = False
         self.record: DEQStats | None = None
+        #: The forward's spectral_norm_cap vectors (:func:`fixed_vectors`), for the adjoint.
+        self.vectors: dict[int, tuple[Tensor, Tensor]] = {}
         self.last_output: Tensor | None = None  # checked for NaN/Inf only if the solve fails
         self._first: tuple[Tensor, Tensor] | None = None
 
@@ -61,6 +70,10 @@ class _Dynamics:
         if self.calls == 0:  # checked eagerly
             out = first_call(self.f, z, self.x)
             out = out - z if self.residual else out
+        elif self.in_backward and self.vectors:  # the adjoint pass: f with its forward's
+            # spectral_norm_cap vectors, eager (a compiled graph kept another pass's vectors)
+            with restored_normalization(self.vectors):
+                out = _rhs(self.f, z, self.x, self.residual)
         else:
             out = (_compiled_rhs if self.compiled else _rhs)(self.f, z, self.x, self.residual)
         self.calls += 1
@@ -132,7 +145,9 @@ class NeuralODE(PerThreadResults):
             unlimited); a solve that hits it raises :class:`~contdeq.solvers.ConvergenceError`
             instead of running on. ``max_num_steps`` is its deprecated spelling.
         compile: evaluate ``f(z, x) - z`` compiled by ``torch.compile`` (each call after the
-            first; its backward too). torchdiffeq's stepping loop stays eager. The first
+            first; its backward too; the adjoint pass of an ``f`` with
+            :func:`~contdeq.spectral_norm_cap` evaluates it eagerly, with the forward's
+            power-iteration vectors). torchdiffeq's stepping loop stays eager. The first
             solve of a shape compiles (seconds); later ones reuse the graph.
 
     Attributes:
@@ -171,6 +186,7 @@ class NeuralODE(PerThreadResults):
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
                             f"{type(f).__name__}")
+        check_callable(f.forward, "f", structure.contract)
         max_steps = renamed("NeuralODE", "max_num_steps", max_num_steps, "max_steps", max_steps,
                             10_000)
         check_number(t_end, "t_end", 0, strict=True, finite=True)
@@ -223,6 +239,7 @@ class NeuralODE(PerThreadResults):
         use_adjoint = self.adjoint and grad
         start = time.perf_counter()
         with fixed_normalization(self.f):
+            dyn.vectors = fixed_vectors()
             if self.method in _FIRST_STEP_METHODS and "first_step" not in options:
                 with torch.set_grad_enabled(grad and not use_adjoint):
                     d0 = dyn.rhs(z0)

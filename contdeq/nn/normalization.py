@@ -78,6 +78,11 @@ class SpectralNormCap(nn.Module):
             raise ValueError(
                 f"weight must have at least 2 dimensions, got shape {tuple(weight.shape)}"
             )
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (
+                -weight.ndim <= dim < weight.ndim):
+            raise ValueError(f"dim must be an int in [{-weight.ndim}, {weight.ndim - 1}] (a "
+                             f"dimension of the weight of shape {tuple(weight.shape)}), got "
+                             f"{dim!r}")
         check_number(cap, "cap", 0, strict=True)
         check_number(n_power_iterations, "n_power_iterations", 1, integer=True)
         check_number(warmup_iterations, "warmup_iterations", 0, integer=True)
@@ -220,6 +225,27 @@ def fixed_normalization(module: nn.Module) -> Iterator[None]:
     outer = getattr(_FIXED, "vectors", None), getattr(_FIXED, "weights", None)
     _FIXED.vectors = {**(outer[0] or {}), **{id(c): (c.u, c.v) for c in caps}}
     _FIXED.weights = {}
+    try:
+        yield
+    finally:
+        _FIXED.vectors, _FIXED.weights = outer
+
+
+def fixed_vectors() -> dict[int, tuple[Tensor, Tensor]]:
+    """The power-iteration vectors the enclosing :func:`fixed_normalization` fixed in this
+    thread (``{}`` outside one), for :func:`restored_normalization`."""
+    return dict(getattr(_FIXED, "vectors", None) or {})
+
+
+@contextlib.contextmanager
+def restored_normalization(vectors: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Within the block, every :class:`SpectralNormCap` with an entry in ``vectors`` (from
+    :func:`fixed_vectors`) uses those vectors: a backward pass that calls ``f`` again after its
+    forward (``NeuralODE``'s adjoint) differentiates the ``f`` the forward solved, even where a
+    later forward advanced the power iteration. Capped weights are not cached."""
+    outer = getattr(_FIXED, "vectors", None), getattr(_FIXED, "weights", None)
+    _FIXED.vectors = {**(outer[0] or {}), **vectors}
+    _FIXED.weights = None
     try:
         yield
     finally:

@@ -9,19 +9,28 @@ torchsde calls; :class:`~contdeq.NoisyDEQ` uses it too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torchsde
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..implicit import check_output, first_call
+from ..implicit.diagnostics import from_autocast
 from ..solvers import NonFiniteError
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import check_layer_input, resolve_state_shape, zeros_or_state
-from .normalization import update_normalization, warn_unstable_normalization
+from .normalization import (
+    fixed_normalization,
+    fixed_vectors,
+    restored_normalization,
+    update_normalization,
+    warn_unstable_normalization,
+)
 
 __all__ = ["SDE_METHODS", "DriftDiffusion", "NeuralSDE"]
 
@@ -61,6 +70,13 @@ class DriftDiffusion(nn.Module):
         self.shape = shape
         self.sde_type = sde_type
         self.calls = 0
+        #: spectral_norm_cap vectors the calls use (:func:`fixed_vectors`; ``{}``: the
+        #: current ones), so an adjoint pass run later sees its forward's.
+        self.vectors: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _normalization(self) -> Any:
+        return (restored_normalization(self.vectors) if self.vectors
+                else contextlib.nullcontext())
 
     def _state(self, y: Tensor) -> Tensor:
         return y.view(y.shape[0], *self.shape)
@@ -68,7 +84,8 @@ class DriftDiffusion(nn.Module):
     def f(self, t: Tensor, y: Tensor) -> Tensor:
         """The drift ``f(z, x) - z``, ``(B, D)``."""
         z = self._state(y)
-        out = first_call(self.func, z, self.x) if self.calls == 0 else self.func(z, self.x)
+        with self._normalization():
+            out = first_call(self.func, z, self.x) if self.calls == 0 else self.func(z, self.x)
         self.calls += 1
         return (out - z).reshape(z.shape[0], -1)
 
@@ -77,7 +94,9 @@ class DriftDiffusion(nn.Module):
         if self.diffusion is None:
             return torch.zeros_like(y)
         z = self._state(y)
-        return check_output(self.diffusion(z, self.x), z, "g").reshape(z.shape[0], -1)
+        with self._normalization():
+            out = self.diffusion(z, self.x)
+        return check_output(from_autocast(out, z), z, "g").reshape(z.shape[0], -1)
 
 
 def integrate_sde(sde: DriftDiffusion, z0: Tensor, t_end: float, *, method: str, dt: float,
@@ -146,6 +165,7 @@ class NeuralSDE(nn.Module):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module called as {name}(z, x), got "
                                 f"{type(module).__name__}")
+            check_callable(module.forward, name, f"{name}(z, x)")
         check_number(t_end, "t_end", 0, strict=True, finite=True)
         check_number(dt, "dt", 0, strict=True, finite=True)
         if dt > t_end:
@@ -170,7 +190,7 @@ class NeuralSDE(nn.Module):
         x = check_layer_input(x, type(self).__name__)
         z0 = zeros_or_state(x, z0, self.state_shape)
         if self.training:
-            update_normalization(self.f)
+            update_normalization(self)  # f and g
         noisy = self.training
         sde = DriftDiffusion(self.f, self.g if noisy else None, x, tuple(z0.shape[1:]),
                              self.sde_type)
@@ -178,7 +198,9 @@ class NeuralSDE(nn.Module):
         params = [p for p in (*self.f.parameters(), *self.g.parameters()) if p.requires_grad]
         if x.requires_grad:
             params.append(x)
-        with parametrize.cached():
+        with fixed_normalization(self):
+            if use_adjoint:  # its backward calls f and g again, after this scope
+                sde.vectors = fixed_vectors()
             return integrate_sde(sde, z0, self.t_end, method=self.method, dt=self.dt,
                                  adjoint=use_adjoint, params=params, fixed_path=not noisy)
 

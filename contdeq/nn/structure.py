@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..implicit.diagnostics import from_autocast
 from ..solvers import concat_states, flatten_states, split_states, unflatten_states
 from ..solvers.validation import Shapes, as_shape, check_state_shapes
 
@@ -151,7 +152,7 @@ class Scales(Structure):
     def prediction(self, guess: object, x: Tensor) -> Tensor:
         """A tuple ``predictor(x)`` checked scale by scale, flattened to ``(B, N)``."""
         flat = flatten_states(guess, shapes=self.shapes, name="predictor(x)")[0]
-        return check_state(flat, x, self.state_shape, "predictor(x)")
+        return check_state(from_autocast(flat, x), x, self.state_shape, "predictor(x)")
 
     def __repr__(self) -> str:
         return f"Scales({self.shapes})"

@@ -13,6 +13,7 @@ but each uses a different sparse subset of it. ``masks="shared"`` is the control
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats, sample_rms
+from ..solvers.validation import check_callable
 from .checks import check_number
 from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .normalization import fixed_normalization, update_normalization
@@ -65,17 +67,48 @@ def _forward_with(module: nn.Module, weight: Tensor) -> Callable[[Tensor], Tenso
     return lambda inp: module._conv_forward(inp, weight, module.bias)  # type: ignore[operator]
 
 
+#: Per thread: the weight each module computes with inside :func:`_weights_replaced`, by id.
+_REPLACED = threading.local()
+#: Guards the shadowing forwards: how many threads are inside a block for each module, by id.
+_SHADOWING = threading.Lock()
+_SHADOWED: dict[int, int] = {}
+
+
+def _shadow(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``module``'s forward with the calling thread's replacement weight (its class's forward
+    where the thread has none: another thread's calls of a shared module)."""
+
+    def forward(inp: Tensor) -> Tensor:
+        weight = getattr(_REPLACED, "weights", {}).get(id(module))
+        if weight is None:
+            return type(module).forward(module, inp)
+        return _forward_with(module, weight)(inp)
+
+    return forward
+
+
 @contextmanager
 def _weights_replaced(replacements: list[tuple[nn.Module, Tensor]]) -> Iterator[None]:
-    """Within the block each module computes with the given weight (its forward is shadowed by
-    an instance attribute, removed on exit)."""
-    for module, weight in replacements:
-        module.forward = _forward_with(module, weight)  # type: ignore[method-assign]
+    """Within the block each module computes with the given weight in the calling thread (its
+    forward is shadowed by an instance attribute while any thread is inside such a block,
+    removed when the last leaves; other threads' calls keep their own weights)."""
+    outer = getattr(_REPLACED, "weights", {})
+    _REPLACED.weights = {**outer, **{id(module): weight for module, weight in replacements}}
+    with _SHADOWING:
+        for module, _ in replacements:
+            if not _SHADOWED.get(id(module)):
+                module.forward = _shadow(module)  # type: ignore[method-assign]
+            _SHADOWED[id(module)] = _SHADOWED.get(id(module), 0) + 1
     try:
         yield
     finally:
-        for module, _ in replacements:
-            del module.forward
+        with _SHADOWING:
+            for module, _ in replacements:
+                _SHADOWED[id(module)] -= 1
+                if not _SHADOWED[id(module)]:
+                    del _SHADOWED[id(module)]
+                    del module.forward
+        _REPLACED.weights = outer
 
 
 class WeightTied(PerThreadResults):
@@ -138,6 +171,7 @@ class WeightTied(PerThreadResults):
         if not isinstance(f, nn.Module):
             raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
                             f"{type(f).__name__}")
+        check_callable(f.forward, "f", structure.contract)
         self.depth = int(check_number(depth, "depth", 1, integer=True))
         if masks is not None and masks not in _MASK_KINDS:
             raise ValueError(f"masks must be None, 'distinct' or 'shared', got {masks!r}")
@@ -168,14 +202,14 @@ class WeightTied(PerThreadResults):
 
     def _draw_masks(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        paths = []
+        paths: dict[str, str] = {}  # mask name -> weight path
         for path, module in self.f.named_modules():
             if not isinstance(module, MASKABLE_MODULES):
                 continue
             weight_path = f"{path}.weight" if path else "weight"
             name = weight_path.replace(".", "_")
             if name in self._masked:
-                raise ValueError(f"f's weights {weight_path!r} and {paths[-1]!r} map to the same "
+                raise ValueError(f"f's weights {weight_path!r} and {paths[name]!r} map to the same "
                                  f"mask name {name!r}; rename a submodule")
             weight = module.weight
             if self.mask_kind == "shared":  # one mask, the same at every application
@@ -185,11 +219,11 @@ class WeightTied(PerThreadResults):
                 mask = _draw_mask(weight.shape, self.depth, self.sparsity, generator)
             self.masks.register_buffer(name, mask.to(weight.device))
             self._masked[name] = module
-            paths.append(weight_path)
+            paths[name] = weight_path
         if not paths:
             raise ValueError(f"masks={self.mask_kind!r} found no weight to mask: f has no "
                              "nn.Linear or nn.Conv1d/2d/3d submodule")
-        self.masked_weights = tuple(paths)
+        self.masked_weights = tuple(paths.values())
 
     def active_parameters(self) -> float:
         """Mean number of ``f``'s parameter entries one application uses: all of them without
