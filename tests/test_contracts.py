@@ -290,6 +290,31 @@ def test_backward_mode_maps_the_keyword_form() -> None:
     assert isinstance(contdeq.backward_mode("unrolled"), Unrolled)
 
 
+def test_the_warm_implicit_name_takes_the_backward_keywords() -> None:
+    """Catches ``backward="implicit_warm"`` silently dropping ``backward_rtol`` and the other
+    ``backward_*`` keywords (its mode solves the same linear system as ``"implicit"``); names
+    without a linear solve still ignore them, and bad values are named."""
+    mode = contdeq.backward_mode("implicit_warm", method="picard", rtol=1e-7, max_steps=9,
+                                 options={"damping": 0.5})
+    assert isinstance(mode, contdeq.WarmImplicit)
+    assert (mode.method, mode.rtol, mode.max_steps, dict(mode.options)) == (
+        "picard", 1e-7, 9, {"damping": 0.5})
+    class Cell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+
+        def forward(self, z: Tensor, x: Tensor) -> Tensor:
+            return torch.tanh(0.5 * self.a(z) + x)
+
+    layer = contdeq.DEQ(Cell(), backward="implicit_warm", backward_rtol=1e-7)
+    assert isinstance(layer.backward_mode, contdeq.WarmImplicit)
+    assert layer.backward_mode.rtol == 1e-7
+    assert contdeq.backward_mode("jfb", rtol=1e-7) == JFB()
+    with pytest.raises(ValueError, match="backward_rtol"):
+        contdeq.backward_mode("implicit_warm", rtol=-1.0)
+
+
 def test_backward_config_is_the_deprecated_name_of_backward_mode() -> None:
     """``BackwardConfig`` (a function named like a class, with ``tol``) still works for one
     release: a DeprecationWarning at the caller's line names ``backward_mode`` and ``rtol``,

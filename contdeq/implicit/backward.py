@@ -260,10 +260,12 @@ def backward_mode(
 ) -> BackwardMode:
     """The backward mode object for the layers' keyword form of the backward arguments.
 
-    ``mode`` is a name in ``BACKWARD_MODES`` or a :class:`BackwardMode` object. For
-    ``"implicit"``, ``method``/``rtol``/``max_steps``/``options`` (the layers'
-    ``backward_method``, ``backward_rtol``, ...) fill :class:`Implicit`'s fields (unset ones
-    keep its defaults); other names are constructed with their defaults and ignore them.
+    ``mode`` is a name in ``BACKWARD_MODES`` or a :class:`BackwardMode` object. For a name of
+    an :class:`Implicit` mode (``"implicit"``, ``"implicit_warm"``),
+    ``method``/``rtol``/``max_steps``/``options`` (the layers' ``backward_method``,
+    ``backward_rtol``, ...) fill its fields (unset ones keep its defaults); other names (no
+    linear solve: ``"jfb"``, ``"unrolled"``, ``"phantom"``) are constructed with their defaults
+    and ignore them.
     ``on_nonconvergence`` fills an ``on_nonconvergence`` field left at ``None``.
 
     Raises:
@@ -282,13 +284,14 @@ def backward_mode(
         resolved = mode
     elif isinstance(mode, str):
         BACKWARD_MODES.check(mode, "backward")
-        if mode == "implicit":
+        kind = BACKWARD_MODES[mode]
+        if issubclass(kind, Implicit):  # "implicit", "implicit_warm": a linear solve
             _check_implicit(keywords.get("method", "anderson"), keywords.get("rtol"),
                             keywords.get("max_steps", 100), keywords.get("options", {}),
                             on_nonconvergence, prefix="backward_")
-            resolved = Implicit(**keywords)
+            resolved = kind(**keywords)
         else:
-            resolved = BACKWARD_MODES[mode]()
+            resolved = kind()
     else:
         raise TypeError(f"backward must be a backward mode name {tuple(BACKWARD_MODES)} or a "
                         f"contdeq.BackwardMode object, got {type(mode).__name__}")

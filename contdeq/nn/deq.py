@@ -242,8 +242,9 @@ class DEQ(PerThreadResults):
         backward_method: shorthand for ``Implicit(method=...)``: ``"anderson"`` (default),
             ``"picard"``, ``"broyden"``, ``"newton"``, ``"ode"`` or ``"gmres"`` (fewest VJPs
             near the edge of contraction). The four ``backward_*`` keywords apply
-            to ``backward="implicit"`` (other names ignore them); with a backward mode object
-            they raise ``TypeError`` (set them on the object).
+            to ``backward="implicit"`` and ``"implicit_warm"`` (the names without a linear
+            solve ignore them); with a backward mode object they raise ``TypeError`` (set them
+            on the object).
         backward_rtol: ``Implicit(rtol=...)``, relative, scale-invariant tolerance of the
             backward linear solve (default ``1e-4``). ``backward_tol`` is its deprecated
             spelling.
