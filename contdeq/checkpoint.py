@@ -29,7 +29,7 @@ import pickle
 import random
 import re
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +333,7 @@ def _feed(hasher: Any, obj: object, where: str) -> None:
         tensor = obj.detach().cpu().contiguous()  # type: ignore[union-attr]
         hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif kind in (dict, OrderedDict):
+    elif kind in (dict, OrderedDict, Counter):  # Counter: MultiStepLR's milestones
         hasher.update(f"{len(obj)}\0".encode())  # type: ignore[arg-type]
         for key, value in obj.items():  # type: ignore[attr-defined]
             _feed(hasher, key, where)

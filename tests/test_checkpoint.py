@@ -247,6 +247,21 @@ def test_extras_the_safe_loader_refuses_are_refused_at_save(tmp_path: Path, valu
     assert loaded["steps"] == [1, 2] and torch.equal(loaded["t"], torch.ones(2))
 
 
+def test_a_multistep_scheduler_round_trips(tmp_path: Path) -> None:
+    """Catches ``MultiStepLR`` refused at save: its milestones are a ``collections.Counter``,
+    which the safe loader reads back, but the content hash took only plain dicts."""
+    model, optimizer, _ = _training_state()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.5)
+    for _ in range(3):
+        scheduler.step()
+    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer, scheduler, epoch=3)
+    fresh, adam = _fresh()
+    fresh_scheduler = torch.optim.lr_scheduler.MultiStepLR(adam, milestones=[9], gamma=0.1)
+    load_checkpoint(path, fresh, adam, fresh_scheduler)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
 def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
     """Catches ``.tmp`` files of killed saves piling up (2.2 GB in the issue's probe), and
     checks that other files (another target's temporaries included) are left alone."""
