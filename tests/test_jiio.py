@@ -399,6 +399,17 @@ def test_select_and_bad_tolerances_are_checked(problem: LinearProblem) -> None:
         StepSizes(x_late=-1.0)
 
 
+def test_a_zero_tolerance_at_a_zero_start_is_not_nan(problem: LinearProblem) -> None:
+    """Catches 0 / 0 in the stopping test: with ``atol=0`` a cell without bias started at
+    ``z = x = 0`` has residual 0 over tolerance 0 there; the NaN ratio made the selection keep
+    that first point for every sample (``NaN < lowest`` never holds) and never stop."""
+    problem.b.zero_()
+    _, x, stats = solve(problem, atol=0.0, rtol=1e-9, gtol=1e-9)
+    assert stats.all_converged and bool(torch.isfinite(stats.solver.residual).all())
+    x_opt, _, _ = problem.optimum(problem.w, problem.u, problem.b)
+    torch.testing.assert_close(x, x_opt, atol=1e-7, rtol=0)
+
+
 def _tanh_problem(seed: int) -> tuple[object, object]:
     """A small non-convex problem: a tanh DEQ, targets inside its range, a weak prior."""
     gen = torch.Generator().manual_seed(seed)

@@ -307,12 +307,15 @@ class _AugmentedMap:
                 sample_rms((x - x_next).detach()) / alpha)
 
     def ratio(self, z: Tensor, mu: Tensor, res: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """``(B,)`` the largest block residual over its tolerance (passed: ``<= 1``)."""
+        """``(B,)`` the largest block residual over its tolerance (passed: ``<= 1``). A
+        tolerance of 0 (``atol=0`` at a zero state or adjoint) is raised to the dtype's
+        smallest normal number, so a residual of exactly 0 passes (not 0 / 0 = NaN)."""
         tol = self.tolerances
         rz, rmu, rx = res
+        tiny = torch.finfo(rz.dtype).tiny
         return torch.stack([
-            rz / (tol.atol + tol.rtol * sample_rms(z.detach())),
-            rmu / (tol.atol + tol.rtol * sample_rms(mu.detach())),
+            rz / (tol.atol + tol.rtol * sample_rms(z.detach())).clamp_min(tiny),
+            rmu / (tol.atol + tol.rtol * sample_rms(mu.detach())).clamp_min(tiny),
             rx / tol.gtol,
         ]).amax(0)
 
