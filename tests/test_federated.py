@@ -121,6 +121,18 @@ def test_fuse_arrays_is_the_weighted_average_and_skips_zero_weight_nan():
         assert fused[key].dtype == states[0][key].dtype
 
 
+def test_identical_clients_keep_their_integer_buffers():
+    """Catches integer arrays (BatchNorm's ``num_batches_tracked``) truncated after the
+    float64 average: identical clients fused to ``n - 1`` when the weights' sum times ``n``
+    fell just below ``n`` (two clients of 37 and 40 examples, ``n = 31`` -> 30)."""
+    for counts in ([37, 40], [37, 40, 43, 46]):
+        weights = fusion_weights([report(n, 1.0) for n in counts], gamma=0.0).weights
+        for n in range(1, 200):
+            states = [{"count": np.array(n, dtype=np.int64)} for _ in counts]
+            fused = fuse_arrays(states, weights)["count"]
+            assert fused == n and fused.dtype == np.int64
+
+
 def test_report_round_trips_through_metrics():
     """to_metrics / from_metrics keep every field (a lost key would silently zero a weight)."""
     original = ClientReport(12, 0.75, 3e-3, 0.5, 17.0, diverged=False)

@@ -166,7 +166,8 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
             arrays may hold NaN).
 
     Returns:
-        name -> averaged array, in each name's original dtype (accumulated in float64).
+        name -> averaged array, in each name's original dtype (accumulated in float64;
+        integer arrays rounded to the nearest integer).
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(states),):
@@ -182,7 +183,10 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
     fused = {}
     for name in names:
         total = sum(weights[k] * np.asarray(states[k][name], dtype=np.float64) for k in used)
-        fused[name] = np.asarray(total).astype(np.asarray(states[used[0]][name]).dtype)
+        dtype = np.asarray(states[used[0]][name]).dtype
+        if np.issubdtype(dtype, np.integer):  # to the nearest, not truncated: n*(1-ulp) -> n
+            total = np.rint(total)
+        fused[name] = np.asarray(total).astype(dtype)
     return fused
 
 
