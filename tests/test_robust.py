@@ -192,6 +192,16 @@ def test_robust_accuracy_counts_correct_predictions() -> None:
         robust_accuracy(model, (x, y[:3]), None)
 
 
+def test_robust_accuracy_refuses_labels_not_shaped_b() -> None:
+    """Catches labels of another shape broadcast against the ``(B,)`` predictions: a column
+    ``(N, 1)`` gave an "accuracy" of up to N, one-hot labels a count of unrelated matches."""
+    model = classifier()
+    x, y = inputs(3)
+    for labels in (y[:, None], F.one_hot(y, CLASSES)):
+        with pytest.raises(ValueError, match=r"labels .* shape \(B,\) = \(3,\)"):
+            robust_accuracy(model, (x, labels), None)
+
+
 class RecordingCell(TanhCell):
     """A :class:`TanhCell` recording the input of its last call and its calls with grad."""
 
