@@ -23,6 +23,7 @@ from contdeq.federated import (
     SolverBudget,
     apply_budget,
     dirichlet_split,
+    evaluate_classifier,
     fuse_arrays,
     fusion_weights,
     train_local,
@@ -241,6 +242,14 @@ def test_train_local_learns_and_reports_solver_quality():
     rep = train_local(deq_model(tol=1e-3), data, epochs=3, lr=0.05, batch_size=20)
     assert rep.accuracy > 0.8 and rep.num_examples == 60 and not rep.diverged
     assert 0 < rep.residual < 1e-2 and rep.nfe > 2 and rep.converged == 1.0
+
+
+def test_evaluate_classifier_refuses_labels_not_shaped_n():
+    """Catches a ``(N, 1)`` column of labels broadcast against the predictions: the server's
+    test "accuracy" came out above 1 (2.6 for 5 samples)."""
+    x, y = _blobs(6, 0)
+    with pytest.raises(ValueError, match=r"y must be class indices of shape \(N,\) = \(6,\)"):
+        evaluate_classifier(nn.Linear(4, 3), x, y[:, None])
 
 
 def test_train_local_reports_divergence_instead_of_raising():

@@ -156,6 +156,9 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor,
     """Accuracy, mean forward residual and converged fraction of ``model`` on ``x`` ``(N, ...)``
     with labels ``y`` ``(N,)``, in evaluation mode (residual 0 and converged 1 for a model
     without equilibrium layers)."""
+    if y.shape != (len(x),):  # broadcasting a column against the predictions counts others
+        raise ValueError(f"y must be class indices of shape (N,) = ({len(x)},), got "
+                         f"{tuple(y.shape)} (a column: pass y.squeeze(1))")
     model.eval()
     correct, residuals, converged = 0, [], []
     for start in range(0, len(x), batch_size):
