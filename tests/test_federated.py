@@ -252,6 +252,23 @@ def test_evaluate_classifier_refuses_labels_not_shaped_n():
         evaluate_classifier(nn.Linear(4, 3), x, y[:, None])
 
 
+def test_evaluate_classifier_restores_every_modules_mode():
+    """Catches the model left in eval mode: a training loop that evaluated between steps then
+    trained without its Jacobian regularizer (``aux_loss`` 0: layers add it in training only),
+    and a submodule frozen in eval mode must stay so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), contdeq.DEQ(Cell(8), jacobian_weight=1.0),
+                          nn.Linear(8, 3), nn.Dropout(0.1).eval())
+    x, y = _blobs(6, 0)
+    model[0].train()
+    model[1].train()
+    model[2].train()
+    evaluate_classifier(model, x, y)
+    assert [m.training for m in model] == [True, True, True, False]
+    model(x)
+    assert float(contdeq.aux_loss(model).detach()) > 0
+
+
 def test_train_local_reports_divergence_instead_of_raising():
     """A NaN loss is reported as diverged (so the server excludes the update), not raised."""
     model = deq_model()
