@@ -158,6 +158,20 @@ def test_budget_caps_the_solver_steps_in_training_and_evaluation():
         assert not model[1].stats.forward.all_converged
 
 
+def test_budget_keeps_a_lyapunov_deqs_projected_field():
+    """Catches ``apply_budget`` rebuilding a LyapunovDEQ's solvers as plain ones: the layer
+    then solved the nominal field of ``f``, without its projection and ``V(z) <= V(z0)``."""
+    from contdeq.nn.lyapunov import LyapunovDEQ, LyapunovSolver
+
+    torch.manual_seed(0)
+    layer = LyapunovDEQ(Cell(4), 4, hidden=(8,), atol=1e-6, rtol=1e-6)
+    apply_budget(layer, SolverBudget(max_steps=5, atol=1e-2, rtol=1e-3))
+    for solver in (layer.solver, layer.eval_solver):
+        assert isinstance(solver, LyapunovSolver) and solver.lyapunov is layer.lyapunov
+        assert solver.options["max_steps"] == 5 and solver.options["atol"] == 1e-2
+        assert solver.on_nonconvergence == "ignore"
+
+
 def test_budget_rejects_bad_values_and_methods_of_discrete_solvers():
     """Invalid budgets fail at construction with the argument's name; an ODE method on an
     Anderson layer is refused rather than ignored."""

@@ -15,6 +15,7 @@ from .._warnings import warn
 from ..implicit import ForwardSolver
 from ..nn.checks import check_number
 from ..nn.deq import DEQ
+from ..nn.lyapunov import LyapunovSolver
 from ..regularizers import aux_loss
 from ..solvers import NonFiniteError
 from .fusion import ClientReport
@@ -121,8 +122,10 @@ def apply_budget(model: nn.Module, budget: SolverBudget) -> nn.Module:
                              f"solver={layer.solver.solver!r}")
         for attr in ("solver", "eval_solver"):
             old: ForwardSolver = getattr(layer, attr)
-            setattr(layer, attr, ForwardSolver(old.solver, on_nonconvergence="ignore",
-                                               **{**old.options, **options}))
+            new = ForwardSolver(old.solver, on_nonconvergence="ignore",
+                                **{**old.options, **options})
+            # A LyapunovDEQ's solver solves its projected field: keep it on that field.
+            setattr(layer, attr, old.rebuild(new) if isinstance(old, LyapunovSolver) else new)
     return model
 
 
