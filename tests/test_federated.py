@@ -134,6 +134,17 @@ def test_identical_clients_keep_their_integer_buffers():
             assert fused == n and fused.dtype == np.int64
 
 
+def test_fuse_arrays_refuses_arrays_of_another_shape():
+    """Catches NumPy broadcasting a client's array of another shape into the average: a
+    ``(1,)`` reply to a ``(3,)`` parameter was fused silently, a ``(3, 1)`` one made it
+    ``(3, 3)``."""
+    states = [{"w": np.ones(3)}, {"w": np.ones(3)}]
+    for other in (np.array([5.0]), np.ones((3, 1))):
+        states[1] = {"w": other}
+        with pytest.raises(ValueError, match=r"state 1's 'w' has shape .* state 0's \(3,\)"):
+            fuse_arrays(states, np.array([0.5, 0.5]))
+
+
 def test_report_round_trips_through_metrics():
     """to_metrics / from_metrics keep every field (a lost key would silently zero a weight)."""
     original = ClientReport(12, 0.75, 3e-3, 0.5, 17.0, diverged=False)
