@@ -299,6 +299,9 @@ def test_bad_objective_and_projection_are_named(problem: LinearProblem) -> None:
                         z0)
     with pytest.raises(ValueError, match="eps must be"):
         linf_ball(x0, -1.0)
+    # a (B,) radius of the right shape with a value <= 0 says so, not only its (right) shape
+    with pytest.raises(ValueError, match=rf"got shape \({B},\), smallest value -0.1"):
+        l2_ball(x0, torch.tensor([0.1, -0.1] + [0.2] * (B - 2)))
 
 
 def test_non_finite_values_raise(problem: LinearProblem) -> None:
