@@ -435,6 +435,25 @@ def test_strategy_excludes_nan_parameters_and_fuses_the_rest():
     assert metrics["clients-fused"] == 2 and metrics["clients-excluded"] == 1
 
 
+def test_strategy_excludes_a_reply_of_another_layout_and_fuses_the_rest():
+    """Catches one client whose arrays have other names or shapes aborting the round: its
+    ValueError from ``fuse_arrays`` ended the server's run instead of excluding that client."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    from contdeq.federated import QualityWeightedFedAvg
+
+    good = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 6.0])}]
+    for bad in ({"v": np.array([1.0, 2.0])}, {"w": np.array([1.0, 2.0, 3.0])}):
+        replies = [_reply(11, bad, report(10, 0.9)), _reply(12, good[0], report(10, 0.5)),
+                   _reply(13, good[1], report(30, 1.0))]
+        strategy = QualityWeightedFedAvg(gamma=1.0)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        w = np.array([10 * 0.5, 30 * 1.0]) / 35.0
+        np.testing.assert_allclose(arrays["w"].numpy(),
+                                   w[0] * good[0]["w"] + w[1] * good[1]["w"])
+        assert list(strategy.history[0].excluded) == [11]
+        assert "names or shapes" in strategy.history[0].excluded[11]
+
+
 def test_strategy_weights_by_the_servers_scores_not_the_reports():
     """With ``score``, the quality is what the server measures on each client's parameters:
     a client reporting accuracy 1.0 whose parameters score 0.1 gets the small weight."""
