@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import numpy as np
 
@@ -111,8 +112,10 @@ class QualityWeightedFedAvg(FedAvg):
         common = max(layouts.values(), key=list(layouts.values()).count, default=None)
         for k, layout in layouts.items():  # fuse_arrays needs one layout: the most common
             if layout != common:
+                ours, theirs = next(pair for pair in zip_longest(layout, common or [])
+                                    if pair[0] != pair[1])
                 rejected[k] = ("its arrays' names or shapes differ from the other clients' "
-                               f"({layout} against {common})")
+                               f"(first: {ours} against {theirs})")
         scores = None
         if self.score is not None:
             scores = [math.nan if k in rejected else float(self.score(state))
