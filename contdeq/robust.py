@@ -58,7 +58,7 @@ _SHARED_OPTIONS = ("atol", "rtol", "max_steps", "timeout")
 
 def _per_sample_norm(t: Tensor) -> Tensor:
     """``(B, ...)`` -> ``(B, 1, ..., 1)`` Euclidean norms, broadcastable against ``t``."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+    return t.reshape(t.shape[0], -1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
 def _project(delta: Tensor, eps: float, norm: str) -> Tensor:

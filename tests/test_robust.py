@@ -13,6 +13,7 @@ from torch import nn
 
 import contdeq
 from contdeq.robust import (
+    NORMS,
     entropy_reduction,
     pgd,
     random_intermediate_states,
@@ -156,6 +157,25 @@ def test_pgd_single_step_is_fgsm_on_a_linear_model() -> None:
     grad = input_gradient(model, x, y)
     x_adv = pgd(model, x, y, 0.05, steps=1, alpha=0.05, random_start=False, clamp=None)
     torch.testing.assert_close(x_adv, x + 0.05 * grad.sign())
+
+
+class ScalarFeature(nn.Module):
+    """``(B,)`` inputs, one number per sample, to ``(B, CLASSES)`` logits."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v[:, None] * torch.tensor([1.0, -2.0, 0.5], dtype=v.dtype)
+
+
+def test_pgd_on_one_number_per_sample_is_the_same_in_both_norms() -> None:
+    """Catches the L2 step failing on a ``(B,)`` input (B samples of one number, the layers'
+    convention) with "Dimension out of range": per sample, the L2 ball and step are the
+    L-inf ones, so both attacks must agree and the random starts stay in the ball."""
+    x, y = torch.rand(6, dtype=torch.float64), torch.randint(0, CLASSES, (6,))
+    attacks = [pgd(ScalarFeature(), x, y, 0.1, steps=4, norm=norm, random_start=False)
+               for norm in NORMS]
+    torch.testing.assert_close(attacks[0], attacks[1])
+    started = pgd(ScalarFeature(), x, y, 0.1, steps=1, alpha=0.0, norm="l2")
+    assert bool(((started - x).abs() <= 0.1 + 1e-12).all())
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
