@@ -294,6 +294,8 @@ def test_bad_objective_and_projection_are_named(problem: LinearProblem) -> None:
         joint_inference(problem.f, problem.objective, x0, z0, solver="secant")
     with pytest.raises(ValueError, match=r"step_sizes.z must be in \(0, 1\]"):
         joint_inference(problem.f, problem.objective, x0, z0, step_sizes=StepSizes(z=1.5))
+    with pytest.raises(ValueError, match=r"x0 must be \(B, \.\.\.\) .* x0\[:, None\]"):
+        joint_inference(problem.f, problem.objective, torch.zeros(B, dtype=DT), z0)
     with pytest.raises(ValueError, match="x0 contains NaN"):
         joint_inference(problem.f, problem.objective, torch.full((B, M), math.nan, dtype=DT),
                         z0)

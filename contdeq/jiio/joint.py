@@ -424,6 +424,11 @@ def joint_inference(
     check_callable(objective, "objective", "objective(z, x) -> (B,)")
     x0 = check_state(x0, "x0")
     z0 = torch.zeros_like(x0) if z0 is None else check_state(z0, "z0")
+    for name, state in (("x0", x0), ("z0", z0)):
+        if state.ndim == 1:  # the augmented solve needs a per-sample shape
+            raise ValueError(f"{name} must be (B, ...) with a per-sample shape, got "
+                             f"{tuple(state.shape)}; for one number per sample pass "
+                             f"{name}[:, None] (f and objective then see (B, 1) tensors)")
     if z0.shape[0] != x0.shape[0] or z0.dtype != x0.dtype or z0.device != x0.device:
         raise ValueError(f"z0 must have x0's batch size, dtype and device ({x0.shape[0]}, "
                          f"{x0.dtype}, {x0.device}), got ({z0.shape[0]}, {z0.dtype}, "
