@@ -402,6 +402,8 @@ def test_select_and_bad_tolerances_are_checked(problem: LinearProblem) -> None:
         joint_inference(problem.f, problem.objective, x0, z0, atol=0.0)
     with pytest.raises(ValueError, match=r"step_sizes\.x_late"):
         StepSizes(x_late=-1.0)
+    with pytest.raises(ValueError, match=r"switch_step needs x_late"):  # was ignored
+        StepSizes(x=0.1, switch_step=10)
 
 
 def test_a_zero_tolerance_at_a_zero_start_is_not_nan(problem: LinearProblem) -> None:

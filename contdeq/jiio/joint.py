@@ -92,6 +92,9 @@ class StepSizes:
             check_positive_float(self.x_late, "step_sizes.x_late")
         if self.switch_step is not None:
             check_positive_int(self.switch_step, "step_sizes.switch_step")
+            if self.x_late is None:
+                raise ValueError("step_sizes.switch_step needs x_late, the step it switches "
+                                 "to (with x_late=None the input step stays x throughout)")
         for name in ("z", "adjoint"):
             value = check_positive_float(getattr(self, name), f"step_sizes.{name}")
             if value > 1.0:
