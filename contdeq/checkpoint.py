@@ -29,7 +29,7 @@ import pickle
 import random
 import re
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,10 +330,14 @@ def _feed(hasher: Any, obj: object, where: str) -> None:
     if obj is None or kind in (bool, int, float, complex, str, torch.dtype, torch.device):
         hasher.update(repr(obj).encode() + b"\0")
     elif kind is Tensor or kind is nn.Parameter:
-        tensor = obj.detach().cpu().contiguous()  # type: ignore[union-attr]
+        tensor = obj.detach().cpu()  # type: ignore[union-attr]
+        if tensor.layout != torch.strided:  # sparse: its layout, shape and component tensors
+            _feed(hasher, (str(tensor.layout), tensor.shape, *_sparse_parts(tensor)), where)
+            return
+        tensor = tensor.resolve_conj().resolve_neg().contiguous()
         hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif kind in (dict, OrderedDict):
+    elif kind in (dict, OrderedDict, Counter):  # Counter: MultiStepLR's milestones
         hasher.update(f"{len(obj)}\0".encode())  # type: ignore[arg-type]
         for key, value in obj.items():  # type: ignore[attr-defined]
             _feed(hasher, key, where)
@@ -349,6 +353,15 @@ def _feed(hasher: Any, obj: object, where: str) -> None:
                         "torch.load(weights_only=True) cannot read back; store None, bools, "
                         "ints, floats, strings, tensors, or lists, tuples and dicts of them"
                         + (f" ({hint})" if hint else ""))
+
+
+def _sparse_parts(tensor: Tensor) -> tuple[Tensor, ...]:
+    """The index and value tensors of a sparse ``tensor`` (COO, CSR, CSC, BSR or BSC)."""
+    if tensor.layout == torch.sparse_coo:
+        return tensor._indices(), tensor._values()
+    if tensor.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return tensor.crow_indices(), tensor.col_indices(), tensor.values()
+    return tensor.ccol_indices(), tensor.row_indices(), tensor.values()
 
 
 def _check_position(epoch: object, batch: object, where: str,

@@ -58,7 +58,7 @@ _SHARED_OPTIONS = ("atol", "rtol", "max_steps", "timeout")
 
 def _per_sample_norm(t: Tensor) -> Tensor:
     """``(B, ...)`` -> ``(B, 1, ..., 1)`` Euclidean norms, broadcastable against ``t``."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+    return t.reshape(t.shape[0], -1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
 def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
@@ -297,6 +297,10 @@ def robust_accuracy(
         inputs = x if attack is None else attack(x, y)
         with torch.no_grad(), (nullcontext() if defence is None else defence()):
             pred = model(inputs).argmax(dim=1)
+        if y.shape != pred.shape:  # broadcasting (B,) against it would count other pairs
+            raise ValueError(f"data: labels must be class indices of shape (B,) = "
+                             f"({pred.shape[0]},), got {tuple(y.shape)} (one-hot labels: pass "
+                             f"y.argmax(1); a column: y.squeeze(1))")
         correct += int((pred == y).sum())
         total += int(y.shape[0])
     if total == 0:

@@ -247,6 +247,43 @@ def test_extras_the_safe_loader_refuses_are_refused_at_save(tmp_path: Path, valu
     assert loaded["steps"] == [1, 2] and torch.equal(loaded["t"], torch.ones(2))
 
 
+def test_a_multistep_scheduler_round_trips(tmp_path: Path) -> None:
+    """Catches ``MultiStepLR`` refused at save: its milestones are a ``collections.Counter``,
+    which the safe loader reads back, but the content hash took only plain dicts."""
+    model, optimizer, _ = _training_state()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.5)
+    for _ in range(3):
+        scheduler.step()
+    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer, scheduler, epoch=3)
+    fresh, adam = _fresh()
+    fresh_scheduler = torch.optim.lr_scheduler.MultiStepLR(adam, milestones=[9], gamma=0.1)
+    load_checkpoint(path, fresh, adam, fresh_scheduler)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_sparse_buffers_and_conjugate_views_round_trip(tmp_path: Path) -> None:
+    """Catches the content hash failing on tensors ``torch.save`` and the safe loader handle:
+    a model's sparse buffer (a graph's adjacency) raised "unsupported memory format option
+    Contiguous", a conjugate view in ``extra`` "view is not supported for conjugate view"."""
+    model, _, _ = _training_state()
+    adjacency = torch.sparse_coo_tensor(torch.tensor([[1, 0, 1], [0, 2, 0]]),
+                                        torch.tensor([1.0, 2.0, 3.0]), (3, 3))
+    model.register_buffer("adjacency", adjacency)
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    extra = {"z": z.conj(), "blocks": torch.eye(4).to_sparse_csr()}
+    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=0, extra=extra)
+    fresh, _ = _fresh()
+    fresh.register_buffer("adjacency", torch.zeros(3, 3).to_sparse())
+    loaded = load_checkpoint(path, fresh).extra
+    assert torch.equal(loaded["z"], z.conj())
+    assert torch.equal(loaded["blocks"].to_dense(), torch.eye(4))
+    assert torch.equal(fresh.adjacency.to_dense(), adjacency.to_dense())
+    changed = {"adjacency": torch.sparse_coo_tensor(adjacency._indices(),
+                                                    torch.tensor([1.0, 2.0, 4.0]), (3, 3))}
+    assert _digest(changed) != _digest({"adjacency": adjacency})
+
+
 def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
     """Catches ``.tmp`` files of killed saves piling up (2.2 GB in the issue's probe), and
     checks that other files (another target's temporaries included) are left alone."""

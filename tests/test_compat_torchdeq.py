@@ -137,6 +137,25 @@ def test_sliced_states_as_torchdeq() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_one_dimensional_state_is_a_batch_of_scalars_as_in_torchdeq() -> None:
+    """Catches a ``(B,)`` state solved as one sample: torchdeq stops each entry at
+    ``|func(z) - z| < f_tol``; the RMS test over all 8 entries let the slow one stop at 2.7x
+    ``f_tol``, and ``info`` had one entry instead of ``B``."""
+    rate = torch.tensor([0.9] + [0.1] * 7, dtype=torch.float64)
+
+    def func(z: torch.Tensor) -> torch.Tensor:
+        return rate * z + 1.0
+
+    kw = {"f_solver": "fixed_point_iter", "f_tol": 1e-3, "f_max_iter": 200}
+    results = []
+    for deq in (get_deq(**kw).eval(), torchdeq.get_deq(**kw).eval()):
+        (z,), info = deq(func, torch.zeros(8, dtype=torch.float64))
+        assert float((func(z) - z).abs().max()) < 1e-3
+        assert info["abs_lowest"].shape == (8,) and info["nstep"].shape == (8,)
+        results.append(z)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=2 * 1e-3 / 0.1)
+
+
 def test_info_has_torchdeq_keys() -> None:
     """``info`` carries torchdeq's keys (so logging code keeps working) and contdeq's stats;
     ``sradius_mode`` estimates the spectral radius (0.8 bounds it for the dense cell)."""

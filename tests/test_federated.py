@@ -23,6 +23,7 @@ from contdeq.federated import (
     SolverBudget,
     apply_budget,
     dirichlet_split,
+    evaluate_classifier,
     fuse_arrays,
     fusion_weights,
     train_local,
@@ -121,6 +122,29 @@ def test_fuse_arrays_is_the_weighted_average_and_skips_zero_weight_nan():
         assert fused[key].dtype == states[0][key].dtype
 
 
+def test_identical_clients_keep_their_integer_buffers():
+    """Catches integer arrays (BatchNorm's ``num_batches_tracked``) truncated after the
+    float64 average: identical clients fused to ``n - 1`` when the weights' sum times ``n``
+    fell just below ``n`` (two clients of 37 and 40 examples, ``n = 31`` -> 30)."""
+    for counts in ([37, 40], [37, 40, 43, 46]):
+        weights = fusion_weights([report(n, 1.0) for n in counts], gamma=0.0).weights
+        for n in range(1, 200):
+            states = [{"count": np.array(n, dtype=np.int64)} for _ in counts]
+            fused = fuse_arrays(states, weights)["count"]
+            assert fused == n and fused.dtype == np.int64
+
+
+def test_fuse_arrays_refuses_arrays_of_another_shape():
+    """Catches NumPy broadcasting a client's array of another shape into the average: a
+    ``(1,)`` reply to a ``(3,)`` parameter was fused silently, a ``(3, 1)`` one made it
+    ``(3, 3)``."""
+    states = [{"w": np.ones(3)}, {"w": np.ones(3)}]
+    for other in (np.array([5.0]), np.ones((3, 1))):
+        states[1] = {"w": other}
+        with pytest.raises(ValueError, match=r"state 1's 'w' has shape .* state 0's \(3,\)"):
+            fuse_arrays(states, np.array([0.5, 0.5]))
+
+
 def test_report_round_trips_through_metrics():
     """to_metrics / from_metrics keep every field (a lost key would silently zero a weight)."""
     original = ClientReport(12, 0.75, 3e-3, 0.5, 17.0, diverged=False)
@@ -143,6 +167,20 @@ def test_budget_caps_the_solver_steps_in_training_and_evaluation():
         model(x)
         assert model[1].stats.forward.steps == 2 < free_steps
         assert not model[1].stats.forward.all_converged
+
+
+def test_budget_keeps_a_lyapunov_deqs_projected_field():
+    """Catches ``apply_budget`` rebuilding a LyapunovDEQ's solvers as plain ones: the layer
+    then solved the nominal field of ``f``, without its projection and ``V(z) <= V(z0)``."""
+    from contdeq.nn.lyapunov import LyapunovDEQ, LyapunovSolver
+
+    torch.manual_seed(0)
+    layer = LyapunovDEQ(Cell(4), 4, hidden=(8,), atol=1e-6, rtol=1e-6)
+    apply_budget(layer, SolverBudget(max_steps=5, atol=1e-2, rtol=1e-3))
+    for solver in (layer.solver, layer.eval_solver):
+        assert isinstance(solver, LyapunovSolver) and solver.lyapunov is layer.lyapunov
+        assert solver.options["max_steps"] == 5 and solver.options["atol"] == 1e-2
+        assert solver.on_nonconvergence == "ignore"
 
 
 def test_budget_rejects_bad_values_and_methods_of_discrete_solvers():
@@ -229,6 +267,31 @@ def test_train_local_learns_and_reports_solver_quality():
     rep = train_local(deq_model(tol=1e-3), data, epochs=3, lr=0.05, batch_size=20)
     assert rep.accuracy > 0.8 and rep.num_examples == 60 and not rep.diverged
     assert 0 < rep.residual < 1e-2 and rep.nfe > 2 and rep.converged == 1.0
+
+
+def test_evaluate_classifier_refuses_labels_not_shaped_n():
+    """Catches a ``(N, 1)`` column of labels broadcast against the predictions: the server's
+    test "accuracy" came out above 1 (2.6 for 5 samples)."""
+    x, y = _blobs(6, 0)
+    with pytest.raises(ValueError, match=r"y must be class indices of shape \(N,\) = \(6,\)"):
+        evaluate_classifier(nn.Linear(4, 3), x, y[:, None])
+
+
+def test_evaluate_classifier_restores_every_modules_mode():
+    """Catches the model left in eval mode: a training loop that evaluated between steps then
+    trained without its Jacobian regularizer (``aux_loss`` 0: layers add it in training only),
+    and a submodule frozen in eval mode must stay so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), contdeq.DEQ(Cell(8), jacobian_weight=1.0),
+                          nn.Linear(8, 3), nn.Dropout(0.1).eval())
+    x, y = _blobs(6, 0)
+    model[0].train()
+    model[1].train()
+    model[2].train()
+    evaluate_classifier(model, x, y)
+    assert [m.training for m in model] == [True, True, True, False]
+    model(x)
+    assert float(contdeq.aux_loss(model).detach()) > 0
 
 
 def test_train_local_reports_divergence_instead_of_raising():
@@ -370,6 +433,25 @@ def test_strategy_excludes_nan_parameters_and_fuses_the_rest():
     record = strategy.history[0]
     assert list(record.excluded) == [12] and "NaN" in record.excluded[12]
     assert metrics["clients-fused"] == 2 and metrics["clients-excluded"] == 1
+
+
+def test_strategy_excludes_a_reply_of_another_layout_and_fuses_the_rest():
+    """Catches one client whose arrays have other names or shapes aborting the round: its
+    ValueError from ``fuse_arrays`` ended the server's run instead of excluding that client."""
+    pytest.importorskip("flwr", reason="flwr not installed (the 'federated' extra)")
+    from contdeq.federated import QualityWeightedFedAvg
+
+    good = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 6.0])}]
+    for bad in ({"v": np.array([1.0, 2.0])}, {"w": np.array([1.0, 2.0, 3.0])}):
+        replies = [_reply(11, bad, report(10, 0.9)), _reply(12, good[0], report(10, 0.5)),
+                   _reply(13, good[1], report(30, 1.0))]
+        strategy = QualityWeightedFedAvg(gamma=1.0)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        w = np.array([10 * 0.5, 30 * 1.0]) / 35.0
+        np.testing.assert_allclose(arrays["w"].numpy(),
+                                   w[0] * good[0]["w"] + w[1] * good[1]["w"])
+        assert list(strategy.history[0].excluded) == [11]
+        assert "names or shapes" in strategy.history[0].excluded[11]
 
 
 def test_strategy_weights_by_the_servers_scores_not_the_reports():

@@ -294,11 +294,16 @@ def test_bad_objective_and_projection_are_named(problem: LinearProblem) -> None:
         joint_inference(problem.f, problem.objective, x0, z0, solver="secant")
     with pytest.raises(ValueError, match=r"step_sizes.z must be in \(0, 1\]"):
         joint_inference(problem.f, problem.objective, x0, z0, step_sizes=StepSizes(z=1.5))
+    with pytest.raises(ValueError, match=r"x0 must be \(B, \.\.\.\) .* x0\[:, None\]"):
+        joint_inference(problem.f, problem.objective, torch.zeros(B, dtype=DT), z0)
     with pytest.raises(ValueError, match="x0 contains NaN"):
         joint_inference(problem.f, problem.objective, torch.full((B, M), math.nan, dtype=DT),
                         z0)
     with pytest.raises(ValueError, match="eps must be"):
         linf_ball(x0, -1.0)
+    # a (B,) radius of the right shape with a value <= 0 says so, not only its (right) shape
+    with pytest.raises(ValueError, match=rf"got shape \({B},\), smallest value -0.1"):
+        l2_ball(x0, torch.tensor([0.1, -0.1] + [0.2] * (B - 2)))
 
 
 def test_non_finite_values_raise(problem: LinearProblem) -> None:
@@ -397,6 +402,19 @@ def test_select_and_bad_tolerances_are_checked(problem: LinearProblem) -> None:
         joint_inference(problem.f, problem.objective, x0, z0, atol=0.0)
     with pytest.raises(ValueError, match=r"step_sizes\.x_late"):
         StepSizes(x_late=-1.0)
+    with pytest.raises(ValueError, match=r"switch_step needs x_late"):  # was ignored
+        StepSizes(x=0.1, switch_step=10)
+
+
+def test_a_zero_tolerance_at_a_zero_start_is_not_nan(problem: LinearProblem) -> None:
+    """Catches 0 / 0 in the stopping test: with ``atol=0`` a cell without bias started at
+    ``z = x = 0`` has residual 0 over tolerance 0 there; the NaN ratio made the selection keep
+    that first point for every sample (``NaN < lowest`` never holds) and never stop."""
+    problem.b.zero_()
+    _, x, stats = solve(problem, atol=0.0, rtol=1e-9, gtol=1e-9)
+    assert stats.all_converged and bool(torch.isfinite(stats.solver.residual).all())
+    x_opt, _, _ = problem.optimum(problem.w, problem.u, problem.b)
+    torch.testing.assert_close(x, x_opt, atol=1e-7, rtol=0)
 
 
 def _tanh_problem(seed: int) -> tuple[object, object]:

@@ -13,6 +13,7 @@ from torch import nn
 
 import contdeq
 from contdeq.robust import (
+    NORMS,
     entropy_reduction,
     pgd,
     random_intermediate_states,
@@ -158,6 +159,25 @@ def test_pgd_single_step_is_fgsm_on_a_linear_model() -> None:
     torch.testing.assert_close(x_adv, x + 0.05 * grad.sign())
 
 
+class ScalarFeature(nn.Module):
+    """``(B,)`` inputs, one number per sample, to ``(B, CLASSES)`` logits."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v[:, None] * torch.tensor([1.0, -2.0, 0.5], dtype=v.dtype)
+
+
+def test_pgd_on_one_number_per_sample_is_the_same_in_both_norms() -> None:
+    """Catches the L2 step failing on a ``(B,)`` input (B samples of one number, the layers'
+    convention) with "Dimension out of range": per sample, the L2 ball and step are the
+    L-inf ones, so both attacks must agree and the random starts stay in the ball."""
+    x, y = torch.rand(6, dtype=torch.float64), torch.randint(0, CLASSES, (6,))
+    attacks = [pgd(ScalarFeature(), x, y, 0.1, steps=4, norm=norm, random_start=False)
+               for norm in NORMS]
+    torch.testing.assert_close(attacks[0], attacks[1])
+    started = pgd(ScalarFeature(), x, y, 0.1, steps=1, alpha=0.0, norm="l2")
+    assert bool(((started - x).abs() <= 0.1 + 1e-12).all())
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"eps": -0.1}, "eps must be"),
     ({"norm": "l_inf"}, "norm must be one of"),
@@ -190,6 +210,16 @@ def test_robust_accuracy_counts_correct_predictions() -> None:
     assert robust_accuracy(model, (x, wrong), lambda a, b: a) == 0.0
     with pytest.raises(ValueError, match="same number of samples"):
         robust_accuracy(model, (x, y[:3]), None)
+
+
+def test_robust_accuracy_refuses_labels_not_shaped_b() -> None:
+    """Catches labels of another shape broadcast against the ``(B,)`` predictions: a column
+    ``(N, 1)`` gave an "accuracy" of up to N, one-hot labels a count of unrelated matches."""
+    model = classifier()
+    x, y = inputs(3)
+    for labels in (y[:, None], F.one_hot(y, CLASSES)):
+        with pytest.raises(ValueError, match=r"labels .* shape \(B,\) = \(3,\)"):
+            robust_accuracy(model, (x, labels), None)
 
 
 class RecordingCell(TanhCell):

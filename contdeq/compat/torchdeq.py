@@ -231,6 +231,10 @@ class TorchDEQ(nn.Module):
                ) -> tuple[Any, SolverStats]:
         """``z = g(z)`` from ``z0`` in at most ``max_iter`` calls of ``g``, per-sample L2 test
         ``||g(z) - z|| < tol`` (``"abs"``) or ``< tol ||z||`` (``"rel"``)."""
+        if isinstance(z0, Tensor) and z0.ndim == 1:  # torchdeq: each entry is a sample
+            z, stats = self._solve(lambda v: g(v.reshape(-1)).reshape(-1, 1), z0.reshape(-1, 1),
+                                   max_iter, tol, stop_mode, method, start_zero)
+            return z.reshape(-1), stats
         first = z0[0] if isinstance(z0, tuple) else z0
         parts = z0 if isinstance(z0, tuple) else (z0,)
         size = sum(p[0].numel() for p in parts) if first.ndim > 1 else 1

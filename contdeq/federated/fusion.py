@@ -166,7 +166,8 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
             arrays may hold NaN).
 
     Returns:
-        name -> averaged array, in each name's original dtype (accumulated in float64).
+        name -> averaged array, in each name's original dtype (accumulated in float64;
+        integer arrays rounded to the nearest integer).
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(states),):
@@ -176,13 +177,22 @@ def fuse_arrays(states: Sequence[Mapping[str, np.ndarray]],
         raise ValueError(f"weights must be >= 0 and sum to 1, got {weights.tolist()}")
     used = [k for k in range(len(states)) if weights[k] > 0]
     names = list(states[used[0]])
+    shapes = {name: np.shape(states[used[0]][name]) for name in names}
     for k in used:
         if list(states[k]) != names:
             raise ValueError(f"state {k} has names {list(states[k])}, expected {names}")
+        for name in names:  # NumPy would broadcast another shape silently
+            if np.shape(states[k][name]) != shapes[name]:
+                raise ValueError(f"state {k}'s {name!r} has shape {np.shape(states[k][name])}, "
+                                 f"state {used[0]}'s {shapes[name]}: every state must have "
+                                 f"the same shapes")
     fused = {}
     for name in names:
         total = sum(weights[k] * np.asarray(states[k][name], dtype=np.float64) for k in used)
-        fused[name] = np.asarray(total).astype(np.asarray(states[used[0]][name]).dtype)
+        dtype = np.asarray(states[used[0]][name]).dtype
+        if np.issubdtype(dtype, np.integer):  # to the nearest, not truncated: n*(1-ulp) -> n
+            total = np.rint(total)
+        fused[name] = np.asarray(total).astype(dtype)
     return fused
 
 

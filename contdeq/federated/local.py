@@ -15,6 +15,7 @@ from .._warnings import warn
 from ..implicit import ForwardSolver
 from ..nn.checks import check_number
 from ..nn.deq import DEQ
+from ..nn.lyapunov import LyapunovSolver
 from ..regularizers import aux_loss
 from ..solvers import NonFiniteError
 from .fusion import ClientReport
@@ -121,8 +122,10 @@ def apply_budget(model: nn.Module, budget: SolverBudget) -> nn.Module:
                              f"solver={layer.solver.solver!r}")
         for attr in ("solver", "eval_solver"):
             old: ForwardSolver = getattr(layer, attr)
-            setattr(layer, attr, ForwardSolver(old.solver, on_nonconvergence="ignore",
-                                               **{**old.options, **options}))
+            new = ForwardSolver(old.solver, on_nonconvergence="ignore",
+                                **{**old.options, **options})
+            # A LyapunovDEQ's solver solves its projected field: keep it on that field.
+            setattr(layer, attr, old.rebuild(new) if isinstance(old, LyapunovSolver) else new)
     return model
 
 
@@ -155,15 +158,23 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor,
                         batch_size: int = 512) -> tuple[float, float, float]:
     """Accuracy, mean forward residual and converged fraction of ``model`` on ``x`` ``(N, ...)``
     with labels ``y`` ``(N,)``, in evaluation mode (residual 0 and converged 1 for a model
-    without equilibrium layers)."""
+    without equilibrium layers). Every module's mode is restored afterwards."""
+    if y.shape != (len(x),):  # broadcasting a column against the predictions counts others
+        raise ValueError(f"y must be class indices of shape (N,) = ({len(x)},), got "
+                         f"{tuple(y.shape)} (a column: pass y.squeeze(1))")
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     correct, residuals, converged = 0, [], []
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
-        batch_residuals, batch_converged, _ = _solve_stats(model)
-        residuals += batch_residuals
-        converged += batch_converged
+    try:
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start:start + batch_size])
+            correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
+            batch_residuals, batch_converged, _ = _solve_stats(model)
+            residuals += batch_residuals
+            converged += batch_converged
+    finally:
+        for module, training in modes:
+            module.training = training
     residual = float(torch.cat(residuals).mean()) if residuals else 0.0
     fraction = float(torch.cat(converged).float().mean()) if converged else 1.0
     return correct / len(x), residual, fraction

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import numpy as np
 
@@ -51,7 +52,8 @@ class QualityWeightedFedAvg(FedAvg):
     :mod:`contdeq.federated.fusion`: ``w_k ∝ n_k * a_k**gamma`` over the usable clients.
 
     Clients whose reply is a failure (dropped out, raised) or whose report or parameters are
-    unusable (diverged, NaN/Inf, out of range) are excluded from the round and logged as
+    unusable (diverged, NaN/Inf, out of range, names or shapes other than those most clients
+    sent) are excluded from the round and logged as
     warnings; the round goes on with the others. When no client is usable the global model
     is kept. Every round's weights and exclusions are kept in :attr:`history`.
 
@@ -105,6 +107,15 @@ class QualityWeightedFedAvg(FedAvg):
             if not all(np.isfinite(a).all() for a in states[k].values()
                        if np.issubdtype(a.dtype, np.number)):
                 rejected[k] = "its parameters contain NaN/Inf"
+        layouts = {k: [(name, np.shape(a)) for name, a in states[k].items()]
+                   for k in range(len(states)) if k not in rejected}
+        common = max(layouts.values(), key=list(layouts.values()).count, default=None)
+        for k, layout in layouts.items():  # fuse_arrays needs one layout: the most common
+            if layout != common:
+                ours, theirs = next(pair for pair in zip_longest(layout, common or [])
+                                    if pair[0] != pair[1])
+                rejected[k] = ("its arrays' names or shapes differ from the other clients' "
+                               f"(first: {ours} against {theirs})")
         scores = None
         if self.score is not None:
             scores = [math.nan if k in rejected else float(self.score(state))

@@ -92,6 +92,9 @@ class StepSizes:
             check_positive_float(self.x_late, "step_sizes.x_late")
         if self.switch_step is not None:
             check_positive_int(self.switch_step, "step_sizes.switch_step")
+            if self.x_late is None:
+                raise ValueError("step_sizes.switch_step needs x_late, the step it switches "
+                                 "to (with x_late=None the input step stays x throughout)")
         for name in ("z", "adjoint"):
             value = check_positive_float(getattr(self, name), f"step_sizes.{name}")
             if value > 1.0:
@@ -307,12 +310,15 @@ class _AugmentedMap:
                 sample_rms((x - x_next).detach()) / alpha)
 
     def ratio(self, z: Tensor, mu: Tensor, res: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """``(B,)`` the largest block residual over its tolerance (passed: ``<= 1``)."""
+        """``(B,)`` the largest block residual over its tolerance (passed: ``<= 1``). A
+        tolerance of 0 (``atol=0`` at a zero state or adjoint) is raised to the dtype's
+        smallest normal number, so a residual of exactly 0 passes (not 0 / 0 = NaN)."""
         tol = self.tolerances
         rz, rmu, rx = res
+        tiny = torch.finfo(rz.dtype).tiny
         return torch.stack([
-            rz / (tol.atol + tol.rtol * sample_rms(z.detach())),
-            rmu / (tol.atol + tol.rtol * sample_rms(mu.detach())),
+            rz / (tol.atol + tol.rtol * sample_rms(z.detach())).clamp_min(tiny),
+            rmu / (tol.atol + tol.rtol * sample_rms(mu.detach())).clamp_min(tiny),
             rx / tol.gtol,
         ]).amax(0)
 
@@ -421,6 +427,11 @@ def joint_inference(
     check_callable(objective, "objective", "objective(z, x) -> (B,)")
     x0 = check_state(x0, "x0")
     z0 = torch.zeros_like(x0) if z0 is None else check_state(z0, "z0")
+    for name, state in (("x0", x0), ("z0", z0)):
+        if state.ndim == 1:  # the augmented solve needs a per-sample shape
+            raise ValueError(f"{name} must be (B, ...) with a per-sample shape, got "
+                             f"{tuple(state.shape)}; for one number per sample pass "
+                             f"{name}[:, None] (f and objective then see (B, 1) tensors)")
     if z0.shape[0] != x0.shape[0] or z0.dtype != x0.dtype or z0.device != x0.device:
         raise ValueError(f"z0 must have x0's batch size, dtype and device ({x0.shape[0]}, "
                          f"{x0.dtype}, {x0.device}), got ({z0.shape[0]}, {z0.dtype}, "

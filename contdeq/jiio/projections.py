@@ -24,8 +24,9 @@ def _radius(eps: float | Tensor, center: Tensor) -> Tensor:
     """``eps`` as a ``(B, 1, ..., 1)`` tensor broadcasting against ``center`` ``(B, ...)``."""
     if isinstance(eps, Tensor):
         if eps.shape not in ((), (center.shape[0],)) or not bool((eps > 0).all()):
+            smallest = f", smallest value {float(eps.min()):g}" if eps.numel() else ""
             raise ValueError(f"eps must be a float > 0 or a (B,) = ({center.shape[0]},) tensor "
-                             f"of them, got shape {tuple(eps.shape)}")
+                             f"of them, got shape {tuple(eps.shape)}{smallest}")
         eps = eps.to(center)
     else:
         eps = torch.tensor(check_positive_float(eps, "eps"), dtype=center.dtype,
