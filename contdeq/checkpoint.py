@@ -159,8 +159,9 @@ def save_checkpoint(
         epoch: the epoch in progress (0-based), ``>= 0``; default 0, for a quick save
             (``save_checkpoint("model.pt", model)``).
         batch: batches of ``epoch`` already done, ``>= 0``.
-        extra: more state to keep: ``None``, bools, ints, floats, strings, tensors, and
-            lists, tuples and dicts of them (what the safe loader reads back). Anything else
+        extra: more state to keep: ``None``, bools, ints, floats, strings, bytes, tensors,
+            and lists, tuples, sets and dicts of them (what the safe loader reads back).
+            Anything else
             (NumPy values, ``argparse.Namespace``, ``Path``, ``datetime``, ...) raises
             ``TypeError`` here, naming the entry, rather than at resume time.
 
@@ -317,8 +318,13 @@ def _read(path: Path, map_location: str | torch.device | None,
 
 def _digest(obj: object) -> str:
     """SHA-256 (hex) of ``obj``'s content: types, keys, values and tensors' bytes."""
+    return _digest_at(obj, "")
+
+
+def _digest_at(obj: object, where: str) -> str:
+    """:func:`_digest`, naming ``where`` in a refusal."""
     hasher = hashlib.sha256()
-    _feed(hasher, obj, "")
+    _feed(hasher, obj, where)
     return hasher.hexdigest()
 
 
@@ -346,12 +352,19 @@ def _feed(hasher: Any, obj: object, where: str) -> None:
         hasher.update(f"{len(obj)}\0".encode())  # type: ignore[arg-type]
         for i, value in enumerate(obj):  # type: ignore[call-overload]
             _feed(hasher, value, f"{where}[{i}]")
+    elif kind in (bytes, bytearray):
+        hasher.update(f"{len(obj)}\0".encode() + bytes(obj))  # type: ignore[arg-type]
+    elif kind is set:  # its iteration order differs between processes: the sorted digests
+        digests = sorted(_digest_at(value, f"{where} element")
+                         for value in obj)  # type: ignore[attr-defined]
+        hasher.update(f"{len(digests)}\0".encode() + "".join(digests).encode())
     else:
         hint = _CONVERSIONS.get(kind.__module__.split(".")[0], _CONVERSIONS.get(kind.__name__,
                                                                                   ""))
         raise TypeError(f"{where} has type {kind.__module__}.{kind.__qualname__}, which "
                         "torch.load(weights_only=True) cannot read back; store None, bools, "
-                        "ints, floats, strings, tensors, or lists, tuples and dicts of them"
+                        "ints, floats, strings, bytes, tensors, or lists, tuples, sets and "
+                        "dicts of them"
                         + (f" ({hint})" if hint else ""))
 
 

@@ -360,3 +360,20 @@ def test_killed_run_resumes_bit_for_bit(tmp_path: Path, global_torch_state: None
     assert resumed.keys() == straight.keys()
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_bytes_and_sets_round_trip(tmp_path: Path) -> None:
+    """Catches ``bytes``, ``bytearray`` and ``set`` in ``extra`` refused with a message saying
+    the safe loader cannot read them back (it can), and a set's digest depending on its
+    iteration order (which differs between processes): equal sets hash equal, other ones not."""
+    model, _, _ = _training_state()
+    extra = {"token": b"\x00\x01abc", "buffer": bytearray(b"xyz"), "seen": {3, 1, 2},
+             "names": {"b", "a"}}
+    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=0, extra=extra)
+    fresh, _ = _fresh()
+    assert load_checkpoint(path, fresh).extra == extra
+    assert _digest({"s": {1, 2, 3}}) == _digest({"s": {3, 2, 1}})
+    assert _digest({"s": {1, 2}}) != _digest({"s": {1, 2, 3}})
+    assert _digest({"b": b"ab"}) != _digest({"b": bytearray(b"ab")})
+    with pytest.raises(TypeError, match="frozenset"):
+        save_checkpoint(tmp_path / "bad.pt", model, epoch=0, extra={"f": frozenset({1})})
