@@ -161,9 +161,9 @@ def save_checkpoint(
         batch: batches of ``epoch`` already done, ``>= 0``.
         extra: more state to keep: ``None``, bools, ints, floats, strings, bytes, tensors,
             and lists, tuples, sets and dicts of them (what the safe loader reads back).
-            Anything else
-            (NumPy values, ``argparse.Namespace``, ``Path``, ``datetime``, ...) raises
-            ``TypeError`` here, naming the entry, rather than at resume time.
+            Anything else (NumPy values, ``argparse.Namespace``, ``Path``, ``datetime``,
+            ``frozenset``, ...) raises ``TypeError`` here, naming the entry, rather than at
+            resume time.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
