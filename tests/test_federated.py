@@ -339,6 +339,34 @@ def test_contdeq_does_not_import_flower_and_names_the_extra_without_it():
     assert "contdeq[federated]" in out.stdout
 
 
+def test_star_import_works_without_flower():
+    """Catches ``from contdeq.federated import *`` failing without flwr (``__all__`` listed
+    the Flower names, whose lazy import raises): it takes the pure names; the Flower names
+    still raise the ImportError naming the extra when asked for."""
+    code = (
+        "import sys\n"
+        "sys.modules['flwr'] = None\n"
+        "from contdeq.federated import *\n"
+        "assert callable(fusion_weights) and 'QualityWeightedFedAvg' not in dir()\n"
+        "import contdeq.federated as fed\n"
+        "try:\n"
+        "    fed.QualityWeightedFedAvg\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
+                                                     "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "contdeq[federated]" in out.stdout
+    import importlib.util
+
+    import contdeq.federated as fed
+
+    flower = importlib.util.find_spec("flwr") is not None
+    assert ("QualityWeightedFedAvg" in fed.__all__) == flower
+
+
 def test_scores_replace_the_reported_accuracy_and_bad_scores_exclude():
     reports = [report(10, 1.0), report(10, 1.0), report(20, 0.2)]
     fw = fusion_weights(reports, gamma=1.0, scores=[0.2, 0.6, 0.1])

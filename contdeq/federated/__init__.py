@@ -21,6 +21,7 @@ Flower parts need the ``federated`` extra (``pip install 'contdeq[federated]'``)
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from .fusion import ClientReport, FusionWeights, fuse_arrays, fusion_weights, server_scores
@@ -36,25 +37,34 @@ _FLOWER_NAMES = {
     "run_federated": "simulation",
 }
 
+
+def _flower_installed() -> bool:
+    """Whether Flower can be imported (without importing it: ``import contdeq`` never does)."""
+    try:
+        return importlib.util.find_spec("flwr") is not None
+    except (ImportError, ValueError):  # a blocked or broken flwr entry in sys.modules
+        return False
+
+
+# Without Flower, ``from contdeq.federated import *`` takes the pure names only (the Flower ones
+# would raise ImportError on access).
 __all__ = [
     "ClientReport",
     "FederatedRun",
-    "FusionRecord",
     "FusionWeights",
     "LocalData",
-    "QualityWeightedFedAvg",
     "SolverBudget",
     "apply_budget",
     "dirichlet_split",
     "evaluate_classifier",
     "fuse_arrays",
     "fusion_weights",
-    "make_client_app",
-    "run_federated",
     "run_in_process",
     "server_scores",
     "train_local",
 ]
+if _flower_installed():
+    __all__ += sorted(_FLOWER_NAMES)
 
 
 def __getattr__(name: str) -> Any:
