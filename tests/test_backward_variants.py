@@ -133,6 +133,33 @@ def test_warm_start_reuses_the_previous_solution() -> None:
     assert nfe[1] <= nfe[0] // 2
 
 
+def test_equilibrium_warns_that_a_warm_mode_by_name_never_warm_starts() -> None:
+    """Catches ``equilibrium(..., backward="implicit_warm")`` silently building a fresh mode on
+    every call (it never warm-starts): a UserWarning at the caller's line says to build the
+    mode once; a kept mode object and the layers' shorthand (one mode per layer) do not warn."""
+    import warnings
+
+    from contdeq import ForwardSolver
+    from contdeq.implicit import equilibrium
+
+    torch.manual_seed(0)
+    f = TanhCell(4, 3, lipschitz=0.9)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z0 = torch.zeros(2, 4, dtype=torch.float64)
+    solver = ForwardSolver("picard", atol=1e-8, rtol=1e-8)
+    with pytest.warns(UserWarning, match="never carries anything") as caught:
+        equilibrium(f, x, z0, solver=solver, backward="implicit_warm")
+    assert caught[0].filename == __file__
+    mode = contdeq.WarmImplicit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            z, _ = equilibrium(f, x, z0, solver=solver, backward=mode)
+            z.sum().backward()
+        equilibrium(f, x, z0, solver=solver, backward="implicit")
+        contdeq.DEQ(TanhCell(4, 3), state_shape=4, backward="implicit_warm")(x)
+
+
 def test_solve_adjoint_starts_from_w0_and_checks_it() -> None:
     """solve_adjoint(w0=the solution) stops at once for every method; a w0 of the wrong shape is
     refused with a message naming w0."""

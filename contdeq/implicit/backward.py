@@ -86,6 +86,9 @@ class BackwardMode:
     differentiates_solver: ClassVar[bool] = False
     #: gradient_weights calls vjp (products with ``J^T``).
     uses_jacobian: ClassVar[bool] = True
+    #: The mode keeps something from one backward pass for the next (a warm start): built
+    #: anew for every call, it would never use it.
+    remembers_between_calls: ClassVar[bool] = False
 
     def gradient_weights(self, vjp: Callable[[Tensor], Tensor], v: Tensor,
                          record: DEQStats | None) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -367,6 +368,11 @@ def equilibrium(
     _check_equilibrium_arguments(f, x, z0, solver)
     mode = backward if isinstance(backward, BackwardMode) else backward_mode(
         "implicit" if backward is None else backward)
+    if isinstance(backward, str) and mode.remembers_between_calls:
+        warnings.warn(f"backward={backward!r} builds a new {type(mode).__name__} on every call "
+                      "of equilibrium, so it never carries anything from one backward pass to "
+                      f"the next; build it once (mode = {type(mode).__name__}()) and pass "
+                      "backward=mode to every call", UserWarning, stacklevel=2)
     transform = _inside_transform()
     # Under a transform every parameter goes to ImplicitFunction (vmap must see mapped ones,
     # which need not require grad); otherwise only those that require grad.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ class WarmImplicit(Implicit):
     Example: ``DEQ(f, backward=WarmImplicit(start="scaled"))``.
     """
 
+    remembers_between_calls: ClassVar[bool] = True
     start: str = "scaled"
     _memory: threading.local = field(default_factory=threading.local, init=False, repr=False,
                                      compare=False)
