@@ -79,7 +79,9 @@ class BackwardMode:
     A mode with ``differentiates_solver = True`` has autograd record the forward solver's
     steps (no implicit-function node). Any other mode implements :meth:`gradient_weights`;
     ``uses_jacobian = False`` tells the backward that it never calls ``vjp`` (the graph of
-    ``f(z*, x)`` then does not track ``z``).
+    ``f(z*, x)`` then does not track ``z``); ``remembers_between_calls = True`` that it keeps
+    something from one backward pass for the next (``equilibrium`` warns when such a mode is
+    given by name, built anew on every call).
     """
 
     #: Autograd records the forward solver's steps instead of calling gradient_weights.
