@@ -319,6 +319,16 @@ def test_dirichlet_split_partitions_and_small_alpha_is_more_skewed():
         dirichlet_split(labels, 5, 0.0)
 
 
+def _run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter on this checkout; its standard output (it must
+    exit 0)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
+                                                     "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_contdeq_does_not_import_flower_and_names_the_extra_without_it():
     """`import contdeq` must not pull in flwr; without flwr the pure parts still import and the
     Flower parts raise an ImportError naming the 'federated' extra."""
@@ -332,11 +342,7 @@ def test_contdeq_does_not_import_flower_and_names_the_extra_without_it():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
-                                                     "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    assert "contdeq[federated]" in out.stdout
+    assert "contdeq[federated]" in _run_python(code)
 
 
 def test_star_import_works_without_flower():
@@ -354,11 +360,7 @@ def test_star_import_works_without_flower():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT),
-                                                     "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    assert "contdeq[federated]" in out.stdout
+    assert "contdeq[federated]" in _run_python(code)
     import importlib.util
 
     import contdeq.federated as fed
