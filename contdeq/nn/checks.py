@@ -1,8 +1,13 @@
-"""Checks of the layers' numeric constructor arguments, with one message format."""
+"""Checks of the layers' constructor arguments (numbers, the modules they call), with one
+message format."""
 
 from __future__ import annotations
 
 import math
+
+from torch import nn
+
+from ..solvers.validation import check_callable
 
 
 def check_number(value: object, name: str, minimum: float, *, integer: bool = False,
@@ -24,3 +29,14 @@ def check_number(value: object, name: str, minimum: float, *, integer: bool = Fa
         raise ValueError(f"{name} must be {kind} {'>' if strict else '>='} {minimum}, "
                          f"got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_module(value: object, name: str, contract: str) -> nn.Module:
+    """``value`` is an ``nn.Module`` whose ``forward`` takes the arguments ``contract`` shows
+    (``"f(z, x)"``, ``"predictor(x)"``); returns it. ``TypeError`` naming ``name`` otherwise
+    (at construction, rather than Python's arity error at the first call)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module called as {contract}, got "
+                        f"{type(value).__name__}")
+    check_callable(value.forward, name, contract)
+    return value

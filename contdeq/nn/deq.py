@@ -28,8 +28,8 @@ from ..implicit import BackwardMode, DEQStats, ForwardSolver, backward_mode, equ
 from ..implicit.diagnostics import from_autocast
 from ..regularizers import jacobian_frobenius
 from ..solvers import ConvergenceWarning, Registry, SolverStats
-from ..solvers.validation import all_finite, check_callable, check_positive_float, is_vmapped
-from .checks import check_number
+from ..solvers.validation import all_finite, check_positive_float, is_vmapped
+from .checks import check_module, check_number
 from .modifiers import Modifier, check_modifiers
 from .names import renamed
 from .normalization import fixed_normalization, update_normalization, warn_unstable_normalization
@@ -312,10 +312,7 @@ class DEQ(PerThreadResults):
         elif state_shape is not None:
             raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
                             "not both")
-        if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
-                            f"{type(f).__name__}")
-        check_callable(f.forward, "f", structure.contract)
+        check_module(f, "f", structure.contract)
         self.structure = structure
         self.init = resolve_init(init)
         self.modifiers = check_modifiers(modifiers)

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from ..implicit import first_call
 from ..regularizers import SKIP_NORMS, skip_loss
-from ..solvers.validation import check_callable
-from .checks import check_number
+from .checks import check_module, check_number
 from .deq import INITIAL_STATES, InitialState, Zeros, resolve_init
 from .structure import check_state
 
@@ -94,11 +93,7 @@ class Predictor(_Skip):
     def __init__(self, predictor: nn.Module, *, weight: float = 1.0, norm: str = "l2",
                  detach: bool = True) -> None:
         super().__init__(weight=weight, norm=norm, detach=detach)
-        if not isinstance(predictor, nn.Module):
-            raise TypeError(f"predictor must be an nn.Module called as predictor(x), got "
-                            f"{type(predictor).__name__}")
-        check_callable(predictor.forward, "predictor", "predictor(x)")
-        self._predictor = predictor
+        self._predictor = check_module(predictor, "predictor", "predictor(x)")
 
     def modules(self) -> dict[str, nn.Module]:
         return {"predictor": self._predictor}

@@ -30,7 +30,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ..implicit import ForwardSolver
 from ..solvers import SolverStats
-from .checks import check_number
+from .checks import check_module, check_number
 from .deq import DEQ
 from .init import Input
 from .modifiers import MODIFIERS, Modifier
@@ -380,8 +380,7 @@ class LyapunovDEQ(DEQ):
                  **kwargs: Any) -> None:
         if "state_shape" in kwargs:
             raise TypeError("LyapunovDEQ sets state_shape=(dim,) itself; pass dim")
-        if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+        check_module(f, "f", "f(z, x)")
         check_number(dim, "dim", 1, integer=True)
         check_number(alpha, "alpha", 0, strict=True, finite=True)
         if lyapunov is None:

@@ -15,8 +15,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ..implicit import DEQStats, first_call
 from ..solvers import TABLEAUX, ConvergenceError, NonFiniteError, SolverStats, initial_step
-from ..solvers.validation import check_callable
-from .checks import check_number
+from .checks import check_module, check_number
 from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .names import renamed
 from .normalization import (
@@ -183,10 +182,7 @@ class NeuralODE(PerThreadResults):
         elif state_shape is not None:
             raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
                             "not both")
-        if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
-                            f"{type(f).__name__}")
-        check_callable(f.forward, "f", structure.contract)
+        check_module(f, "f", structure.contract)
         max_steps = renamed("NeuralODE", "max_num_steps", max_num_steps, "max_steps", max_steps,
                             10_000)
         check_number(t_end, "t_end", 0, strict=True, finite=True)

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from ..implicit import check_output, first_call
 from ..implicit.diagnostics import from_autocast
 from ..solvers import NonFiniteError
-from ..solvers.validation import check_callable
-from .checks import check_number
+from .checks import check_module, check_number
 from .deq import check_layer_input, resolve_state_shape, zeros_or_state
 from .normalization import (
     fixed_normalization,
@@ -162,10 +161,7 @@ class NeuralSDE(nn.Module):
                  dt: float = 0.05, state_shape: int | Sequence[int] | None = None) -> None:
         super().__init__()
         for name, module in (("f", f), ("g", g)):
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module called as {name}(z, x), got "
-                                f"{type(module).__name__}")
-            check_callable(module.forward, name, f"{name}(z, x)")
+            check_module(module, name, f"{name}(z, x)")
         check_number(t_end, "t_end", 0, strict=True, finite=True)
         check_number(dt, "dt", 0, strict=True, finite=True)
         if dt > t_end:

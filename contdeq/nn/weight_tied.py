@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 from ..implicit import DEQStats, first_call
 from ..solvers import NonFiniteError, SolverStats, sample_rms
-from ..solvers.validation import check_callable
-from .checks import check_number
+from .checks import check_module, check_number
 from .deq import PerThreadResults, Single, check_layer_input, zeros_or_state
 from .normalization import fixed_normalization, update_normalization
 from .structure import MultiScaleRepr, Structure, scales
@@ -168,10 +167,7 @@ class WeightTied(PerThreadResults):
         elif state_shape is not None:
             raise TypeError("pass the state's shape once: state_shape=... or structure=..., "
                             "not both")
-        if not isinstance(f, nn.Module):
-            raise TypeError(f"f must be an nn.Module called as {structure.contract}, got "
-                            f"{type(f).__name__}")
-        check_callable(f.forward, "f", structure.contract)
+        check_module(f, "f", structure.contract)
         self.depth = int(check_number(depth, "depth", 1, integer=True))
         if masks is not None and masks not in _MASK_KINDS:
             raise ValueError(f"masks must be None, 'distinct' or 'shared', got {masks!r}")
