@@ -20,7 +20,14 @@ from .counting import CountedODEFunc
 from .loop import NonFiniteTrials, StepControl, Stepper, check_steps, run_loop
 from .progress import Progress
 from .registry import TABLEAUX
-from .rk import RungeKuttaStepper, error_norm, initial_step, next_step_size, stage_times
+from .rk import (
+    RungeKuttaStepper,
+    error_norm,
+    initial_step,
+    next_step_size,
+    ratio_of_norm,
+    stage_times,
+)
 from .stats import LoopResult, StopReason
 from .tableaux import Tableau
 from .termination import sample_rms
@@ -91,7 +98,7 @@ class RungeKuttaSteps(Stepper):
         norm, probe_sum, n_still = torch.stack(
             (error_norm(error, z, y1, control.atol, control.rtol), probe.sum(), still.sum())
         ).tolist()  # a float32 stack at least: the count is exact
-        ratio = norm / (error.shape[1] ** 0.5)
+        ratio = ratio_of_norm(norm, error.shape[1])
         if not ratio <= 1.0:  # True for NaN
             tol = None
         elif not math.isfinite(probe_sum):

@@ -105,7 +105,13 @@ def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float)
     the whole batch) keeps the step control strict as samples freeze: frozen samples have zero
     error and would otherwise dilute the norm.
     """
-    return error_norm(error, y0, y1, atol, rtol).tolist() / (error.shape[1] ** 0.5)
+    return ratio_of_norm(error_norm(error, y0, y1, atol, rtol).tolist(), error.shape[1])
+
+
+def ratio_of_norm(norm: float, width: int) -> float:
+    """:func:`error_ratio` from :func:`error_norm`'s value, read by the caller: the RMS over the
+    ``width`` entries of a sample."""
+    return norm / (width ** 0.5)
 
 
 def error_norm(error: Tensor, y0: Tensor, y1: Tensor, atol: float, rtol: float) -> Tensor:
