@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .implicit import BackwardMode, ForwardSolver, Unrolled
-from .nn.checks import check_number
+from .nn.checks import check_labels, check_number
 from .nn.deq import DEQ, check_input
 from .nn.lyapunov import LyapunovSolver
 from .nn.modifiers import Modifier
@@ -297,10 +297,7 @@ def robust_accuracy(
         inputs = x if attack is None else attack(x, y)
         with torch.no_grad(), (nullcontext() if defence is None else defence()):
             pred = model(inputs).argmax(dim=1)
-        if y.shape != pred.shape:  # broadcasting (B,) against it would count other pairs
-            raise ValueError(f"data: labels must be class indices of shape (B,) = "
-                             f"({pred.shape[0]},), got {tuple(y.shape)} (one-hot labels: pass "
-                             f"y.argmax(1); a column: y.squeeze(1))")
+        check_labels(y, pred.shape[0], "data: labels", "B")
         correct += int((pred == y).sum())
         total += int(y.shape[0])
     if total == 0:

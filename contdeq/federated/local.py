@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._warnings import warn
 from ..implicit import ForwardSolver
-from ..nn.checks import check_number
+from ..nn.checks import check_labels, check_number
 from ..nn.deq import DEQ
 from ..nn.lyapunov import LyapunovSolver
 from ..regularizers import aux_loss
@@ -159,9 +159,7 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor,
     """Accuracy, mean forward residual and converged fraction of ``model`` on ``x`` ``(N, ...)``
     with labels ``y`` ``(N,)``, in evaluation mode (residual 0 and converged 1 for a model
     without equilibrium layers). Every module's mode is restored afterwards."""
-    if y.shape != (len(x),):  # broadcasting a column against the predictions counts others
-        raise ValueError(f"y must be class indices of shape (N,) = ({len(x)},), got "
-                         f"{tuple(y.shape)} (a column: pass y.squeeze(1))")
+    check_labels(y, len(x))
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     correct, residuals, converged = 0, [], []

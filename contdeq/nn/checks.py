@@ -1,11 +1,11 @@
-"""Checks of the layers' constructor arguments (numbers, the modules they call), with one
-message format."""
+"""Argument checks of the layers (numbers, the modules they call) and of the packages built on
+them (class labels), with one message format."""
 
 from __future__ import annotations
 
 import math
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..solvers.validation import check_callable
 
@@ -40,3 +40,14 @@ def check_module(value: object, name: str, contract: str) -> nn.Module:
                         f"{type(value).__name__}")
     check_callable(value.forward, name, contract)
     return value
+
+
+def check_labels(y: Tensor, n: int, name: str = "y", size: str = "N") -> Tensor:
+    """``y`` holds ``n`` class indices, shape ``(n,)`` (``size`` names ``n`` in the message);
+    returns it. Compared with ``(n,)`` predictions, a column ``(n, 1)`` or one-hot labels would
+    broadcast and count unrelated pairs: ``ValueError`` naming ``name`` and the fix."""
+    if y.shape != (n,):
+        raise ValueError(f"{name} must be class indices of shape ({size},) = ({n},), got "
+                         f"{tuple(y.shape)} (one-hot labels: pass y.argmax(1); a column: "
+                         f"y.squeeze(1))")
+    return y
