@@ -316,13 +316,9 @@ def _read(path: Path, map_location: str | torch.device | None,
     return state
 
 
-def _digest(obj: object) -> str:
-    """SHA-256 (hex) of ``obj``'s content: types, keys, values and tensors' bytes."""
-    return _digest_at(obj, "")
-
-
-def _digest_at(obj: object, where: str) -> str:
-    """:func:`_digest`, naming ``where`` in a refusal."""
+def _digest(obj: object, where: str = "") -> str:
+    """SHA-256 (hex) of ``obj``'s content: types, keys, values and tensors' bytes; ``where``
+    names ``obj`` in a refusal."""
     hasher = hashlib.sha256()
     _feed(hasher, obj, where)
     return hasher.hexdigest()
@@ -355,7 +351,7 @@ def _feed(hasher: Any, obj: object, where: str) -> None:
     elif kind in (bytes, bytearray):
         hasher.update(f"{len(obj)}\0".encode() + bytes(obj))  # type: ignore[arg-type]
     elif kind is set:  # its iteration order differs between processes: the sorted digests
-        digests = sorted(_digest_at(value, f"{where} element")
+        digests = sorted(_digest(value, f"{where} element")
                          for value in obj)  # type: ignore[attr-defined]
         hasher.update(f"{len(digests)}\0".encode() + "".join(digests).encode())
     else:

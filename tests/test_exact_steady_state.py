@@ -9,6 +9,8 @@ through ptc spread NaN to every parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,8 @@ import contdeq
 from contdeq.solvers import FIXED_POINT_METHODS, STEADY_STATE_METHODS, fixed_point, steady_state
 
 
-def _problem(dtype: torch.dtype, seed: int) -> tuple[callable, Tensor, Tensor]:
+def _problem(dtype: torch.dtype, seed: int
+             ) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
     """``g(z) = z* + A_b (z - z*)`` (contractive, per sample) and ``z0``, whose sample 0 is
     exactly ``z*`` (``g(z*) = z*`` to the last bit: ``A_b @ 0 = 0``)."""
     gen = torch.Generator().manual_seed(seed)

@@ -249,9 +249,8 @@ def _run_step(guarded: bool, *args: object) -> tuple[dict[str, Tensor], Tensor, 
     call: they are evaluated on the first call of a solve and on a call of another number of
     steps (``guarded``) only; later calls pick among the cached graphs by the guards that
     differ between them (with one graph cached, none: an unguarded call runs it whatever its
-    arguments). A later step that needs a graph not compiled yet (the
-    second step's inputs can differ from the first's, e.g. in aliasing) is run again guarded,
-    which compiles it.
+    arguments). A later step that needs a graph not compiled yet (the second step's inputs can
+    differ from the first's, e.g. in aliasing) is run again guarded, which compiles it.
     """
     if not guarded:
         try:
